@@ -12,14 +12,42 @@ from flax import nnx
 from planner.cluster import ClusterSpec, load_cluster
 from planner.errors import AutoshardError
 from planner.params import param_table
-from planner.plan import AXES, Plan, normalize_mesh
+from planner.plan import AXES, PipelineSpec, Plan, normalize_mesh
 from planner.rules import rule_plan as _rule_plan
 from planner.search import plan_graph, predict as _predict, trace_model
 
 
 def rule_plan(model: nnx.Module, mesh: dict[str, int] | str, **fields) -> Plan:
-    """The hand-written strategy for `mesh` (data / ZeRO-3 fsdp / Megatron tensor) applied to `model`."""
+    """The hand-written strategy for `mesh` (data / ZeRO-3 fsdp / Megatron tensor) applied to `model`.
+
+    With `pipe` > 1 and no `pipeline=` given, the layers are split evenly into 1F1B stages over `pipe`
+    microbatches (see `pipeline_spec` for the other choices).
+    """
+    mesh = normalize_mesh(mesh)
+    if mesh["pipe"] > 1 and fields.get("pipeline") is None:
+        fields["pipeline"] = pipeline_spec(model, mesh["pipe"])
     return _rule_plan(param_table(model), mesh, **fields)
+
+
+def pipeline_spec(model: nnx.Module, pipe: int, *, schedule: str = "1f1b", microbatches: int | None = None,
+                  virtual: int = 1, stage_layers: list[int] | None = None) -> PipelineSpec:
+    """A pipeline section for `model` over `pipe` devices: even stages unless `stage_layers` gives each stage's
+    layer count (pipe x virtual of them, in stage order), `microbatches` defaulting to `pipe`."""
+    from autoshard.pipeline import check_pipelinable, even_stages
+    from planner.schedule import check
+
+    layers = check_pipelinable(_abstract(model))
+    microbatches = microbatches or pipe
+    check(schedule, pipe, microbatches, virtual, layers)
+    if stage_layers is None:
+        stages = even_stages(layers, pipe * virtual)
+    else:
+        if len(stage_layers) != pipe * virtual or sum(stage_layers) != layers or min(stage_layers) < 1:
+            raise AutoshardError(f"--stages {','.join(map(str, stage_layers))} must give {pipe * virtual} positive "
+                                 f"layer counts (pipe x virtual) summing to the model's {layers} layers")
+        ends = np.cumsum(stage_layers).tolist()
+        stages = [[e - n, e] for e, n in zip(ends, stage_layers)]
+    return PipelineSpec(stages=stages, microbatches=microbatches, schedule=schedule, virtual=virtual)
 
 
 def _abstract(model: nnx.Module | Callable[[], nnx.Module]) -> nnx.Module:

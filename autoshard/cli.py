@@ -109,6 +109,50 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plan", metavar="FILE", help="a plan JSON file (as written by autoshard plan / train)")
 
 
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline (with pipe > 1 in --mesh)")
+    g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), default=None,
+                   help="pipeline schedule (default 1f1b)")
+    g.add_argument("--microbatches", type=_positive_int, default=None, metavar="M",
+                   help="microbatches per step; must divide the per-replica batch (default: the largest divisor "
+                        "of it up to 4 x pipe)")
+    g.add_argument("--virtual-stages", type=_positive_int, default=None, metavar="V",
+                   help="layer chunks per pipeline device, for --schedule interleaved (default 1)")
+    g.add_argument("--stages", default=None, metavar="N,N,...",
+                   help="layers in each pipeline stage, in order (default: as even as possible)")
+
+
+def pipeline_flags(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k, None) is not None for k in ("schedule", "microbatches", "virtual_stages", "stages"))
+
+
+def pipeline_section(args: argparse.Namespace, abstract_model, mesh: dict[str, int]):
+    """The PipelineSpec that --schedule / --microbatches / --virtual-stages / --stages give for a pipe > 1 mesh."""
+    from autoshard.api import pipeline_spec
+
+    pipe = mesh["pipe"]
+    schedule = args.schedule or "1f1b"
+    virtual = args.virtual_stages or 1
+    local = args.batch // max(1, mesh["data"] * mesh["fsdp"])
+    if args.microbatches is not None:
+        micro = args.microbatches
+    else:
+        fits = [m for m in range(1, min(local, 4 * pipe) + 1)
+                if local % m == 0 and (schedule != "interleaved" or m % pipe == 0)]
+        micro = fits[-1] if fits else pipe
+    if local % micro:
+        raise AutoshardError(f"--microbatches {micro} does not divide the per-replica batch of {local} (--batch "
+                             f"{args.batch} / data x fsdp): change --microbatches or --batch")
+    stage_layers = None
+    if args.stages:
+        try:
+            stage_layers = [int(x) for x in args.stages.split(",")]
+        except ValueError:
+            raise AutoshardError(f"--stages {args.stages!r}: give layer counts per stage, e.g. 3,3,2") from None
+    return pipeline_spec(abstract_model, pipe, schedule=schedule, microbatches=micro, virtual=virtual,
+                         stage_layers=stage_layers)
+
+
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model on text, laid out by a plan",
                        description="Train a byte-level language model on text (default: the Python standard "
@@ -133,6 +177,7 @@ def add_train(sub) -> None:
     p.add_argument("--log-every", type=_positive_int, default=None, metavar="K",
                    help="print 'step N loss X' on stdout every K steps, plus the first and last "
                         "(default: steps/20, at least 1)")
+    add_pipeline_args(p)
 
 
 COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], int]]] = {}
@@ -184,12 +229,24 @@ def load_plan(args: argparse.Namespace, abstract_model, num_devices: int):
     from planner.plan import Plan, parse_mesh
 
     if args.plan:
+        if pipeline_flags(args):
+            raise AutoshardError("--schedule / --microbatches / --virtual-stages / --stages go with --mesh; a "
+                                 "--plan file carries its own pipeline section")
         plan, source = Plan.load(args.plan), f"file {args.plan}"
     elif args.mesh:
         from autoshard.api import rule_plan
+        from planner.plan import normalize_mesh
 
-        plan, source = rule_plan(abstract_model, parse_mesh(args.mesh)), f"rules on mesh {args.mesh}"
+        mesh = normalize_mesh(parse_mesh(args.mesh))
+        if pipeline_flags(args) and mesh["pipe"] == 1:
+            raise AutoshardError("--schedule / --microbatches / --virtual-stages / --stages need a pipeline: put "
+                                 "pipe=N (N > 1) in --mesh")
+        pipeline = pipeline_section(args, abstract_model, mesh) if mesh["pipe"] > 1 else None
+        plan, source = rule_plan(abstract_model, mesh, pipeline=pipeline), f"rules on mesh {args.mesh}"
     else:
+        if pipeline_flags(args):
+            raise AutoshardError("--schedule / --microbatches / --virtual-stages / --stages need a pipeline: put "
+                                 "pipe=N (N > 1) in --mesh")
         plan, source = default_plan(abstract_model, num_devices, args)
     if plan.num_devices != num_devices:
         raise AutoshardError(f"mesh {plan.mesh_string()} needs {plan.num_devices} devices but {num_devices} are in "

@@ -39,8 +39,13 @@ def batch_spec(plan: Plan) -> PartitionSpec:
     return PartitionSpec(used or None, None)
 
 
-def check_plan_against_model(plan: Plan, params: dict[str, ParamInfo]) -> dict[str, list[SpecEntry]]:
-    """Every parameter's spec (unplanned ones replicated); one-line errors for a plan that does not fit."""
+def check_plan_against_model(plan: Plan, params: dict[str, ParamInfo], *,
+                             check_shapes: bool = True) -> dict[str, list[SpecEntry]]:
+    """Every parameter's spec (unplanned ones replicated); one-line errors for a plan that does not fit.
+
+    `check_shapes=False` checks only that the plan and the model name the same parameters (a pipeline checks the
+    shapes of its staged layout instead).
+    """
     unknown = sorted(set(plan.params) - set(params))
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
@@ -51,6 +56,8 @@ def check_plan_against_model(plan: Plan, params: dict[str, ParamInfo]) -> dict[s
         warnings.warn(f"plan has no spec for {len(missing)} parameter(s) (e.g. {missing[0]}); they are replicated",
                       stacklevel=2)
     specs = {}
+    if not check_shapes:
+        return specs
     for path, info in params.items():
         spec = plan.params.get(path, [None] * len(info.shape))
         if len(spec) > len(info.shape):
@@ -69,8 +76,6 @@ def check_plan_against_model(plan: Plan, params: dict[str, ParamInfo]) -> dict[s
 def check_supported(plan: Plan) -> None:
     """Reject plan features this runtime cannot honour yet, rather than silently ignoring them."""
     not_yet = []
-    if plan.mesh["pipe"] > 1 or plan.pipeline is not None:
-        not_yet.append("pipeline parallelism (pipe axis / pipeline section)")
     if plan.mesh["seq"] > 1 or plan.sequence is not None:
         not_yet.append("sequence parallelism (seq axis / sequence section)")
     if plan.mesh["expert"] > 1 or plan.experts is not None:

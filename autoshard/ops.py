@@ -161,3 +161,9 @@ def dense_moe(x: Array, router: Array, experts: Any, expert_fn: Callable, *, top
 
 
 MOE_IMPLS: dict[str, Callable[..., tuple[Array, MoEStats]]] = {"dense": dense_moe}
+
+
+from autoshard import experts as _experts, sequence as _sequence  # noqa: E402  (register parallel implementations)
+
+ATTENTION_IMPLS.update(ulysses=_sequence.ulysses_attention, ring=_sequence.ring_attention)
+MOE_IMPLS.update(expert=_experts.expert_parallel_moe)

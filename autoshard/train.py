@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from autoshard import emit, ops
+from autoshard.pipeline import Pipeline
 from planner.errors import PlanError
 from planner.params import param_table
 from planner.plan import Plan
@@ -54,16 +56,28 @@ class Trainer:
         self.mesh = emit.make_mesh(plan, devices)
         built = isinstance(model, nnx.Module)
         abstract = model if built else nnx.eval_shape(model)
-        self.specs = emit.check_plan_against_model(plan, param_table(abstract))
+        table = param_table(abstract)
+        # with a pipeline, the layer weights live in its staged layout [pipe, virtual, layers per stage, ...]
+        self.pipeline = Pipeline(plan, abstract, self.mesh, loss_fn) if plan.pipeline is not None else None
+        if self.pipeline is not None:
+            emit.check_plan_against_model(plan, table, check_shapes=False)
+            staged = dataclasses.replace(plan, params=self.pipeline.staged_specs(
+                {path: plan.params.get(path, [None] * len(info.shape)) for path, info in table.items()}))
+            self.specs = emit.check_plan_against_model(staged, self.pipeline.staged_table(table))
+        else:
+            self.specs = emit.check_plan_against_model(plan, table)
         self.graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
-        self.param_shardings = emit.state_shardings(abstract_params, self.specs, self.mesh)
+        to_stored = self.pipeline.to_staged if self.pipeline is not None else (lambda p: p)
+        self.param_shardings = emit.state_shardings(jax.eval_shape(to_stored, abstract_params), self.specs,
+                                                    self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         if built:
             _, params, rest = nnx.split(model, nnx.Param, ...)
-            self.params = jax.device_put(params, self.param_shardings)
+            self.params = jax.jit(to_stored, out_shardings=self.param_shardings)(params)
             self.rest = jax.device_put(rest, replicated)
         else:  # initialise under jit: weights are born sharded, never whole on one device
-            self.params = jax.jit(lambda: nnx.state(model(), nnx.Param), out_shardings=self.param_shardings)()
+            self.params = jax.jit(lambda: to_stored(nnx.state(model(), nnx.Param)),
+                                  out_shardings=self.param_shardings)()
             self.rest = jax.jit(lambda: nnx.split(model(), nnx.Param, ...)[2], out_shardings=replicated)()
         abstract_opt = jax.eval_shape(optimizer.init, self.params)
         self.opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
@@ -76,8 +90,9 @@ class Trainer:
         self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
                              in_shardings=(self.param_shardings, self.opt_shardings, replicated, self.batch_sharding),
                              out_shardings=(self.param_shardings, self.opt_shardings, replicated, replicated))
-        self._grads = jax.jit(self._loss_and_grads, out_shardings=(replicated, self.param_shardings),
-                              in_shardings=(self.param_shardings, replicated, self.batch_sharding))
+        self._grads = jax.jit(self._loss_and_grads, in_shardings=(self.param_shardings, replicated,
+                                                                 self.batch_sharding),
+                              out_shardings=(replicated, None if self.pipeline else self.param_shardings))
         self.steps_done = 0
 
     # -- traced functions ---------------------------------------------------------------------------------------
@@ -88,12 +103,19 @@ class Trainer:
             loss, metrics = self.loss_fn(model, batch)
             return loss, (metrics, nnx.split(model, nnx.Param, ...)[2])
 
+    def _value_and_grad(self, params, rest, batch):
+        """((loss, (metrics, rest)), grads) of the stored parameters, pipelined when the plan says so."""
+        if self.pipeline is not None:
+            loss, metrics, grads = self.pipeline.loss_and_grads(params, rest, batch, self.ops_context)
+            return (loss, (metrics, rest)), grads
+        return jax.value_and_grad(self._loss, has_aux=True)(params, rest, batch)
+
     def _loss_and_grads(self, params, rest, batch):
-        (loss, _), grads = jax.value_and_grad(self._loss, has_aux=True)(params, rest, batch)
-        return loss, grads
+        (loss, _), grads = self._value_and_grad(params, rest, batch)
+        return loss, (self.pipeline.from_staged(grads) if self.pipeline is not None else grads)
 
     def _train_step(self, params, opt_state, rest, batch):
-        (loss, (metrics, rest)), grads = jax.value_and_grad(self._loss, has_aux=True)(params, rest, batch)
+        (loss, (metrics, rest)), grads = self._value_and_grad(params, rest, batch)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, rest, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -115,7 +137,7 @@ class Trainer:
         return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in jax.device_get(metrics).items()}
 
     def loss_and_grads(self, batch: dict[str, Any]) -> tuple[jax.Array, nnx.State]:
-        """Loss and gradients under the plan, without updating anything (for checks against other plans)."""
+        """Loss and gradients (in the model's layout) under the plan, without updating anything (for checks)."""
         return self._grads(self.params, self.rest, self.shard_batch(batch))
 
     def compile(self, batch: dict[str, Any]):
@@ -126,6 +148,8 @@ class Trainer:
 
     def model(self) -> nnx.Module:
         """The model with the current (sharded) parameters."""
+        if self.pipeline is not None:
+            return nnx.merge(self.graphdef, jax.jit(self.pipeline.from_staged)(self.params), self.rest)
         return nnx.merge(self.graphdef, self.params, self.rest)
 
 

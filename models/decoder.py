@@ -137,34 +137,51 @@ class Decoder(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = _param(rngs, (cfg.hidden, cfg.vocab), ("embed", "vocab"), cfg.init_std)
 
-    def __call__(self, tokens: Array) -> tuple[Array, dict[str, Array]]:
-        """tokens: [B, S] int -> logits [B, S, V] (float32) and auxiliary outputs (MoE statistics)."""
-        cfg = self.cfg
-        dt = jnp.dtype(cfg.dtype)
-        x = ops.boundary(jnp.take(self.embed[...], tokens, axis=0).astype(dt), "layer_input")
+    # The model in three parts, so a pipeline can put them on different stages: `embed_inputs` (first stage),
+    # `blocks` (one layer per call on a slice of the stacked parameters), `head_loss` (last stage).
+    def embed_inputs(self, batch: dict[str, Array]) -> Array:
+        """Token embeddings [B, S, D] of `batch["inputs"]` in the compute dtype."""
+        return jnp.take(self.embed[...], batch["inputs"], axis=0).astype(jnp.dtype(self.cfg.dtype))
+
+    def logits(self, x: Array) -> Array:
+        x = self.final_norm(x)
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+        return jnp.einsum("bsd,dv->bsv", x, head.astype(x.dtype)).astype(jnp.float32)
+
+    def head_loss(self, x: Array, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+        """Mean next-token cross-entropy of the last layer's output x against `batch["targets"]`."""
+        logp = jax.nn.log_softmax(self.logits(x), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        ce = jnp.mean(nll)
+        return ce, {"ce": ce}
+
+    def layer_stack(self, x: Array) -> tuple[Array, ops.MoEStats | None]:
+        """All blocks over x: a `lax.scan` over the stacked layer parameters (rematerialised per the plan)."""
         graphdef, stacked = nnx.split(self.blocks)
 
         def layer(x, layer_state):
             x = ops.boundary(x, "layer_input")
-            y, stats = nnx.merge(graphdef, layer_state)(x)
-            return y, stats
+            return nnx.merge(graphdef, layer_state)(x)
 
-        x, stats = jax.lax.scan(ops.remat(layer), x, stacked)
-        x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.head[...]
-        logits = jnp.einsum("bsd,dv->bsv", x, head.astype(dt)).astype(jnp.float32)
-        aux: dict[str, Array] = {}
-        if stats is not None:
-            aux = {"moe_aux_loss": jnp.mean(stats.aux_loss), "dropped_tokens": jnp.sum(stats.dropped),
-                   "expert_load": stats.load}
-        return logits, aux
+        return jax.lax.scan(ops.remat(layer), ops.boundary(x, "layer_input"), stacked)
+
+    def __call__(self, tokens: Array) -> tuple[Array, dict[str, Array]]:
+        """tokens: [B, S] int -> logits [B, S, V] (float32) and auxiliary outputs (MoE statistics)."""
+        x, stats = self.layer_stack(self.embed_inputs({"inputs": tokens}))
+        return self.logits(x), self._aux(stats)
+
+    @staticmethod
+    def _aux(stats: ops.MoEStats | None) -> dict[str, Array]:
+        if stats is None:
+            return {}
+        return {"moe_aux_loss": jnp.mean(stats.aux_loss), "dropped_tokens": jnp.sum(stats.dropped),
+                "expert_load": stats.load}
 
     def loss(self, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
         """Mean next-token cross-entropy (plus the weighted MoE balancing loss) and metrics."""
-        logits, aux = self(batch["inputs"])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-        ce = jnp.mean(nll)
-        metrics = {"ce": ce, **aux}
+        x, stats = self.layer_stack(self.embed_inputs(batch))
+        ce, metrics = self.head_loss(x, batch)
+        aux = self._aux(stats)
+        metrics = {**metrics, **aux}
         loss = ce + self.cfg.aux_loss_weight * aux["moe_aux_loss"] if "moe_aux_loss" in aux else ce
         return loss, metrics

@@ -8,7 +8,8 @@ logical axis names that a model attaches to its parameters (`nnx.Param(..., axes
   a vocabulary-parallel table splits its vocabulary over `tensor` x `fsdp` instead);
 - Megatron: `heads`, `kv_heads` and `mlp` over `tensor` (column-parallel in, row-parallel out), `vocab` over
   `tensor` for the embedding and the head (vocabulary parallel);
-- `experts` over `expert`.
+- `experts` over `expert`;
+- the stacked `layers` axis over `pipe` (pipeline stages).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def param_spec(path: str, info: ParamInfo, mesh: dict[str, int]) -> list[SpecEnt
     axes = info.axes or (None,) * len(info.shape)
     # tensor / expert axes first: they are dictated by the layer's math
     for i, name in enumerate(axes):
+        if name == "layers" and i == 0 and mesh["pipe"] > 1:
+            spec[i] = "pipe"  # stages are slices of the layer stack (any split: the runtime pads uneven stages)
         if name == "experts" and mesh["expert"] > 1:
             _require_divisible(path, info.shape[i], mesh["expert"], "expert", "experts")
             spec[i] = "expert"

@@ -1,0 +1,264 @@
+"""Pipeline schedules as static tables: which stage does what, tick by tick, and what that costs.
+
+A schedule is computed in Python once, from the number of pipeline devices P, virtual stages per device V and
+microbatches M. Each device runs an ordered list of forward (F) and backward (B) ops on (chunk, microbatch) pairs:
+
+- `gpipe`: every forward, then every backward (holds all M microbatches' activations);
+- `1f1b`: P-p-1 warm-up forwards on device p, then one forward / one backward alternately, then the rest of the
+  backwards (holds at most P-p microbatches);
+- `interleaved`: 1F1B over V chunks per device (stage s = v*P + p lives on device p as chunk v), forwards and
+  backwards walking the chunks in groups of P microbatches (Narayanan et al. 2021); it shortens the bubble by V.
+
+The lists are placed on a common clock by greedy list scheduling with unit-time ops: an op runs at the first tick
+at which its inputs have arrived (a forward needs the previous stage's forward of that microbatch, a backward the
+next stage's backward and its own forward, each at an earlier tick). Buffer slots for arriving activations and
+cotangents are assigned per device by interval colouring, so the executor holds exactly the live buffers the
+schedule needs. The same table is the planner's cost: ticks, bubble fraction, peak live buffers, transfers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from planner.errors import PlanError
+from planner.plan import SCHEDULES
+
+IDLE, FWD, FWD_FIRST, BWD, BWD_LAST, BWD_FIRST = range(6)
+"""Op codes in the executor's table. The last stage's forward is IDLE in the code table (its backward recomputes
+the forward through the head and loss), but it still occupies its tick and orders the schedule."""
+
+F, B = "F", "B"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A static pipeline schedule over T ticks for P devices (all tables are int32 [T, P])."""
+
+    kind: str
+    devices: int
+    virtual: int
+    microbatches: int
+    code: np.ndarray
+    """What each device computes at each tick (IDLE, FWD, FWD_FIRST, BWD, BWD_LAST, BWD_FIRST)."""
+    chunk: np.ndarray
+    """Which of the device's V layer chunks the op runs (0 when idle)."""
+    microbatch: np.ndarray
+    in_slot: np.ndarray
+    """Activation buffer slot the op reads its stage input from (-1: none; the first stage reads the batch)."""
+    cot_slot: np.ndarray
+    """Cotangent buffer slot a backward reads (-1: none; the last stage starts from the loss)."""
+    recv_act: np.ndarray
+    """Activation slot the value arriving at the end of this tick is written to (-1: nothing arrives)."""
+    recv_cot: np.ndarray
+    """Cotangent slot the value arriving at the end of this tick is written to (-1: nothing arrives)."""
+    act_slots: int
+    cot_slots: int
+    phase: np.ndarray
+    """0 idle, 1 forward, 2 backward: the schedule's own view (the last stage's forward counts as a forward)."""
+
+    @property
+    def ticks(self) -> int:
+        return int(self.code.shape[0])
+
+    @property
+    def stages(self) -> int:
+        return self.devices * self.virtual
+
+    @property
+    def bubble(self) -> float:
+        """Idle fraction of device-ticks under unit-time ops: 1 - 2*M*V / T."""
+        return 1.0 - 2.0 * self.microbatches * self.virtual / self.ticks
+
+    @property
+    def peak_activations(self) -> int:
+        """Most microbatch stage inputs any device holds at once (received buffers, plus the first stage's own)."""
+        return self.act_slots
+
+    def transfers(self) -> int:
+        """Ticks at which some device sends (each tick's ppermute pair runs on every tick of the loop)."""
+        return self.ticks
+
+    def timeline(self) -> list[str]:
+        """Rows `stage p: F0 F1 . B0 ...` (stage x tick), chunk as a suffix letter when V > 1."""
+        rows = []
+        for p in range(self.devices):
+            cells = []
+            for t in range(self.ticks):
+                if not self.phase[t, p]:
+                    cells.append(".")
+                    continue
+                tag = f"{'.FB'[self.phase[t, p]]}{self.microbatch[t, p]}"
+                cells.append(tag + ("abcdefgh"[self.chunk[t, p]] if self.virtual > 1 else ""))
+            width = max(len(c) for c in cells)
+            rows.append(f"device {p}: " + " ".join(c.ljust(width) for c in cells))
+        return rows
+
+
+
+def device_orders(kind: str, devices: int, microbatches: int, virtual: int = 1) -> list[list[tuple[str, int, int]]]:
+    """Per device, its ordered ops (F or B, chunk, microbatch)."""
+    P, M, V = devices, microbatches, virtual
+    orders = []
+    for p in range(P):
+        if kind == "gpipe":
+            order = [(F, 0, i) for i in range(M)] + [(B, 0, i) for i in range(M)]
+        elif kind == "1f1b":
+            warm = min(P - p - 1, M)
+            order = [(F, 0, i) for i in range(warm)]
+            for i in range(M - warm):
+                order += [(F, 0, warm + i), (B, 0, i)]
+            order += [(B, 0, i) for i in range(M - warm, M)]
+        else:  # interleaved: the k-th forward is chunk (k // P) % V of microbatch (k // (P*V)) * P + k % P
+            fwd = [(F, (k // P) % V, (k // (P * V)) * P + k % P) for k in range(M * V)]
+            bwd = [(B, V - 1 - (k // P) % V, (k // (P * V)) * P + k % P) for k in range(M * V)]
+            warm = min((P - p - 1) * 2 + (V - 1) * P, M * V)
+            order = fwd[:warm]
+            for j in range(M * V - warm):
+                order += [fwd[warm + j], bwd[j]]
+            order += bwd[M * V - warm:]
+        orders.append(order)
+    return orders
+
+
+def check(kind: str, devices: int, microbatches: int, virtual: int = 1, layers: int | None = None) -> None:
+    """One-line errors for a pipeline shape that cannot be scheduled."""
+    if kind not in SCHEDULES:
+        raise PlanError(f"unknown pipeline schedule {kind!r}: use one of {', '.join(SCHEDULES)}")
+    if microbatches < 1 or virtual < 1:
+        raise PlanError("pipeline microbatches and virtual stages must be >= 1")
+    if kind != "interleaved" and virtual != 1:
+        raise PlanError(f"virtual stages ({virtual}) need --schedule interleaved, not {kind}")
+    if kind == "interleaved" and microbatches % devices:
+        raise PlanError(f"the interleaved schedule needs microbatches ({microbatches}) divisible by pipe "
+                        f"({devices}): change --microbatches")
+    if layers is not None and devices * virtual > layers:
+        raise PlanError(f"{devices * virtual} pipeline stages (pipe={devices} x virtual={virtual}) but the model has "
+                        f"only {layers} layers: use fewer stages")
+    if layers is not None and virtual > 1 and layers % virtual:
+        raise PlanError(f"virtual stages ({virtual}) must divide the {layers} layers: change --virtual-stages")
+
+
+@functools.lru_cache(maxsize=256)
+def make_schedule(kind: str, devices: int, microbatches: int, virtual: int = 1) -> Schedule:
+    """The tick table of `kind` for P=`devices`, M=`microbatches`, V=`virtual` (cached: tables are immutable)."""
+    check(kind, devices, microbatches, virtual)
+    P, M, V = devices, microbatches, virtual
+    S = P * V
+    orders = device_orders(kind, P, M, V)
+    done: dict[tuple[str, int, int], int] = {}     # (F|B, stage, microbatch) -> tick
+    pos = [0] * P
+    rows: list[list[tuple[str, int, int] | None]] = []
+    t = 0
+    while any(pos[p] < len(orders[p]) for p in range(P)):
+        row: list[tuple[str, int, int] | None] = []
+        for p in range(P):
+            if pos[p] == len(orders[p]):
+                row.append(None)
+                continue
+            op, c, i = orders[p][pos[p]]
+            s = c * P + p
+            if op == F:
+                ready = s == 0 or done.get((F, s - 1, i), t) < t
+            else:
+                ready = done.get((F, s, i), t) < t and (s == S - 1 or done.get((B, s + 1, i), t) < t)
+            row.append((op, c, i) if ready else None)
+        for p, cell in enumerate(row):
+            if cell is not None:
+                done[(cell[0], cell[1] * P + p, cell[2])] = t
+                pos[p] += 1
+        if all(cell is None for cell in row):
+            raise AssertionError(f"{kind} schedule deadlocked at tick {t} (P={P}, M={M}, V={V})")
+        rows.append(row)
+        t += 1
+    T = len(rows)
+
+    def table():
+        return np.full((T, P), -1, np.int32)
+
+    code, chunk, mb = np.zeros((T, P), np.int32), np.zeros((T, P), np.int32), np.zeros((T, P), np.int32)
+    in_slot, cot_slot, recv_act, recv_cot = table(), table(), table(), table()
+    phase = np.zeros((T, P), np.int32)
+    for t, row in enumerate(rows):
+        for p, cell in enumerate(row):
+            if cell is None:
+                continue
+            op, c, i = cell
+            s = c * P + p
+            chunk[t, p], mb[t, p] = c, i
+            if op == F:
+                code[t, p] = FWD_FIRST if s == 0 else IDLE if s == S - 1 else FWD
+            else:
+                code[t, p] = BWD_FIRST if s == 0 else BWD_LAST if s == S - 1 else BWD
+            phase[t, p] = 1 if op == F else 2
+
+    # buffers: device p holds stage s's input for microbatch i from its arrival (end of the previous stage's forward
+    # tick) to its backward; a cotangent from the next stage's backward tick to its own backward. A slot read during
+    # tick r may be rewritten at the end of tick r (reads precede the end-of-tick receive).
+    def colour(intervals: list[tuple[int, int, tuple[int, int]]], read_table: np.ndarray, recv_table: np.ndarray,
+               readers: dict[tuple[int, int], list[int]], p: int) -> int:
+        free_at: list[int] = []
+        for start, end, key in sorted(intervals):
+            slot = next((k for k, f in enumerate(free_at) if f <= start), None)
+            if slot is None:
+                slot = len(free_at)
+                free_at.append(0)
+            free_at[slot] = end
+            recv_table[start, p] = slot
+            for r in readers[key]:
+                read_table[r, p] = slot
+        return len(free_at)
+
+    act_slots = cot_slots = 0
+    for p in range(P):
+        acts, cots = [], []
+        act_readers: dict[tuple[int, int], list[int]] = {}
+        cot_readers: dict[tuple[int, int], list[int]] = {}
+        for c in range(V):
+            s = c * P + p
+            for i in range(M):
+                if s > 0:
+                    acts.append((done[(F, s - 1, i)], done[(B, s, i)], (c, i)))
+                    act_readers[(c, i)] = [done[(F, s, i)], done[(B, s, i)]]
+                if s < S - 1:
+                    cots.append((done[(B, s + 1, i)], done[(B, s, i)], (c, i)))
+                    cot_readers[(c, i)] = [done[(B, s, i)]]
+        act_slots = max(act_slots, colour(acts, in_slot, recv_act, act_readers, p))
+        cot_slots = max(cot_slots, colour(cots, cot_slot, recv_cot, cot_readers, p))
+    # the sender's tick is when the value is written on the receiver; tables above index the receiver's column
+    sched = Schedule(kind, P, V, M, code, chunk, mb, in_slot, cot_slot, recv_act, recv_cot,
+                     max(act_slots, 1), max(cot_slots, 1), phase)
+    return sched
+
+
+def receive_permutations(devices: int, virtual: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """ppermute pairs for activations (to the next device) and cotangents (to the previous one).
+
+    With virtual stages the last device's chunk v feeds the first device's chunk v + 1, so the ring closes.
+    """
+    P = devices
+    if virtual > 1:
+        return [(p, (p + 1) % P) for p in range(P)], [(p, (p - 1) % P) for p in range(P)]
+    return [(p, p + 1) for p in range(P - 1)], [(p + 1, p) for p in range(P - 1)]
+
+
+def step_time(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float = 0.0) -> float:
+    """Seconds per step: the ticks run in lockstep (each ends with the ppermutes), so a tick costs its slowest op.
+
+    fwd / bwd: [stages] seconds of one microbatch's forward / backward on each stage (the backward including its
+    recomputed forward); transfer: seconds for one tick's point-to-point sends.
+    """
+    total = 0.0
+    P = sched.devices
+    for t in range(sched.ticks):
+        longest = 0.0
+        for p in range(P):
+            s = sched.chunk[t, p] * P + p
+            if sched.phase[t, p] == 1:
+                longest = max(longest, fwd[s] if sched.code[t, p] != IDLE else 0.0)
+            elif sched.phase[t, p] == 2:
+                longest = max(longest, bwd[s])
+        total += longest + transfer
+    return total
