@@ -34,9 +34,9 @@ def partition_spec(spec: list[SpecEntry]) -> PartitionSpec:
 
 
 def batch_spec(plan: Plan) -> PartitionSpec:
-    """Global batch [B, S]: B over data x fsdp."""
+    """Global batch [B, S]: B over expert x data x fsdp, S over seq."""
     used = tuple(a for a in BATCH_AXES if plan.mesh[a] > 1)
-    return PartitionSpec(used or None, None)
+    return PartitionSpec(used or None, "seq" if plan.mesh["seq"] > 1 else None)
 
 
 def check_plan_against_model(plan: Plan, params: dict[str, ParamInfo], *,
@@ -74,14 +74,23 @@ def check_plan_against_model(plan: Plan, params: dict[str, ParamInfo], *,
 
 
 def check_supported(plan: Plan) -> None:
-    """Reject plan features this runtime cannot honour yet, rather than silently ignoring them."""
-    not_yet = []
-    if plan.mesh["seq"] > 1 or plan.sequence is not None:
-        not_yet.append("sequence parallelism (seq axis / sequence section)")
-    if plan.mesh["expert"] > 1 or plan.experts is not None:
-        not_yet.append("expert parallelism (expert axis / experts section)")
-    if not_yet:
-        raise PlanError(f"this runtime cannot run {not_yet[0]} yet: use a plan over data, fsdp and tensor only")
+    """Reject plan features this runtime cannot honour, rather than silently ignoring them."""
+    if plan.experts and plan.experts.get("degree", plan.mesh["expert"]) != plan.mesh["expert"]:
+        raise PlanError(f"plan's experts section says degree {plan.experts['degree']} but the mesh has expert="
+                        f"{plan.mesh['expert']}: make them agree")
+    if plan.experts and plan.experts.get("placement") is not None:
+        raise PlanError("the plan's expert placement must be applied to the weights before training (autoshard "
+                        "place / planner.placement.permute_experts), then dropped from the plan")
+
+
+def ops_context(plan: Plan, mesh: Mesh) -> "OpsContext":
+    """What the model's composite ops need from the plan: the mesh, activation specs, attention and MoE kinds."""
+    from autoshard.ops import OpsContext
+
+    attention = plan.sequence["method"] if plan.mesh["seq"] > 1 and plan.sequence else "dense"
+    return OpsContext(mesh=mesh, remat=plan.remat, attention=attention,
+                      moe="expert" if plan.mesh["expert"] > 1 else "dense",
+                      activations={k: partition_spec(v) for k, v in plan.activations.items()})
 
 
 def state_shardings(state: nnx.State, specs: dict[str, list[SpecEntry]], mesh: Mesh) -> nnx.State:

@@ -51,11 +51,20 @@ def current() -> OpsContext:
 # -- layer boundaries and remat --------------------------------------------------------------------------------------
 def boundary(x: Array, name: str) -> Array:
     """Mark a named activation (e.g. `layer_input`); the plan's spec for it is applied as a sharding constraint."""
-    ctx = current()
-    spec = ctx.activations.get(name)
-    if ctx.mesh is None or spec is None:
+    spec = current().activations.get(name)
+    return x if spec is None else constrain(x, spec)
+
+
+def constrain(x: Array, spec: PartitionSpec) -> Array:
+    """A sharding constraint on the context's mesh (its abstract form inside a shard_map, where the manual axes
+    must not appear in `spec`)."""
+    mesh = current().mesh
+    if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+    inner = jax.sharding.get_abstract_mesh()
+    if not inner.empty and inner.manual_axes:
+        return jax.lax.with_sharding_constraint(x, NamedSharding(inner, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 REMAT_POLICIES: dict[str, Any] = {
@@ -70,6 +79,15 @@ def remat(fn: Callable) -> Callable:
     if name == "none":
         return fn
     return jax.checkpoint(fn, policy=REMAT_POLICIES[name], prevent_cse=False)
+
+
+def positions(length: int) -> Array:
+    """Positions [length] of the tokens an op sees: 0..length-1, offset by this device's place on `seq` when an
+    enclosing shard_map (the pipeline executor's) has made the sequence axis manual and `length` is a local block."""
+    am = jax.sharding.get_abstract_mesh()
+    if not am.empty and "seq" in am.manual_axes:
+        return jax.lax.axis_index("seq") * length + jnp.arange(length)
+    return jnp.arange(length)
 
 
 # -- attention -------------------------------------------------------------------------------------------------------

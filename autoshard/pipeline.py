@@ -39,14 +39,16 @@ from jax.sharding import PartitionSpec
 from autoshard import ops
 from planner.errors import PlanError
 from planner.params import path_str
-from planner.plan import BATCH_AXES, Plan, SpecEntry
+from planner.plan import Plan, SpecEntry
 from planner.rules import ParamInfo
 from planner.schedule import (BWD, BWD_FIRST, BWD_LAST, FWD, FWD_FIRST, Schedule, check, make_schedule,
                               receive_permutations)
 
 LAYERS = "blocks"
 """Attribute (and state-path prefix) of the stacked layer module a pipelinable model exposes."""
-MANUAL_AXES = ("pipe",) + BATCH_AXES
+PIPE_BATCH_AXES = ("data", "fsdp")
+"""Batch axes the executor makes manual (their gradient reduction is then once per step); `expert` stays
+automatic so the MoE op can make it manual itself."""
 
 
 def is_layer_param(path: str) -> bool:
@@ -135,6 +137,12 @@ class Pipeline:
         if loss_fn is not None:
             raise PlanError("a custom loss_fn cannot be pipelined: put the loss in the model's head_loss")
         layers = check_pipelinable(abstract)
+        if plan.mesh["seq"] > 1 or plan.mesh["expert"] > 1:
+            # Their collectives would run inside the per-stage lax.switch branches, which devices on different
+            # stages take differently; XLA:CPU's collective-permute / all-to-all rendezvous spans every device of
+            # the program, so that deadlocks (measured with ring attention on pipe=2,seq=2,data=2).
+            raise PlanError(f"pipe={plan.mesh['pipe']} with seq/expert parallelism is not supported yet: use a "
+                            f"pipeline over data/fsdp/tensor, or seq/expert without pipe")
         self.P, self.V, self.M = plan.mesh["pipe"], spec.virtual, spec.microbatches
         check(spec.schedule, self.P, self.M, self.V, layers)
         if spec.stages[-1][1] != layers:
@@ -143,7 +151,11 @@ class Pipeline:
         self.plan, self.mesh, self.layers = plan, mesh, layers
         self.schedule: Schedule = make_schedule(spec.schedule, self.P, self.M, self.V)
         self.layout = StageLayout.from_stages(spec.stages, self.P, self.V)
-        self.batch_axes = tuple(a for a in BATCH_AXES if plan.mesh[a] > 1)
+        self.batch_axes = tuple(a for a in PIPE_BATCH_AXES if plan.mesh[a] > 1)
+        self.split_axes = self.batch_axes
+        """Axes the tokens are split over inside the executor (each device's loss covers its share of tokens)."""
+        self.manual = ("pipe",) + self.split_axes
+        """Manual axes of the executor: size-1 axes stay automatic (nested shard_maps of the ops need that)."""
         self.graphdef, self.param_template, _ = nnx.split(abstract, nnx.Param, ...)
         self.blocks_graphdef, self.blocks_template = nnx.split(getattr(abstract, LAYERS), nnx.Param)
 
@@ -181,7 +193,7 @@ class Pipeline:
         flat = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(params)}
         layer_paths = sorted(p for p in flat if is_layer_param(p))
         other_paths = sorted(p for p in flat if not is_layer_param(p))
-        manual = set(MANUAL_AXES)
+        manual = set(self.manual)
         layer_spec, other_spec = PartitionSpec("pipe"), PartitionSpec()
         batch_spec = PartitionSpec(self.batch_axes or None)
         metric_names = self._metric_names(params, rest, batch)
@@ -224,10 +236,10 @@ class Pipeline:
     def _body(self, layers: dict[str, jax.Array], other: dict[str, jax.Array], rest, batch, tables,
               metric_names: tuple[str, ...], ops_context: ops.OpsContext):
         P, V, M = self.P, self.V, self.M
-        vary = tuple(MANUAL_AXES)
+        vary = self.manual
         # Varying over every manual axis up front: the vjp of a device-invariant weight against batch-varying
         # activations would otherwise psum inside every tick (jax-idioms.md, pcast).
-        layers = {k: jax.lax.pcast(v[0], BATCH_AXES, to="varying") for k, v in layers.items()}  # [V, Lmax, ...]
+        layers = {k: _vary(v[0], self.split_axes) for k, v in layers.items()}                  # [V, Lmax, ...]
         other = {k: jax.lax.pcast(v, vary, to="varying") for k, v in other.items()}
         me = jax.lax.axis_index("pipe")
         counts = jnp.asarray(self.layout.counts)[me]                                        # [V]
@@ -237,7 +249,7 @@ class Pipeline:
                             f"data x fsdp): change --microbatches or --batch")
         mbs = local_batch // M
         micro = {k: v.reshape((M, mbs) + v.shape[1:]) for k, v in batch.items()}
-        n_shards = math.prod(self.plan.mesh[a] for a in BATCH_AXES)
+        n_shards = math.prod(self.plan.mesh[a] for a in self.split_axes)
         scale = 1.0 / (M * n_shards)                                        # loss = mean over microbatches, shards
 
         layer_paths, other_paths = sorted(layers), sorted(other)
@@ -276,7 +288,10 @@ class Pipeline:
         def mb(i) -> dict[str, jax.Array]:
             return {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in micro.items()}
 
-        with ops.context(dataclasses.replace(ops_context, activations={})):
+        # activation specs name only automatic axes here (seq, tensor): without them XLA may move the sequence
+        # split of the stage input onto its batch dimension, which the attention ops' shard_maps cannot take
+        local_specs = {k: _drop_axes(v, self.manual) for k, v in ops_context.activations.items()}
+        with ops.context(dataclasses.replace(ops_context, activations=local_specs)):
             other_list = [other[p] for p in other_paths]
             x_shape = jax.eval_shape(lambda o: model_of(dict(zip(other_paths, o))).embed_inputs(mb(0)), other_list)
             zero_x = jax.lax.pcast(jnp.zeros(x_shape.shape, x_shape.dtype), vary, to="varying")
@@ -331,7 +346,9 @@ class Pipeline:
             k_act, k_cot = self.schedule.act_slots, self.schedule.cot_slots
 
             def buffer(k):
-                return jax.lax.pcast(jnp.zeros((k,) + x_shape.shape, x_shape.dtype), vary, to="varying")
+                buf = jax.lax.pcast(jnp.zeros((k,) + x_shape.shape, x_shape.dtype), vary, to="varying")
+                spec = local_specs.get("layer_input")
+                return ops.constrain(buf, PartitionSpec(None, *spec)) if spec is not None else buf
 
             def zeros_like_varying(a):
                 return jax.lax.pcast(jnp.zeros(a.shape, a.dtype), vary, to="varying")  # noqa: one buffer per leaf
@@ -355,10 +372,24 @@ class Pipeline:
 
             (_, _, (g_layers, g_other, sums)), _ = jax.lax.scan(tick, (buffer(k_act), buffer(k_cot), acc0), tables)
 
-        g_layers = [jax.lax.psum(g, BATCH_AXES)[None] for g in g_layers]
-        g_other = [jax.lax.psum(g, MANUAL_AXES) for g in g_other]
-        sums = [jax.lax.psum(s, MANUAL_AXES) for s in sums]
+        g_layers = [(jax.lax.psum(g, self.split_axes) if self.split_axes else g)[None] for g in g_layers]
+        g_other = [jax.lax.psum(g, self.manual) for g in g_other]
+        sums = [jax.lax.psum(s, self.manual) for s in sums]
         return sums[0], dict(zip(metric_names, sums[1:])), g_layers, g_other
+
+
+def _drop_axes(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
+    """`spec` without the mesh axes in `axes` (a shard_map's manual axes cannot appear in sharding constraints)."""
+    def keep(e):
+        if e is None:
+            return None
+        kept = tuple(a for a in ((e,) if isinstance(e, str) else e) if a not in axes)
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+    return PartitionSpec(*(keep(e) for e in spec))
+
+
+def _vary(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
 def _rebuild(template: nnx.State, values: dict[str, jax.Array]) -> nnx.State:

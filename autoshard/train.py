@@ -84,9 +84,7 @@ class Trainer:
                                                    transform_non_params=lambda _: replicated)
         self.opt_state = jax.jit(optimizer.init, out_shardings=self.opt_shardings)(self.params)
         self.batch_sharding = NamedSharding(self.mesh, emit.batch_spec(plan))
-        self.ops_context = ops.OpsContext(
-            mesh=self.mesh, remat=plan.remat,
-            activations={k: emit.partition_spec(v) for k, v in plan.activations.items()})
+        self.ops_context = emit.ops_context(plan, self.mesh)
         self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
                              in_shardings=(self.param_shardings, self.opt_shardings, replicated, self.batch_sharding),
                              out_shardings=(self.param_shardings, self.opt_shardings, replicated, replicated))
@@ -126,7 +124,12 @@ class Trainer:
         for name, x in batch.items():
             if np.shape(x)[0] % shards:
                 raise PlanError(f"batch size {np.shape(x)[0]} is not divisible by the {shards} batch shards "
-                                f"(data x fsdp) of mesh {self.plan.mesh_string()}: change --batch or the mesh")
+                                f"(expert x data x fsdp) of mesh {self.plan.mesh_string()}: change --batch or the mesh")
+            replicas = self.plan.mesh["data"] * self.plan.mesh["fsdp"]
+            if self.pipeline is not None and (np.shape(x)[0] // replicas) % self.pipeline.M:
+                raise PlanError(f"{self.pipeline.M} microbatches do not divide the per-replica batch of "
+                                f"{np.shape(x)[0] // replicas} (batch {np.shape(x)[0]} / data x fsdp {replicas}): "
+                                f"change --microbatches or --batch")
         return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, self.batch_sharding)
 
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def rotary(x: Array, theta: float) -> Array:
     """Rotate pairs (i, i + D/2) of x: [B, S, H, D] by position-dependent angles."""
     s, d = x.shape[1], x.shape[-1]
     freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
-    angles = jnp.arange(s, dtype=jnp.float32)[:, None] * freqs[None, :]          # [S, D/2]
+    angles = ops.positions(s).astype(jnp.float32)[:, None] * freqs[None, :]      # [S, D/2]
     cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -21,8 +21,9 @@ AXES: tuple[str, ...] = ("pipe", "data", "fsdp", "expert", "seq", "tensor")
 """Mesh axis vocabulary, in device order: the last axis (`tensor`) varies fastest, so it lands on neighbouring
 devices (the fastest links)."""
 
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
-"""Mesh axes the global batch is split over."""
+BATCH_AXES: tuple[str, ...] = ("expert", "data", "fsdp")
+"""Mesh axes the global batch is split over, major to minor. Expert parallelism doubles as data parallelism outside
+the experts, and its shard_map takes contiguous batch blocks per expert device, so `expert` is the major one."""
 
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
 SEQUENCE_METHODS: tuple[str, ...] = ("ulysses", "ring")
@@ -115,6 +116,9 @@ class Plan:
         if self.sequence is not None and self.sequence.get("method") not in SEQUENCE_METHODS:
             raise PlanError(f"unknown sequence method {self.sequence.get('method')!r}: use one of "
                             f"{', '.join(SEQUENCE_METHODS)}")
+        if self.mesh["seq"] > 1 and self.sequence is None:
+            raise PlanError(f"mesh has seq={self.mesh['seq']} but the plan has no sequence section: add "
+                            f"\"sequence\": {{\"method\": \"ring\"}} (or \"ulysses\")")
 
     # -- JSON --------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 `--mesh data=2,fsdp=2,tensor=2` becomes a Plan by these rules, and the planner uses them as baselines. Rules read the
 logical axis names that a model attaches to its parameters (`nnx.Param(..., axes=("embed", "mlp"))`):
 
-- batch over `data` and `fsdp`;
+- batch over `expert` (major), `data` and `fsdp`; with `seq`, the sequence dimension of activations over `seq`
+  (ring attention unless the plan's sequence section says ulysses);
 - ZeRO-3: the `embed` dimension of every parameter over `fsdp` (or, without names, its largest divisible dimension;
   a vocabulary-parallel table splits its vocabulary over `tensor` x `fsdp` instead);
 - Megatron: `heads`, `kv_heads` and `mlp` over `tensor` (column-parallel in, row-parallel out), `vocab` over
@@ -51,7 +52,12 @@ def rule_plan(params: dict[str, ParamInfo], mesh: dict[str, int] | str, **fields
                         _require_divisible(path, size, mesh["tensor"], "tensor", name.replace("_", " "))
     specs = {path: param_spec(path, info, mesh) for path, info in params.items()}
     batch: SpecEntry = _batch_entry(mesh)
-    plan = Plan(mesh=mesh, params=specs, activations={"layer_input": [batch, None, None]}, **fields)
+    seq: SpecEntry = "seq" if mesh["seq"] > 1 else None
+    if mesh["seq"] > 1 and fields.get("sequence") is None:
+        fields["sequence"] = {"method": "ring"}
+    if mesh["expert"] > 1 and fields.get("experts") is None:
+        fields["experts"] = {"degree": mesh["expert"]}
+    plan = Plan(mesh=mesh, params=specs, activations={"layer_input": [batch, seq, None]}, **fields)
     plan.validate()
     return plan
 

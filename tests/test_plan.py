@@ -90,10 +90,12 @@ def test_plan_must_fit_model_and_devices():
 
 
 def test_unsupported_sections_are_rejected_not_ignored():
-    with pytest.raises(PlanError, match="pipeline parallelism"):
+    with pytest.raises(PlanError, match="placement must be applied"):
         check_supported(full_plan())
-    with pytest.raises(PlanError, match="sequence parallelism"):
-        check_supported(Plan(mesh={"seq": 2}))
+    with pytest.raises(PlanError, match="degree 4 but the mesh has expert=2"):
+        check_supported(Plan(mesh={"expert": 2}, experts={"degree": 4}))
+    with pytest.raises(PlanError, match="no sequence section"):
+        Plan(mesh={"seq": 2}).validate()
 
 
 def test_mesh_puts_tensor_on_neighbouring_devices():

@@ -1,0 +1,109 @@
+"""Expert parallelism for `ops.moe`: experts split over the `expert` mesh axis, tokens exchanged with all-to-all.
+
+`expert_parallel_moe` has the contract of `ops.dense_moe`. Expert weights (leaves of `experts`, leading axis E) are
+split over the `expert` axis, and so is the batch: expert parallelism doubles as data parallelism for everything
+outside the experts. It is a `jax.shard_map` manual over `expert` only, so `data`/`fsdp` (more batch splitting) and
+`tensor` (e.g. the experts' hidden dimension F) stay with XLA's partitioner.
+
+Per device: route the local sequences (`ops.route`; routing groups are single sequences, so this is exactly the
+global routing of those tokens), group tokens by expert [E, Bl, C, D], exchange them so that each device holds the
+tokens of all devices for its E/n experts [E/n, n*Bl, C, D], run `expert_fn`, exchange back, combine.
+`MoEStats` are made global with psums over `expert` (the auto-split batch axes are global already).
+
+Layout: the batch must be split with `expert` as the MAJOR batch axis, P(("expert", "data", "fsdp")): a shard_map
+manual over `expert` takes contiguous blocks of the batch per expert device. With P(("data", "expert")) XLA
+reshuffles x on entry and the exchange loses the data split (measured on data=2 x expert=2: twice the exchange bytes
+plus collective-permutes and all-gathers at the boundary).
+
+`moe_all_to_all_bytes` gives the bytes one device sends per step for the planner's cost model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from autoshard.sequence import all_to_all, axis_size, free_axes, is_manual, manual_over
+from planner.errors import PlanError
+
+Array = jax.Array
+
+
+def expert_parallel_moe(x: Array, router: Array, experts: Any, expert_fn: Callable[[Any, Array], Array], *,
+                        top_k: int, capacity_factor: float) -> tuple[Array, Any]:
+    """Top-k routed MoE with experts split over `expert` (see module doc). x: [B, S, D]; router: [D, E].
+
+    Returns (y [B, S, D], ops.MoEStats) with the statistics of the whole global batch.
+    """
+    from autoshard import ops  # imported here: ops imports this module to register it
+
+    mesh = ops.current().mesh
+    n = axis_size(mesh, "expert")
+    if n == 1:
+        return ops.dense_moe(x, router, experts, expert_fn, top_k=top_k, capacity_factor=capacity_factor)
+    b, s, _ = x.shape
+    b = b * n if is_manual("expert") else b  # the global batch
+    e = router.shape[-1]
+    if e % n:
+        raise PlanError(f"expert parallelism needs the number of experts ({e}) divisible by expert={n}: use an expert "
+                        f"degree dividing {e}")
+    if b % n:
+        raise PlanError(f"expert parallelism splits the batch over the expert axis: batch {b} is not divisible by "
+                        f"expert={n}: change the batch size or the expert degree")
+    for leaf in jax.tree.leaves(experts):
+        if leaf.shape[0] != e:
+            raise PlanError(f"expert weights must have a leading expert axis of size {e}, got shape {leaf.shape}")
+    native = not free_axes(mesh, "expert")
+    el = e // n
+
+    def body(x: Array, router: Array, experts: Any) -> tuple[Array, Any]:
+        bl = x.shape[0]
+        dispatch, combine, local = ops.route(x, router, top_k=top_k, capacity_factor=capacity_factor)
+        c = dispatch.shape[-1]
+        # expert = dest * E/n + local. The exchange runs over a dedicated size-n axis placed after the batch axis:
+        # [E/n, Bl, n, C, D], so that merging it into the batch, [E/n, Bl*n, C, D], keeps an auto data/fsdp split
+        # of Bl (major) intact, and the exchange never slices a dimension XLA has split.
+        h = jnp.einsum("bsec,bsd->ebcd", dispatch.astype(x.dtype), x)            # [E, Bl, C, D]
+        h = jnp.moveaxis(h.reshape(n, el, bl, c, -1), 0, 2)                        # [E/n, Bl, n(dest), C, D]
+        h = all_to_all(h, "expert", split_axis=2, concat_axis=2, native=native)   # [E/n, Bl, n(source), C, D]
+        y = expert_fn(experts, h.reshape(el, bl * n, c, -1))                       # local experts, all devices' tokens
+        y = all_to_all(y.reshape(el, bl, n, c, -1), "expert", split_axis=2, concat_axis=2, native=native)
+        y = jnp.moveaxis(y, 2, 0).reshape(e, bl, c, -1)                            # [E, Bl, C, D] back home
+        out = jnp.einsum("bsec,ebcd->bsd", combine.astype(x.dtype), y)
+        # global statistics: aux = E * sum_e fraction_e * mean_prob_e, both means over the whole batch
+        load = jax.lax.psum(local.load, "expert")
+        probs = jax.nn.softmax(jnp.einsum("bsd,de->bse", x.astype(jnp.float32), router.astype(jnp.float32)), -1)
+        mean_prob = jax.lax.psum(jnp.sum(probs, axis=(0, 1)), "expert") / (b * s)
+        stats = ops.MoEStats(aux_loss=e * jnp.sum(load / (b * s * top_k) * mean_prob),
+                             dropped=jax.lax.psum(local.dropped, "expert"), load=load)
+        return out, stats
+
+    stats_spec = ops.MoEStats(aux_loss=P(), dropped=P(), load=P())
+    experts_spec = jax.tree.map(lambda _: P("expert"), experts)
+    return manual_over("expert", body, (P("expert"), P(), experts_spec), (P("expert"), stats_spec), mesh,
+                       x, router, experts)
+
+
+def moe_all_to_all_bytes(experts: int, batch: int, capacity: int, hidden: int, n: int, *, itemsize: int = 4,
+                         backward: bool = True) -> float:
+    """Bytes one device sends per step in expert-parallel dispatch and combine (convention of `autoshard.inspect`).
+
+    batch is the number of sequences one device holds (global batch / (expert * data * fsdp)); capacity is
+    `ops.capacity(seq, experts, top_k, capacity_factor)` (slots per sequence and expert); n is the expert degree.
+    Forward: dispatch and combine each move a [experts, batch, capacity, hidden] buffer of which (n-1)/n leaves the
+    device; backward: their transposes, the same again. Padding slots travel too (the exchange is dense, not
+    ragged). With other mesh axes > 1 the exchange is n-1 collective-permutes of 1/n each instead of one
+    all-to-all (see `autoshard.sequence.all_to_all`): the same bytes. Remat of the MoE layer would add the forward
+    part once more.
+    """
+    if n <= 1:
+        return 0.0
+    fwd = 2 * (n - 1) / n * experts * batch * capacity * hidden * itemsize
+    return fwd * (2 if backward else 1)
+
+
+__all__ = ["expert_parallel_moe", "moe_all_to_all_bytes"]

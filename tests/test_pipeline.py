@@ -1,0 +1,178 @@
+"""Pipeline parallelism: schedule tables, and the shard_map executor against a single-device run (8 devices)."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from autoshard.api import pipeline_spec, rule_plan
+from autoshard.inspect import analyze
+from autoshard.pipeline import StageLayout, even_stages
+from autoshard.train import make_optimizer, parallelize
+from planner.errors import PlanError
+from planner.params import path_str
+from planner.plan import PipelineSpec, Plan
+from planner.schedule import FWD, IDLE, check, make_schedule
+
+MODEL = "gpt-tiny:layers=8"
+LR = 1e-4  # small steps keep AdamW's sign-like first updates from amplifying reduction-order noise (test_parallel)
+
+
+# -- schedule tables --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, P, M, V", [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 2, 3, 1),
+                                           ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 3)])
+def test_schedule_respects_dependencies(kind, P, M, V):
+    s = make_schedule(kind, P, M, V)
+    when = {}
+    for t in range(s.ticks):
+        for p in range(P):
+            if s.phase[t, p]:
+                when[("FB"[s.phase[t, p] - 1], int(s.chunk[t, p]) * P + p, int(s.microbatch[t, p]))] = t
+    S = P * V
+    assert len(when) == 2 * S * M  # every stage runs every microbatch forward and backward once
+    for (op, st, i), t in when.items():
+        if op == "F" and st > 0:
+            assert when[("F", st - 1, i)] < t
+        if op == "B":
+            assert when[("F", st, i)] < t
+            if st < S - 1:
+                assert when[("B", st + 1, i)] < t
+    assert s.bubble == pytest.approx(1 - 2 * M * V / s.ticks)
+
+
+def test_schedule_costs():
+    gpipe, one_f = make_schedule("gpipe", 4, 8), make_schedule("1f1b", 4, 8)
+    assert gpipe.ticks == one_f.ticks == 2 * (8 + 4 - 1)       # unit-time ops: same bubble, 1F1B saves memory
+    assert gpipe.act_slots == 8 and one_f.act_slots == 4         # GPipe holds every microbatch, 1F1B the in-flight
+    inter = make_schedule("interleaved", 4, 8, 2)
+    assert inter.bubble < one_f.bubble                           # virtual stages shorten the bubble
+    assert one_f.code[3, 3] == IDLE and one_f.phase[3, 3] == 1   # the last stage's forward is folded into its backward
+    assert one_f.code[0, 0] != FWD                               # the first stage embeds (FWD_FIRST)
+    assert len(one_f.timeline()) == 4
+
+
+@pytest.mark.parametrize("args, match", [
+    (("zigzag", 2, 4, 1), "unknown pipeline schedule"),
+    (("1f1b", 2, 4, 2), "need --schedule interleaved"),
+    (("interleaved", 4, 6, 2), "divisible by pipe"),
+    (("1f1b", 4, 4, 1, 3), "only 3 layers"),
+    (("interleaved", 2, 4, 2, 6), None),
+    (("interleaved", 2, 4, 2, 5), "must divide the 5 layers"),
+])
+def test_schedule_bad_input(args, match):
+    if match is None:
+        check(*args)
+        return
+    with pytest.raises(PlanError, match=match):
+        check(*args)
+
+
+def test_stage_layout_round_trip():
+    layout = StageLayout.from_stages([[0, 3], [3, 4], [4, 5], [5, 8]], devices=2, virtual=2)
+    x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    staged = np.asarray(layout.to_staged(x))
+    assert staged.shape == (2, 2, 3, 3)
+    assert np.all(staged[1, 0, 1:] == 0)                            # stage 1 (device 1, chunk 0) has one layer
+    np.testing.assert_array_equal(np.asarray(layout.from_staged(staged)), x)
+    assert even_stages(10, 4) == [[0, 3], [3, 6], [6, 8], [8, 10]]
+    with pytest.raises(PlanError, match="only 3 layers"):
+        even_stages(3, 4)
+
+
+# -- the executor against one device -------------------------------------------------------------------------------
+def _flat(state) -> dict[str, np.ndarray]:
+    return {path_str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
+
+
+def _run(plan: Plan, batch, devices=None) -> tuple[list[float], dict[str, np.ndarray], object]:
+    trainer = parallelize(models.factory(MODEL), make_optimizer(lr=LR), plan,
+                          devices=devices or jax.devices()[:plan.num_devices])
+    losses = [trainer.step(batch)["loss"] for _ in range(3)]
+    _, grads = trainer.loss_and_grads(batch)
+    return losses, _flat(grads), trainer
+
+
+@pytest.fixture(scope="module")
+def reference(token_batch):
+    abstract = models.abstract(MODEL)
+    losses, grads, _ = _run(rule_plan(abstract, "data=1"), token_batch, jax.devices()[:1])
+    return losses, grads
+
+
+CASES = [  # (mesh, schedule, microbatches, virtual, layers per stage or None for even)
+    ("pipe=2", "1f1b", 4, 1, None),
+    ("pipe=2,data=2,tensor=2", "gpipe", 4, 1, [5, 3]),
+    ("pipe=2,fsdp=2,tensor=2", "interleaved", 4, 2, [1, 3, 2, 2]),
+    ("pipe=4,data=2", "1f1b", 4, 1, [3, 2, 2, 1]),
+    ("pipe=4,tensor=2", "interleaved", 4, 2, None),
+    ("pipe=4,fsdp=2", "gpipe", 2, 1, None),
+]
+
+
+@pytest.mark.parametrize("mesh, schedule, micro, virtual, stage_layers", CASES)
+def test_pipeline_matches_single_device(mesh, schedule, micro, virtual, stage_layers, reference, token_batch):
+    abstract = models.abstract(MODEL)
+    pipe = int(mesh.split("pipe=")[1].split(",")[0])
+    spec = pipeline_spec(abstract, pipe, schedule=schedule, microbatches=micro, virtual=virtual,
+                         stage_layers=stage_layers)
+    losses, grads, _ = _run(rule_plan(abstract, mesh, pipeline=spec), token_batch)
+    ref_losses, ref_grads = reference
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert set(grads) == set(ref_grads)
+    for path, g in grads.items():
+        scale = np.max(np.abs(ref_grads[path])) + 1e-12
+        assert np.max(np.abs(g - ref_grads[path])) <= 1e-5 * scale, path
+
+
+def _compiled(schedule: str, micro: int, mesh: str = "pipe=2,data=2,tensor=2"):
+    abstract = models.abstract(MODEL)
+    spec = pipeline_spec(abstract, 2, schedule=schedule, microbatches=micro)
+    plan = rule_plan(abstract, mesh, pipeline=spec)
+    trainer = parallelize(models.factory(MODEL), make_optimizer(), plan, devices=jax.devices()[:plan.num_devices])
+    return plan, trainer
+
+
+def test_collective_permutes_match_the_table(token_batch):
+    plan, trainer = _compiled("1f1b", 4)
+    report = analyze(trainer.compile(token_batch), trainer.mesh)
+    sched = make_schedule("1f1b", 2, 4)
+    cfg = models.abstract(MODEL).cfg
+    seq = token_batch["inputs"].shape[1]
+    micro_bytes = token_batch["inputs"].shape[0] // 2 // 4 * seq * cfg.hidden * 4   # [mbs/data, S, D] float32
+    assert report["comm_counts"]["pipe/collective-permute"] == 2 * sched.ticks
+    assert report["comm_bytes"]["pipe/collective-permute"] == 2 * sched.ticks * micro_bytes
+    # the gradient reduction over data is one all-reduce per step for the layer weights and one for the rest
+    assert report["comm_counts"].get("data/all-reduce", 0) + report["comm_counts"].get("pipe+data/all-reduce", 0) <= 3
+
+
+def test_1f1b_uses_less_memory_than_gpipe(token_batch):
+    micro = 8
+    memory = {}
+    for schedule in ("gpipe", "1f1b"):
+        plan, trainer = _compiled(schedule, micro, "pipe=2,data=2")
+        memory[schedule] = analyze(trainer.compile(token_batch), trainer.mesh)["memory_bytes_per_device"]
+    cfg = models.abstract(MODEL).cfg
+    buffer = token_batch["inputs"].shape[0] // 2 // micro * token_batch["inputs"].shape[1] * cfg.hidden * 4
+    slots = make_schedule("gpipe", 2, micro).act_slots - make_schedule("1f1b", 2, micro).act_slots
+    saved = memory["gpipe"] - memory["1f1b"]
+    assert slots > 0 and saved == pytest.approx(slots * buffer, rel=0.1)
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+def test_pipeline_bad_input(token_batch):
+    abstract = models.abstract(MODEL)
+    with pytest.raises(PlanError, match="only 8 layers"):
+        pipeline_spec(abstract, 4, schedule="interleaved", microbatches=4, virtual=4)
+    with pytest.raises(PlanError, match="unknown pipeline schedule"):
+        pipeline_spec(abstract, 2, schedule="zero-bubble")
+    with pytest.raises(PlanError, match="divisible by pipe"):
+        pipeline_spec(abstract, 2, schedule="interleaved", microbatches=3, virtual=2)
+    with pytest.raises(Exception, match="summing to the model's 8 layers"):
+        pipeline_spec(abstract, 2, stage_layers=[4, 5])
+    with pytest.raises(PlanError, match="pipeline has 3 stages"):
+        Plan(mesh={"pipe": 2}, pipeline=PipelineSpec(stages=[[0, 2], [2, 4], [4, 8]])).validate()
+    plan = rule_plan(abstract, "pipe=2,data=4", pipeline=pipeline_spec(abstract, 2, microbatches=3))
+    trainer = parallelize(models.factory(MODEL), make_optimizer(), plan)
+    with pytest.raises(PlanError, match="3 microbatches do not divide the per-replica batch of 4"):
+        trainer.step(token_batch)

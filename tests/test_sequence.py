@@ -1,0 +1,123 @@
+"""Sequence parallelism (Ulysses, zigzag ring) equals dense attention; its communication matches the formulas."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from autoshard import ops, sequence
+from autoshard.emit import make_mesh
+from autoshard.inspect import analyze
+from planner.errors import PlanError
+from planner.plan import Plan
+
+B, S, D = 2, 16, 8
+
+
+def _mesh(**axes):
+    plan = Plan(mesh=axes)
+    return make_mesh(plan, devices=jax.devices()[: plan.num_devices])
+
+
+def _qkv(heads, kv_heads, batch=B):
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    return (jax.random.normal(kq, (batch, S, heads, D)), jax.random.normal(kk, (batch, S, kv_heads, D)),
+            jax.random.normal(kv, (batch, S, kv_heads, D)))
+
+
+def _out_and_grads(causal):
+    def loss(q, k, v):
+        o = ops.attention(q, k, v, causal=causal)
+        return jnp.sum(jnp.sin(o)), o
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _seq_bytes(stats):
+    """Bytes sent over `seq` by the op's exchanges (not the scalar loss's all-reduce)."""
+    return sum(v for k, v in stats["comm_bytes"].items() if k in ("seq/all-to-all", "seq/collective-permute"))
+
+
+CASES = [  # method, mesh, heads, kv_heads, causal, spec of q/k/v
+    ("ulysses", dict(seq=4), 4, 4, True, P(None, "seq")),
+    ("ulysses", dict(data=2, seq=4), 4, 4, True, P("data", "seq")),
+    ("ulysses", dict(seq=2, tensor=2), 8, 4, True, P(None, "seq", "tensor")),  # grouped-query, heads over tensor
+    ("ring", dict(seq=4), 4, 2, True, P(None, "seq")),                       # grouped-query
+    ("ring", dict(seq=4), 4, 2, False, P(None, "seq")),
+    ("ring", dict(data=2, seq=4), 4, 4, True, P("data", "seq")),
+    ("ring", dict(seq=2, tensor=2), 4, 2, True, P(None, "seq", "tensor")),  # heads split over tensor
+]
+
+
+@pytest.mark.parametrize("method,axes,heads,kv_heads,causal,spec", CASES,
+                         ids=[f"{c[0]}-{'-'.join(f'{a}{n}' for a, n in c[1].items())}-h{c[2]}kv{c[3]}"
+                              f"{'' if c[4] else '-noncausal'}" for c in CASES])
+def test_matches_dense_and_bytes(method, axes, heads, kv_heads, causal, spec):
+    q, k, v = _qkv(heads, kv_heads)
+    (_, want), want_grads = _out_and_grads(causal)(q, k, v)  # no context: dense on one device
+    mesh = _mesh(**axes)
+    args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+    with ops.context(ops.OpsContext(mesh=mesh, attention=method)):
+        compiled = _out_and_grads(causal).lower(*args).compile()
+    (_, got), got_grads = compiled(*args)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    for g, w, name in zip(got_grads, want_grads, "qkv"):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+    # communication: bytes each device sends over `seq`, forward + backward, against the closed form
+    n, batch = axes["seq"], B // axes.get("data", 1)
+    tensor = axes.get("tensor", 1)
+    if method == "ulysses":
+        want_bytes = sequence.ulysses_bytes(batch, S, heads // tensor, kv_heads // tensor, D, n)
+    else:
+        want_bytes = sequence.ring_bytes(batch, S, heads // tensor, kv_heads // tensor, D, n, causal=causal)
+    stats = analyze(compiled, mesh)
+    assert _seq_bytes(stats) == pytest.approx(want_bytes, rel=0.1), stats["comm_bytes"]
+    # and nothing else moves activations: no all-gathers of the batch over data or of heads over tensor
+    assert not any(key.endswith("all-gather") for key in stats["comm_bytes"]), stats["comm_bytes"]
+
+
+def test_ulysses_needs_divisible_heads():
+    q, k, v = _qkv(4, 2)
+    mesh = _mesh(seq=4)
+    with ops.context(ops.OpsContext(mesh=mesh, attention="ulysses")):
+        with pytest.raises(PlanError, match=r"kv_heads \(2\) divisible by seq=4: use ring"):
+            jax.eval_shape(lambda q, k, v: ops.attention(q, k, v), q, k, v)
+
+
+def test_seq_of_one_is_dense():
+    q, k, v = _qkv(4, 2)
+    mesh = _mesh(data=8)
+    for method in ("ulysses", "ring"):
+        with ops.context(ops.OpsContext(mesh=mesh, attention=method)):
+            jaxpr = jax.make_jaxpr(lambda q, k, v: ops.attention(q, k, v))(q, k, v)
+        assert "shard_map" not in str(jaxpr)
+
+
+@pytest.mark.parametrize("method", ["ulysses", "ring"])
+def test_nested_in_pipe_shard_map(method):
+    """The pipeline executor calls ops inside a shard_map manual over `pipe`: the inner one nests."""
+    q, k, v = _qkv(4, 4, batch=4)
+    want = ops.dense_attention(q, k, v)
+    mesh = _mesh(pipe=2, seq=4)
+    stage = jax.shard_map(lambda q, k, v: ops.attention(q, k, v), mesh=mesh, axis_names={"pipe"},
+                          in_specs=P("pipe"), out_specs=P("pipe"))
+    args = [jax.device_put(x, NamedSharding(mesh, P("pipe", "seq"))) for x in (q, k, v)]
+    with ops.context(ops.OpsContext(mesh=mesh, attention=method)):
+        got = jax.jit(stage)(*args)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bytes_formulas_closed_form():
+    # one local block (one head) = batch * S/n * D * 4 bytes
+    block = 2 * (16 // 4) * 8 * 4
+    assert sequence.ulysses_bytes(2, 16, 8, 4, 8, 4) == 2 * 3 / 4 * block * (2 * 8 + 2 * 4)
+    assert sequence.ring_bytes(2, 16, 8, 4, 8, 4, causal=False) == 2 * 3 * 2 * 4 * block
+    assert sequence.ring_bytes(2, 16, 8, 4, 8, 4) == 2 * (3 * 2 * 4 + 2 * 8 + 2 * 4) * block
+    assert sequence.ring_bytes(2, 16, 8, 4, 8, 4, backward=False) == sequence.ring_bytes(2, 16, 8, 4, 8, 4) / 2
+    assert sequence.ulysses_bytes(2, 16, 8, 4, 8, 1) == sequence.ring_bytes(2, 16, 8, 4, 8, 1) == 0
+    assert math.isclose(sequence.ulysses_bytes(1, 16, 4, 4, 8, 2, itemsize=2),
+                        sequence.ulysses_bytes(1, 16, 4, 4, 8, 2) / 2)
