@@ -1,0 +1,111 @@
+"""`autoshard place`: expert placement for expert parallelism from a routing trace.
+
+    autoshard place --trace trace.npz --ep 8 --nodes 2 -o placement.json
+
+The trace is an .npz file with `expert_ids`, an integer [layers, tokens, k] array (each token's k chosen experts
+in each MoE layer), and optionally `experts` (the model's expert count, when the trace may miss the last ones).
+Prints one JSON object {"round_robin": R, "greedy": R, "ilp": R}, each R with the placement (per layer, the rank of
+each expert), cross_device_fraction, cross_node_fraction and max_load_over_mean (see planner.placement); the ilp
+entry also says whether CP-SAT proved it optimal and how long it took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from planner.errors import PlanError
+
+
+def add_place(sub) -> None:
+    from autoshard.cli import _positive_float, _positive_int
+
+    p = sub.add_parser("place", help="place MoE experts on expert-parallel ranks from a routing trace",
+                       description="Read a routing trace (which experts each token picks in each MoE layer) and "
+                                   "place every layer's experts on the --ep ranks (E/ep per rank) so that tokens "
+                                   "hop between ranks (and nodes) as little as possible while ranks stay balanced. "
+                                   "Prints round-robin, greedy and ILP (CP-SAT) placements with their figures as "
+                                   "JSON.")
+    p.add_argument("--trace", metavar="FILE.npz", required=True,
+                   help="npz with expert_ids: int [layers, tokens, k] (and optionally experts: the expert count)")
+    p.add_argument("--ep", type=_positive_int, required=True, metavar="N",
+                   help="expert-parallel ranks (must divide the number of experts)")
+    p.add_argument("--nodes", type=_positive_int, default=1, metavar="N",
+                   help="nodes the ranks are spread over, ep/nodes consecutive ranks each (default 1)")
+    p.add_argument("--experts", type=_positive_int, default=None, metavar="E",
+                   help="the model's expert count (default: the trace's `experts`, else its largest id + 1)")
+    p.add_argument("--balance", type=_positive_float, default=None, metavar="F",
+                   help="the ILP keeps every layer's busiest rank within F x the mean rank load (default 1.10)")
+    p.add_argument("--time-limit", type=_positive_float, default=10.0, metavar="SECONDS",
+                   help="time limit of the ILP (default 10); the best placement found is used if it is hit")
+    p.add_argument("-o", "--output", metavar="FILE", default=None, help="also write the JSON to this file")
+
+
+def load_trace(path: str, experts: int | None = None):
+    """expert_ids from an npz file (checked, int64 [L, T, k]), and the expert count (given or recorded), if any.
+
+    numpy is imported here, not at the top: the CLI module imports this one before any subcommand runs.
+    """
+    import zipfile
+
+    import numpy as np
+
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise PlanError(f"trace {path} is a single .npy array, not an .npz: save it with "
+                            f"np.savez(FILE, expert_ids=ids)")
+        with f:
+            if "expert_ids" not in f.files:
+                have = ", ".join(f.files) or "nothing"
+                raise PlanError(f"trace {path} has no array named expert_ids (it holds {have}): save the routing "
+                                f"trace with np.savez(FILE, expert_ids=ids)")
+            ids = f["expert_ids"]
+            recorded = f["experts"] if "experts" in f.files else None
+            if recorded is not None:
+                if recorded.size != 1 or recorded.dtype.kind not in "iu" or int(recorded) < 1:
+                    raise PlanError(f"trace {path}: `experts` must be one positive integer, got {recorded!r}")
+                recorded = int(recorded)
+    except PlanError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        what = e.strerror if isinstance(e, OSError) and e.strerror else "not a readable .npz file"
+        raise PlanError(f"cannot read trace {path}: {what}") from None
+    from planner.placement import check_trace
+
+    if experts is not None and recorded is not None and experts != recorded:
+        raise PlanError(f"--experts {experts} contradicts the {recorded} experts recorded in trace {path}")
+    n = experts if experts is not None else recorded
+    return check_trace(ids, experts=n), n
+
+
+def cmd_place(args: argparse.Namespace) -> int:
+    from planner import placement as pl
+
+    ids, experts = load_trace(args.trace, args.experts)
+    routing = pl.Routing.from_trace(ids, experts)
+    E, L = routing.experts, routing.layers
+    pl.check_ep(E, args.ep, args.nodes)
+    balance = args.balance if args.balance is not None else pl.DEFAULT_BALANCE
+    result = pl.ilp(routing, args.ep, args.nodes, balance=balance, time_limit=args.time_limit)
+    out = {"round_robin": pl.metrics(pl.round_robin(L, E, args.ep), routing, args.ep, args.nodes),
+           "greedy": pl.metrics(pl.greedy(routing, args.ep, args.nodes), routing, args.ep, args.nodes),
+           "ilp": {**pl.metrics(result.placement, routing, args.ep, args.nodes), "optimal": result.optimal,
+                   "solve_seconds": round(result.seconds, 3), "balance": balance}}
+    text = _dumps(out)
+    if args.output:
+        try:
+            with open(args.output, "w") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise PlanError(f"cannot write {args.output}: {e.strerror or e}") from None
+    print(text)
+    return 0
+
+
+def _dumps(obj) -> str:
+    """Indented JSON with each list of numbers (a layer's placement) on one line."""
+    import re
+
+    return re.sub(r"\[\s*([-\d.,\s]+?)\s*\]", lambda m: "[" + ", ".join(t.strip() for t in m.group(1).split(","))
+                  + "]", json.dumps(obj, indent=1))
