@@ -30,6 +30,8 @@ class OpsContext:
     attention: str = "dense"
     moe: str = "dense"
     remat: str = "none"
+    record_routing: bool = False
+    """MoE ops also return each token's chosen experts (`MoEStats.choices`), for routing traces."""
 
 
 _stack: list[OpsContext] = [OpsContext()]
@@ -123,9 +125,11 @@ class MoEStats:
     """Token-expert assignments dropped for lack of capacity."""
     load: Array
     """[experts] token-expert assignments each expert received (before capacity)."""
+    choices: Array | None = None
+    """[B, S, k] each token's chosen experts, best first (only when the context records routing)."""
 
 
-jax.tree_util.register_dataclass(MoEStats, data_fields=["aux_loss", "dropped", "load"], meta_fields=[])
+jax.tree_util.register_dataclass(MoEStats, data_fields=["aux_loss", "dropped", "load", "choices"], meta_fields=[])
 
 
 def moe(x: Array, router: Array, experts: Any, expert_fn: Callable[[Any, Array], Array], *, top_k: int,
@@ -166,7 +170,8 @@ def route(x: Array, router: Array, *, top_k: int, capacity_factor: float) -> tup
     fraction = jnp.mean(choice, axis=(0, 1, 2))                   # share of assignments per expert
     stats = MoEStats(aux_loss=e * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1))),
                      dropped=jnp.sum(choice) - jnp.sum(dispatch),
-                     load=jnp.sum(choice, axis=(0, 1, 2)))
+                     load=jnp.sum(choice, axis=(0, 1, 2)),
+                     choices=idx if current().record_routing else None)
     return dispatch, combine, stats
 
 

@@ -1,6 +1,12 @@
 """`autoshard place`: expert placement for expert parallelism from a routing trace.
 
     autoshard place --trace trace.npz --ep 8 --nodes 2 -o placement.json
+    autoshard place --checkpoint runs/local/ckpt --routing-batches 8 --ep 4 --apply runs/local/ckpt-placed
+
+With --checkpoint the trace is recorded by running the checkpoint's model on --routing-batches batches of the
+training text (`autoshard.routing`); --apply DIR then writes a copy of the checkpoint whose experts are reordered
+by the ILP placement (expert weights and router columns permuted together: the same function), so that sharding
+the expert axis contiguously puts each expert on its chosen rank.
 
 The trace is an .npz file with `expert_ids`, an integer [layers, tokens, k] array (each token's k chosen experts
 in each MoE layer), and optionally `experts` (the model's expert count, when the trace may miss the last ones).
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from planner.errors import PlanError
 
@@ -26,8 +33,19 @@ def add_place(sub) -> None:
                                    "hop between ranks (and nodes) as little as possible while ranks stay balanced. "
                                    "Prints round-robin, greedy and ILP (CP-SAT) placements with their figures as "
                                    "JSON.")
-    p.add_argument("--trace", metavar="FILE.npz", required=True,
-                   help="npz with expert_ids: int [layers, tokens, k] (and optionally experts: the expert count)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", metavar="FILE.npz",
+                     help="npz with expert_ids: int [layers, tokens, k] (and optionally experts: the expert count)")
+    src.add_argument("--checkpoint", metavar="DIR", help="record the trace from this checkpoint (autoshard train "
+                                                          "--checkpoint DIR) on the training text")
+    p.add_argument("--routing-batches", type=_positive_int, default=4, metavar="N",
+                   help="with --checkpoint: batches of text to trace (default 4)")
+    p.add_argument("--batch", type=_positive_int, default=16, help="with --checkpoint: sequences per batch (16)")
+    p.add_argument("--seq", type=_positive_int, default=128, help="with --checkpoint: tokens per sequence (128)")
+    p.add_argument("--data", metavar="PATH_OR_GLOB", default=None,
+                   help="with --checkpoint: text to trace on (default: the training default, stdlib sources)")
+    p.add_argument("--apply", metavar="DIR", default=None,
+                   help="with --checkpoint: write the checkpoint with experts reordered by the ILP placement here")
     p.add_argument("--ep", type=_positive_int, required=True, metavar="N",
                    help="expert-parallel ranks (must divide the number of experts)")
     p.add_argument("--nodes", type=_positive_int, default=1, metavar="N",
@@ -79,19 +97,76 @@ def load_trace(path: str, experts: int | None = None):
     return check_trace(ids, experts=n), n
 
 
+def checkpoint_trace(args: argparse.Namespace):
+    """(expert_ids, experts, model, params, meta) from running the checkpoint's model on the training text."""
+    import models
+    from autoshard import checkpoint, data
+    from autoshard.routing import routing_trace
+
+    meta = checkpoint.read_meta(args.checkpoint)
+    cfg = models.config_from_name(meta["model"])
+    if not cfg.is_moe:
+        raise PlanError(f"checkpoint {args.checkpoint} holds {meta['model']}, which has no experts to place")
+    abstract = models.abstract(cfg)
+    params, meta = checkpoint.restore(args.checkpoint, abstract)
+    corpus = data.load(args.data)
+    batches = data.TextData(corpus, args.batch, args.seq, seed=12345)
+    from flax import nnx
+
+    model = nnx.merge(nnx.graphdef(abstract), params, nnx.split(abstract, nnx.Param, ...)[2])
+    ids = routing_trace(model, [batches.next() for _ in range(args.routing_batches)])
+    if args.experts is not None and args.experts != cfg.experts:
+        raise PlanError(f"--experts {args.experts} contradicts the model's {cfg.experts} experts")
+    return ids, cfg.experts, abstract, params, meta
+
+
+def apply_placement(directory: str, placement, ep: int, abstract, params, meta) -> None:
+    """Write the checkpoint with each layer's experts reordered so contiguous sharding realises `placement`."""
+    from flax import nnx
+
+    from autoshard import checkpoint
+    from autoshard.routing import expert_axes
+    from planner import placement as pl
+    from planner.params import path_str
+
+    perms = pl.placement_permutations(placement, ep)
+    flat = {path_str(k): v.get_value() for k, v in nnx.to_flat_state(params)}
+    permuted = pl.permute_experts(flat, perms, expert_axes(abstract))
+    state = nnx.map_state(lambda path, v: v.replace(permuted[path_str(path)]), params)
+    checkpoint.save(directory, state, model=meta["model"], step=meta.get("step", 0),
+                    plan={**(meta.get("plan") or {}), "placement_applied": {"ep": ep}})
+
+
 def cmd_place(args: argparse.Namespace) -> int:
     from planner import placement as pl
 
-    ids, experts = load_trace(args.trace, args.experts)
+    if args.apply and not args.checkpoint:
+        raise PlanError("--apply DIR needs --checkpoint (a trace file has no weights to reorder)")
+    if args.checkpoint:
+        ids, experts, abstract, params, meta = checkpoint_trace(args)
+        ids = pl.check_trace(ids, experts=experts)
+    else:
+        ids, experts = load_trace(args.trace, args.experts)
     routing = pl.Routing.from_trace(ids, experts)
     E, L = routing.experts, routing.layers
     pl.check_ep(E, args.ep, args.nodes)
     balance = args.balance if args.balance is not None else pl.DEFAULT_BALANCE
-    result = pl.ilp(routing, args.ep, args.nodes, balance=balance, time_limit=args.time_limit)
+    try:
+        result = pl.ilp(routing, args.ep, args.nodes, balance=balance, time_limit=args.time_limit)
+    except PlanError as e:
+        if args.balance is not None or "balance" not in str(e):
+            raise
+        # the default bound is unreachable (few experts per rank, skewed loads): say so and balance softly
+        print(f"warning: {e}; placing with the load in the objective only", file=sys.stderr)
+        balance = None
+        result = pl.ilp(routing, args.ep, args.nodes, balance=None, time_limit=args.time_limit)
     out = {"round_robin": pl.metrics(pl.round_robin(L, E, args.ep), routing, args.ep, args.nodes),
            "greedy": pl.metrics(pl.greedy(routing, args.ep, args.nodes), routing, args.ep, args.nodes),
            "ilp": {**pl.metrics(result.placement, routing, args.ep, args.nodes), "optimal": result.optimal,
                    "solve_seconds": round(result.seconds, 3), "balance": balance}}
+    if args.apply:
+        apply_placement(args.apply, result.placement, args.ep, abstract, params, meta)
+        out["applied_to"] = str(args.apply)
     text = _dumps(out)
     if args.output:
         try:

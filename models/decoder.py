@@ -91,7 +91,7 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         L, d, f, e, std = cfg.layers, cfg.hidden, cfg.mlp, cfg.experts, cfg.init_std
         self.cfg = cfg
-        self.router = _param(rngs, (L, d, e), ("layers", "embed", None), std)
+        self.router = _param(rngs, (L, d, e), ("layers", "embed", "router_experts"), std)
         self.w_up = _param(rngs, (L, e, d, f), ("layers", "experts", "embed", "mlp"), std)
         if cfg.activation == "swiglu":
             self.w_gate = _param(rngs, (L, e, d, f), ("layers", "experts", "embed", "mlp"), std)

@@ -1,0 +1,95 @@
+"""Checkpoints (save under one plan, restore under another; bad folders) and expert placement applied to a model."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from autoshard import checkpoint
+from autoshard.api import pipeline_spec, rule_plan
+from autoshard.place import apply_placement
+from autoshard.routing import expert_axes, routing_trace
+from autoshard.train import make_optimizer, parallelize
+from planner import placement as pl
+from planner.errors import AutoshardError
+from planner.params import path_str
+
+
+def _flat(state) -> dict[str, np.ndarray]:
+    return {path_str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
+
+
+def test_pipeline_checkpoint_restores_under_another_plan(tmp_path, token_batch):
+    name = "gpt-tiny:layers=3"
+    abstract = models.abstract(name)
+    plan = rule_plan(abstract, "pipe=2,data=4", pipeline=pipeline_spec(abstract, 2, microbatches=2))
+    trainer = parallelize(models.factory(name), make_optimizer(lr=1e-3), plan)
+    trainer.step(token_batch)
+    trained = nnx.state(trainer.model(), nnx.Param)
+    checkpoint.save(tmp_path / "ck", trained, model=name, step=1, plan=plan.to_dict())
+    params, meta = checkpoint.restore(tmp_path / "ck", abstract)
+    assert meta["step"] == 1 and meta["model"] == name
+    want, got = _flat(trained), _flat(params)
+    assert set(want) == set(got) and all(np.array_equal(want[k], got[k]) for k in want)
+    # the restored weights train under a different plan
+    model = nnx.merge(nnx.graphdef(abstract), params, nnx.split(abstract, nnx.Param, ...)[2])
+    other = parallelize(model, make_optimizer(), rule_plan(abstract, "fsdp=8"))
+    np.testing.assert_allclose(float(other.loss_and_grads(token_batch)[0]),
+                               float(trainer.loss_and_grads(token_batch)[0]), rtol=1e-5)
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    abstract = models.abstract("gpt-tiny")
+    with pytest.raises(AutoshardError, match="not an autoshard checkpoint"):
+        checkpoint.restore(tmp_path, abstract)
+    other = models.create("gpt-tiny:hidden=32,heads=2")
+    checkpoint.save(tmp_path / "small", nnx.state(other, nnx.Param), model="gpt-tiny:hidden=32,heads=2", step=0)
+    with pytest.raises(AutoshardError, match="does not match this model.*--model gpt-tiny:hidden=32,heads=2"):
+        checkpoint.restore(tmp_path / "small", abstract)
+    (tmp_path / "small" / checkpoint.META).write_text("{not json")
+    with pytest.raises(AutoshardError, match="damaged"):
+        checkpoint.restore(tmp_path / "small", abstract)
+    # a damaged array store (metadata intact)
+    model = models.create("gpt-tiny")
+    checkpoint.save(tmp_path / "ck", nnx.state(model, nnx.Param), model="gpt-tiny", step=0)
+    for f in (tmp_path / "ck" / "params").rglob("*"):
+        if f.is_file() and "manifest" in f.name:
+            f.write_bytes(b"garbage")
+    with pytest.raises(AutoshardError, match="damaged"):
+        checkpoint.restore(tmp_path / "ck", abstract)
+
+
+def test_applied_placement_keeps_the_model_function(tmp_path, token_batch):
+    name = "moe-tiny:capacity_factor=1.0"
+    model = models.create(name)
+    ids = routing_trace(model, [token_batch])
+    cfg = model.cfg
+    assert ids.shape == (cfg.layers, token_batch["inputs"].size, cfg.top_k)
+    assert ids.min() >= 0 and ids.max() < cfg.experts
+    assert expert_axes(model) == {"blocks/mlp/router": 2, "blocks/mlp/w_up": 1, "blocks/mlp/w_down": 1}
+
+    routing = pl.Routing.from_trace(ids, cfg.experts)
+    placement = pl.ilp(routing, 2, balance=None, time_limit=5).placement
+    placement[0] = placement[0][::-1]  # make sure layer 0 really moves (any valid placement must keep the function)
+    checkpoint.save(tmp_path / "ck", nnx.state(model, nnx.Param), model=name, step=0)
+    params, meta = checkpoint.restore(tmp_path / "ck", models.abstract(name))
+    apply_placement(str(tmp_path / "placed"), placement, 2, models.abstract(name), params, meta)
+    placed, placed_meta = checkpoint.restore(tmp_path / "placed", models.abstract(name))
+    assert placed_meta["plan"]["placement_applied"] == {"ep": 2}
+
+    def loss_of(p):
+        m = nnx.merge(nnx.graphdef(model), p, nnx.split(model, nnx.Param, ...)[2])
+        loss, metrics = jax.jit(lambda b: m.loss(b))(token_batch)
+        return float(loss), float(metrics["dropped_tokens"]), np.sort(np.asarray(metrics["expert_load"]), axis=-1)
+
+    before, after = loss_of(params), loss_of(placed)
+    assert before[0] == pytest.approx(after[0], rel=1e-6)
+    assert before[1] == after[1]
+    np.testing.assert_array_equal(before[2], after[2])   # the same loads, renumbered
+    moved = _flat(placed)["blocks/mlp/w_up"]
+    perms = pl.placement_permutations(placement, 2)
+    np.testing.assert_array_equal(moved[0], _flat(params)["blocks/mlp/w_up"][0][perms[0]])
+    json.loads((tmp_path / "placed" / checkpoint.META).read_text())
