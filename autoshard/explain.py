@@ -258,11 +258,59 @@ def summary(plan: Plan, *, top_comm: int = 3, runners_up: int = 4, width: int = 
             rows.append(["communication", "none"])
     else:
         rows.append(["predicted", "(none: this plan carries no predictions)"])
+    if plan.pipeline is not None:
+        rows.append(["pipeline", pipeline_line(plan)])
+    why = why_line(plan)
+    if why:
+        rows.append(["why", why])
     lines += table(rows, width=width)
     if plan.alternatives and runners_up:
         lines.append("runners-up:")
         lines += alternatives_table(plan, limit=runners_up, width=width)
     return "\n".join(lines)
+
+
+def pipeline_line(plan: Plan) -> str:
+    """'4 stages, layers per stage 6 (x4), gpipe, 96 microbatches: bubble 13.5% (...), 111 ticks, 96+1 live buffers/device'."""
+    spec = plan.pipeline
+    runs: list[list[int]] = []  # [layers, stages] runs: 3x32 for 32 stages of 3 layers
+    for s, e in spec.stages:
+        if runs and runs[-1][0] == e - s:
+            runs[-1][1] += 1
+        else:
+            runs.append([e - s, 1])
+    counts = ", ".join(f"{n} (x{k})" if k > 1 else str(n) for n, k in runs)
+    text = (f"{len(spec.stages)} stages, layers per stage {counts}, {spec.schedule}"
+            + (f" (virtual {spec.virtual})" if spec.virtual > 1 else "") + f", {spec.microbatches} microbatches")
+    pl = plan.predicted.get("pipeline") or {}
+    if pl:
+        text += (f": bubble {format_percent(pl['bubble'])} ({format_percent(pl.get('lockstep_bubble'))} of "
+                 f"predicted time), {pl['ticks']} ticks, {pl['act_slots']}+{pl['cot_slots']} live buffers/device")
+    return text
+
+
+def _candidate_text(entry: Mapping[str, Any]) -> str:
+    text = f"{mesh_string(entry.get('mesh') or {})} {format_seconds(entry.get('step_seconds'))}, " \
+           f"{format_bytes(entry.get('memory_bytes_per_device'))}"
+    if entry.get("schedule"):
+        text += f" ({entry['schedule']}, {entry['microbatches']} microbatches)"
+    return text
+
+
+def why_line(plan: Plan) -> str:
+    """Why pipelining or not: the best plan of the other kind, its predicted time and memory."""
+    why = plan.provenance.get("pipeline_choice") or {}
+    if not why:
+        return ""
+    other = why.get("best_without_pipeline" if plan.pipeline else "best_with_pipeline") or {}
+    kind = "without a pipeline" if plan.pipeline else "with a pipeline"
+    if not other.get("considered"):
+        return f"no mesh {kind} was considered (fixed mesh, or a model without a layer stack)"
+    if not other.get("fits"):
+        return f"no plan {kind} fits the memory budget ({other['considered']} meshes tried)"
+    step = plan.predicted.get("step_seconds")
+    ratio = other["step_seconds"] / step - 1 if step else None
+    return f"the best plan {kind} is {_candidate_text(other)}: {format_percent(ratio, signed=True)} time"
 
 
 def alternatives_table(plan: Plan, *, limit: int | None = None, width: int = WIDTH) -> list[str]:
@@ -275,7 +323,9 @@ def alternatives_table(plan: Plan, *, limit: int | None = None, width: int = WID
         step = pred.get("step_seconds")
         slower = (step / best - 1) if (step is not None and best) else None
         comm = sum((pred.get("comm_bytes") or {}).values())
-        rows.append([rank, mesh_string(mesh), remat, format_seconds(step),
+        pl = pred.get("pipeline")
+        where = mesh_string(mesh) + (f" {pl['schedule']} M={pl['microbatches']}" if pl else "")
+        rows.append([rank, where, remat, format_seconds(step),
                      "" if rank == "chosen" else format_percent(slower, signed=True),
                      format_bytes(pred.get("memory_bytes_per_device")), format_bytes(comm)])
     return table(rows, header=["", "mesh", "remat", "step", "vs best", "memory/dev", "comm/dev"],
@@ -349,8 +399,12 @@ def explain(plan: Plan, params: Mapping[str, ParamInfo] | None = None, *, source
     if prov.get("calibrated_from"):
         lines.append(f"cluster calibrated from {prov['calibrated_from']}")
     if plan.pipeline is not None:
-        lines.append(f"pipeline: {len(plan.pipeline.stages)} stages, {plan.pipeline.microbatches} microbatches, "
-                     f"{plan.pipeline.schedule}")
+        lines += _wrap(f"pipeline: {pipeline_line(plan)}", width)
+        lines += ["", "schedule (device x tick: F/B microbatch, chunk letter with virtual stages; . idle):"]
+        lines += timeline(plan, width=width)
+    why = why_line(plan)
+    if why:
+        lines += _wrap(f"why: {why}", width)
     lines += ["", "parameters:"] + param_table(plan, params, width=width)
     if params:
         known = [(params[p][0], s) for p, s in plan.params.items() if params.get(p, (None,))[0] is not None]
@@ -367,6 +421,79 @@ def explain(plan: Plan, params: Mapping[str, ParamInfo] | None = None, *, source
 
 
 
+
+
+# -- pipeline schedule pictures ----------------------------------------------------------------------------------
+
+def _schedule(plan: Plan):
+    from planner.schedule import make_schedule
+
+    spec = plan.pipeline
+    return make_schedule(spec.schedule, plan.mesh["pipe"], spec.microbatches, spec.virtual)
+
+
+def timeline(plan: Plan, *, width: int = WIDTH) -> list[str]:
+    """The schedule as text, one row per pipe device (cut into blocks of ticks that fit `width`)."""
+    rows = _schedule(plan).timeline()
+    heads = [r[: r.index(":") + 2] for r in rows]
+    cells = [r[r.index(":") + 2:].split(" ") for r in rows]
+    cells = [[c for c in row if c != ""] for row in cells]
+    ticks = max(len(row) for row in cells)
+    cw = max(len(c) for row in cells for c in row) + 1
+    per = max(1, (width - len(heads[0])) // cw)
+    out = []
+    for start in range(0, ticks, per):
+        if start:
+            out.append(f"  ... ticks {start}-{min(ticks, start + per) - 1}:")
+        for h, row in zip(heads, cells):
+            out.append("  " + h + "".join(c.ljust(cw) for c in row[start:start + per]).rstrip())
+    return out
+
+
+COLOURS = {0: (235, 235, 235), 1: (66, 133, 244), 2: (234, 67, 53), 3: (160, 200, 250)}
+"""Cell colours: idle, forward, backward, and the last stage's empty forward (its backward recomputes it)."""
+
+
+def schedule_png(plan: Plan, path: str, *, cell: int = 12, gap: int = 1) -> tuple[int, int]:
+    """Draw the schedule (one row per pipe device, one column per tick) as a PNG; returns (width, height).
+
+    Blue: forward, red: backward, pale blue: the last stage's forward tick (no compute), grey: idle; darker
+    shades mark later virtual chunks.
+    """
+    from planner.schedule import IDLE
+
+    sched = _schedule(plan)
+    T, P = sched.ticks, sched.devices
+    w, h = T * (cell + gap) + gap, P * (cell + gap) + gap
+    img = bytearray([255, 255, 255] * (w * h))
+    for t in range(T):
+        for p in range(P):
+            ph = int(sched.phase[t, p])
+            key = 3 if ph == 1 and sched.code[t, p] == IDLE else ph
+            shade = 1.0 - 0.3 * (int(sched.chunk[t, p]) if ph else 0) / max(1, sched.virtual - 1)
+            colour = bytes(int(c * shade) for c in COLOURS[key])
+            x0, y0 = gap + t * (cell + gap), gap + p * (cell + gap)
+            for y in range(y0, y0 + cell):
+                row = (y * w + x0) * 3
+                img[row:row + 3 * cell] = colour * cell
+    write_png(path, w, h, bytes(img))
+    return w, h
+
+
+def write_png(path: str, width: int, height: int, rgb: bytes) -> None:
+    """A minimal RGB PNG (8 bits per channel, no interlace) with zlib and struct only."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    stride = 3 * width
+    raw = b"".join(b"\x00" + rgb[y * stride:(y + 1) * stride] for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+                + chunk(b"IEND", b""))
 
 
 # -- verify: predicted vs compiled ---------------------------------------------------------------------------------
@@ -392,16 +519,22 @@ def _judge(predicted: float, compiled: float, tolerance: float | None) -> dict[s
 
 
 def compare(predicted: Mapping[str, Any], compiled: Mapping[str, Any], *, comm_tolerance: float = COMM_TOLERANCE,
-            memory_tolerance: float = MEMORY_TOLERANCE, min_share: float = MIN_SHARE) -> dict[str, Any]:
+            memory_tolerance: float = MEMORY_TOLERANCE, min_share: float = MIN_SHARE,
+            not_judged: Sequence[str] = ()) -> dict[str, Any]:
     """Judge a plan's `predicted` figures against `autoshard.inspect.analyze` of the compiled step.
 
     Judged: memory_bytes_per_device (within `memory_tolerance`), total communication bytes and each
     `axes/collective` key holding at least `min_share` of the predicted or the compiled total (within
-    `comm_tolerance`). Smaller keys are listed with `judged: False`. Errors are relative to the compiled figure.
+    `comm_tolerance`). Smaller keys are listed with `judged: False`, and so are keys starting with a prefix in
+    `not_judged` (for a pipeline plan, `tensor/`: `autoshard.inspect` counts the collectives of every branch of the
+    executor's `lax.switch`, so in-stage collectives are over-counted); the total is then judged without them.
+    Errors are relative to the compiled figure.
     """
     pc = {k: float(v) for k, v in (predicted.get("comm_bytes") or {}).items()}
     cc = {k: float(v) for k, v in (compiled.get("comm_bytes") or {}).items()}
-    pt, ct = sum(pc.values()), sum(cc.values())
+    skip = lambda k: any(k.startswith(x) for x in not_judged)  # noqa: E731
+    pt = sum(v for k, v in pc.items() if not skip(k))
+    ct = sum(v for k, v in cc.items() if not skip(k))
     comm: dict[str, dict[str, Any]] = {}
     keys = sorted(set(pc) | set(cc), key=lambda k: (-max(pc.get(k, 0.0), cc.get(k, 0.0)), k))
     for k in keys:
@@ -409,7 +542,9 @@ def compare(predicted: Mapping[str, Any], compiled: Mapping[str, Any], *, comm_t
         share = max(p / pt if pt else 0.0, c / ct if ct else 0.0)
         if p == 0 and c == 0:
             continue
-        comm[k] = {**_judge(p, c, comm_tolerance if share >= min_share else None), "share": share}
+        judged = share >= min_share and not skip(k)
+        comm[k] = {**_judge(p, c, comm_tolerance if judged else None), "share": share,
+                   **({"note": "in a pipeline branch: not judged"} if skip(k) else {})}
     memory = _judge(float(predicted.get("memory_bytes_per_device") or 0.0),
                     float(compiled.get("memory_bytes_per_device") or 0.0), memory_tolerance)
     total = _judge(pt, ct, comm_tolerance)
@@ -438,7 +573,8 @@ def format_comparison(result: Mapping[str, Any], *, width: int = WIDTH) -> str:
                  _err_text(total), f"{total['tolerance']:.0%}", verdict(total)])
     for k, r in result["comm"].items():
         rows.append([f"  {k}", format_bytes(r["predicted"]), format_bytes(r["compiled"]), _err_text(r),
-                     f"{r['tolerance']:.0%}" if r["judged"] else f"<{result['tolerances']['min_share']:.0%}",
+                     f"{r['tolerance']:.0%}" if r["judged"] else "branch" if r.get("note")
+                     else f"<{result['tolerances']['min_share']:.0%}",
                      verdict(r)])
     lines = table(rows, header=["per device, per step", "predicted", "compiled", "error", "tol", "verdict"],
                   right=(1, 2, 3, 4), width=width)
@@ -455,5 +591,5 @@ def format_comparison(result: Mapping[str, Any], *, width: int = WIDTH) -> str:
 
 __all__ = ["COMM_TOLERANCE", "MEMORY_TOLERANCE", "MIN_SHARE", "alternatives_table", "breakdown_tables", "compare",
            "describe_spec", "explain", "format_bytes", "format_comparison", "format_count", "format_percent",
-           "format_seconds", "format_spec", "headline", "param_table", "relative_error", "shard_shape", "summary",
-           "table"]
+           "format_seconds", "format_spec", "headline", "param_table", "pipeline_line", "relative_error",
+           "schedule_png", "shard_shape", "summary", "table", "timeline", "why_line", "write_png"]

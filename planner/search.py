@@ -6,6 +6,7 @@ predictions and the runners-up. Fixed axes (`mesh={"tensor": 8}`) and pinned par
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -110,6 +111,12 @@ class Candidate:
     mesh: dict[str, int]
     solution: Solution | None
     """None when nothing fits the memory budget on this mesh."""
+    pipeline: Any = None
+    """For pipe > 1: the `planner.stages.PipelineChoice` (stages, schedule, microbatches and its predictions)."""
+
+    @property
+    def seconds(self) -> float:
+        return self.pipeline.step_seconds if self.pipeline is not None else self.solution.step_seconds
 
 
 def default_budget(cluster: ClusterSpec) -> float:
@@ -136,10 +143,33 @@ def meshes(num_devices: int, batch: int, fixed: dict[str, int], devices_per_node
             yield {a: {"data": d, "fsdp": f, "tensor": t}.get(a, fixed.get(a, 1)) for a in AXES}
 
 
+def pipe_options(num_devices: int, graph: Graph, fixed: dict[str, int]) -> list[int]:
+    """Pipeline degrees to try: the fixed one, else 1 and the divisors of the devices up to the layer count (for a
+    model whose loss has a layer stack)."""
+    from planner import stages
+
+    if "pipe" in fixed:
+        if fixed["pipe"] > 1 and not stages.pipelinable(graph):
+            raise AutoshardError(f"pipe={fixed['pipe']} but the model has no stacked layer scan to split into "
+                                 f"stages: drop pipe from the mesh")
+        if fixed["pipe"] > graph.layers:
+            raise AutoshardError(f"pipe={fixed['pipe']} exceeds the model's {graph.layers} layers: use pipe <= "
+                                 f"{graph.layers}")
+        return [fixed["pipe"]]
+    if not stages.pipelinable(graph):
+        return [1]
+    rest = num_devices // math.prod(fixed.get(a, 1) for a in AXES if a not in SEARCH_AXES)
+    return [p for p in range(1, min(rest, graph.layers) + 1) if rest % p == 0]
+
+
 def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, int] | None = None,
            memory_budget: float | None = None, remat: str | None = None, pinned: dict[str, ParamChoice] | None = None,
-           compute_dtype: str = "float32", progress: Callable[[str], None] | None = None) -> list[Candidate]:
-    """Solve every candidate mesh; candidates sorted fastest first (infeasible ones last, with a reason)."""
+           compute_dtype: str = "float32", progress: Callable[[str], None] | None = None,
+           pipeline: dict[str, Any] | None = None) -> list[Candidate]:
+    """Solve every candidate mesh; candidates sorted fastest first (infeasible ones last, with a reason).
+
+    `pipeline` fixes some of schedule / microbatches / virtual for the meshes with pipe > 1.
+    """
     fixed = dict(mesh or {})
     for ax in fixed:
         if ax not in AXES:
@@ -151,7 +181,20 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
     remats = [remat] if remat else ["none", "full"]
     out: list[Candidate] = []
     unplanned: set[str] = set()
-    for m in meshes(cluster.num_devices, batch, fixed, cluster.devices_per_node):
+    pipes = pipe_options(cluster.num_devices, graph, fixed)
+    if pipeline and "pipe" not in fixed:  # fixed pipeline choices: pipelines only
+        pipes = [p for p in pipes if p > 1]
+    all_meshes = [m for p in pipes for m in meshes(cluster.num_devices, batch, {**fixed, "pipe": p},
+                                                   cluster.devices_per_node)]
+    solved: dict = {}
+    for m in all_meshes:
+        if m["pipe"] > 1:
+            cand = _pipeline_candidate(graph, cluster, batch, m, budget, remat, pinned, compute_dtype,
+                                       pipeline or {}, solved)
+            if progress:
+                progress(_mesh_str(m) + (f": {cand.seconds * 1e3:.2f} ms" if cand.pipeline else ": does not fit"))
+            out.append(cand)
+            continue
         best: Solution | None = None
         for r in remats:
             # the residual stream stays whole over tensor between layers (Megatron): the layout XLA realises
@@ -172,26 +215,93 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
     if unplanned:
         warnings.warn(f"the planner has no sharding rule for {', '.join(sorted(unplanned))}: such ops are planned "
                       f"replicated", stacklevel=2)
-    out.sort(key=lambda c: (c.solution is None, c.solution.step_seconds if c.solution else 0.0))
+    out.sort(key=lambda c: (c.solution is None, c.seconds if c.solution else 0.0))
     return out
 
 
-def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[str, int] | None = None) -> float:
+def _pipeline_candidate(graph: Graph, cluster: ClusterSpec, batch: int, m: dict[str, int], budget: float,
+                        remat: str | None, pinned: dict[str, ParamChoice] | None, compute_dtype: str,
+                        fixes: dict[str, Any], cache: dict | None = None) -> Candidate:
+    """A pipe > 1 mesh: the intra-stage ILP (time objective, no budget: memory is the pipeline's to split), then
+    the fastest stage split / schedule / microbatch count that fits."""
+    from planner import stages
+
+    costs = _pipeline_costs(graph, cluster, m, pinned, compute_dtype, cache)
+    if costs is None:
+        return Candidate(m, None)
+    sol = costs.solution
+    local = batch // (m["data"] * m["fsdp"])
+    choice = stages.choose(costs, cluster, budget, local, schedule=fixes.get("schedule"),
+                           microbatches=fixes.get("microbatches"), virtual=fixes.get("virtual"),
+                           remats=(remat,) if remat else ("none", "full"))
+    if choice is None:
+        return Candidate(m, None)
+    sol.solver["remat"] = choice.predicted.get("remat", "none")
+    return Candidate(m, sol, choice)
+
+
+def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[str, int] | None = None,
+                    pipeline: dict[str, Any] | None = None) -> float:
     """The least per-device memory any candidate plan needs (for the infeasible-budget error): the same integer
-    program as the search, minimising memory instead of time."""
+    program as the search, minimising memory instead of time; for pipelines, the lightest layout `choose` tries."""
+    from planner import stages
+
     least = math.inf
-    for m in meshes(cluster.num_devices, batch, dict(fixed or {}), cluster.devices_per_node):
-        for r in ("none", "full"):
-            p = Problem(graph, m, cluster, remat=r, objective="memory",
-                        fixed_layouts={cin: None for _, cin in graph.carries})
-            sol = p.solve(None)
-            if sol is not None:
-                least = min(least, sol.memory_bytes)
+    fixed = dict(fixed or {})
+    solved: dict = {}
+    for p in pipe_options(cluster.num_devices, graph, fixed):
+        if pipeline and "pipe" not in fixed and p == 1:
+            continue
+        for m in meshes(cluster.num_devices, batch, {**fixed, "pipe": p}, cluster.devices_per_node):
+            if p > 1:
+                costs = _pipeline_costs(graph, cluster, m, None, "float32", solved)
+                if costs is not None:
+                    local = batch // (m["data"] * m["fsdp"])
+                    least = min(least, stages.least_memory(costs, local, **(pipeline or {})))
+                continue
+            for r in ("none", "full"):
+                pr = Problem(graph, m, cluster, remat=r, objective="memory",
+                             fixed_layouts={cin: None for _, cin in graph.carries})
+                sol = pr.solve(None)
+                if sol is not None:
+                    least = min(least, sol.memory_bytes)
     return least
+
+
+def _pipeline_costs(graph: Graph, cluster: ClusterSpec, m: dict[str, int], pinned: dict[str, ParamChoice] | None,
+                    compute_dtype: str, cache: dict | None = None):
+    """`planner.stages.MeshCosts` of a pipe > 1 mesh: the intra-stage ILP (time objective, no budget: memory is
+    the pipeline's to split), fsdp sharding every weight it can.
+
+    With a `cache`, meshes with the same tensor degree and batch split (data x fsdp) share one solve: the solve
+    decides tensor layouts, whose costs depend only on those two (its gradient-sync terms, which do depend on how
+    data and fsdp divide the split, are not the pipeline's and are recomputed by `planner.stages`).
+    """
+    from planner import stages
+
+    key = (m["tensor"], m["data"] * m["fsdp"], m["expert"], m["seq"])
+    if cache is None or key not in cache:
+        shape = {**m, "data": m["data"] * m["fsdp"], "fsdp": 1}
+        problem = Problem(graph, shape, cluster, remat="none", compute_dtype=compute_dtype, fixed_params=pinned,
+                          fixed_layouts={cin: None for _, cin in graph.carries})
+        entry = (problem, problem.solve(None))
+        if cache is not None:
+            cache[key] = entry
+    else:
+        entry = cache[key]
+    problem, sol = entry
+    if sol is None:
+        return None
+    problem = copy.copy(problem)
+    problem.mesh = m  # same batch split and tensor degree: only fsdp's parameter choices differ
+    sol = dataclasses.replace(sol, params=stages.pipeline_params(problem, sol), solver=dict(sol.solver))
+    return stages.mesh_costs(problem, sol)
 
 
 def to_plan(graph: Graph, cand: Candidate) -> Plan:
     """The Plan a solved candidate stands for (predictions from the search; no provenance yet)."""
+    from planner.stages import is_layer_param
+
     sol = cand.solution
     m = cand.mesh
     params: dict[str, list[SpecEntry]] = {}
@@ -201,6 +311,8 @@ def to_plan(graph: Graph, cand: Candidate) -> Plan:
             spec[c.layout] = "tensor"
         if c.fsdp_dim is not None:
             spec[c.fsdp_dim] = "fsdp"
+        if m["pipe"] > 1 and is_layer_param(graph, path):
+            spec[0] = "pipe"  # stages are slices of the layer stack
         params[path] = spec
     batch_axes = [a for a in ("data", "fsdp") if m[a] > 1]
     batch_entry: SpecEntry = None if not batch_axes else (batch_axes[0] if len(batch_axes) == 1 else batch_axes)
@@ -211,6 +323,9 @@ def to_plan(graph: Graph, cand: Candidate) -> Plan:
         if carry.batch_dim is not None:
             spec[carry.batch_dim] = batch_entry
         activations["layer_input"] = spec  # whole over tensor: the search fixes the residual stream so
+    if cand.pipeline is not None:
+        return Plan(mesh=m, params=params, activations=activations, remat=sol.solver.get("remat", "none"),
+                    pipeline=cand.pipeline.spec, predicted=dict(cand.pipeline.predicted))
     return Plan(mesh=m, params=params, activations=activations, remat=sol.solver.get("remat", "none"),
                 predicted=predicted(sol))
 
@@ -229,9 +344,15 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
                memory_budget: float | None = None, remat: str | None = None, top: int = 5,
                pin: dict[str, list[SpecEntry]] | None = None,
                provenance: dict | None = None, progress: Callable[[str], None] | None = None,
-               compute_dtype: str = "float32") -> Plan:
+               compute_dtype: str = "float32", schedule: str | None = None, microbatches: int | None = None,
+               virtual: int | None = None) -> Plan:
+    """The fastest plan that fits (see `search`); `schedule` / `microbatches` / `virtual` fix pipeline choices and
+    restrict the search to pipelines (pipe > 1) unless the mesh fixes pipe."""
     cluster = load_cluster(cluster) if not isinstance(cluster, ClusterSpec) else cluster
     start = time.perf_counter()
+    fixes = {k: v for k, v in (("schedule", schedule), ("microbatches", microbatches), ("virtual", virtual))
+             if v is not None}
+    mesh = _pipeline_fixes(graph, batch, dict(mesh or {}), fixes)
     pinned = None
     if pin:
         unknown = sorted(set(pin) - set(graph.params))
@@ -240,12 +361,15 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
         pinned = choices_from_plan(Plan(mesh={}, params=pin), graph)
         pinned = {k: v for k, v in pinned.items() if k in pin}
     cands = search(graph, cluster, batch, mesh=mesh, memory_budget=memory_budget, remat=remat, progress=progress,
-                   compute_dtype=compute_dtype, pinned=pinned)
+                   compute_dtype=compute_dtype, pinned=pinned, pipeline=fixes)
+    if fixes and not any(c.mesh["pipe"] > 1 for c in cands):
+        raise AutoshardError(f"no pipeline mesh over {cluster.num_devices} devices admits the fixed pipeline "
+                             f"choices {fixes}: relax --schedule / --microbatches / --virtual-stages")
     if not cands:
         raise AutoshardError(f"no mesh over {cluster.num_devices} devices splits batch {batch} evenly: change the "
                              f"batch size or the fixed mesh axes")
     if cands[0].solution is None:
-        need = smallest_memory(graph, cluster, batch, mesh)
+        need = smallest_memory(graph, cluster, batch, mesh, fixes)
         budget = default_budget(cluster) if memory_budget is None else memory_budget
         raise AutoshardError(f"no plan fits {format_bytes(budget)} per device: the smallest plan needs "
                              f"{format_bytes(need * 1.0005)}; raise --memory-budget or use more devices")  # rounded up
@@ -257,8 +381,14 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
         if k >= top and any(p.predicted["memory_bytes_per_device"] <= budget for p in plans):
             break
         p = to_plan(graph, cand)
-        p.predicted = {**predict(p, graph, cluster, compute_dtype),
-                       "search_objective_seconds": cand.solution.step_seconds}
+        try:
+            p.predicted = {**predict(p, graph, cluster, compute_dtype), "search_objective_seconds": cand.seconds}
+        except AutoshardError:
+            if p.pipeline is None:
+                raise
+            # the bytes-objective program finds no assignment for these layouts (seen on gpt-175b with a per-replica
+            # batch of 768 and up, likely CP-SAT's integer range): keep the search's own figures
+            p.predicted = {**p.predicted, "search_objective_seconds": cand.seconds}
         plans.append(p)
     order = {id(p): k for k, p in enumerate(plans)}
     # equal predicted times (to 6 digits): the simpler layout wins, less tensor, then less fsdp sharding
@@ -277,7 +407,56 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
     best.provenance = prov
     best.alternatives = [{"mesh": {a: n for a, n in p.mesh.items() if n > 1} or {"data": 1}, "remat": p.remat,
                           "predicted": p.predicted} for p in rest]
+    best.provenance["pipeline_choice"] = _why(best, cands, graph, cluster, compute_dtype)
     return best
+
+
+def _pipeline_fixes(graph: Graph, batch: int, mesh: dict[str, int], fixes: dict[str, Any]) -> dict[str, int]:
+    """Check fixed pipeline choices early (one-line errors); they imply pipe > 1."""
+    from planner.plan import SCHEDULES
+
+    if not fixes:
+        return mesh
+    if mesh.get("pipe") == 1:
+        raise AutoshardError("--schedule / --microbatches / --virtual-stages fix a pipeline but the mesh fixes "
+                             "pipe=1: drop them or allow pipe > 1")
+    kind = fixes.get("schedule")
+    if kind is not None and kind not in SCHEDULES:
+        raise AutoshardError(f"unknown pipeline schedule {kind!r}: use one of {', '.join(SCHEDULES)}")
+    m, v = fixes.get("microbatches"), fixes.get("virtual")
+    if m is not None and (m < 1 or batch % m):
+        raise AutoshardError(f"--microbatches {m} does not divide the batch of {batch}: choose a divisor of the "
+                             f"per-replica batch (batch / data x fsdp)")
+    if v is not None and v > 1 and kind not in (None, "interleaved"):
+        raise AutoshardError(f"--virtual-stages {v} needs --schedule interleaved, not {kind}")
+    if v is not None and v > 1:
+        fixes.setdefault("schedule", "interleaved")
+    if v is not None and (v < 1 or graph.layers % v):
+        raise AutoshardError(f"--virtual-stages {v} must divide the model's {graph.layers} layers")
+    return mesh
+
+
+def _why(best: Plan, cands: list[Candidate], graph: Graph, cluster: ClusterSpec, dtype: str) -> dict[str, Any]:
+    """The best candidate without a pipeline and the best with one, for the summary's account of the choice."""
+    out: dict[str, Any] = {"chosen": "pipeline" if best.pipeline else "no pipeline"}
+    for key, want in (("best_without_pipeline", False), ("best_with_pipeline", True)):
+        pool = [c for c in cands if (c.mesh["pipe"] > 1) == want]
+        fitting = [c for c in pool if c.solution is not None]
+        if not pool:
+            out[key] = {"considered": 0}
+        elif not fitting:
+            out[key] = {"considered": len(pool), "fits": False}
+        else:
+            c = fitting[0]
+            pred = c.pipeline.predicted if c.pipeline else predicted(c.solution)
+            entry = {"considered": len(pool), "fits": True, "mesh": {a: n for a, n in c.mesh.items() if n > 1},
+                     "step_seconds": c.seconds, "memory_bytes_per_device": pred["memory_bytes_per_device"]}
+            if c.pipeline:
+                pl = pred["pipeline"]
+                entry.update(schedule=pl["schedule"], microbatches=pl["microbatches"], virtual=pl["virtual"],
+                             bubble=pl["bubble"])
+            out[key] = entry
+    return out
 
 
 def format_bytes(n: float) -> str:
@@ -317,4 +496,24 @@ def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype:
         sol = timed.evaluate(sol.ops, sol.params)
     if sol is None:
         raise AutoshardError("the plan's parameter layouts admit no consistent strategy: check its specs")
+    if plan.pipeline is not None and plan.mesh["pipe"] > 1:
+        return _predict_pipeline(plan, graph, cluster, timed, sol)
     return predicted(sol)
+
+
+def _predict_pipeline(plan: Plan, graph: Graph, cluster: ClusterSpec, problem: Problem, sol: Solution
+                      ) -> dict[str, Any]:
+    """A pipeline plan: its stages, schedule and microbatches on the intra-stage layouts the partitioner picks."""
+    from planner import stages
+    from planner.schedule import check
+
+    if not stages.pipelinable(graph):
+        raise AutoshardError("the plan has a pipeline section but the model has no stacked layer scan to split")
+    spec = plan.pipeline
+    check(spec.schedule, plan.mesh["pipe"], spec.microbatches, spec.virtual, graph.layers)
+    if spec.stages[-1][1] != graph.layers:
+        raise AutoshardError(f"pipeline stages cover layers [0, {spec.stages[-1][1]}) but the model has "
+                             f"{graph.layers} layers: re-plan for this model")
+    costs = stages.mesh_costs(problem, sol)
+    out = stages.evaluate(costs, spec, cluster, plan.remat if plan.remat in ("none", "full") else "none")
+    return out.predicted

@@ -1,0 +1,509 @@
+"""Pipeline planning: per-layer costs, a stage split, the schedule and microbatch count, and what they predict.
+
+The intra-stage sharding (data / fsdp / tensor) is the intra-op integer program's solution for the mesh
+(`planner.ilp.Problem`, the same one the search solves), and its per-op costs are split into three regions: the
+embedding (ops before the layer stack: the first stage's prologue), one layer (the stack's ops, divided by the
+layer count) and the head and loss (ops after the stack: the last stage's epilogue). Costs are linear in the batch,
+so one microbatch costs 1/M of the per-replica figure.
+
+As the executor (`autoshard.pipeline`) runs a stage:
+
+- a forward tick costs the stage's forward (1/passes of its training work); the last stage's is empty;
+- a backward tick recomputes the forward and runs the backward: the full training work (passes x forward), plus
+  one more forward of its layers with remat "full";
+- each tick ends with two point-to-point sends of one microbatch's stage input (activation forward, cotangent
+  backward) over the link between neighbouring pipe devices (pipe is the outermost mesh axis), on every tick;
+- the ticks run in lockstep, so a tick costs its slowest op (`planner.schedule.step_time`);
+- once per step: fsdp-sharded weights are gathered on entry, layer gradients are all-reduced over data x fsdp and
+  the replicated non-layer gradients over pipe x data x fsdp.
+
+The stage split minimises the largest stage's forward + backward time under the per-device memory budget, by a
+parametric search: for a bound tau, packing layers greedily from the first stage is optimal (stage costs grow with
+their layers), and the smallest feasible tau is found by bisection over the candidate values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from planner.cluster import ClusterSpec
+from planner.errors import PlanError
+from planner.collectives import axis_collective_time, axis_span, bytes_sent, collective_time
+from planner.ilp import OPT_STATE_COPIES, ParamChoice, Problem, Solution
+from planner.layouts import PARTIAL, local_nbytes
+from planner.plan import PipelineSpec
+from planner.schedule import IDLE, Schedule, check, make_schedule
+from planner.trace import BOUNDARY, Graph, itemsize
+
+REGIONS = ("embed", "layer", "head")
+GRAD_COPIES = 5.0
+"""Full-size (unsharded over fsdp) copies of the stage's weights the compiled pipelined step keeps besides weights
+and optimizer state at rest: the gradient accumulator of the tick loop, the reduced gradient and the optimizer
+update's temporaries. Fitted, with WORKING_SET_SHARE, on gpt-tiny pipelines on 8 CPU devices (pipe 2 and 4, with
+and without fsdp, GPipe / 1F1B / interleaved: within 5% of the compiled memory)."""
+WORKING_SET_SHARE = 0.35
+"""Share of the backward residuals (as the intra-op program's rule counts them) that XLA keeps live in a stage's
+recomputing backward (fitted as above; the rule over-counts what XLA keeps, see docs/cost-model.md)."""
+MAX_VIRTUAL = 4
+"""Largest number of virtual stages per device the search tries (each one more shortens the bubble less)."""
+
+
+@dataclasses.dataclass
+class MeshCosts:
+    """One mesh's intra-stage costs, per device, over the whole per-replica batch (divide by M per microbatch)."""
+
+    mesh: dict[str, int]
+    layers: int
+    passes: float
+    work: dict[str, float]
+    """Seconds of training work (forward + backward, tensor communication included) by region; `layer`: one layer."""
+    tensor_bytes: dict[str, dict[str, float]]
+    """Region -> `tensor/<collective>` -> bytes sent (one layer for `layer`)."""
+    layer_bytes: float
+    """Weight bytes of one layer per device (split over tensor, whole over fsdp)."""
+    other_bytes: float
+    layer_fsdp: float
+    """Fraction of the layer weights that fsdp shards (the rest cannot be split evenly)."""
+    other_fsdp: float
+    residuals: dict[str, float]
+    """Bytes the backward keeps by region (`layer`: one layer)."""
+    carry_bytes: float
+    """One stage input [batch, seq, hidden] over the per-replica batch, per device (split over `tensor` when XLA
+    splits the executor's buffers and sends, see `_stage_input_split`)."""
+    solution: Solution
+
+
+@dataclasses.dataclass
+class PipelineChoice:
+    """A pipeline layout and its predictions."""
+
+    spec: PipelineSpec
+    step_seconds: float
+    memory: list[float]
+    """Per-device memory of each pipe device (device p holds stages p, P + p, ...)."""
+    predicted: dict[str, Any]
+
+
+def region_of(graph: Graph) -> dict[int, str]:
+    """Op index -> embed / layer / head, split at the layer stack's boundary op."""
+    start = next((op.index for op in graph.ops if op.primitive == BOUNDARY), None)
+    if start is None:
+        return {op.index: "layer" for op in graph.ops}
+    return {op.index: "layer" if op.in_layer or op.primitive == BOUNDARY else "embed" if op.index < start else "head"
+            for op in graph.ops}
+
+
+def pipelinable(graph: Graph) -> bool:
+    return graph.layers > 1 and bool(graph.carries) and any(op.primitive == BOUNDARY for op in graph.ops)
+
+
+def is_layer_param(graph: Graph, path: str) -> bool:
+    info = graph.params[path]
+    return bool(info.shape) and info.shape[0] == graph.layers and (info.axes is None or info.axes[0] == "layers")
+
+
+def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
+    """Split a solved mesh's costs into embedding, one layer and head (`problem` in time units)."""
+    g = problem.g
+    region = region_of(g)
+    work: dict[str, float] = defaultdict(float)
+    for i, s in sol.ops.items():
+        work[region[i]] += problem.op_cost(i, s)
+    tensor_time, tensor_bytes = _tensor_comm(problem, sol, region)
+    for r, t in tensor_time.items():
+        work[r] += t
+    L = g.layers
+    work["layer"] /= L
+    tensor_bytes["layer"] = {k: v / L for k, v in tensor_bytes["layer"].items()}
+    t = problem.t
+    layer_bytes = other_bytes = layer_f = other_f = 0.0
+    for path, c in sol.params.items():
+        info = g.params[path]
+        nb = info.size * itemsize(info.dtype) / (t if c.layout is not None else 1)
+        f_ok = c.fsdp_dim is not None
+        if is_layer_param(g, path):
+            layer_bytes += nb / L
+            layer_f += nb / L if f_ok else 0.0
+        else:
+            other_bytes += nb
+            other_f += nb if f_ok else 0.0
+    residuals: dict[str, float] = defaultdict(float)
+    for vid, n in problem.residuals().items():
+        lay = problem.layout_of(vid, sol.ops, sol.params)
+        nb = problem.value_memory(vid, lay)
+        v = g.values[vid]
+        r = region.get(v.producer, "embed") if v.producer is not None else "embed"
+        if n >= L > 1:
+            residuals["layer"] += nb * n / L
+        else:
+            residuals["head" if r == "layer" else r] += nb * n
+    carry = g.values[g.carries[0][1]]
+    return MeshCosts(dict(problem.mesh), L, problem.passes, dict(work), dict(tensor_bytes), layer_bytes, other_bytes,
+                     layer_f / layer_bytes if layer_bytes else 0.0, other_f / other_bytes if other_bytes else 0.0,
+                     dict(residuals), local_nbytes(carry, problem.b) / _stage_input_split(problem, sol), sol)
+
+
+def _stage_input_split(problem: Problem, sol: Solution) -> int:
+    """How many ways `tensor` splits the stage input the executor buffers and sends: XLA keeps the layout the
+    embedding produces (split along hidden when the table is split along hidden; whole for a vocabulary-parallel
+    table), whatever the layer boundary's own spec (measured on gpt-tiny and gpt-small pipelines)."""
+    g = problem.g
+    boundary = next(op for op in g.ops if op.primitive == BOUNDARY)
+    lay = problem.layout_of(boundary.inputs[0], sol.ops, sol.params)
+    return problem.t if isinstance(lay, int) else 1
+
+
+def _fsdp_choice(problem: Problem, path: str, c: ParamChoice) -> ParamChoice | None:
+    """The ZeRO choice with the same tensor layout, if fsdp can shard this parameter (inside a pipeline fsdp only
+    shards weights and optimizer state at rest: the step gathers them once on entry)."""
+    if problem.mesh["fsdp"] == 1:
+        return None
+    if c.fsdp_dim is not None:
+        return c
+    return next((o for o in problem._param_choices(path) if o.layout == c.layout and o.fsdp_dim is not None), None)
+
+
+def pipeline_params(problem: Problem, sol: Solution) -> dict[str, ParamChoice]:
+    """The solution's parameter choices with fsdp sharding every parameter it can (ZeRO-2 inside a pipeline)."""
+    return {path: _fsdp_choice(problem, path, c) or c for path, c in sol.params.items()}
+
+
+def _tensor_comm(problem: Problem, sol: Solution, region: dict[int, str]):
+    """Seconds and bytes of the tensor-axis conversions by region of the consuming op (as `Problem.evaluate` pays
+    them: a forward conversion once per value, a backward one per use)."""
+    times: dict[str, float] = defaultdict(float)
+    nbytes: dict[str, dict[str, float]] = {r: defaultdict(float) for r in REGIONS}
+    if problem.t == 1:
+        return times, nbytes
+    paid = set()
+    g = problem.g
+
+    def pay(key, kind, nb, count, r):
+        if kind and key not in paid:
+            paid.add(key)
+            times[r] += count * problem._comm(kind, nb, ("tensor",))
+            nbytes[r][f"tensor/{kind}"] += count * bytes_sent(kind, nb, problem.t)
+
+    for vid, v in g.values.items():
+        lay = problem.layout_of(vid, sol.ops, sol.params)
+        for cidx, pos in v.consumers:
+            s, count, r = sol.ops[cidx], g.ops[cidx].count, region[cidx]
+            kind, nb = problem._conv(lay, s.ins[pos], v)
+            pay(("f", vid, lay, s.ins[pos], count), kind, nb, count, r)
+            if vid in problem.needs_grad:
+                kind, nb = problem._conv(s.cots[pos], None if lay == PARTIAL else lay, v)
+                pay(("b", vid, lay, s.cots[pos], count, cidx, pos), kind, nb, count, r)
+    return times, nbytes
+
+
+# -- one pipeline layout -------------------------------------------------------------------------------------------
+
+def stage_ticks(costs: MeshCosts, counts: list[int], microbatches: int, remat: str = "none"
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds of one microbatch's forward tick and backward tick on each stage (stage order)."""
+    M, S = microbatches, len(counts)
+    w = {r: costs.work.get(r, 0.0) / M for r in REGIONS}
+    n = np.asarray(counts, float)
+    fwd = n * w["layer"] / costs.passes
+    bwd = n * w["layer"] + (fwd if remat == "full" else 0.0)
+    fwd[0] += w["embed"] / costs.passes
+    bwd[0] += w["embed"]
+    bwd[S - 1] += w["head"]
+    fwd[S - 1] = 0.0  # the last stage's forward is recomputed by its backward
+    return fwd, bwd
+
+
+def stage_memory(costs: MeshCosts, counts: list[int], sched: Schedule, remat: str = "none") -> list[float]:
+    """Bytes per pipe device: its weights, gradients and optimizer state (stages padded to the longest), the
+    replicated non-layer weights, the schedule's buffers and one microbatch's backward working set."""
+    P, V, M = sched.devices, sched.virtual, sched.microbatches
+    f = costs.mesh["fsdp"]
+    lmax = max(counts)
+
+    def state(nb: float, sharded: float) -> float:  # weights + 2 Adam moments at rest, gathered copy, grad copies
+        at_rest = nb * (sharded / f + (1 - sharded)) * (1 + OPT_STATE_COPIES)
+        return at_rest + (nb * sharded if f > 1 else 0.0) + GRAD_COPIES * nb
+
+    weights = state(V * lmax * costs.layer_bytes, costs.layer_fsdp) + state(costs.other_bytes, costs.other_fsdp)
+    buffers = (sched.act_slots + sched.cot_slots) * costs.carry_bytes / M
+    out = []
+    for p in range(P):
+        stages = [v * P + p for v in range(V)]
+        layer_ws = max(counts[s] for s in stages) * costs.residuals.get("layer", 0.0)
+        if remat == "full":
+            layer_ws = costs.residuals.get("layer", 0.0) + max(counts[s] for s in stages) * costs.carry_bytes \
+                / WORKING_SET_SHARE  # the layer inputs a remat stage keeps are all live
+        ends = (costs.residuals.get("embed", 0.0) if 0 in stages else 0.0) + \
+            (costs.residuals.get("head", 0.0) if P * V - 1 in stages else 0.0)
+        out.append(weights + buffers + WORKING_SET_SHARE * (layer_ws + ends) / M)
+    return out
+
+
+def transfer_seconds(costs: MeshCosts, microbatches: int, cluster: ClusterSpec) -> float:
+    """One tick's two sends (activation and cotangent) of one microbatch's stage input between pipe neighbours."""
+    span = axis_span(costs.mesh, ("pipe",), cluster.devices_per_node)
+    return 2 * collective_time("collective-permute", costs.carry_bytes / microbatches, (1, min(span.nodes, 2)),
+                               cluster)
+
+
+def once_per_step(costs: MeshCosts, counts: list[int], virtual: int, cluster: ClusterSpec
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    """(seconds by component, bytes by `axes/collective`) of the per-step gradient reduction and fsdp gathers."""
+    m = costs.mesh
+    layer = virtual * max(counts) * costs.layer_bytes
+    secs: dict[str, float] = defaultdict(float)
+    comm: dict[str, float] = defaultdict(float)
+
+    def add(kind: str, axes: tuple[str, ...], nb: float, key: str) -> None:
+        axes = tuple(a for a in axes if m[a] > 1)
+        if not axes or nb <= 0:
+            return
+        secs[key] += axis_collective_time(kind, nb, m, axes, cluster)
+        comm[f"{'+'.join(axes)}/{kind}"] += bytes_sent(kind, nb, math.prod(m[a] for a in axes))
+
+    add("all-reduce", ("data", "fsdp"), layer, "gradient sync")
+    add("all-reduce", ("pipe", "data", "fsdp"), costs.other_bytes, "gradient sync")
+    f = m["fsdp"]
+    add("all-gather", ("fsdp",), (layer * costs.layer_fsdp + costs.other_bytes * costs.other_fsdp) / f, "fsdp gathers")
+    return dict(secs), dict(comm)
+
+
+def lockstep_seconds(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float) -> float:
+    """`planner.schedule.step_time`, vectorised (the search evaluates many layouts)."""
+    stage, is_f, is_b = _tick_tables(sched.kind, sched.devices, sched.microbatches, sched.virtual)
+    cost = np.where(is_f, fwd[stage], 0.0)
+    cost = np.where(is_b, bwd[stage], cost)
+    return float(cost.max(axis=1).sum() + sched.ticks * transfer)
+
+
+@functools.lru_cache(maxsize=512)
+def _tick_tables(kind: str, P: int, M: int, V: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(stage, computing forward, backward) per tick and device of a schedule."""
+    sched = make_schedule(kind, P, M, V)
+    stage = sched.chunk * P + np.arange(P)[None, :]
+    return stage, (sched.phase == 1) & (sched.code != IDLE), sched.phase == 2
+
+
+def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: str = "none") -> PipelineChoice:
+    """Predictions for one pipeline layout on one mesh (the keys of `planner.search.predicted`, plus a pipeline
+    section)."""
+    P, M, V = costs.mesh["pipe"], spec.microbatches, spec.virtual
+    counts = [e - s for s, e in spec.stages]
+    sched = make_schedule(spec.schedule, P, M, V)
+    fwd, bwd = stage_ticks(costs, counts, M, remat)
+    transfer = transfer_seconds(costs, M, cluster)
+    loop = lockstep_seconds(sched, fwd, bwd, transfer)
+    sync_s, sync_b = once_per_step(costs, counts, V, cluster)
+    memory = stage_memory(costs, counts, sched, remat)
+    busy = float(sum(fwd) + sum(bwd)) / P  # mean seconds of work per device per microbatch
+    breakdown = {"compute": busy * M, "pipeline bubble": loop - busy * M - sched.ticks * transfer,
+                 "pipe transfers": sched.ticks * transfer, **sync_s}
+    comm = dict(sync_b)
+    comm["pipe/collective-permute"] = 2.0 * sched.ticks * costs.carry_bytes / M
+    # the ILP's bytes are a forward and a backward: about half are the forward's, which the backward tick repeats
+    again = 1.5 + (0.5 if remat == "full" else 0.0)
+    lmax = max(counts)
+    for r, share in (("layer", V * lmax), ("embed", 1.0), ("head", 1.0)):
+        for k, b in costs.tensor_bytes.get(r, {}).items():
+            comm[k] = comm.get(k, 0.0) + b * share * again
+    step = loop + sum(sync_s.values())
+    pipeline = {"schedule": spec.schedule, "microbatches": M, "virtual": V, "stages": spec.stages,
+                "ticks": sched.ticks, "bubble": sched.bubble, "act_slots": sched.act_slots,
+                "cot_slots": sched.cot_slots, "peak_live_buffers": sched.act_slots + sched.cot_slots,
+                "stage_forward_seconds": [float(x) for x in fwd], "stage_backward_seconds": [float(x) for x in bwd],
+                "transfer_seconds_per_tick": transfer, "lockstep_bubble": 1.0 - busy * M / max(loop, 1e-30)}
+    predicted = {"step_seconds": step, "memory_bytes_per_device": max(memory),
+                 "memory_per_stage_device": memory,
+                 "comm_bytes": {k: v for k, v in sorted(comm.items()) if v > 0}, "time_breakdown": breakdown,
+                 "memory_breakdown": _memory_breakdown(costs, counts, sched, memory), "pipeline": pipeline}
+    return PipelineChoice(spec, step, memory, predicted)
+
+
+def _memory_breakdown(costs: MeshCosts, counts: list[int], sched: Schedule, memory: list[float]) -> dict[str, float]:
+    """The worst device's memory by component."""
+    worst = int(np.argmax(memory))
+    buffers = (sched.act_slots + sched.cot_slots) * costs.carry_bytes / sched.microbatches
+    no_acts = stage_memory(dataclasses.replace(costs, residuals={}, carry_bytes=0.0), counts, sched, "none")[worst]
+    return {"parameters and optimizer state": no_acts, "pipeline buffers": buffers,
+            "activations": memory[worst] - no_acts - buffers}
+
+
+# -- the choice ----------------------------------------------------------------------------------------------------
+
+def split(costs: MeshCosts, stages: int, microbatches: int, remat: str, cap: int | None = None) -> list[int] | None:
+    """Layers per stage minimising the largest stage's forward + backward, each stage at most `cap` layers."""
+    L = costs.layers
+    cap = min(cap or L, L)
+    if stages > L or cap * stages < L:
+        return None
+    w = {r: costs.work.get(r, 0.0) for r in REGIONS}
+    per = w["layer"] * (1 + 1 / costs.passes + (1 / costs.passes if remat == "full" else 0.0))
+    extra = [0.0] * stages
+    extra[0] += w["embed"] * (1 + 1 / costs.passes)
+    extra[-1] += w["head"]
+    if per <= 0:
+        return _even(L, stages)
+
+    def pack(tau: float) -> list[int] | None:
+        out, left = [], L
+        for s in range(stages):
+            room = stages - s - 1  # later stages need a layer each
+            n = min(cap, left - room, int(math.floor((tau - extra[s]) / per + 1e-9)))
+            if n < 1:
+                return None
+            out.append(n)
+            left -= n
+        return out if left == 0 else None
+
+    cands = sorted({n * per + e for n in range(1, cap + 1) for e in set(extra)})
+    lo, hi = 0, len(cands) - 1
+    if pack(cands[hi]) is None:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pack(cands[mid]) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _balance(pack(cands[lo]), cands[lo], extra, per, cap)
+
+
+def refine(costs: MeshCosts, sched: Schedule, counts: list[int], remat: str, cap: int, rounds: int = 16
+           ) -> list[int]:
+    """Hill-climb on the lockstep loop time itself, moving one layer between neighbouring stages at a time: the
+    split's objective (largest forward + backward) is a proxy, and in lockstep a 1F1B tick pairs one stage's
+    forward with another's backward."""
+    def cost(c: list[int]) -> float:
+        fwd, bwd = stage_ticks(costs, c, sched.microbatches, remat)
+        return lockstep_seconds(sched, fwd, bwd, 0.0)
+
+    best, best_cost = list(counts), cost(counts)
+    for _ in range(rounds):
+        moved = False
+        for s in range(len(best) - 1):
+            for a, b in ((s, s + 1), (s + 1, s)):
+                if best[a] <= 1 or best[b] >= cap:
+                    continue
+                trial = list(best)
+                trial[a] -= 1
+                trial[b] += 1
+                c = cost(trial)
+                if c < best_cost * (1 - 1e-9):
+                    best, best_cost, moved = trial, c, True
+        if not moved:
+            break
+    return best
+
+
+def _balance(counts: list[int], tau: float, extra: list[float], per: float, cap: int) -> list[int]:
+    """Greedy packing front-loads layers; move surplus to later stages while the bound still holds (same
+    bottleneck, a shorter longest stage, less padding)."""
+    counts = list(counts)
+    for _ in range(sum(counts)):
+        s = int(np.argmax(counts))
+        target = min(range(len(counts)), key=lambda k: (counts[k] * per + extra[k], k))
+        if counts[s] - counts[target] < 2 or (counts[target] + 1) * per + extra[target] > tau + 1e-12 \
+                or counts[target] + 1 > cap:
+            break
+        counts[s] -= 1
+        counts[target] += 1
+    return counts
+
+
+def _even(L: int, stages: int) -> list[int]:
+    base, extra = divmod(L, stages)
+    return [base + (1 if s < extra else 0) for s in range(stages)]
+
+
+def to_ranges(counts: list[int]) -> list[list[int]]:
+    ends = np.cumsum(counts).tolist()
+    return [[int(e - n), int(e)] for e, n in zip(ends, counts)]
+
+
+def microbatch_options(local_batch: int, pipe: int, limit: int = 4) -> list[int]:
+    """Microbatch counts worth trying: divisors of the per-replica batch up to 8 x pipe, the largest `limit`."""
+    divs = [m for m in range(1, min(local_batch, 8 * pipe) + 1) if local_batch % m == 0]
+    return divs[-limit:]
+
+
+def choose(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: int, *,
+           schedule: str | None = None, microbatches: int | None = None, virtual: int | None = None,
+           remats: tuple[str, ...] = ("none", "full")) -> PipelineChoice | None:
+    """The fastest pipeline layout on this mesh that fits `budget` (None when nothing fits)."""
+    best: PipelineChoice | None = None
+    layouts = _layouts(costs, local_batch, schedule, microbatches, virtual)
+    for remat in remats:
+        for kind, V, M in layouts:
+            c = _fit(costs, cluster, budget, kind, M, V, remat)
+            if c is not None and (best is None or c.step_seconds < best.step_seconds * (1 - 1e-9)):
+                best = c
+        if best is not None:
+            break  # remat only costs time: try it when nothing fits without
+    return best
+
+
+def least_memory(costs: MeshCosts, local_batch: int, *, schedule: str | None = None,
+                 microbatches: int | None = None, virtual: int | None = None) -> float:
+    """The least per-device memory of the layouts `choose` tries on this mesh (even stages: the least padding)."""
+    best = math.inf
+    for kind, V, M in _layouts(costs, local_batch, schedule, microbatches, virtual):
+        counts = _even(costs.layers, costs.mesh["pipe"] * V)
+        sched = make_schedule(kind, costs.mesh["pipe"], M, V)
+        for remat in ("none", "full"):
+            best = min(best, max(stage_memory(costs, counts, sched, remat)))
+    return best
+
+
+def _layouts(costs: MeshCosts, local_batch: int, schedule: str | None, microbatches: int | None,
+             virtual: int | None) -> list[tuple[str, int, int]]:
+    """(schedule, virtual, microbatches) combinations to try on this mesh."""
+    P, L = costs.mesh["pipe"], costs.layers
+    kinds = [schedule] if schedule else ["1f1b", "gpipe", "interleaved"]
+    micro = [microbatches] if microbatches else microbatch_options(local_batch, P)
+    out = []
+    for kind in kinds:
+        if kind == "interleaved":
+            vs = [virtual] if virtual else [v for v in range(2, MAX_VIRTUAL + 1) if L % v == 0 and P * v <= L]
+        else:
+            vs = [virtual or 1]
+        for V in vs:
+            for M in micro:
+                try:
+                    check(kind, P, M, V, L)
+                except PlanError:
+                    continue
+                if local_batch % M == 0:
+                    out.append((kind, V, M))
+    return out
+
+
+def _fit(costs: MeshCosts, cluster: ClusterSpec, budget: float, kind: str, M: int, V: int, remat: str
+         ) -> PipelineChoice | None:
+    """The balanced split for one schedule, its longest stage shortened until the memory fits, then refined on
+    the lockstep time (kept only if it still fits)."""
+    P = costs.mesh["pipe"]
+    sched = make_schedule(kind, P, M, V)
+    cap = None
+    while True:
+        counts = split(costs, P * V, M, remat, cap)
+        if counts is None:
+            return None
+        if max(stage_memory(costs, counts, sched, remat)) <= budget:
+            break
+        lmax = max(counts)
+        if lmax * P * V <= costs.layers:  # already even: padding cannot shrink further
+            return None
+        cap = lmax - 1
+    refined = refine(costs, sched, counts, remat, max(counts))
+    if refined != counts and max(stage_memory(costs, refined, sched, remat)) <= budget:
+        counts = refined
+    choice = evaluate(costs, PipelineSpec(stages=to_ranges(counts), microbatches=M, schedule=kind, virtual=V),
+                      cluster, remat)
+    choice.predicted["remat"] = remat
+    return choice

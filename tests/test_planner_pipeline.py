@@ -1,0 +1,154 @@
+"""The planner's side of pipeline parallelism: when it pipelines, how it splits stages, and its predictions against
+the compiled pipelined step (8 emulated CPU devices)."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import models
+from autoshard import api, cli
+from autoshard.inspect import analyze
+from autoshard.train import make_optimizer, parallelize
+from planner import stages
+from planner.cluster import load_cluster
+from planner.plan import PipelineSpec
+from planner.schedule import make_schedule, step_time
+from planner.search import _pipeline_costs, trace_model
+
+CPU8 = load_cluster("cpu:8")
+DEEP = "gpt-tiny:layers=8"
+
+
+def shapes(batch: int, seq: int) -> dict:
+    return {k: jax.ShapeDtypeStruct((batch, seq), np.int32) for k in ("inputs", "targets")}
+
+
+def test_memory_forces_a_pipeline_and_everything_fitting_does_not():
+    model = models.abstract(DEEP)
+    roomy = api.plan(model, shapes(16, 64), cluster=CPU8, mesh={"tensor": 1, "fsdp": 1})
+    assert roomy.mesh["pipe"] == 1 and roomy.pipeline is None
+    why = roomy.provenance["pipeline_choice"]
+    assert why["chosen"] == "no pipeline" and why["best_with_pipeline"]["step_seconds"] > roomy.predicted["step_seconds"]
+    # with remat the layers' weights and Adam state dominate; 60% of that does not fit without splitting the stack
+    lean = api.plan(model, shapes(16, 64), cluster=CPU8, mesh={"tensor": 1, "fsdp": 1}, remat="full")
+    assert lean.mesh["pipe"] == 1
+    budget = 0.6 * lean.predicted["memory_bytes_per_device"]
+    tight = api.plan(model, shapes(16, 64), cluster=CPU8, mesh={"tensor": 1, "fsdp": 1}, memory_budget=budget,
+                     remat="full")
+    assert tight.mesh["pipe"] > 1 and tight.pipeline is not None
+    assert tight.predicted["memory_bytes_per_device"] <= budget
+    assert tight.predicted["memory_bytes_per_device"] == max(tight.predicted["memory_per_stage_device"])
+    tight.validate()
+    assert tight.provenance["pipeline_choice"]["best_without_pipeline"]["fits"] is False
+
+
+def test_stage_split_balances_a_heavy_head():
+    model = models.abstract("gpt-tiny:layers=8,vocab=8192")
+    graph = trace_model(model, shapes(16, 64))
+    costs = _pipeline_costs(graph, CPU8, {"pipe": 2, "data": 4, "fsdp": 1, "expert": 1, "seq": 1, "tensor": 1},
+                            None, "float32")
+    assert costs.work["head"] > 2 * costs.work["layer"]  # the 8192-way head outweighs a layer
+    # GPipe in lockstep: forward ticks cost the slowest forward, backward ticks the slowest backward (the last
+    # stage's backward carries the head and loss)
+    best = stages.choose(costs, CPU8, 1e12, local_batch=4, schedule="gpipe", microbatches=4, remats=("none",))
+    counts = [e - s for s, e in best.spec.stages]
+    assert counts[-1] < counts[0] and sum(counts) == 8
+    even = stages.evaluate(costs, PipelineSpec([[0, 4], [4, 8]], 4, "gpipe"), CPU8)
+
+    def spread(choice):  # the gap between the busiest and the idlest stage per microbatch
+        p = choice.predicted["pipeline"]
+        total = np.add(p["stage_forward_seconds"], p["stage_backward_seconds"])
+        return float(total.max() - total.min())
+
+    assert spread(best) < spread(even)
+    assert best.step_seconds < 0.97 * even.step_seconds
+
+
+def test_vectorised_step_time_is_the_schedule_step_time():
+    rng = np.random.default_rng(0)
+    for kind, P, M, V in (("gpipe", 4, 8, 1), ("1f1b", 4, 6, 1), ("interleaved", 2, 4, 2)):
+        sched = make_schedule(kind, P, M, V)
+        fwd, bwd = rng.random(P * V), rng.random(P * V)
+        assert stages.lockstep_seconds(sched, fwd, bwd, 0.1) == pytest.approx(step_time(sched, fwd, bwd, 0.1))
+
+
+@pytest.fixture(scope="module")
+def compiled_pair(token_batch):
+    """(plan, compiled stats) of one planned pipeline (pipe=2 x data=4, 4 microbatches) under GPipe and under 1F1B
+    (the same plan with only the schedule changed, re-predicted)."""
+    model = models.abstract(DEEP)
+    planned = api.plan(model, shapes(16, 64), cluster=CPU8, mesh={"pipe": 2, "data": 4}, schedule="gpipe",
+                       microbatches=4)
+    other = dataclasses.replace(planned, pipeline=dataclasses.replace(planned.pipeline, schedule="1f1b"))
+    other.predicted = api.predict(other, model, shapes(16, 64), cluster=CPU8)
+    out = {}
+    for plan in (planned, other):
+        trainer = parallelize(models.factory(DEEP), make_optimizer(), plan)
+        out[plan.pipeline.schedule] = (plan, analyze(trainer.compile(token_batch), trainer.mesh))
+    return out
+
+
+def test_predicted_point_to_point_bytes_equal_the_compiled(compiled_pair):
+    for kind, (plan, stats) in compiled_pair.items():
+        assert plan.pipeline.schedule == kind and plan.mesh["pipe"] == 2
+        key = "pipe/collective-permute"
+        assert plan.predicted["comm_bytes"][key] == stats["comm_bytes"][key], kind
+        # the once-per-step gradient all-reduces too (layer weights over data, the rest over pipe x data)
+        for k in ("data/all-reduce", "pipe+data/all-reduce"):
+            assert plan.predicted["comm_bytes"][k] == pytest.approx(stats["comm_bytes"][k], rel=0.01), k
+
+
+def test_gpipe_minus_1f1b_memory_matches_the_compiled_difference(compiled_pair):
+    (gp, gs), (op, os_) = compiled_pair["gpipe"], compiled_pair["1f1b"]
+    predicted = gp.predicted["memory_bytes_per_device"] - op.predicted["memory_bytes_per_device"]
+    compiled = gs["memory_bytes_per_device"] - os_["memory_bytes_per_device"]
+    assert compiled > 0
+    assert predicted == pytest.approx(compiled, rel=0.10)
+
+
+def test_predict_reproduces_the_search_for_a_pipeline_plan(compiled_pair):
+    plan = compiled_pair["1f1b"][0]
+    again = api.predict(plan, models.abstract(DEEP), shapes(16, 64), cluster=CPU8)
+    assert again["pipeline"]["stages"] == plan.pipeline.stages
+    assert again["comm_bytes"]["pipe/collective-permute"] == plan.predicted["comm_bytes"]["pipe/collective-permute"]
+    assert again["memory_bytes_per_device"] == pytest.approx(plan.predicted["memory_bytes_per_device"], rel=1e-6)
+
+
+def one_line_error(err: str, words: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--microbatches", "5"], "--microbatches 5 does not divide --batch 16"),
+    (["--virtual-stages", "2", "--schedule", "1f1b"], "needs --schedule interleaved"),
+    (["--mesh", "pipe=16"], "exceeds the model's 2 layers"),
+    (["--mesh", "pipe=1", "--schedule", "gpipe"], "fixes pipe=1"),
+    (["--virtual-stages", "3"], "must divide the model's 2 layers"),
+])
+def test_plan_pipeline_user_errors(capsys, args, words):
+    code = cli.main(["plan", "--model", "gpt-tiny", "--cluster", "cpu:16", "--batch", "16", "--seq", "64", *args])
+    _, err = capsys.readouterr()
+    assert code == 2
+    one_line_error(err, words)
+
+
+def test_plan_explain_plot_and_verify_a_pipeline(capsys, tmp_path):
+    path, png = tmp_path / "plan.json", tmp_path / "schedule.png"
+    code = cli.main(["plan", "--model", "gpt-tiny:layers=4", "--cluster", "cpu:8", "--batch", "16", "--seq", "64",
+                     "--mesh", "pipe=2,tensor=2", "--schedule", "1f1b", "--microbatches", "4", "-o", str(path)])
+    out, _ = capsys.readouterr()
+    assert code == 0 and "pipeline" in out and "1f1b, 4 microbatches" in out and "layers per stage" in out and "why" in out
+    assert cli.main(["explain", str(path), "--plot", str(png)]) == 0
+    out, _ = capsys.readouterr()
+    assert "device 0: F0" in out and "device 1:" in out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"IHDR" in data[:16] and data.endswith(b"IEND\xaeB`\x82")
+    code = cli.main(["verify", str(path), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["comm"]["pipe/collective-permute"]["ok"] and report["comm"]["pipe/collective-permute"]["judged"]
+    assert all(not r["judged"] for k, r in report["comm"].items() if k.startswith("tensor/"))
+    assert report["comm"]["data/all-reduce"]["ok"]
