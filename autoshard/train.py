@@ -88,6 +88,11 @@ class Trainer:
         self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
                              in_shardings=(self.param_shardings, self.opt_shardings, replicated, self.batch_sharding),
                              out_shardings=(self.param_shardings, self.opt_shardings, replicated, replicated))
+        self._step_and_grads = jax.jit(  # the step that also returns the gradients it applied (for checks)
+            lambda *a: self._train_step(*a, with_grads=True), donate_argnums=(0, 1),
+            in_shardings=(self.param_shardings, self.opt_shardings, replicated, self.batch_sharding),
+            out_shardings=(self.param_shardings, self.opt_shardings, replicated, replicated,
+                           None if self.pipeline else self.param_shardings))
         self._grads = jax.jit(self._loss_and_grads, in_shardings=(self.param_shardings, replicated,
                                                                  self.batch_sharding),
                               out_shardings=(replicated, None if self.pipeline else self.param_shardings))
@@ -112,11 +117,14 @@ class Trainer:
         (loss, _), grads = self._value_and_grad(params, rest, batch)
         return loss, (self.pipeline.from_staged(grads) if self.pipeline is not None else grads)
 
-    def _train_step(self, params, opt_state, rest, batch):
+    def _train_step(self, params, opt_state, rest, batch, with_grads: bool = False):
         (loss, (metrics, rest)), grads = self._value_and_grad(params, rest, batch)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, rest, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        new_params = optax.apply_updates(params, updates)
+        out = new_params, opt_state, rest, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        if with_grads:
+            return out + (self.pipeline.from_staged(grads) if self.pipeline is not None else grads,)
+        return out
 
     # -- public -------------------------------------------------------------------------------------------------
     def shard_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
@@ -137,7 +145,14 @@ class Trainer:
         self.params, self.opt_state, self.rest, metrics = self._step(self.params, self.opt_state, self.rest,
                                                                      self.shard_batch(batch))
         self.steps_done += 1
-        return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in jax.device_get(metrics).items()}
+        return _floats(metrics)
+
+    def step_with_grads(self, batch: dict[str, Any]) -> tuple[dict[str, Any], nnx.State]:
+        """`step`, also returning the gradients it applied (model layout): one compiled program for checks."""
+        self.params, self.opt_state, self.rest, metrics, grads = self._step_and_grads(
+            self.params, self.opt_state, self.rest, self.shard_batch(batch))
+        self.steps_done += 1
+        return _floats(metrics), grads
 
     def loss_and_grads(self, batch: dict[str, Any]) -> tuple[jax.Array, nnx.State]:
         """Loss and gradients (in the model's layout) under the plan, without updating anything (for checks)."""
@@ -154,6 +169,10 @@ class Trainer:
         if self.pipeline is not None:
             return nnx.merge(self.graphdef, jax.jit(self.pipeline.from_staged)(self.params), self.rest)
         return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def _floats(metrics: dict[str, jax.Array]) -> dict[str, Any]:
+    return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in jax.device_get(metrics).items()}
 
 
 def parallelize(model: nnx.Module | Callable[[], nnx.Module], optimizer: optax.GradientTransformation, plan: Plan,

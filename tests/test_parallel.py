@@ -1,4 +1,5 @@
-"""Every parallel plan computes what one device computes: losses, gradients and shardings after 3 steps."""
+"""Every parallel plan computes what one device computes: losses of 3 steps, the third step's gradients, and the
+planned shardings of parameters and optimizer state."""
 
 import jax
 import numpy as np
@@ -21,9 +22,11 @@ def run(model: str, mesh: str, batch) -> dict:
     plan = rule_plan(models.abstract(model), mesh)
     trainer = parallelize(models.factory(model, seed=0), make_optimizer(1e-4, steps=10, warmup=1), plan,
                           devices=jax.devices()[: plan.num_devices])
-    losses = [trainer.step(batch)["loss"] for _ in range(STEPS)]
-    loss, grads = trainer.loss_and_grads(batch)
-    return dict(plan=plan, trainer=trainer, losses=losses, loss=float(loss), grads=jax.device_get(grads))
+    losses = []
+    for _ in range(STEPS):  # the gradients of the last step come out of the same compiled program
+        metrics, grads = trainer.step_with_grads(batch)
+        losses.append(metrics["loss"])
+    return dict(plan=plan, trainer=trainer, losses=losses, grads=jax.device_get(grads))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,6 @@ def reference(token_batch):
 
 def assert_same_numerics(got: dict, ref: dict) -> None:
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5)
-    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
     flat_got = dict(nnx.to_flat_state(got["grads"]))
     for path, want in nnx.to_flat_state(ref["grads"]):
         g, w = np.asarray(flat_got[path].get_value()), np.asarray(want.get_value())
