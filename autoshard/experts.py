@@ -15,7 +15,8 @@ manual over `expert` takes contiguous blocks of the batch per expert device. Wit
 reshuffles x on entry and the exchange loses the data split (measured on data=2 x expert=2: twice the exchange bytes
 plus collective-permutes and all-gathers at the boundary).
 
-`moe_all_to_all_bytes` gives the bytes one device sends per step for the planner's cost model.
+`moe_all_to_all_bytes` gives the bytes one device sends per step for the planner's cost model (defined in
+`planner.seq_expert`, re-exported here).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from autoshard.sequence import all_to_all, axis_size, free_axes, is_manual, manual_over
 from planner.errors import PlanError
+from planner.seq_expert import moe_all_to_all_bytes  # noqa: F401 (re-exported)
 
 Array = jax.Array
 
@@ -88,22 +90,6 @@ def expert_parallel_moe(x: Array, router: Array, experts: Any, expert_fn: Callab
                        x, router, experts)
 
 
-def moe_all_to_all_bytes(experts: int, batch: int, capacity: int, hidden: int, n: int, *, itemsize: int = 4,
-                         backward: bool = True) -> float:
-    """Bytes one device sends per step in expert-parallel dispatch and combine (convention of `autoshard.inspect`).
-
-    batch is the number of sequences one device holds (global batch / (expert * data * fsdp)); capacity is
-    `ops.capacity(seq, experts, top_k, capacity_factor)` (slots per sequence and expert); n is the expert degree.
-    Forward: dispatch and combine each move a [experts, batch, capacity, hidden] buffer of which (n-1)/n leaves the
-    device; backward: their transposes, the same again. Padding slots travel too (the exchange is dense, not
-    ragged). With other mesh axes > 1 the exchange is n-1 collective-permutes of 1/n each instead of one
-    all-to-all (see `autoshard.sequence.all_to_all`): the same bytes. Remat of the MoE layer would add the forward
-    part once more.
-    """
-    if n <= 1:
-        return 0.0
-    fwd = 2 * (n - 1) / n * experts * batch * capacity * hidden * itemsize
-    return fwd * (2 if backward else 1)
 
 
 __all__ = ["expert_parallel_moe", "moe_all_to_all_bytes"]

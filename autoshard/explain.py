@@ -263,6 +263,9 @@ def summary(plan: Plan, *, top_comm: int = 3, runners_up: int = 4, width: int = 
     why = why_line(plan)
     if why:
         rows.append(["why", why])
+    split = seq_expert_line(plan)
+    if split:
+        rows.append(["seq/expert", split])
     lines += table(rows, width=width)
     if plan.alternatives and runners_up:
         lines.append("runners-up:")
@@ -311,6 +314,29 @@ def why_line(plan: Plan) -> str:
     step = plan.predicted.get("step_seconds")
     ratio = other["step_seconds"] / step - 1 if step else None
     return f"the best plan {kind} is {_candidate_text(other)}: {format_percent(ratio, signed=True)} time"
+
+
+def seq_expert_line(plan: Plan) -> str:
+    """The sequence method / expert degree and why: the best plan of the other kind (with or without seq/expert)."""
+    why = plan.provenance.get("seq_expert_choice") or {}
+    used = plan.mesh["seq"] > 1 or plan.mesh["expert"] > 1
+    parts = []
+    if plan.mesh["seq"] > 1:
+        parts.append(f"{(plan.sequence or {}).get('method', 'ring')} attention over seq={plan.mesh['seq']}")
+    if plan.mesh["expert"] > 1:
+        parts.append(f"experts split over expert={plan.mesh['expert']} (all-to-all dispatch)")
+    text = "; ".join(parts) or "none"
+    other = why.get("best_without" if used else "best_with") or {}
+    kind = "without seq/expert" if used else "with seq or expert > 1"
+    if not why or not other.get("considered"):
+        return text if used else ""
+    if not other.get("fits"):
+        return f"{text}: no plan {kind} fits the memory budget ({other['considered']} meshes tried)"
+    step = plan.predicted.get("step_seconds")
+    ratio = other["step_seconds"] / step - 1 if step else None
+    method = f" {other['sequence']}" if other.get("sequence") else ""
+    return f"{text}: the best plan {kind} is {_candidate_text(other)}{method}: " \
+           f"{format_percent(ratio, signed=True)} time (search figures)"
 
 
 def alternatives_table(plan: Plan, *, limit: int | None = None, width: int = WIDTH) -> list[str]:

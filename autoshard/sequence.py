@@ -11,7 +11,7 @@ XLA does not partition an all-to-all over the axes such a shard_map leaves autom
 over them), so with data/fsdp/tensor > 1 the Ulysses exchange is done with ppermutes instead (`all_to_all`).
 
 `ulysses_bytes`, `ring_bytes` give the bytes each device sends per step (forward + backward) under the convention
-of `autoshard.inspect`, for the planner's cost model.
+of `autoshard.inspect`, for the planner's cost model (defined in `planner.seq_expert`, re-exported here).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from planner.errors import PlanError
+from planner.seq_expert import ring_bytes, ulysses_bytes  # noqa: F401 (re-exported)
 
 Array = jax.Array
 
@@ -153,21 +154,6 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> A
     return manual_over("seq", body, (spec, spec, spec), spec, mesh, q, k, v)
 
 
-def ulysses_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4,
-                  backward: bool = True) -> float:
-    """Bytes one device sends per step in Ulysses all-to-alls (convention of `autoshard.inspect`).
-
-    batch and heads are what one device holds (global batch / data*fsdp shards, heads / tensor shards); seq is the
-    global sequence length and n the seq degree. Forward: four all-to-alls (q, k, v in; output back), each of a
-    [batch, seq/n, heads_x, head_dim] operand of which (n-1)/n leaves the device. The backward pass runs their
-    transposes (dq, dk, dv, d_out), the same sizes again. Remat of the attention would add the forward part once
-    more.
-    """
-    if n <= 1:
-        return 0.0
-    block = batch * (seq // n) * head_dim * itemsize
-    fwd = (n - 1) / n * block * (2 * heads + 2 * kv_heads)
-    return fwd * (2 if backward else 1)
 
 
 # -- ring attention --------------------------------------------------------------------------------------------------
@@ -323,25 +309,6 @@ def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Arra
     return manual_over("seq", body, (spec, spec, spec), spec, mesh, q, k, v)
 
 
-def ring_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4,
-               causal: bool = True, backward: bool = True) -> float:
-    """Bytes one device sends per step in ring attention's collective-permutes (convention of `autoshard.inspect`:
-    a collective-permute counts its operand bytes once per execution).
-
-    batch and heads are what one device holds (global batch / data*fsdp shards, heads / tensor shards); seq is the
-    global length, n the seq degree; one local block of one head is batch * seq/n * head_dim * itemsize bytes.
-    Forward: n-1 rotations of the local K and V (2 * kv_heads blocks each); causal adds the zigzag relayout of q, k,
-    v in and of the output back (2 * heads + 2 * kv_heads blocks; half that for n = 2, where the even chunks already
-    sit at home). Backward: the transposes, the same sizes (dK/dV travel the ring in reverse; dq, dk, dv and d_out
-    are relaid out). Remat of the attention would add the forward part once more.
-    """
-    if n <= 1:
-        return 0.0
-    block = batch * (seq // n) * head_dim * itemsize
-    fwd = (n - 1) * 2 * kv_heads * block
-    if causal:
-        fwd += (2 * heads + 2 * kv_heads) * block * (0.5 if n == 2 else 1.0)
-    return fwd * (2 if backward else 1)
 
 
 __all__ = ["all_to_all", "axis_size", "free_axes", "ring_attention", "ring_bytes", "shard_map_mesh",

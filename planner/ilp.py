@@ -19,6 +19,7 @@ from ortools.sat.python import cp_model
 
 from planner.cluster import ClusterSpec
 from planner.collectives import axis_collective_time, bytes_sent
+from planner.plan import AXES
 from planner.layouts import ELEMENTWISE, PARTIAL, SOURCES, Layout, Strategy, conversion, has_rule, local_nbytes, strategies
 from planner.trace import BOUNDARY, Graph, Value, dtype_kind, itemsize
 
@@ -62,7 +63,12 @@ class Problem:
         """Values whose layout is given (a plan's activation constraints)."""
         self.t = mesh["tensor"]
         self.passes = graph.passes()
-        self.b = mesh["data"] * mesh["fsdp"]
+        self.batch_shards = mesh["data"] * mesh["fsdp"] * mesh.get("expert", 1)
+        self.b = self.batch_shards * mesh.get("seq", 1)
+        """Token split of every activation: the batch over data x fsdp x expert, the sequence over seq (sizes
+        divide by it as floats; shapes keep their integer batch split)."""
+        self.expert_params = {p for p, info in graph.params.items() if info.axes and "experts" in info.axes}
+        """Parameters with an `experts` dimension: split over `expert`, their gradients not reduced over it."""
         self.values = graph.values
         self.op_strats: dict[int, list[Strategy]] = {}
         self.unplanned: list[str] = []
@@ -149,7 +155,7 @@ class Problem:
         if v.batch_dim is None:
             return v.shape
         s = list(v.shape)
-        s[v.batch_dim] //= self.b
+        s[v.batch_dim] //= self.batch_shards
         return tuple(s)
 
     def _param_choices(self, path: str) -> list[ParamChoice]:
@@ -158,6 +164,8 @@ class Problem:
             and info.axes[0] == "layers" else set()
         if self.g.layers > 1 and info.shape and info.shape[0] == self.g.layers and not info.axes:
             skip = {0}  # never split the layer-stack axis: the scan would gather the whole stack
+        if self.mesh.get("expert", 1) > 1 and path in self.expert_params:
+            skip |= {info.axes.index("experts")}  # the expert axis owns it
         dims = [d for d in range(len(info.shape)) if d not in skip]
         # vectors (norm scales, biases) stay whole over tensor: splitting them saves nothing worth a collective
         t_opts: list[Layout] = [None] + [d for d in dims if self.t > 1 and info.shape[d] % self.t == 0
@@ -236,27 +244,37 @@ class Problem:
         row's length is never gathered: the lookups move to its owners with an all-to-all each way instead.
         """
         info = self.g.params[path]
-        nbytes = info.size * itemsize(info.dtype) / (self.t if c.layout is not None else 1)
-        batch_axes = tuple(a for a in ("data", "fsdp") if self.mesh[a] > 1)
+        nbytes = info.size * itemsize(info.dtype) / (self.t if c.layout is not None else 1) / self._expert_split(path)
+        # seq splits tokens in a dimension of its own: XLA reduces gradients over it in an all-reduce of its own
+        seq = [("all-reduce", ("seq",), nbytes / (self.mesh["fsdp"] if c.fsdp_dim is not None else 1), 1)] \
+            if self.mesh.get("seq", 1) > 1 else []
+        # expert doubles as data parallelism outside the experts: one batch dimension with data (and fsdp)
+        rep = ("data", "expert") if path not in self.expert_params else ("data",)
+        batch_axes = tuple(a for a in ("data", "fsdp", "expert") if self.mesh.get(a, 1) > 1
+                           and (a != "expert" or path not in self.expert_params))
         if not batch_axes:
-            return []
+            return seq
         if c.fsdp_dim is None:
-            return [("all-reduce", batch_axes, nbytes, 1)]
+            return [("all-reduce", batch_axes, nbytes, 1)] + seq
+        rep = tuple(a for a in rep if self.mesh.get(a, 1) > 1)
         f = self.mesh["fsdp"]
         out = []
         if path in self._lookups and c.fsdp_dim not in self._lookups[path][1]:
             # (as measured: with data > 1 XLA reduces the shard's gradient over both batch axes)
             for vid in self._lookups[path][0]:
                 out.append(("all-to-all", ("fsdp",), local_nbytes(self.values[vid], self.b), 2))
-            if self.mesh["data"] > 1:
-                out.append(("all-reduce", ("data", "fsdp"), nbytes / f, 1))
-            return out
+            if rep:
+                out.append(("all-reduce", tuple(sorted(rep + ("fsdp",), key=AXES.index)), nbytes / f, 1))
+            return out + seq
         uses = self._uses[path]  # XLA gathers a weight for each use, and reduces each use's gradient
         out += [("all-gather", ("fsdp",), nbytes / f, uses * (2 if path in self._stacked else 1)),
                 ("reduce-scatter", ("fsdp",), nbytes, uses)]
-        if self.mesh["data"] > 1:
-            out.append(("all-reduce", ("data",), nbytes / f, 1))
-        return out
+        if rep:
+            out.append(("all-reduce", rep, nbytes / f, 1))
+        return out + seq
+
+    def _expert_split(self, path: str) -> int:
+        return self.mesh.get("expert", 1) if path in self.expert_params else 1
 
     def param_cost(self, path: str, c: ParamChoice) -> tuple[float, dict[tuple, float]]:
         """Seconds of a parameter's synchronisation: the part it pays alone (bandwidth), and the fixed part per
@@ -272,6 +290,7 @@ class Problem:
     def param_memory(self, path: str, c: ParamChoice) -> float:
         info = self.g.params[path]
         shards = (self.t if c.layout is not None else 1) * (self.mesh["fsdp"] if c.fsdp_dim is not None else 1)
+        shards *= self._expert_split(path)
         return info.size * itemsize(info.dtype) / shards * (2 + OPT_STATE_COPIES)
 
     def residuals(self) -> dict[int, int]:

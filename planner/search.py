@@ -22,7 +22,8 @@ from planner.cluster import ClusterSpec, load_cluster
 from planner.errors import AutoshardError
 from planner.ilp import ParamChoice, Problem, Solution
 from planner.params import param_table, path_str
-from planner.plan import AXES, Plan, SpecEntry
+from planner.plan import AXES, BATCH_AXES, Plan, SpecEntry
+from planner import seq_expert
 from planner.trace import Graph, matmul_flops, trace
 
 SEARCH_AXES = ("data", "fsdp", "tensor")
@@ -113,6 +114,8 @@ class Candidate:
     """None when nothing fits the memory budget on this mesh."""
     pipeline: Any = None
     """For pipe > 1: the `planner.stages.PipelineChoice` (stages, schedule, microbatches and its predictions)."""
+    sequence: str | None = None
+    """For seq > 1: the sequence method ("ulysses" or "ring") the candidate's attention runs."""
 
     @property
     def seconds(self) -> float:
@@ -138,7 +141,7 @@ def meshes(num_devices: int, batch: int, fixed: dict[str, int], devices_per_node
             d = rest // t // f
             if "data" in fixed and fixed["data"] != d:
                 continue
-            if batch % (d * f):
+            if batch % (d * f * fixed.get("expert", 1)):
                 continue
             yield {a: {"data": d, "fsdp": f, "tensor": t}.get(a, fixed.get(a, 1)) for a in AXES}
 
@@ -165,10 +168,11 @@ def pipe_options(num_devices: int, graph: Graph, fixed: dict[str, int]) -> list[
 def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, int] | None = None,
            memory_budget: float | None = None, remat: str | None = None, pinned: dict[str, ParamChoice] | None = None,
            compute_dtype: str = "float32", progress: Callable[[str], None] | None = None,
-           pipeline: dict[str, Any] | None = None) -> list[Candidate]:
+           pipeline: dict[str, Any] | None = None, sequence: str | None = None) -> list[Candidate]:
     """Solve every candidate mesh; candidates sorted fastest first (infeasible ones last, with a reason).
 
-    `pipeline` fixes some of schedule / microbatches / virtual for the meshes with pipe > 1.
+    `pipeline` fixes some of schedule / microbatches / virtual for the meshes with pipe > 1; `sequence` fixes the
+    sequence method for the meshes with seq > 1.
     """
     fixed = dict(mesh or {})
     for ax in fixed:
@@ -181,13 +185,18 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
     remats = [remat] if remat else ["none", "full"]
     out: list[Candidate] = []
     unplanned: set[str] = set()
-    pipes = pipe_options(cluster.num_devices, graph, fixed)
-    if pipeline and "pipe" not in fixed:  # fixed pipeline choices: pipelines only
-        pipes = [p for p in pipes if p > 1]
-    all_meshes = [m for p in pipes for m in meshes(cluster.num_devices, batch, {**fixed, "pipe": p},
-                                                   cluster.devices_per_node)]
+    shapes = seq_expert.op_shapes(graph)
+    all_meshes = candidate_meshes(graph, cluster, batch, fixed, pipeline, sequence)
     solved: dict = {}
     for m in all_meshes:
+        if m["seq"] > 1 or m["expert"] > 1:
+            for cand in _seq_expert_candidates(graph, shapes, cluster, batch, m, budget, remats, pinned,
+                                               compute_dtype, sequence, unplanned):
+                if progress:
+                    progress(_mesh_str(m) + (f" ({cand.sequence})" if cand.sequence else "")
+                             + (f": {cand.seconds * 1e3:.2f} ms" if cand.solution else ": does not fit"))
+                out.append(cand)
+            continue
         if m["pipe"] > 1:
             cand = _pipeline_candidate(graph, cluster, batch, m, budget, remat, pinned, compute_dtype,
                                        pipeline or {}, solved)
@@ -216,6 +225,79 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
         warnings.warn(f"the planner has no sharding rule for {', '.join(sorted(unplanned))}: such ops are planned "
                       f"replicated", stacklevel=2)
     out.sort(key=lambda c: (c.solution is None, c.seconds if c.solution else 0.0))
+    return out
+
+
+def candidate_meshes(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[str, int],
+                     pipeline: dict[str, Any] | None = None, sequence: str | None = None) -> list[dict[str, int]]:
+    """Every mesh the search solves: pipe x (expert x seq) x data x fsdp x tensor over the devices.
+
+    seq and expert are strategies of one op each (attention, MoE): seq is tried for models with attention and no
+    MoE layer (the MoE routing groups are whole sequences: split over seq, XLA all-reduces the routing across it),
+    at the degrees some sequence method can run (`seq_expert.sequence_methods`); expert for MoE models, at divisors
+    of the expert count. Never both at once, nor with pipe > 1 (the runtime refuses it), unless the mesh fixes them;
+    nor pipe > 1 for MoE models at all (the pipeline executor refuses layers with balancing statistics).
+    """
+    shapes = seq_expert.op_shapes(graph)
+    seq_expert.check_fixed(shapes, fixed, sequence, batch)
+    n = cluster.num_devices
+    if (fixed.get("seq", 1) > 1 or fixed.get("expert", 1) > 1) and fixed.get("pipe", 1) > 1:
+        raise AutoshardError("a pipeline (pipe > 1) cannot be combined with seq or expert > 1 yet: drop pipe or "
+                             "seq/expert from the mesh")
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    seqs = [fixed["seq"]] if "seq" in fixed else [1] + [
+        d for d in divisors[1:] if shapes.has_attention and not shapes.is_moe
+        and any(m in ([sequence] if sequence else seq_expert.SEQUENCE_METHODS)
+                for m in seq_expert.sequence_methods(shapes, d, 1))]
+    experts = [fixed["expert"]] if "expert" in fixed else [
+        d for d in divisors if seq_expert.expert_ok(shapes, d) and batch % d == 0]
+    out = []
+    for e in experts:
+        for s in seqs:
+            if n % (e * s) or (e > 1 and s > 1 and not ("seq" in fixed and "expert" in fixed)):
+                continue
+            rest = {k: v for k, v in fixed.items() if k not in ("seq", "expert")}
+            if e > 1 or s > 1:
+                if rest.get("pipe", 1) > 1:
+                    continue
+                out += list(meshes(n, batch, {**rest, "pipe": 1, "expert": e, "seq": s}, cluster.devices_per_node))
+                continue
+            pipes = pipe_options(n, graph, rest)
+            if shapes.is_moe and "pipe" not in rest:  # the executor cannot pipeline MoE balancing statistics yet
+                pipes = [1]
+            if pipeline and "pipe" not in rest:  # fixed pipeline choices: pipelines only
+                pipes = [p for p in pipes if p > 1]
+            out += [m for p in pipes for m in meshes(n, batch, {**rest, "pipe": p, "expert": e, "seq": s},
+                                                     cluster.devices_per_node)]
+    return out
+
+
+def _seq_expert_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: ClusterSpec, batch: int,
+                           m: dict[str, int], budget: float, remats: list[str],
+                           pinned: dict[str, ParamChoice] | None, compute_dtype: str, sequence: str | None,
+                           unplanned: set[str]) -> list[Candidate]:
+    """A mesh with seq or expert > 1: the integer program over the token-split graph for each sequence method the
+    mesh admits, its budget reduced by the method's own memory (ring's K/V residuals), plus the op's exchanges."""
+    methods = seq_expert.sequence_methods(shapes, m["seq"], m["tensor"])
+    if sequence and m["seq"] > 1:
+        methods = [x for x in methods if x == sequence]
+    out = []
+    for method in methods:
+        best: Solution | None = None
+        for r in remats:
+            ext = seq_expert.extras(shapes, m, batch, method, cluster, r)
+            problem = Problem(graph, m, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
+                              fixed_layouts={cin: None for _, cin in graph.carries})
+            unplanned.update(problem.unplanned)
+            sol = problem.solve(budget - sum(ext.memory.values()))
+            if sol is not None:
+                sol = seq_expert.apply(sol, ext)
+                sol.solver["remat"] = r
+                if best is None or sol.step_seconds < best.step_seconds:
+                    best = sol
+            if sol is not None and r == "none":
+                break
+        out.append(Candidate(m, best, sequence=method))
     return out
 
 
@@ -249,22 +331,23 @@ def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[
     least = math.inf
     fixed = dict(fixed or {})
     solved: dict = {}
-    for p in pipe_options(cluster.num_devices, graph, fixed):
-        if pipeline and "pipe" not in fixed and p == 1:
+    shapes = seq_expert.op_shapes(graph)
+    for m in candidate_meshes(graph, cluster, batch, fixed, pipeline):
+        if m["pipe"] > 1:
+            costs = _pipeline_costs(graph, cluster, m, None, "float32", solved)
+            if costs is not None:
+                local = batch // (m["data"] * m["fsdp"])
+                least = min(least, stages.least_memory(costs, local, **(pipeline or {})))
             continue
-        for m in meshes(cluster.num_devices, batch, {**fixed, "pipe": p}, cluster.devices_per_node):
-            if p > 1:
-                costs = _pipeline_costs(graph, cluster, m, None, "float32", solved)
-                if costs is not None:
-                    local = batch // (m["data"] * m["fsdp"])
-                    least = min(least, stages.least_memory(costs, local, **(pipeline or {})))
-                continue
-            for r in ("none", "full"):
-                pr = Problem(graph, m, cluster, remat=r, objective="memory",
-                             fixed_layouts={cin: None for _, cin in graph.carries})
-                sol = pr.solve(None)
-                if sol is not None:
-                    least = min(least, sol.memory_bytes)
+        for r in ("none", "full"):
+            pr = Problem(graph, m, cluster, remat=r, objective="memory",
+                         fixed_layouts={cin: None for _, cin in graph.carries})
+            sol = pr.solve(None)
+            if sol is not None:
+                methods = seq_expert.sequence_methods(shapes, m["seq"], m["tensor"]) or [None]
+                extra = min(sum(seq_expert.extras(shapes, m, batch, x, cluster, r).memory.values())
+                            for x in methods)
+                least = min(least, sol.memory_bytes + extra)
     return least
 
 
@@ -313,8 +396,10 @@ def to_plan(graph: Graph, cand: Candidate) -> Plan:
             spec[c.fsdp_dim] = "fsdp"
         if m["pipe"] > 1 and is_layer_param(graph, path):
             spec[0] = "pipe"  # stages are slices of the layer stack
+        if m["expert"] > 1 and graph.params[path].axes and "experts" in graph.params[path].axes:
+            spec[graph.params[path].axes.index("experts")] = "expert"
         params[path] = spec
-    batch_axes = [a for a in ("data", "fsdp") if m[a] > 1]
+    batch_axes = [a for a in BATCH_AXES if m[a] > 1]
     batch_entry: SpecEntry = None if not batch_axes else (batch_axes[0] if len(batch_axes) == 1 else batch_axes)
     activations = {}
     if graph.carries:
@@ -322,12 +407,17 @@ def to_plan(graph: Graph, cand: Candidate) -> Plan:
         spec = [None] * len(carry.shape)
         if carry.batch_dim is not None:
             spec[carry.batch_dim] = batch_entry
+        seq_dims = [d for d in carry.token_dims if d != carry.batch_dim]
+        if m["seq"] > 1 and seq_dims:
+            spec[seq_dims[0]] = "seq"
         activations["layer_input"] = spec  # whole over tensor: the search fixes the residual stream so
+    sections = {"sequence": {"method": cand.sequence} if m["seq"] > 1 else None,
+                "experts": {"degree": m["expert"]} if m["expert"] > 1 else None}
     if cand.pipeline is not None:
         return Plan(mesh=m, params=params, activations=activations, remat=sol.solver.get("remat", "none"),
                     pipeline=cand.pipeline.spec, predicted=dict(cand.pipeline.predicted))
     return Plan(mesh=m, params=params, activations=activations, remat=sol.solver.get("remat", "none"),
-                predicted=predicted(sol))
+                predicted=predicted(sol), **sections)
 
 
 def predicted(sol: Solution) -> dict[str, Any]:
@@ -345,9 +435,10 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
                pin: dict[str, list[SpecEntry]] | None = None,
                provenance: dict | None = None, progress: Callable[[str], None] | None = None,
                compute_dtype: str = "float32", schedule: str | None = None, microbatches: int | None = None,
-               virtual: int | None = None) -> Plan:
+               virtual: int | None = None, sequence: str | None = None) -> Plan:
     """The fastest plan that fits (see `search`); `schedule` / `microbatches` / `virtual` fix pipeline choices and
-    restrict the search to pipelines (pipe > 1) unless the mesh fixes pipe."""
+    restrict the search to pipelines (pipe > 1) unless the mesh fixes pipe; `sequence` fixes the sequence method
+    ("ulysses" or "ring") of meshes with seq > 1."""
     cluster = load_cluster(cluster) if not isinstance(cluster, ClusterSpec) else cluster
     start = time.perf_counter()
     fixes = {k: v for k, v in (("schedule", schedule), ("microbatches", microbatches), ("virtual", virtual))
@@ -361,7 +452,7 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
         pinned = choices_from_plan(Plan(mesh={}, params=pin), graph)
         pinned = {k: v for k, v in pinned.items() if k in pin}
     cands = search(graph, cluster, batch, mesh=mesh, memory_budget=memory_budget, remat=remat, progress=progress,
-                   compute_dtype=compute_dtype, pinned=pinned, pipeline=fixes)
+                   compute_dtype=compute_dtype, pinned=pinned, pipeline=fixes, sequence=sequence)
     if fixes and not any(c.mesh["pipe"] > 1 for c in cands):
         raise AutoshardError(f"no pipeline mesh over {cluster.num_devices} devices admits the fixed pipeline "
                              f"choices {fixes}: relax --schedule / --microbatches / --virtual-stages")
@@ -392,8 +483,8 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
         plans.append(p)
     order = {id(p): k for k, p in enumerate(plans)}
     # equal predicted times (to 6 digits): the simpler layout wins, less tensor, then less fsdp sharding
-    rank = lambda p: (float(f"{p.predicted['step_seconds']:.6g}"), p.mesh["tensor"], p.mesh["fsdp"],  # noqa: E731
-                      order[id(p)])
+    rank = lambda p: (float(f"{p.predicted['step_seconds']:.6g}"), p.mesh["seq"], p.mesh["expert"],  # noqa: E731
+                      p.mesh["tensor"], p.mesh["fsdp"], order[id(p)])
     fitting = sorted((p for p in plans if p.predicted["memory_bytes_per_device"] <= budget), key=rank)
     if fitting:
         best = fitting[0]
@@ -408,7 +499,26 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
     best.alternatives = [{"mesh": {a: n for a, n in p.mesh.items() if n > 1} or {"data": 1}, "remat": p.remat,
                           "predicted": p.predicted} for p in rest]
     best.provenance["pipeline_choice"] = _why(best, cands, graph, cluster, compute_dtype)
+    best.provenance["seq_expert_choice"] = _why_seq_expert(best, cands)
     return best
+
+
+def _why_seq_expert(best: Plan, cands: list[Candidate]) -> dict[str, Any]:
+    """The best candidate with and without sequence / expert parallelism, for the summary's account of the
+    choice (search figures)."""
+    out: dict[str, Any] = {"chosen": {a: best.mesh[a] for a in ("seq", "expert")},
+                           "sequence": (best.sequence or {}).get("method")}
+    for key, want in (("best_without", False), ("best_with", True)):
+        pool = [c for c in cands if (c.mesh["seq"] > 1 or c.mesh["expert"] > 1) == want]
+        fitting = [c for c in pool if c.solution is not None]
+        entry: dict[str, Any] = {"considered": len(pool), "fits": bool(fitting)}
+        if fitting:
+            c = fitting[0]
+            entry.update(mesh={a: n for a, n in c.mesh.items() if n > 1}, step_seconds=c.seconds,
+                         memory_bytes_per_device=c.pipeline.predicted["memory_bytes_per_device"] if c.pipeline
+                         else c.solution.memory_bytes, sequence=c.sequence)
+        out[key] = entry
+    return out
 
 
 def _pipeline_fixes(graph: Graph, batch: int, mesh: dict[str, int], fixes: dict[str, Any]) -> dict[str, int]:
@@ -498,6 +608,12 @@ def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype:
         raise AutoshardError("the plan's parameter layouts admit no consistent strategy: check its specs")
     if plan.pipeline is not None and plan.mesh["pipe"] > 1:
         return _predict_pipeline(plan, graph, cluster, timed, sol)
+    if plan.mesh["seq"] > 1 or plan.mesh["expert"] > 1:
+        shapes = seq_expert.op_shapes(graph)
+        method = (plan.sequence or {}).get("method", "ring") if plan.mesh["seq"] > 1 else None
+        batch = next((graph.values[i].shape[0] for i in graph.inputs if graph.values[i].batch_dim == 0), 1)
+        seq_expert.check_fixed(shapes, {a: plan.mesh[a] for a in ("seq", "expert", "tensor")}, method, batch)
+        sol = seq_expert.apply(sol, seq_expert.extras(shapes, plan.mesh, batch, method, cluster, plan.remat))
     return predicted(sol)
 
 

@@ -1,0 +1,268 @@
+"""Sequence (`seq`) and expert (`expert`) parallelism in the planner: the degrees a model admits and what they cost.
+
+Both are strategies of one composite op (`ops.attention`, `ops.moe`), run by the runtime as shard_maps
+(`autoshard.sequence`, `autoshard.experts`). The traced graph holds the dense versions of those ops, so the
+integer program (`planner.ilp`) prices seq and expert as extra token splitting (`seq` splits every activation's
+sequence, `expert` the batch) and this module adds what the dense graph cannot show:
+
+- the exchanges of the op (Ulysses all-to-alls, ring collective-permutes, MoE dispatch/combine), from the byte
+  formulas below, which the runtime's tests check against compiled programs;
+- ring attention's residuals: the backward keeps every visiting K/V block, i.e. the whole sequence's K/V per layer.
+
+The byte formulas live here (not in `autoshard`) because the planner must not import the runtime; the runtime
+modules re-export them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from planner.errors import PlanError
+
+SEQUENCE_METHODS = ("ulysses", "ring")
+
+
+# -- bytes sent per device per step (convention of `autoshard.inspect`) ---------------------------------------------
+def ulysses_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4,
+                  backward: bool = True) -> float:
+    """Bytes one device sends per step in Ulysses all-to-alls (convention of `autoshard.inspect`).
+
+    batch and heads are what one device holds (global batch / data*fsdp shards, heads / tensor shards); seq is the
+    global sequence length and n the seq degree. Forward: four all-to-alls (q, k, v in; output back), each of a
+    [batch, seq/n, heads_x, head_dim] operand of which (n-1)/n leaves the device. The backward pass runs their
+    transposes (dq, dk, dv, d_out), the same sizes again. Remat of the attention would add the forward part once
+    more.
+    """
+    if n <= 1:
+        return 0.0
+    block = batch * (seq // n) * head_dim * itemsize
+    fwd = (n - 1) / n * block * (2 * heads + 2 * kv_heads)
+    return fwd * (2 if backward else 1)
+
+
+def ring_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4,
+               causal: bool = True, backward: bool = True) -> float:
+    """Bytes one device sends per step in ring attention's collective-permutes (convention of `autoshard.inspect`:
+    a collective-permute counts its operand bytes once per execution).
+
+    batch and heads are what one device holds (global batch / data*fsdp shards, heads / tensor shards); seq is the
+    global length, n the seq degree; one local block of one head is batch * seq/n * head_dim * itemsize bytes.
+    Forward: n-1 rotations of the local K and V (2 * kv_heads blocks each); causal adds the zigzag relayout of q, k,
+    v in and of the output back (2 * heads + 2 * kv_heads blocks; half that for n = 2, where the even chunks already
+    sit at home). Backward: the transposes, the same sizes (dK/dV travel the ring in reverse; dq, dk, dv and d_out
+    are relaid out). Remat of the attention would add the forward part once more.
+    """
+    if n <= 1:
+        return 0.0
+    block = batch * (seq // n) * head_dim * itemsize
+    fwd = (n - 1) * 2 * kv_heads * block
+    if causal:
+        fwd += (2 * heads + 2 * kv_heads) * block * (0.5 if n == 2 else 1.0)
+    return fwd * (2 if backward else 1)
+
+
+def moe_all_to_all_bytes(experts: int, batch: int, capacity: int, hidden: int, n: int, *, itemsize: int = 4,
+                         backward: bool = True) -> float:
+    """Bytes one device sends per step in expert-parallel dispatch and combine (convention of `autoshard.inspect`).
+
+    batch is the number of sequences one device holds (global batch / (expert * data * fsdp)); capacity is
+    `ops.capacity(seq, experts, top_k, capacity_factor)` (slots per sequence and expert); n is the expert degree.
+    Forward: dispatch and combine each move a [experts, batch, capacity, hidden] buffer of which (n-1)/n leaves the
+    device; backward: their transposes, the same again. Padding slots travel too (the exchange is dense, not
+    ragged). With other mesh axes > 1 the exchange is n-1 collective-permutes of 1/n each instead of one
+    all-to-all (see `autoshard.sequence.all_to_all`): the same bytes. Remat of the MoE layer would add the forward
+    part once more.
+    """
+    if n <= 1:
+        return 0.0
+    fwd = 2 * (n - 1) / n * experts * batch * capacity * hidden * itemsize
+    return fwd * (2 if backward else 1)
+
+
+# -- what the traced graph says about attention and MoE ---------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OpShapes:
+    """Sizes of a traced model's attention and MoE ops (zeros when it has none)."""
+
+    seq_len: int = 0
+    heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    attention_layers: int = 0
+    itemsize: int = 4
+    experts: int = 0
+    capacity: int = 0
+    hidden: int = 0
+    moe_layers: int = 0
+    expert_params: frozenset[str] = frozenset()
+    """Parameters with a leading-ish `experts` axis (split over `expert`)."""
+
+    @property
+    def has_attention(self) -> bool:
+        return self.attention_layers > 0 and self.heads > 0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_layers > 0 and self.experts > 0
+
+
+def op_shapes(graph: Any) -> OpShapes:
+    """Read attention heads / sequence length and MoE experts / capacity off a traced graph (`planner.trace`):
+    parameters' logical axis names give head and expert counts, the ops under the `autoshard.attention` /
+    `autoshard.moe` scopes give how often they run and the MoE buffer [experts, batch, capacity, hidden]."""
+    from planner.trace import itemsize
+
+    sizes: dict[str, int] = {}
+    expert_params = set()
+    for path, info in graph.params.items():
+        for size, name in zip(info.shape, info.axes or ()):
+            if name is not None:
+                sizes.setdefault(name, size)
+            if name == "experts":
+                expert_params.add(path)
+    seq_len = next((graph.values[i].shape[1] for i in graph.inputs
+                    if graph.values[i].batch_dim == 0 and len(graph.values[i].shape) >= 2), 0)
+    attn = [op for op in graph.ops if op.primitive == "dot_general" and "autoshard.attention" in op.scope]
+    moe = [op for op in graph.ops if op.primitive == "dot_general" and "autoshard.moe" in op.scope
+           and any(i is not None and graph.values[i].param in expert_params for i in op.inputs)]
+    out = dict(seq_len=seq_len, heads=sizes.get("heads", 0), kv_heads=sizes.get("kv_heads", sizes.get("heads", 0)),
+               head_dim=sizes.get("head_dim", 0), expert_params=frozenset(expert_params))
+    if attn:
+        out.update(attention_layers=attn[0].count, itemsize=itemsize(graph.values[attn[0].inputs[0]].dtype))
+    if moe and sizes.get("experts"):
+        h = graph.values[next(i for i in moe[0].inputs if graph.values[i].param is None)]
+        if len(h.shape) == 4:  # [E, B, C, D]
+            out.update(experts=sizes["experts"], capacity=h.shape[2], hidden=h.shape[3], moe_layers=moe[0].count)
+    return OpShapes(**out)
+
+
+# -- which degrees are valid ------------------------------------------------------------------------------------------
+def sequence_methods(shapes: OpShapes, n: int, tensor: int) -> list[str]:
+    """Sequence methods the runtime can run at seq degree n (with `tensor` splitting heads): ring needs the length
+    divisible by 2n (causal zigzag), Ulysses heads and kv_heads divisible by tensor x n (each tensor shard splits
+    its own heads; otherwise XLA all-gathers heads around the exchange) and the length by n."""
+    if n == 1:
+        return [None]
+    if not shapes.has_attention:
+        return []
+    out = []
+    if shapes.seq_len % n == 0 and shapes.heads % (tensor * n) == 0 and shapes.kv_heads % (tensor * n) == 0:
+        out.append("ulysses")
+    if shapes.seq_len % (2 * n) == 0:
+        out.append("ring")
+    return out
+
+
+def expert_ok(shapes: OpShapes, n: int) -> bool:
+    """Expert degree n splits the experts evenly (the batch check is the mesh enumeration's)."""
+    return n == 1 or (shapes.is_moe and shapes.experts % n == 0)
+
+
+def check_fixed(shapes: OpShapes, fixed: dict[str, int], method: str | None, batch: int) -> None:
+    """One-line errors for a user-fixed seq / expert degree or sequence method the model cannot run."""
+    s, e, t = fixed.get("seq", 1), fixed.get("expert", 1), fixed.get("tensor", 1)
+    if method is not None and method not in SEQUENCE_METHODS:
+        raise PlanError(f"unknown sequence method {method!r}: use one of {', '.join(SEQUENCE_METHODS)}")
+    if s > 1 and not shapes.has_attention:
+        raise PlanError(f"seq={s} but the model has no autoshard attention op to split: drop seq from the mesh")
+    if s > 1 and shapes.seq_len % s:
+        raise PlanError(f"seq={s} does not divide the sequence length {shapes.seq_len}: choose a seq degree that "
+                        f"divides it")
+    if s > 1 and method == "ring" and shapes.seq_len % (2 * s):
+        raise PlanError(f"causal ring attention needs the sequence length ({shapes.seq_len}) divisible by 2 x seq="
+                        f"{2 * s}: change the seq degree or use --sequence ulysses")
+    if s > 1 and method == "ulysses" and (shapes.heads % (t * s) or shapes.kv_heads % (t * s)):
+        raise PlanError(f"ulysses needs heads ({shapes.heads}) and kv_heads ({shapes.kv_heads}) divisible by "
+                        f"tensor x seq = {t * s}: use --sequence ring or a smaller seq degree")
+    if e > 1 and not shapes.is_moe:
+        raise PlanError(f"expert={e} but the model has no mixture-of-experts layer: drop expert from the mesh")
+    if e > 1 and shapes.experts % e:
+        raise PlanError(f"expert={e} does not divide the model's {shapes.experts} experts: use an expert degree "
+                        f"dividing {shapes.experts}")
+    if e > 1 and batch % e:
+        raise PlanError(f"expert={e} splits the batch, but batch {batch} is not divisible by it: change the batch "
+                        f"size or the expert degree")
+
+
+# -- what they cost beyond the token split ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Extras:
+    """Analytic terms of one mesh's sequence and expert ops, per device per step."""
+
+    comm_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    memory: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _local_heads(heads: int, tensor: int) -> int:
+    return heads // tensor if tensor > 1 and heads % tensor == 0 else heads
+
+
+def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | None, cluster: Any,
+           remat: str = "none") -> Extras:
+    """The attention exchanges (seq > 1), MoE dispatch/combine (expert > 1) and ring attention's K/V residuals.
+
+    Keys follow `autoshard.inspect`: with every other mesh axis of size 1 the exchanges compile as all-to-alls,
+    otherwise as collective-permutes (the runtime's ppermute form, the same bytes); ring attention is always
+    collective-permutes.
+    """
+    from planner.collectives import axis_collective_time
+
+    out = Extras()
+    local_batch = batch // math.prod(mesh[a] for a in ("data", "fsdp", "expert"))
+    s, e, t = mesh["seq"], mesh["expert"], mesh["tensor"]
+    if s > 1 and shapes.has_attention and method is not None:
+        h, hkv = _local_heads(shapes.heads, t), _local_heads(shapes.kv_heads, t)
+        args = (local_batch, shapes.seq_len, h, hkv, shapes.head_dim, s)
+        block = local_batch * (shapes.seq_len // s) * shapes.head_dim * shapes.itemsize
+        alone = all(n == 1 for a, n in mesh.items() if a != "seq")
+        if method == "ring":
+            nbytes = ring_bytes(*args, itemsize=shapes.itemsize)
+            kind = "collective-permute"
+            # 2(n-1) rotations of K and V per layer (forward, backward) plus the relayouts
+            calls = 2 * (s - 1) + 4
+            kv_all = 2 * hkv * block * (s - 1)  # every visiting K/V block stays for the backward
+            layers = 1 if remat == "full" else shapes.attention_layers
+            out.memory["ring attention K/V"] = kv_all * layers
+        else:
+            nbytes = ulysses_bytes(*args, itemsize=shapes.itemsize)
+            kind = "all-to-all" if alone else "collective-permute"
+            calls = 8 if alone else 8 * (s - 1)
+        total = nbytes * shapes.attention_layers
+        out.comm_bytes[f"seq/{kind}"] = total
+        per_call = total / (calls * shapes.attention_layers)
+        operand = per_call if kind == "collective-permute" else per_call * s / (s - 1)
+        out.seconds["sequence comm"] = (calls * shapes.attention_layers
+                                        * axis_collective_time(kind, operand, mesh, ("seq",), cluster))
+    if e > 1 and shapes.is_moe:
+        alone = all(n == 1 for a, n in mesh.items() if a != "expert")
+        kind = "all-to-all" if alone else "collective-permute"
+        total = shapes.moe_layers * moe_all_to_all_bytes(shapes.experts, local_batch, shapes.capacity, shapes.hidden,
+                                                         e, itemsize=shapes.itemsize)
+        out.comm_bytes[f"expert/{kind}"] = total
+        calls = 4 if alone else 4 * (e - 1)
+        per_call = total / (calls * shapes.moe_layers)
+        operand = per_call if kind == "collective-permute" else per_call * e / (e - 1)
+        out.seconds["expert comm"] = calls * shapes.moe_layers * axis_collective_time(kind, operand, mesh,
+                                                                                     ("expert",), cluster)
+    return out
+
+
+def apply(sol: Any, ext: Extras) -> Any:
+    """A `planner.ilp.Solution` with the extras added to its time, memory and communication."""
+    if not (ext.comm_bytes or ext.seconds or ext.memory):
+        return sol
+    comm = dict(sol.comm_bytes)
+    for k, v in ext.comm_bytes.items():
+        comm[k] = comm.get(k, 0.0) + v
+    breakdown = {**sol.breakdown, **ext.seconds}
+    memory = {**sol.memory, **ext.memory}
+    return dataclasses.replace(sol, comm_bytes=comm, breakdown=breakdown, memory=memory,
+                               step_seconds=sol.step_seconds + sum(ext.seconds.values()),
+                               memory_bytes=sol.memory_bytes + sum(ext.memory.values()))
+
+
+__all__ = ["Extras", "OpShapes", "SEQUENCE_METHODS", "apply", "check_fixed", "expert_ok", "extras",
+           "moe_all_to_all_bytes", "op_shapes", "ring_bytes", "sequence_methods", "ulysses_bytes"]
