@@ -77,12 +77,12 @@ def plan(model: nnx.Module | Callable[[], nnx.Module], example_batch: dict[str, 
          memory_budget: float | None = None, remat: str | None = None, loss_fn: Callable | None = None,
          pin: dict[str, list] | None = None, progress: Callable[[str], None] | None = None,
          provenance: dict | None = None, schedule: str | None = None, microbatches: int | None = None,
-         virtual: int | None = None) -> Plan:
+         virtual: int | None = None, sequence: str | None = None) -> Plan:
     """The fastest plan for `model` that fits the memory budget, found by the planner's integer program.
 
     Pipelines are considered for models with a layer stack (pipe > 1 in the mesh); `schedule` ("gpipe", "1f1b",
     "interleaved"), `microbatches` and `virtual` fix pipeline choices (and restrict the search to pipelines unless
-    `mesh` fixes pipe).
+    `mesh` fixes pipe). `sequence` ("ring", "ulysses") fixes the attention of meshes with seq > 1.
 
     `mesh` fixes some axes (`{"tensor": 8}`, `"tensor=8"`) or, as a `jax.sharding.Mesh`, all of them; `cluster`
     describes the hardware (a preset like `"a100-80g:64"`, a file, or a ClusterSpec; default: the local devices);
@@ -103,7 +103,7 @@ def plan(model: nnx.Module | Callable[[], nnx.Module], example_batch: dict[str, 
     dtype = _compute_dtype(model)
     return plan_graph(graph, cluster, _batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
                       remat=remat, progress=progress, provenance=provenance, compute_dtype=dtype, pin=pin,
-                      schedule=schedule, microbatches=microbatches, virtual=virtual)
+                      schedule=schedule, microbatches=microbatches, virtual=virtual, sequence=sequence)
 
 
 def predict(plan: Plan, model: nnx.Module | Callable[[], nnx.Module], example_batch: dict[str, Any],

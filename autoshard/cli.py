@@ -282,8 +282,10 @@ def default_plan(abstract_model, num_devices: int, args: argparse.Namespace):
 
 def make_plan(abstract_model, model_name: str, batch: int, seq: int, cluster, *, mesh: str | None = None,
               memory_budget: float | None = None, remat: str | None = None, provenance: dict | None = None,
-              stream=None):
-    """`autoshard.api.plan` for a [batch, seq] int32 token batch, with a progress display and full provenance."""
+              stream=None, fixes: dict | None = None):
+    """`autoshard.api.plan` for a [batch, seq] int32 token batch, with a progress display and full provenance;
+    `fixes` are the pipeline / sequence choices the user fixed (`api.plan` keywords)."""
+    fixes = fixes or {}
     import jax
     import numpy as np
 
@@ -294,11 +296,12 @@ def make_plan(abstract_model, model_name: str, batch: int, seq: int, cluster, *,
     prov = {"model": model_name, "batch": batch, "seq": seq, "cluster": cluster.label,
             "memory_budget": float(budget), "fixed_mesh": mesh, "remat": remat or "auto",
             **({"calibrated_from": cluster.calibrated_from} if cluster.calibrated_from else {}),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(provenance or {})}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **({"fixed": fixes} if fixes else {}),
+            **(provenance or {})}
     progress = SearchProgress(f"{model_name} on {cluster.label}", stream)
     try:
         return api_plan(abstract_model, example, mesh=mesh, cluster=cluster, memory_budget=memory_budget,
-                        remat=remat, progress=progress, provenance=prov)
+                        remat=remat, progress=progress, provenance=prov, **fixes)
     finally:
         progress.clear()
 
@@ -568,10 +571,13 @@ def add_plan(sub) -> None:
                    help="fix the microbatches per step (must divide the per-replica batch)")
     g.add_argument("--virtual-stages", type=_positive_int, default=None, metavar="V",
                    help="fix the layer chunks per pipeline device (implies --schedule interleaved when > 1)")
+    p.add_argument("--sequence", choices=("ring", "ulysses"), default=None,
+                   help="fix the sequence-parallel attention of meshes with seq > 1 (default: the planner chooses)")
 
 
 def _pipeline_fixes(args: argparse.Namespace) -> dict[str, Any]:
-    """--schedule / --microbatches / --virtual-stages as `autoshard.api.plan` keywords (one-line errors early)."""
+    """--schedule / --microbatches / --virtual-stages / --sequence as `autoshard.api.plan` keywords (one-line errors
+    early)."""
     out = {"schedule": args.schedule, "microbatches": args.microbatches, "virtual": args.virtual_stages}
     if args.microbatches is not None and args.batch % args.microbatches:
         raise AutoshardError(f"--microbatches {args.microbatches} does not divide --batch {args.batch}: choose a "
@@ -585,28 +591,8 @@ def _pipeline_fixes(args: argparse.Namespace) -> dict[str, Any]:
     if (args.virtual_stages or 1) > 1 and args.schedule not in (None, "interleaved"):
         raise AutoshardError(f"--virtual-stages {args.virtual_stages} needs --schedule interleaved, not "
                              f"{args.schedule}")
+    out["sequence"] = args.sequence
     return {k: v for k, v in out.items() if v is not None}
-
-
-def _make_pipeline_plan(abstract_model, args: argparse.Namespace, cluster, provenance: dict, fixes: dict):
-    """`make_plan` with fixed pipeline choices (same progress display and provenance)."""
-    import jax
-    import numpy as np
-
-    from autoshard.api import plan as api_plan
-
-    example = {k: jax.ShapeDtypeStruct((args.batch, args.seq), np.int32) for k in ("inputs", "targets")}
-    budget = args.memory_budget if args.memory_budget is not None else cluster.memory_bytes
-    prov = {"model": args.model, "batch": args.batch, "seq": args.seq, "cluster": cluster.label,
-            "memory_budget": float(budget), "fixed_mesh": args.mesh, "remat": args.remat or "auto",
-            **({"calibrated_from": cluster.calibrated_from} if cluster.calibrated_from else {}),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fixed_pipeline": fixes, **provenance}
-    progress = SearchProgress(f"{args.model} on {cluster.label}")
-    try:
-        return api_plan(abstract_model, example, mesh=args.mesh, cluster=cluster, memory_budget=args.memory_budget,
-                        remat=args.remat, progress=progress, provenance=prov, **fixes)
-    finally:
-        progress.clear()
 
 
 def resolve_cluster(spec: str | None, profile: str | None, args: argparse.Namespace):
@@ -639,11 +625,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.cluster and args.cluster != cluster.label:
         extra["cluster_spec"] = args.cluster
     t0 = time.perf_counter()
-    if fixes:
-        plan = _make_pipeline_plan(abstract, args, cluster, extra, fixes)
-    else:
-        plan = make_plan(abstract, args.model, args.batch, args.seq, cluster, mesh=args.mesh,
-                         memory_budget=args.memory_budget, remat=args.remat, provenance=extra)
+    plan = make_plan(abstract, args.model, args.batch, args.seq, cluster, mesh=args.mesh,
+                     memory_budget=args.memory_budget, remat=args.remat, provenance=extra, fixes=fixes)
     text = explain.summary(plan)
     if args.output == "-":
         print(text, file=sys.stderr)

@@ -323,7 +323,7 @@ def _pipeline_candidate(graph: Graph, cluster: ClusterSpec, batch: int, m: dict[
 
 
 def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[str, int] | None = None,
-                    pipeline: dict[str, Any] | None = None) -> float:
+                    pipeline: dict[str, Any] | None = None, sequence: str | None = None) -> float:
     """The least per-device memory any candidate plan needs (for the infeasible-budget error): the same integer
     program as the search, minimising memory instead of time; for pipelines, the lightest layout `choose` tries."""
     from planner import stages
@@ -345,6 +345,10 @@ def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[
             sol = pr.solve(None)
             if sol is not None:
                 methods = seq_expert.sequence_methods(shapes, m["seq"], m["tensor"]) or [None]
+                if sequence and m["seq"] > 1:
+                    methods = [x for x in methods if x == sequence]
+                    if not methods:
+                        continue
                 extra = min(sum(seq_expert.extras(shapes, m, batch, x, cluster, r).memory.values())
                             for x in methods)
                 least = min(least, sol.memory_bytes + extra)
@@ -460,7 +464,7 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
         raise AutoshardError(f"no mesh over {cluster.num_devices} devices splits batch {batch} evenly: change the "
                              f"batch size or the fixed mesh axes")
     if cands[0].solution is None:
-        need = smallest_memory(graph, cluster, batch, mesh, fixes)
+        need = smallest_memory(graph, cluster, batch, mesh, fixes, sequence)
         budget = default_budget(cluster) if memory_budget is None else memory_budget
         raise AutoshardError(f"no plan fits {format_bytes(budget)} per device: the smallest plan needs "
                              f"{format_bytes(need * 1.0005)}; raise --memory-budget or use more devices")  # rounded up
