@@ -345,10 +345,16 @@ class Pipeline:
             fwd_pairs, bwd_pairs = receive_permutations(P, V)
             k_act, k_cot = self.schedule.act_slots, self.schedule.cot_slots
 
+            # What moves between stages has the plan's layer_input layout (its automatic axes): pinned on the
+            # sends, so the bytes a tick transfers do not depend on how XLA propagates the embedding's layout.
+            carried = local_specs.get("layer_input")
+
+            def pin(x):
+                return ops.constrain(x, carried) if carried is not None else x
+
             def buffer(k):
                 buf = jax.lax.pcast(jnp.zeros((k,) + x_shape.shape, x_shape.dtype), vary, to="varying")
-                spec = local_specs.get("layer_input")
-                return ops.constrain(buf, PartitionSpec(None, *spec)) if spec is not None else buf
+                return ops.constrain(buf, PartitionSpec(None, *carried)) if carried is not None else buf
 
             def zeros_like_varying(a):
                 return jax.lax.pcast(jnp.zeros(a.shape, a.dtype), vary, to="varying")  # noqa: one buffer per leaf
@@ -364,8 +370,8 @@ class Pipeline:
                 g = cots[jnp.maximum(row["cot_slot"][me], 0)]
                 send_act, send_cot, acc = jax.lax.switch(
                     code, [lambda ops_, fn=fn: fn(*ops_) for fn in branches], (c, i, h, g, acc))
-                got_act = jax.lax.ppermute(send_act, "pipe", fwd_pairs)
-                got_cot = jax.lax.ppermute(send_cot, "pipe", bwd_pairs)
+                got_act = pin(jax.lax.ppermute(pin(send_act), "pipe", fwd_pairs))
+                got_cot = pin(jax.lax.ppermute(pin(send_cot), "pipe", bwd_pairs))
                 acts = _receive(acts, row["recv_act"][me], got_act)
                 cots = _receive(cots, row["recv_cot"][me], got_cot)
                 return (acts, cots, acc), None

@@ -74,8 +74,8 @@ class MeshCosts:
     residuals: dict[str, float]
     """Bytes the backward keeps by region (`layer`: one layer)."""
     carry_bytes: float
-    """One stage input [batch, seq, hidden] over the per-replica batch, per device (split over `tensor` when XLA
-    splits the executor's buffers and sends, see `_stage_input_split`)."""
+    """One stage input [batch, seq, hidden] over the per-replica batch, per device: whole over `tensor`, the plan's
+    `layer_input` layout, which the executor pins on what it buffers and sends."""
     solution: Solution
 
 
@@ -146,17 +146,7 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
     carry = g.values[g.carries[0][1]]
     return MeshCosts(dict(problem.mesh), L, problem.passes, dict(work), dict(tensor_bytes), layer_bytes, other_bytes,
                      layer_f / layer_bytes if layer_bytes else 0.0, other_f / other_bytes if other_bytes else 0.0,
-                     dict(residuals), local_nbytes(carry, problem.b) / _stage_input_split(problem, sol), sol)
-
-
-def _stage_input_split(problem: Problem, sol: Solution) -> int:
-    """How many ways `tensor` splits the stage input the executor buffers and sends: XLA keeps the layout the
-    embedding produces (split along hidden when the table is split along hidden; whole for a vocabulary-parallel
-    table), whatever the layer boundary's own spec (measured on gpt-tiny and gpt-small pipelines)."""
-    g = problem.g
-    boundary = next(op for op in g.ops if op.primitive == BOUNDARY)
-    lay = problem.layout_of(boundary.inputs[0], sol.ops, sol.params)
-    return problem.t if isinstance(lay, int) else 1
+                     dict(residuals), local_nbytes(carry, problem.b), sol)
 
 
 def _fsdp_choice(problem: Problem, path: str, c: ParamChoice) -> ParamChoice | None:
