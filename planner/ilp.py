@@ -54,12 +54,17 @@ class Solution:
 class Problem:
     def __init__(self, graph: Graph, mesh: dict[str, int], cluster: ClusterSpec, *, remat: str = "none",
                  compute_dtype: str = "float32", fixed_params: dict[str, ParamChoice] | None = None,
-                 fixed_layouts: dict[int, Layout] | None = None, objective: str = "time"):
+                 fixed_layouts: dict[int, Layout] | None = None, objective: str = "time",
+                 attention_residuals: bool = True):
         self.g, self.mesh, self.cluster, self.remat, self.dtype = graph, mesh, cluster, remat, compute_dtype
         self.objective = objective
         """"time" (plan for speed), "bytes" (predict what XLA's partitioner does with a given plan: it follows the
         given shardings and moves as few bytes as it can, whatever the links) or "memory" (the least memory)."""
         self.fixed_layouts = dict(fixed_layouts or {})
+        self.attention_residuals = attention_residuals
+        """False when the runtime's attention keeps its own residuals (ring attention's custom backward saves only
+        q, k, v, out and the log-sum-exp, priced by `planner.seq_expert`): nothing the traced dense attention's ops
+        (scope `autoshard.attention`) would save is counted."""
         """Values whose layout is given (a plan's activation constraints)."""
         self.t = mesh["tensor"]
         self.passes = graph.passes()
@@ -307,6 +312,8 @@ class Problem:
                 keep[vid] = max(keep.get(vid, 0), count)
 
         for op in self.g.ops:
+            if not self.attention_residuals and "autoshard.attention" in op.scope:
+                continue
             live_in = [i for i in op.inputs if i is not None and i in self._live and self.values[i].param is None]
             if op.primitive in PRODUCT_OPS and (op.primitive == "dot_general" or len(set(live_in)) > 1
                                                   or any(i in self.needs_grad for i in op.inputs if i is not None)):
@@ -480,8 +487,11 @@ class Problem:
         if self.objective == "memory":
             m.Minimize(sum(int(math.ceil(b)) * lit for b, lit in memory if b > 0))
         elif self.objective == "bytes":  # between plans that move the same bytes, the partitioner splits more
-            m.Minimize(sum(1000 * int(round(c)) * lit for c, lit in cost if c > 0)
-                       + sum(int(math.ceil(b)) * lit for b, lit in memory if b > 0))
+            # CP-SAT needs the objective's range within int64: in bytes x 1000 a 175B model's terms overflow it,
+            # so large models count in coarser units (exact for everything below ~2^50 bytes in total)
+            unit = max(1.0, (1000 * sum(c for c, _ in cost if c > 0) + sum(b for b, _ in memory if b > 0)) / 2**50)
+            m.Minimize(sum(1000 * int(round(c / unit)) * lit for c, lit in cost if c > 0)
+                       + sum(int(math.ceil(b / unit)) * lit for b, lit in memory if b > 0))
         else:
             m.Minimize(sum(int(round(c * scale)) * lit for c, lit in cost if c > 0))
         if memory_budget is not None:
