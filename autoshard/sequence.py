@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from planner.errors import PlanError
-from planner.seq_expert import ring_bytes, ulysses_bytes  # noqa: F401 (re-exported)
+from planner.seq_expert import RING_CHUNK, ring_bytes, ulysses_bytes  # noqa: F401 (re-exported)
 
 Array = jax.Array
 
@@ -106,8 +106,9 @@ def all_to_all(x: Array, axis: str, split_axis: int, concat_axis: int, *, native
 def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Array:
     """All-to-all sequence parallelism (DeepSpeed-Ulysses).
 
-    Per device: all_to_all q, k, v from sequence-sharded [B, S/n, H, D] to head-sharded [B, S, H/n, D], dense
-    attention over the whole sequence for the local heads, all_to_all the output back. Needs heads and kv_heads
+    Per device: all_to_all q, k, v from sequence-sharded [B, S/n, H, D] to head-sharded [B, S, H/n, D], attention
+    over the whole sequence for the local heads, all_to_all the output back. The local attention is chunked with a
+    recomputing backward (`_local_flash`): it keeps no [B, H/n, S, S] probabilities. Needs heads and kv_heads
     divisible by n. When heads are also split over `tensor` (t ways) and both head counts divide by t*n, heads are
     split as [t, n, H/(t n)] so that each tensor shard splits its own heads (no resharding between the two); when
     they do not, the result is still right but XLA all-gathers the heads over `tensor` around the exchange
@@ -147,7 +148,7 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> A
         return x.reshape(bl, sf // n, hl * n, dx)
 
     def body(q: Array, k: Array, v: Array) -> Array:
-        o = ops.dense_attention(seq_to_heads(q), seq_to_heads(k), seq_to_heads(v), causal=causal)
+        o = _local_flash(causal)(seq_to_heads(q), seq_to_heads(k), seq_to_heads(v))
         return heads_to_seq(o)
 
     spec = P(None, "seq")
@@ -157,25 +158,158 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> A
 
 
 # -- ring attention --------------------------------------------------------------------------------------------------
-def _block(q: Array, k: Array, v: Array, mask: Array | None) -> tuple[Array, Array, Array]:
-    """Unnormalised attention of q [B, Tq, H, D] over k, v [B, Tk, Hkv, D] (grouped query, no KV repeat).
-
-    Returns o [B, Tq, H, D] (float32, sum of p*v), m [B, Hkv, G, Tq] (row max, constant for autodiff: the merged
-    result does not depend on it) and l [B, Hkv, G, Tq] (sum of p). Fully masked rows give m=_NEG, l=0, o=0.
-    """
+def _scores(q: Array, k: Array) -> Array:
+    """Scaled logits [B, Hkv, G, Tq, Tk] (float32) of q [B, Tq, H, D] against k [B, Tk, Hkv, D] (grouped query)."""
     b, tq, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, tq, hkv, h // hkv, d)
-    s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k).astype(jnp.float32) / math.sqrt(d)
-    if mask is not None:
-        s = jnp.where(mask, s, _NEG)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))
+    return jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+
+
+def _block(q: Array, k: Array, v: Array, keep: Array | None) -> tuple[Array, Array, Array]:
+    """Unnormalised attention of q [B, Tq, H, D] over k, v [B, Tk, Hkv, D] (grouped query, no KV repeat).
+
+    keep: None or a float32 [Tq, Tk] of 1 (attend) and 0 (masked). Returns o [B, Tq, H, D] (float32, sum of p*v),
+    m [B, Hkv, G, Tq] (row max) and l [B, Hkv, G, Tq] (sum of p). Fully masked rows give m=_NEG, l=0, o=0. Only
+    the forward of the ring's custom_vjp runs it (never autodiff).
+    """
+    b, tq, h, d = q.shape
+    s = _scores(q, k)
+    if keep is not None:  # arithmetic, not jnp.where: see `_causal_keep`
+        s = s * keep + (1.0 - keep) * _NEG
+    m = jnp.max(s, axis=-1)
     p = jnp.exp(s - m[..., None])
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
+    if keep is not None:
+        p = p * keep
     l = jnp.sum(p, axis=-1)
     o = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(b, tq, h, d), m, l
+
+
+def _block_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
+                 keep: Array | None) -> tuple[Array, Array, Array]:
+    """Flash-attention backward of one (query block, key block) pair, recomputing the probabilities from lse.
+
+    q, do [B, Tq, H, D]; k, v [B, Tk, Hkv, D]; lse, delta [B, Hkv, G, Tq] (float32: log-sum-exp of the query rows
+    over all keys, and rowsum(do * o)). Returns the float32 contributions dq [B, Tq, H, D], dk, dv [B, Tk, Hkv, D].
+    """
+    b, tq, h, d = q.shape
+    hkv = k.shape[2]
+    p = jnp.exp(_scores(q, k) - lse[..., None])
+    if keep is not None:
+        p = p * keep
+    dog = do.reshape(b, tq, hkv, h // hkv, d)
+    qg = q.reshape(b, tq, hkv, h // hkv, d)
+    dv = jnp.einsum("bkgqt,bqkgd->btkd", p.astype(do.dtype), dog, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bqkgd,btkd->bkgqt", dog, v, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[..., None]) / math.sqrt(d)).astype(q.dtype)
+    dq = jnp.einsum("bkgqt,btkd->bqkgd", ds, k, preferred_element_type=jnp.float32).reshape(b, tq, h, d)
+    dk = jnp.einsum("bkgqt,bqkgd->btkd", ds, qg, preferred_element_type=jnp.float32)
+    return dq, dk, dv
+
+
+def _chunk(t: int) -> int:
+    """The largest divisor of t that is at most `RING_CHUNK` (t itself when t fits): one step's transient
+    probabilities are [B, H, chunk, chunk] float32 per chunk pair instead of [B, H, S/n, S/n] (tests lower
+    `RING_CHUNK` here to exercise the chunk loops)."""
+    return next(c for c in range(min(t, RING_CHUNK), 0, -1) if t % c == 0)
+
+
+def _chunks(x: Array, c: int) -> Array:
+    """[B, T, ...] -> [T/c, B, c, ...]: chunks along the sequence, leading (for scan)."""
+    b, t = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, t // c, c, *x.shape[2:]), 1, 0)
+
+
+def _unchunk(x: Array) -> Array:
+    """Inverse of `_chunks`."""
+    n, b, c = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])
+
+
+def _row_chunks(x: Array, c: int) -> Array:
+    """Row statistics [B, Hkv, G, T] -> [T/c, B, Hkv, G, c]."""
+    return jnp.moveaxis(x.reshape(*x.shape[:3], x.shape[3] // c, c), 3, 0)
+
+
+def _row_unchunk(x: Array) -> Array:
+    """Inverse of `_row_chunks`."""
+    return jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], x.shape[0] * x.shape[4])
+
+
+def _causal_keep(x: Array, q0: Array | int, tq: int, k0: Array | int, tk: int) -> Array:
+    """Causal mask [tq, tk] (float32 1/0) of local query rows q0.. against key rows k0.. (in the zigzag layout the
+    diagonal step is plain causal over the device's 2c rows).
+
+    The row positions are tied to the data `x` by an optimization barrier (no computation, no communication), and
+    the mask is applied by arithmetic rather than `jnp.where` with a constant: under a scan over layers, jax's scan
+    partial evaluation hoists data-independent values out of the loop, and masks built inside the chunk loops were
+    hoisted stacked, [chunks, chunks, B, H, chunk, chunk] per layer (measured).
+    """
+    rows, _ = jax.lax.optimization_barrier((q0 + jnp.arange(tq), x))
+    return (rows[:, None] >= (k0 + jnp.arange(tk))[None, :]).astype(jnp.float32)
+
+
+def _flash_forward(q: Array, k: Array, v: Array, causal: bool) -> tuple[Array, Array, Array]:
+    """`_block` over chunks (online softmax across key chunks), so the transient is one chunk pair's probabilities;
+    with `causal` (q and k the same local rows) chunk pairs above the diagonal are skipped."""
+    tq, tk = q.shape[1], k.shape[1]
+    cq, ck = _chunk(tq), _chunk(tk)
+    if cq == tq and ck == tk:
+        return _block(q, k, v, _causal_keep(q, 0, tq, 0, tk) if causal else None)
+
+    def row(args: tuple[Array, Array]) -> tuple[Array, Array, Array]:
+        qi, qc = args
+        # start from key chunk 0 (never skipped) rather than zeros: constants would be hoisted (`_causal_keep`)
+        init = _block(qc, k[:, :ck], v[:, :ck], _causal_keep(qc, qi * cq, cq, 0, ck) if causal else None)
+
+        def step(acc, x):
+            kj, kc, vc = x
+            if not causal:
+                return _merge(acc, _block(qc, kc, vc, None)), None
+            return jax.lax.cond(kj * ck > qi * cq + cq - 1, lambda a: a,
+                                lambda a: _merge(a, _block(qc, kc, vc, _causal_keep(qc, qi * cq, cq, kj * ck, ck))),
+                                acc), None
+
+        return jax.lax.scan(step, init, (jnp.arange(1, tk // ck), _chunks(k, ck)[1:], _chunks(v, ck)[1:]))[0]
+
+    o, m, l = jax.lax.map(row, (jnp.arange(tq // cq), _chunks(q, cq)))
+    return _unchunk(o), _row_unchunk(m), _row_unchunk(l)
+
+
+def _flash_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
+                 causal: bool) -> tuple[Array, Array, Array]:
+    """`_block_grads` over chunks: per key chunk, a loop over query chunks accumulates its dK/dV and emits dq
+    contributions; with `causal` chunk pairs above the diagonal are skipped."""
+    tq, tk = q.shape[1], k.shape[1]
+    cq, ck = _chunk(tq), _chunk(tk)
+    if cq == tq and ck == tk:
+        return _block_grads(q, k, v, do, lse, delta, _causal_keep(q, 0, tq, 0, tk) if causal else None)
+    rows = (jnp.arange(tq // cq), _chunks(q, cq), _chunks(do, cq), _row_chunks(lse, cq), _row_chunks(delta, cq))
+
+    def col(dq, x):
+        kj, kc, vc = x
+
+        def row(acc, y):
+            qi, qc, doc, lc, dc = y
+
+            def compute(acc):
+                keep = _causal_keep(qc, qi * cq, cq, kj * ck, ck) if causal else None
+                gq, gk, gv = _block_grads(qc, kc, vc, doc, lc, dc, keep)
+                return (acc[0] + gk, acc[1] + gv), gq
+
+            if not causal:
+                return compute(acc)
+            return jax.lax.cond(kj * ck > qi * cq + cq - 1, lambda a: (a, jnp.zeros_like(qc, jnp.float32)),
+                                compute, acc)
+
+        init = (jnp.zeros_like(kc, jnp.float32), jnp.zeros_like(vc, jnp.float32))
+        (gk, gv), gq = jax.lax.scan(row, init, rows)
+        return dq + _unchunk(gq), (gk, gv)
+
+    dq, (dk, dv) = jax.lax.scan(col, jnp.zeros_like(q, jnp.float32),
+                                (jnp.arange(tk // ck), _chunks(k, ck), _chunks(v, ck)))
+    return dq, _unchunk(dk), _unchunk(dv)
 
 
 def _merge(acc: tuple[Array, Array, Array], new: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
@@ -192,10 +326,15 @@ def _merge(acc: tuple[Array, Array, Array], new: tuple[Array, Array, Array]) -> 
     return scale(o1, a1) + scale(o2, a2), m, l1 * a1 + l2 * a2
 
 
-def _finish(o: Array, l: Array, dtype: Any) -> Array:
-    b, tq, h, _ = o.shape
-    l = jnp.moveaxis(l.reshape(b, h, tq), 1, 2)[..., None]
-    return (o / jnp.where(l == 0.0, 1.0, l)).astype(dtype)
+def _rows(x: Array, like: Array) -> Array:
+    """Per-row statistics [B, Hkv, G, Tq] -> [B, Tq, H, 1], to broadcast over an output shaped like `like`."""
+    b, tq, h, _ = like.shape
+    return jnp.moveaxis(x.reshape(b, h, tq), 1, 2)[..., None]
+
+
+def _stats(x: Array, like: Array) -> Array:
+    """Inverse of `_rows` for a [B, Tq, H] row quantity: -> [B, Hkv, G, Tq] with the grouping of `lse`."""
+    return jnp.moveaxis(x, 1, 2).reshape(like.shape)
 
 
 def _zigzag_perms(n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -235,6 +374,134 @@ def _from_zigzag(x: Array, n: int, me: Array) -> Array:
     return jnp.concatenate([even, odd], axis=1)
 
 
+def _ring(n: int) -> list[tuple[int, int]]:
+    return [(j, (j + 1) % n) for j in range(n)]
+
+
+def _ring_forward(q: Array, k: Array, v: Array, n: int, causal: bool) -> tuple[Array, Array]:
+    """Output o [B, T, H, D] (q.dtype) and log-sum-exp [B, Hkv, G, T] (float32) of the local (zigzag) queries."""
+    me = jax.lax.axis_index("seq")
+    c = q.shape[1] // 2
+    acc = _flash_forward(q, k, v, causal)  # the diagonal step: causal over the local rows (zigzag or not)
+
+    def visit(kv: tuple[Array, Array], src: Array) -> tuple[Array, Array, Array]:
+        if not causal:
+            return _flash_forward(q, *kv, False)
+
+        def earlier(k, v):  # src < i: both query chunks see K/V chunk src only
+            return _flash_forward(q, k[:, :c], v[:, :c], False)
+
+        def later(k, v):  # src > i: query chunk 2n-1-i sees both K/V chunks; chunk i sees none
+            o, m, l = _flash_forward(q[:, c:], k, v, False)
+            pad = [(0, 0)] * 3 + [(c, 0)]
+            return (jnp.pad(o, [(0, 0), (c, 0), (0, 0), (0, 0)]), jnp.pad(m, pad, constant_values=_NEG),
+                    jnp.pad(l, pad))
+
+        return jax.lax.cond(src < me, earlier, later, *kv)
+
+    def step(carry, t):
+        acc, kv = carry
+        kv = jax.lax.ppermute(kv, "seq", _ring(n))
+        return (_merge(acc, visit(kv, (me - t) % n)), kv), None
+
+    (acc, _), _ = jax.lax.scan(step, (acc, (k, v)), jnp.arange(1, n))
+    return _normalise(*acc, q.dtype)
+
+
+def _normalise(o: Array, m: Array, l: Array, dtype: Any) -> tuple[Array, Array]:
+    """Output (o / l, in `dtype`) and float32 log-sum-exp (m + log l) of an online-softmax accumulator."""
+    safe = jnp.where(l == 0.0, 1.0, l)
+    return (o / _rows(safe, o)).astype(dtype), m + jnp.log(safe)
+
+
+def _delta(do: Array, o: Array, lse: Array) -> Array:
+    """rowsum(do * o) [B, Hkv, G, T] (float32), the softmax backward's per-row term."""
+    return _stats(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), lse)
+
+
+def _ring_backward(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array, n: int,
+                   causal: bool) -> tuple[Array, Array, Array]:
+    """dq, dk, dv of the local blocks: K/V travel the ring again with their float32 dK/dV accumulators; each step
+    recomputes its probability block from q, k and lse; after n-1 steps one more rotation brings dK/dV home."""
+    me = jax.lax.axis_index("seq")
+    c = q.shape[1] // 2
+    delta = _delta(do, o, lse)
+    dq, dk, dv = _flash_grads(q, k, v, do, lse, delta, causal)
+
+    def visit(kv: tuple[Array, Array], src: Array) -> tuple[Array, Array, Array]:
+        if not causal:
+            return _flash_grads(q, *kv, do, lse, delta, False)
+
+        def earlier(k, v):  # src < i: both query chunks, K/V chunk src only
+            dq, dk, dv = _flash_grads(q, k[:, :c], v[:, :c], do, lse, delta, False)
+            pad = [(0, 0), (0, c), (0, 0), (0, 0)]
+            return dq, jnp.pad(dk, pad), jnp.pad(dv, pad)
+
+        def later(k, v):  # src > i: query chunk 2n-1-i, both K/V chunks
+            dq, dk, dv = _flash_grads(q[:, c:], k, v, do[:, c:], lse[..., c:], delta[..., c:], False)
+            return jnp.pad(dq, [(0, 0), (c, 0), (0, 0), (0, 0)]), dk, dv
+
+        return jax.lax.cond(src < me, earlier, later, *kv)
+
+    def step(carry, t):
+        dq, kv, dkv = carry
+        kv, dkv = jax.lax.ppermute((kv, dkv), "seq", _ring(n))
+        gq, gk, gv = visit(kv, (me - t) % n)
+        return (dq + gq, kv, (dkv[0] + gk, dkv[1] + gv)), None
+
+    (dq, _, dkv), _ = jax.lax.scan(step, (dq, (k, v), (dk, dv)), jnp.arange(1, n))
+    dk, dv = jax.lax.ppermute(dkv, "seq", _ring(n))  # the n-th rotation: dK/dV of our own K/V come home
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _local_flash(causal: bool) -> Any:
+    """Chunked attention of local q [B, T, H, D] over k, v [B, T, Hkv, D] as a `jax.custom_vjp` (Ulysses' per-device
+    attention over the whole sequence): it keeps q, k, v, the output and the float32 log-sum-exp, not the
+    [B, H, T, T] probabilities, and recomputes them chunk by chunk in the backward."""
+
+    def forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple]:
+        o, lse = _normalise(*_flash_forward(q, k, v, causal), q.dtype)
+        return o, (q, k, v, o, lse)
+
+    def backward(res: tuple, do: Array) -> tuple[Array, Array, Array]:
+        q, k, v, o, lse = res
+        dq, dk, dv = _flash_grads(q, k, v, do, lse, _delta(do, o, lse), causal)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    @jax.custom_vjp
+    def attend(q: Array, k: Array, v: Array) -> Array:
+        return forward(q, k, v)[0]
+
+    attend.defvjp(forward, backward)
+    return attend
+
+
+def _ring_vjp(n: int, causal: bool) -> Any:
+    """Ring attention of per-device (sequence-sharded contiguous) blocks, for a shard_map manual over `seq`, as a
+    `jax.custom_vjp`: the forward keeps only the local (zigzag when causal) q, k, v, output and float32
+    log-sum-exp blocks, the backward runs the ring again (`_ring_backward`). The zigzag relayouts are inside both.
+    """
+
+    def forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple]:
+        me = jax.lax.axis_index("seq")
+        if causal:
+            q, k, v = (_to_zigzag(x, n, me) for x in (q, k, v))
+        o, lse = _ring_forward(q, k, v, n, causal)
+        return (_from_zigzag(o, n, me) if causal else o), (q, k, v, o, lse)
+
+    def backward(res: tuple, do: Array) -> tuple[Array, Array, Array]:
+        me = jax.lax.axis_index("seq")
+        grads = _ring_backward(*res, _to_zigzag(do, n, me) if causal else do, n, causal)
+        return tuple(_from_zigzag(g, n, me) for g in grads) if causal else grads
+
+    @jax.custom_vjp
+    def attend(q: Array, k: Array, v: Array) -> Array:
+        return forward(q, k, v)[0]
+
+    attend.defvjp(forward, backward)
+    return attend
+
+
 def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Array:
     """Ring attention: K/V blocks travel around the `seq` axis (ppermute), online softmax in float32.
 
@@ -248,9 +515,12 @@ def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Arra
     other pairs are entirely masked and skipped (`lax.cond` on a device-varying predicate).
 
     Non-causal attention needs no balancing and rotates K/V over the contiguous layout. Grouped-query K/V rotate
-    with their Hkv heads (no repeat). Gradients come from autodiff through the scan, cond and ppermutes (the
-    backward pass sends the dK/dV cotangents around the ring in reverse; the forward K/V of every step are kept as
-    residuals, so memory holds the whole sequence's K/V per device — remat bounds that).
+    with their Hkv heads (no repeat). The backward pass is flash-style (`_ring_vjp`, a custom_vjp): it keeps only
+    the local q, k, v, output and log-sum-exp, and runs the ring again, K/V travelling with their float32 dK/dV
+    accumulators (n-1 rotations of K/V, n of dK/dV) and each step recomputing its probabilities, with the same
+    zigzag skipping. Within a step, queries and keys go in chunks of up to `RING_CHUNK` tokens (online softmax
+    across key chunks; causal chunk pairs above the diagonal skipped), so per device the op holds O(S/n)
+    residuals plus a transient of a few [B, H, chunk, chunk] float32 blocks (`planner.seq_expert.ring_memory`).
     """
     from autoshard import ops  # imported here: ops imports this module to register it
 
@@ -263,52 +533,9 @@ def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Arra
     if s % parts:
         raise PlanError(f"{'causal ' if causal else ''}ring attention needs the sequence length ({s}) divisible by "
                         f"{parts} (= {'2 x ' if causal else ''}seq={n}): change the seq degree or the sequence length")
-    ring = [(j, (j + 1) % n) for j in range(n)]
-
-    def rotate(kv: tuple[Array, Array]) -> tuple[Array, Array]:
-        return jax.lax.ppermute(kv, "seq", ring)
-
-    def body(q: Array, k: Array, v: Array) -> Array:
-        me = jax.lax.axis_index("seq")
-        if causal:
-            q, k, v = (_to_zigzag(x, n, me) for x in (q, k, v))
-            c = q.shape[1] // 2
-            tril = jnp.tril(jnp.ones((c, c), bool))
-            # local K/V: q chunk i sees k chunk i causally, not chunk 2n-1-i; q chunk 2n-1-i sees all of chunk i
-            diag = jnp.block([[tril, jnp.zeros((c, c), bool)], [jnp.ones((c, c), bool), tril]])
-            acc = _block(q, k, v, diag)
-
-            def visit(q: Array, k: Array, v: Array, src: Array) -> tuple[Array, Array, Array]:
-                def earlier(q, k, v):  # src < i: both query chunks see K/V chunk src only
-                    return _block(q, k[:, :c], v[:, :c], None)
-
-                def later(q, k, v):  # src > i: query chunk 2n-1-i sees both K/V chunks; chunk i sees none
-                    o, m, l = _block(q[:, c:], k, v, None)
-                    pad = [(0, 0)] * 3 + [(c, 0)]
-                    return (jnp.pad(o, [(0, 0), (c, 0), (0, 0), (0, 0)]), jnp.pad(m, pad, constant_values=_NEG),
-                            jnp.pad(l, pad))
-
-                return jax.lax.cond(src < me, earlier, later, q, k, v)
-        else:
-            acc = _block(q, k, v, None)
-
-            def visit(q, k, v, src):
-                return _block(q, k, v, None)
-
-        def step(carry, t):
-            acc, kv = carry
-            kv = rotate(kv)
-            src = (me - t) % n  # the device whose K/V we now hold
-            return (_merge(acc, visit(q, *kv, src)), kv), None
-
-        (acc, _), _ = jax.lax.scan(step, (acc, (k, v)), jnp.arange(1, n))
-        o = _finish(acc[0], acc[2], q.dtype)
-        return _from_zigzag(o, n, me) if causal else o
 
     spec = P(None, "seq")
-    return manual_over("seq", body, (spec, spec, spec), spec, mesh, q, k, v)
-
-
+    return manual_over("seq", _ring_vjp(n, causal), (spec, spec, spec), spec, mesh, q, k, v)
 
 
 __all__ = ["all_to_all", "axis_size", "free_axes", "ring_attention", "ring_bytes", "shard_map_mesh",

@@ -277,7 +277,8 @@ def _seq_expert_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: C
                            pinned: dict[str, ParamChoice] | None, compute_dtype: str, sequence: str | None,
                            unplanned: set[str]) -> list[Candidate]:
     """A mesh with seq or expert > 1: the integer program over the token-split graph for each sequence method the
-    mesh admits, its budget reduced by the method's own memory (ring's K/V residuals), plus the op's exchanges."""
+    mesh admits, its budget reduced by the method's own memory (ring / Ulysses: their flash-style residuals and
+    transient, with the traced dense attention's residuals left out), plus the op's exchanges."""
     methods = seq_expert.sequence_methods(shapes, m["seq"], m["tensor"])
     if sequence and m["seq"] > 1:
         methods = [x for x in methods if x == sequence]
@@ -287,7 +288,8 @@ def _seq_expert_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: C
         for r in remats:
             ext = seq_expert.extras(shapes, m, batch, method, cluster, r)
             problem = Problem(graph, m, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
-                              fixed_layouts={cin: None for _, cin in graph.carries})
+                              fixed_layouts={cin: None for _, cin in graph.carries},
+                              attention_residuals=seq_expert.dense_residuals(method))
             unplanned.update(problem.unplanned)
             sol = problem.solve(budget - sum(ext.memory.values()))
             if sol is not None:
@@ -339,19 +341,18 @@ def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[
                 local = batch // (m["data"] * m["fsdp"])
                 least = min(least, stages.least_memory(costs, local, **(pipeline or {})))
             continue
+        methods = seq_expert.sequence_methods(shapes, m["seq"], m["tensor"]) or [None]
+        if sequence and m["seq"] > 1:
+            methods = [x for x in methods if x == sequence]
         for r in ("none", "full"):
-            pr = Problem(graph, m, cluster, remat=r, objective="memory",
-                         fixed_layouts={cin: None for _, cin in graph.carries})
-            sol = pr.solve(None)
-            if sol is not None:
-                methods = seq_expert.sequence_methods(shapes, m["seq"], m["tensor"]) or [None]
-                if sequence and m["seq"] > 1:
-                    methods = [x for x in methods if x == sequence]
-                    if not methods:
-                        continue
-                extra = min(sum(seq_expert.extras(shapes, m, batch, x, cluster, r).memory.values())
-                            for x in methods)
-                least = min(least, sol.memory_bytes + extra)
+            for dense in sorted({seq_expert.dense_residuals(x) for x in methods}):
+                pr = Problem(graph, m, cluster, remat=r, objective="memory",
+                             fixed_layouts={cin: None for _, cin in graph.carries}, attention_residuals=dense)
+                sol = pr.solve(None)
+                if sol is not None:
+                    extra = min(sum(seq_expert.extras(shapes, m, batch, x, cluster, r).memory.values())
+                                for x in methods if seq_expert.dense_residuals(x) == dense)
+                    least = min(least, sol.memory_bytes + extra)
     return least
 
 
@@ -601,12 +602,15 @@ def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype:
     if spec is not None and graph.carries:  # the plan constrains the layer boundary: so does the prediction
         t = next((d for d, e in enumerate(spec) if e == "tensor" or (isinstance(e, list) and "tensor" in e)), None)
         fixed.update({cin: t for _, cin in graph.carries})
+    method = (plan.sequence or {}).get("method", "ring") if plan.mesh["seq"] > 1 else None
+    dense = seq_expert.dense_residuals(method)
     problem = Problem(graph, plan.mesh, cluster, remat=plan.remat, compute_dtype=compute_dtype,
-                      fixed_params=choices_from_plan(plan, graph), fixed_layouts=fixed, objective="bytes")
+                      fixed_params=choices_from_plan(plan, graph), fixed_layouts=fixed, objective="bytes",
+                      attention_residuals=dense)
     sol = problem.solve(None)
     if sol is not None:  # report times from the cluster model, for the layouts the partitioner would choose
         timed = Problem(graph, plan.mesh, cluster, remat=plan.remat, compute_dtype=compute_dtype,
-                        fixed_params=choices_from_plan(plan, graph), fixed_layouts=fixed)
+                        fixed_params=choices_from_plan(plan, graph), fixed_layouts=fixed, attention_residuals=dense)
         sol = timed.evaluate(sol.ops, sol.params)
     if sol is None:
         raise AutoshardError("the plan's parameter layouts admit no consistent strategy: check its specs")
@@ -614,7 +618,6 @@ def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype:
         return _predict_pipeline(plan, graph, cluster, timed, sol)
     if plan.mesh["seq"] > 1 or plan.mesh["expert"] > 1:
         shapes = seq_expert.op_shapes(graph)
-        method = (plan.sequence or {}).get("method", "ring") if plan.mesh["seq"] > 1 else None
         batch = next((graph.values[i].shape[0] for i in graph.inputs if graph.values[i].batch_dim == 0), 1)
         seq_expert.check_fixed(shapes, {a: plan.mesh[a] for a in ("seq", "expert", "tensor")}, method, batch)
         sol = seq_expert.apply(sol, seq_expert.extras(shapes, plan.mesh, batch, method, cluster, plan.remat))
