@@ -103,6 +103,8 @@ def search_model(plan, graph, cluster, dtype: str) -> dict:
     strategy the fastest (objective "time"), as `search` scores candidates (the old `predict`)."""
     from planner.ilp import Problem
 
+    if plan.pipeline is not None:  # a pipeline's search cost is the schedule's, which predict() evaluates
+        return summary(search.predict(plan, graph, cluster, compute_dtype=dtype))
     fixed = {}
     spec = plan.activations.get("layer_input")
     if spec is not None and graph.carries:
