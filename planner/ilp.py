@@ -57,6 +57,7 @@ class Problem:
                  fixed_layouts: dict[int, Layout] | None = None, objective: str = "time",
                  attention_residuals: bool = True):
         self.g, self.mesh, self.cluster, self.remat, self.dtype = graph, mesh, cluster, remat, compute_dtype
+        self._comm_costs: dict[tuple, float] = {}
         self.objective = objective
         """"time" (plan for speed), "bytes" (predict what XLA's partitioner does with a given plan: it follows the
         given shardings and moves as few bytes as it can, whatever the links) or "memory" (the least memory)."""
@@ -208,10 +209,15 @@ class Problem:
     def _comm(self, kind: str, operand_bytes: float, axes: tuple[str, ...]) -> float:
         """Cost of one collective: seconds, or (objective="bytes") bytes sent. Each collective also pays a tiny
         fixed charge, so that between equal costs the plan with fewer collectives wins (as XLA's would)."""
-        if self.objective == "bytes":
-            n = math.prod(self.mesh[a] for a in axes)
-            return bytes_sent(kind, operand_bytes, n) + 1.0
-        return axis_collective_time(kind, operand_bytes, self.mesh, axes, self.cluster) + 1e-9
+        key = (kind, operand_bytes, tuple(axes))
+        cost = self._comm_costs.get(key)
+        if cost is None:  # memoised: the same few collectives are priced for every op, strategy and use
+            if self.objective == "bytes":
+                cost = bytes_sent(kind, operand_bytes, math.prod(self.mesh[a] for a in axes)) + 1.0
+            else:
+                cost = axis_collective_time(kind, operand_bytes, self.mesh, axes, self.cluster) + 1e-9
+            self._comm_costs[key] = cost
+        return cost
 
     def _conv(self, src: Layout, dst: Layout, v: Value) -> tuple[str | None, float]:
         """(collective, operand bytes) to turn layout src into dst over tensor."""
