@@ -152,9 +152,7 @@ class Pipeline:
         self.schedule: Schedule = make_schedule(spec.schedule, self.P, self.M, self.V)
         self.layout = StageLayout.from_stages(spec.stages, self.P, self.V)
         self.batch_axes = tuple(a for a in PIPE_BATCH_AXES if plan.mesh[a] > 1)
-        self.split_axes = self.batch_axes
-        """Axes the tokens are split over inside the executor (each device's loss covers its share of tokens)."""
-        self.manual = ("pipe",) + self.split_axes
+        self.manual = ("pipe",) + self.batch_axes
         """Manual axes of the executor: size-1 axes stay automatic (nested shard_maps of the ops need that)."""
         self.graphdef, self.param_template, _ = nnx.split(abstract, nnx.Param, ...)
         self.blocks_graphdef, self.blocks_template = nnx.split(getattr(abstract, LAYERS), nnx.Param)
@@ -239,7 +237,7 @@ class Pipeline:
         vary = self.manual
         # Varying over every manual axis up front: the vjp of a device-invariant weight against batch-varying
         # activations would otherwise psum inside every tick (jax-idioms.md, pcast).
-        layers = {k: _vary(v[0], self.split_axes) for k, v in layers.items()}                  # [V, Lmax, ...]
+        layers = {k: _vary(v[0], self.batch_axes) for k, v in layers.items()}                  # [V, Lmax, ...]
         other = {k: jax.lax.pcast(v, vary, to="varying") for k, v in other.items()}
         me = jax.lax.axis_index("pipe")
         counts = jnp.asarray(self.layout.counts)[me]                                        # [V]
@@ -249,7 +247,7 @@ class Pipeline:
                             f"data x fsdp): change --microbatches or --batch")
         mbs = local_batch // M
         micro = {k: v.reshape((M, mbs) + v.shape[1:]) for k, v in batch.items()}
-        n_shards = math.prod(self.plan.mesh[a] for a in self.split_axes)
+        n_shards = math.prod(self.plan.mesh[a] for a in self.batch_axes)
         scale = 1.0 / (M * n_shards)                                        # loss = mean over microbatches, shards
 
         layer_paths, other_paths = sorted(layers), sorted(other)
@@ -378,7 +376,7 @@ class Pipeline:
 
             (_, _, (g_layers, g_other, sums)), _ = jax.lax.scan(tick, (buffer(k_act), buffer(k_cot), acc0), tables)
 
-        g_layers = [(jax.lax.psum(g, self.split_axes) if self.split_axes else g)[None] for g in g_layers]
+        g_layers = [(jax.lax.psum(g, self.batch_axes) if self.batch_axes else g)[None] for g in g_layers]
         g_other = [jax.lax.psum(g, self.manual) for g in g_other]
         sums = [jax.lax.psum(s, self.manual) for s in sums]
         return sums[0], dict(zip(metric_names, sums[1:])), g_layers, g_other
@@ -407,7 +405,3 @@ def _receive(buf: jax.Array, slot: jax.Array, value: jax.Array) -> jax.Array:
     """Write `value` into `buf[slot]` when slot >= 0 (a fixed-shape update either way)."""
     k = jnp.maximum(slot, 0)
     return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(slot >= 0, value, buf[k]), k, 0)
-
-
-def pipeline_of(plan: Plan, model: Any, mesh, loss_fn=None) -> Pipeline | None:
-    return Pipeline(plan, model, mesh, loss_fn) if plan.pipeline is not None else None

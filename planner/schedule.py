@@ -72,15 +72,6 @@ class Schedule:
         """Idle fraction of device-ticks under unit-time ops: 1 - 2*M*V / T."""
         return 1.0 - 2.0 * self.microbatches * self.virtual / self.ticks
 
-    @property
-    def peak_activations(self) -> int:
-        """Most microbatch stage inputs any device holds at once (received buffers, plus the first stage's own)."""
-        return self.act_slots
-
-    def transfers(self) -> int:
-        """Ticks at which some device sends (each tick's ppermute pair runs on every tick of the loop)."""
-        return self.ticks
-
     def timeline(self) -> list[str]:
         """Rows `stage p: F0 F1 . B0 ...` (stage x tick), chunk as a suffix letter when V > 1."""
         rows = []
