@@ -282,25 +282,34 @@ def _seq_expert_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: C
     methods = seq_expert.sequence_methods(shapes, m["seq"], m["tensor"])
     if sequence and m["seq"] > 1:
         methods = [x for x in methods if x == sequence]
-    out = []
-    for method in methods:
-        best: Solution | None = None
-        for r in remats:
-            ext = seq_expert.extras(shapes, m, batch, method, cluster, r)
+    best: dict[str | None, Solution | None] = {x: None for x in methods}
+    done: set[str | None] = set()  # methods whose search stops (a fit without remat)
+    for r in remats:
+        groups: dict[bool, list[str | None]] = {}  # methods sharing one integer program (same attention residuals)
+        for x in methods:
+            if x not in done:
+                groups.setdefault(seq_expert.dense_residuals(x), []).append(x)
+        for dense, group in groups.items():
             problem = Problem(graph, m, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
-                              fixed_layouts={cin: None for _, cin in graph.carries},
-                              attention_residuals=seq_expert.dense_residuals(method))
+                              fixed_layouts={cin: None for _, cin in graph.carries}, attention_residuals=dense)
             unplanned.update(problem.unplanned)
-            sol = problem.solve(budget - sum(ext.memory.values()))
-            if sol is not None:
-                sol = seq_expert.apply(sol, ext)
-                sol.solver["remat"] = r
-                if best is None or sol.step_seconds < best.step_seconds:
-                    best = sol
-            if sol is not None and r == "none":
-                break
-        out.append(Candidate(m, best, sequence=method))
-    return out
+            ext = {x: seq_expert.extras(shapes, m, batch, x, cluster, r) for x in group}
+            need = {x: sum(e.memory.values()) for x, e in ext.items()}
+            # the optimum under the loosest of the methods' budgets is each method's optimum when it also fits that
+            # method's budget: solve once, re-solve only for a method it does not fit
+            loose = problem.solve(budget - min(need.values()))
+            for x in group:
+                sol = loose
+                if sol is not None and sol.memory_bytes + need[x] > budget:
+                    sol = problem.solve(budget - need[x])
+                if sol is not None:
+                    sol = seq_expert.apply(sol, ext[x])
+                    sol.solver["remat"] = r
+                    if best[x] is None or sol.step_seconds < best[x].step_seconds:
+                        best[x] = sol
+                    if r == "none":
+                        done.add(x)
+    return [Candidate(m, best[x], sequence=x) for x in methods]
 
 
 def _pipeline_candidate(graph: Graph, cluster: ClusterSpec, batch: int, m: dict[str, int], budget: float,
