@@ -92,4 +92,4 @@ def test_applied_placement_keeps_the_model_function(tmp_path, token_batch):
     moved = _flat(placed)["blocks/mlp/w_up"]
     perms = pl.placement_permutations(placement, 2)
     np.testing.assert_array_equal(moved[0], _flat(params)["blocks/mlp/w_up"][0][perms[0]])
-    json.loads((tmp_path / "placed" / checkpoint.META).read_text())
+    assert json.loads((tmp_path / "placed" / checkpoint.META).read_text())["model"] == name
