@@ -220,6 +220,21 @@ class Problem:
         again = self.remat == "full" and any(c in self._recomputed for c, _ in self.values[vid].consumers)
         return self._count(op_index) * (2 if again else 1)
 
+    def _regathers(self, vid: int, op_index: int, kind: str | None) -> bool:
+        """Whether the backward gathers this dot operand again: the weight gradient needs it in the layout the
+        forward gathered it to, and XLA keeps the ungathered value, not the gathered one."""
+        op = self.g.ops[op_index]
+        return (kind == "all-gather" and op.primitive == "dot_general" and vid in self.needs_grad
+                and any(i is not None and i != vid and self.values[i].param is not None for i in op.inputs))
+
+    def _cotangent_uses(self, vid: int) -> int:
+        """Backward ops that read the cotangent of `vid`: each operand gradient of the matmul that made it (XLA
+        converts it for each of them, the two transposed products wanting different layouts), else one."""
+        producer = self.values[vid].producer
+        if producer is None or self.g.ops[producer].primitive != "dot_general":
+            return 1
+        return max(1, sum(1 for i in self.g.ops[producer].inputs if i is not None and i in self.needs_grad))
+
     @functools.cached_property
     def _recomputed(self) -> set[int]:
         """Layer ops that full remat runs again in the backward: those the layer's saved values depend on (the
@@ -534,11 +549,14 @@ class Problem:
                     if kind:
                         fc = self._forward_count(vid, cidx)
                         pay(("f", vid, lay, st.ins[pos], fc), fc * self._comm(kind, nb, ("tensor",)), lit)
+                        if self._regathers(vid, cidx, kind):
+                            pay(("g", vid, lay, st.ins[pos], count), count * self._comm(kind, nb, ("tensor",)), lit)
                     if not floating:
                         continue
                     kind, nb = self._conv(st.cots[pos], None if lay == PARTIAL else lay, v)
                     if kind:
-                        pay(("b", vid, lay, st.cots[pos], count, cidx, pos), count * self._comm(kind, nb, ("tensor",)), lit)
+                        bc = count * self._cotangent_uses(vid)
+                        pay(("b", vid, lay, st.cots[pos], count, cidx, pos), bc * self._comm(kind, nb, ("tensor",)), lit)
         # the partitioner propagates shardings forward: an op is split only the way some operand already is,
         # so that a plan (parameter specs and layer-boundary specs) determines every op's strategy
         for idx, strats in self.op_strats.items():
@@ -643,10 +661,12 @@ class Problem:
                 kind, nb = self._conv(lay, s.ins[pos], v)
                 fc = self._forward_count(vid, cidx)
                 pay(("f", vid, lay, s.ins[pos], fc), kind, nb, fc)
+                if self._regathers(vid, cidx, kind):
+                    pay(("g", vid, lay, s.ins[pos], count), kind, nb, count)
                 if vid not in self.needs_grad:
                     continue
                 kind, nb = self._conv(s.cots[pos], None if lay == PARTIAL else lay, v)
-                pay(("b", vid, lay, s.cots[pos], count, cidx, pos), kind, nb, count)
+                pay(("b", vid, lay, s.cots[pos], count, cidx, pos), kind, nb, count * self._cotangent_uses(vid))
         for cout, cin in self.g.carries:
             la, lb = layout(cout), layout(cin)
             if la != lb:
