@@ -133,7 +133,7 @@ def pipeline_section(args: argparse.Namespace, abstract_model, mesh: dict[str, i
     pipe = mesh["pipe"]
     schedule = args.schedule or "1f1b"
     virtual = args.virtual_stages or 1
-    local = args.batch // max(1, mesh["data"] * mesh["fsdp"])
+    local = args.batch // max(1, mesh["expert"] * mesh["data"] * mesh["fsdp"])  # each device's own sequences
     if args.microbatches is not None:
         micro = args.microbatches
     else:
@@ -142,7 +142,7 @@ def pipeline_section(args: argparse.Namespace, abstract_model, mesh: dict[str, i
         micro = fits[-1] if fits else pipe
     if local % micro:
         raise AutoshardError(f"--microbatches {micro} does not divide the per-replica batch of {local} (--batch "
-                             f"{args.batch} / data x fsdp): change --microbatches or --batch")
+                             f"{args.batch} / expert x data x fsdp): change --microbatches or --batch")
     stage_layers = None
     if args.stages:
         try:

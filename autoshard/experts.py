@@ -56,9 +56,11 @@ def expert_parallel_moe(x: Array, router: Array, experts: Any, expert_fn: Callab
     if b % n:
         raise PlanError(f"expert parallelism splits the batch over the expert axis: batch {b} is not divisible by "
                         f"expert={n}: change the batch size or the expert degree")
+    local_e = e // n if is_manual("expert") else e  # inside the pipeline executor the weights arrive split
     for leaf in jax.tree.leaves(experts):
-        if leaf.shape[0] != e:
-            raise PlanError(f"expert weights must have a leading expert axis of size {e}, got shape {leaf.shape}")
+        if leaf.shape[0] != local_e:
+            raise PlanError(f"expert weights must have a leading expert axis of size {e} (split {n} ways when "
+                            f"expert is manual), got shape {leaf.shape}")
     native = not free_axes(mesh, "expert")
     el = e // n
 
@@ -78,13 +80,12 @@ def expert_parallel_moe(x: Array, router: Array, experts: Any, expert_fn: Callab
         out = jnp.einsum("bsec,ebcd->bsd", combine.astype(x.dtype), y)
         # global statistics: aux = E * sum_e fraction_e * mean_prob_e, both means over the whole batch
         load = jax.lax.psum(local.load, "expert")
-        probs = jax.nn.softmax(jnp.einsum("bsd,de->bse", x.astype(jnp.float32), router.astype(jnp.float32)), -1)
-        mean_prob = jax.lax.psum(jnp.sum(probs, axis=(0, 1)), "expert") / (b * s)
-        stats = ops.MoEStats(aux_loss=e * jnp.sum(load / (b * s * top_k) * mean_prob),
-                             dropped=jax.lax.psum(local.dropped, "expert"), load=load)
+        prob_sum = jax.lax.psum(local.prob_sum, "expert")
+        stats = ops.MoEStats(aux_loss=e * jnp.sum(load / (b * s * top_k) * (prob_sum / (b * s))),
+                             dropped=jax.lax.psum(local.dropped, "expert"), load=load, prob_sum=prob_sum)
         return out, stats
 
-    stats_spec = ops.MoEStats(aux_loss=P(), dropped=P(), load=P())
+    stats_spec = ops.MoEStats(aux_loss=P(), dropped=P(), load=P(), prob_sum=P())
     experts_spec = jax.tree.map(lambda _: P("expert"), experts)
     return manual_over("expert", body, (P("expert"), P(), experts_spec), (P("expert"), stats_spec), mesh,
                        x, router, experts)

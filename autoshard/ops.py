@@ -127,9 +127,13 @@ class MoEStats:
     """[experts] token-expert assignments each expert received (before capacity)."""
     choices: Array | None = None
     """[B, S, k] each token's chosen experts, best first (only when the context records routing)."""
+    prob_sum: Array | None = None
+    """[experts] router probability summed over the tokens (float32, differentiable): with `load`, what a pipeline
+    needs to rebuild the balancing loss of the whole batch from its microbatches (the loss is not their mean)."""
 
 
-jax.tree_util.register_dataclass(MoEStats, data_fields=["aux_loss", "dropped", "load", "choices"], meta_fields=[])
+jax.tree_util.register_dataclass(MoEStats, data_fields=["aux_loss", "dropped", "load", "choices", "prob_sum"],
+                                 meta_fields=[])
 
 
 def moe(x: Array, router: Array, experts: Any, expert_fn: Callable[[Any, Array], Array], *, top_k: int,
@@ -168,10 +172,11 @@ def route(x: Array, router: Array, *, top_k: int, capacity_factor: float) -> tup
     dispatch = jnp.sum(slots, axis=2)
     combine = jnp.einsum("bsk,bskec->bsec", gate, slots)
     fraction = jnp.mean(choice, axis=(0, 1, 2))                   # share of assignments per expert
-    stats = MoEStats(aux_loss=e * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1))),
+    prob_sum = jnp.sum(probs, axis=(0, 1))
+    stats = MoEStats(aux_loss=e * jnp.sum(fraction * (prob_sum / (b * s))),
                      dropped=jnp.sum(choice) - jnp.sum(dispatch),
                      load=jnp.sum(choice, axis=(0, 1, 2)),
-                     choices=idx if current().record_routing else None)
+                     choices=idx if current().record_routing else None, prob_sum=prob_sum)
     return dispatch, combine, stats
 
 

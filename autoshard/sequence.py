@@ -4,8 +4,11 @@ Both take the global view of `ops.dense_attention` (q: [B, S, H, D]; k, v: [B, S
 the mesh from `ops.current().mesh`; their degree n is the size of its `seq` axis. Each is a `jax.shard_map` that is
 manual over `seq` only: the batch (data/fsdp) and heads (tensor) stay with XLA's partitioner, so they compose with
 data and tensor parallelism outside. Activations arrive sequence-sharded contiguously (device i of `seq` holds
-tokens [i*S/n, (i+1)*S/n)) and leave the same way. Inside another shard_map (the pipeline executor, manual over
-`pipe`) the ops run on the context's abstract mesh, which is what nested shard_maps need.
+tokens [i*S/n, (i+1)*S/n)) and leave the same way. Inside another shard_map the ops run on the context's abstract
+mesh, which is what nested shard_maps need; when that shard_map is already manual over `seq` (the pipeline
+executor: jax 0.10 cannot differentiate a shard_map nested in a partially manual one) they run their per-device
+bodies directly on the local blocks (`is_manual`, `manual_over`). Their ppermutes go through `ppermute`, which on
+XLA:CPU inside the pipeline executor builds the exchange from an all-to-all (`ppermute_deadlocks` says why).
 
 XLA does not partition an all-to-all over the axes such a shard_map leaves automatic (it all-gathers the operand
 over them), so with data/fsdp/tensor > 1 the Ulysses exchange is done with ppermutes instead (`all_to_all`).
@@ -72,6 +75,49 @@ def free_axes(mesh: Any, manual: str) -> list[str]:
     return [a for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n > 1 and a != manual and a not in outer]
 
 
+def ppermute_deadlocks() -> bool:
+    """Whether a `ppermute` over an op's manual axis would deadlock here: on XLA:CPU inside the pipeline executor.
+
+    The executor runs each tick's work under a `lax.switch` whose branch depends on the device's pipeline stage, so
+    devices of different stages run different collectives at the same time. XLA:CPU's collective-permute has no
+    replica groups: its rendezvous waits for every device of the program, and the devices in another branch never
+    arrive (a 20 s rendezvous warning, then a hang; measured with jax 0.10.2 on pipe=2 x seq=2). all-to-all and
+    all-gather rendezvous per replica group (the devices of one `seq` group are on the same stage and take the
+    same branch), so there the exchanges are built from all-to-alls instead (`ppermute`, `all_to_all`). GPU and
+    TPU keep the native op, as does everything outside the executor (the only caller that makes `pipe` manual).
+    Unverified on GPU: XLA:GPU also acquires a collective-permute's communicator over all the devices of its
+    pairs (openxla/xla#44530 shows that rendezvous), so if pipelines with seq > 1 hang there, return True there too.
+    """
+    return jax.default_backend() == "cpu" and is_manual("pipe")
+
+
+def ppermute(x: Any, axis: str, perm: list[tuple[int, int]]) -> Any:
+    """`jax.lax.ppermute(x, axis, perm)` (x a pytree; pairs are (source, destination), devices receiving nothing
+    get zeros), or, where that would deadlock (`ppermute_deadlocks`), the same exchange as one all-to-all per leaf:
+    each device puts its block in the slot of its destination of an [n, ...] buffer of zeros, the all-to-all
+    delivers slot d to device d, and each device keeps the slot of its source. Each device sends n-1 blocks (all
+    but one of them zeros) where a ppermute sends one, the same bytes for n = 2: the price of not deadlocking on
+    XLA:CPU, paid nowhere else (it shows as `seq/all-to-all` in the compiled step)."""
+    if not ppermute_deadlocks():
+        return jax.lax.ppermute(x, axis, perm)
+    n = jax.lax.axis_size(axis)
+    me = jax.lax.axis_index(axis)
+    dest, src = [-1] * n, [-1] * n
+    for i, j in perm:
+        dest[i], src[j] = j, i
+    to, frm = jnp.asarray(dest)[me], jnp.asarray(src)[me]
+
+    def one(leaf: Array) -> Array:
+        buf = jnp.zeros((n,) + leaf.shape, leaf.dtype)
+        buf = jax.lax.dynamic_update_index_in_dim(buf, jnp.where(to >= 0, leaf, jnp.zeros_like(leaf)),
+                                                  jnp.maximum(to, 0), 0)
+        got = jax.lax.all_to_all(buf, axis, 0, 0, tiled=False)  # got[s] = device s's slot for us
+        mine = jax.lax.dynamic_index_in_dim(got, jnp.maximum(frm, 0), 0, keepdims=False)
+        return jnp.where(frm >= 0, mine, jnp.zeros_like(mine))
+
+    return jax.tree.map(one, x)
+
+
 def all_to_all(x: Array, axis: str, split_axis: int, concat_axis: int, *, native: bool) -> Array:
     """`jax.lax.all_to_all(..., tiled=True)` inside a shard_map manual over `axis`.
 
@@ -82,7 +128,7 @@ def all_to_all(x: Array, axis: str, split_axis: int, concat_axis: int, *, native
     elementwise op. The bytes each device sends are the same, (n-1)/n of the operand, as n-1 collective-permutes
     of 1/n of it instead of one all-to-all.
     """
-    if native:
+    if native or ppermute_deadlocks():  # the latter: XLA gathers over the automatic axes, but does not deadlock
         return jax.lax.all_to_all(x, axis, split_axis, concat_axis, tiled=True)
     n = jax.lax.axis_size(axis)
     me = jax.lax.axis_index(axis)
@@ -349,7 +395,7 @@ def _zigzag_perms(n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]
 
 def _ppermute(x: Array, perm: list[tuple[int, int]]) -> Array:
     """ppermute over `seq`, skipped when every device keeps its own block (the even chunks when n = 2)."""
-    return x if all(i == j for i, j in perm) else jax.lax.ppermute(x, "seq", perm)
+    return x if all(i == j for i, j in perm) else ppermute(x, "seq", perm)
 
 
 def _to_zigzag(x: Array, n: int, me: Array) -> Array:
@@ -401,7 +447,7 @@ def _ring_forward(q: Array, k: Array, v: Array, n: int, causal: bool) -> tuple[A
 
     def step(carry, t):
         acc, kv = carry
-        kv = jax.lax.ppermute(kv, "seq", _ring(n))
+        kv = ppermute(kv, "seq", _ring(n))
         return (_merge(acc, visit(kv, (me - t) % n)), kv), None
 
     (acc, _), _ = jax.lax.scan(step, (acc, (k, v)), jnp.arange(1, n))
@@ -445,12 +491,12 @@ def _ring_backward(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array
 
     def step(carry, t):
         dq, kv, dkv = carry
-        kv, dkv = jax.lax.ppermute((kv, dkv), "seq", _ring(n))
+        kv, dkv = ppermute((kv, dkv), "seq", _ring(n))
         gq, gk, gv = visit(kv, (me - t) % n)
         return (dq + gq, kv, (dkv[0] + gk, dkv[1] + gv)), None
 
     (dq, _, dkv), _ = jax.lax.scan(step, (dq, (k, v), (dk, dv)), jnp.arange(1, n))
-    dk, dv = jax.lax.ppermute(dkv, "seq", _ring(n))  # the n-th rotation: dK/dV of our own K/V come home
+    dk, dv = ppermute(dkv, "seq", _ring(n))  # the n-th rotation: dK/dV of our own K/V come home
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 

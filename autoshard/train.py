@@ -133,11 +133,11 @@ class Trainer:
             if np.shape(x)[0] % shards:
                 raise PlanError(f"batch size {np.shape(x)[0]} is not divisible by the {shards} batch shards "
                                 f"(expert x data x fsdp) of mesh {self.plan.mesh_string()}: change --batch or the mesh")
-            replicas = self.plan.mesh["data"] * self.plan.mesh["fsdp"]
+            replicas = shards  # a pipeline's batch is split over expert too (each device runs its own tokens)
             if self.pipeline is not None and (np.shape(x)[0] // replicas) % self.pipeline.M:
                 raise PlanError(f"{self.pipeline.M} microbatches do not divide the per-replica batch of "
-                                f"{np.shape(x)[0] // replicas} (batch {np.shape(x)[0]} / data x fsdp {replicas}): "
-                                f"change --microbatches or --batch")
+                                f"{np.shape(x)[0] // replicas} (batch {np.shape(x)[0]} / expert x data x fsdp "
+                                f"{replicas}): change --microbatches or --batch")
         return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, self.batch_sharding)
 
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -128,6 +128,48 @@ def test_pipeline_matches_single_device(mesh, schedule, micro, virtual, stage_la
         assert np.max(np.abs(g - ref_grads[path])) <= 1e-5 * scale, path
 
 
+SEQ_CASES = [  # (mesh, sequence method, schedule): the executor makes seq manual; ring/ulysses run per device
+    ("pipe=2,seq=2,data=2", "ring", "1f1b"),
+    ("pipe=2,seq=2,tensor=2", "ulysses", "gpipe"),
+]
+
+
+@pytest.mark.parametrize("mesh, method, schedule", SEQ_CASES)
+def test_pipeline_with_sequence_parallelism(mesh, method, schedule, reference, token_batch):
+    abstract = models.abstract(MODEL)
+    spec = pipeline_spec(abstract, 2, schedule=schedule, microbatches=4)
+    losses, grads, _ = _run(rule_plan(abstract, mesh, pipeline=spec, sequence={"method": method}), token_batch)
+    ref_losses, ref_grads = reference
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for path, g in grads.items():
+        scale = np.max(np.abs(ref_grads[path])) + 1e-12
+        assert np.max(np.abs(g - ref_grads[path])) <= 1e-5 * scale, path
+
+
+def test_pipeline_with_moe_layers(token_batch):
+    """Expert parallelism inside the stages (expert manual in the executor), and the balancing loss of the whole
+    batch (not a mean over microbatches), with the MoE metrics of the unpipelined step."""
+    model = "moe-tiny"
+    abstract = models.abstract(model)
+    runs = {}
+    for mesh in ("data=1", "pipe=2,data=2,expert=2"):
+        spec = pipeline_spec(abstract, 2, microbatches=2) if "pipe" in mesh else None
+        plan = rule_plan(abstract, mesh, pipeline=spec)
+        trainer = parallelize(models.factory(model), make_optimizer(lr=LR), plan,
+                              devices=jax.devices()[:plan.num_devices])
+        runs[mesh] = [trainer.step_with_grads(token_batch) for _ in range(3)]
+    (ref, ref_grads), (got, grads) = runs["data=1"][-1], runs["pipe=2,data=2,expert=2"][-1]
+    np.testing.assert_allclose([m["loss"] for m, _ in runs["pipe=2,data=2,expert=2"]],
+                               [m["loss"] for m, _ in runs["data=1"]], rtol=1e-5)
+    np.testing.assert_allclose(got["moe_aux_loss"], ref["moe_aux_loss"], rtol=1e-5)
+    assert got["dropped_tokens"] == ref["dropped_tokens"] and got["expert_load"] == ref["expert_load"]
+    ref_grads, grads = _flat(ref_grads), _flat(grads)
+    assert set(grads) == set(ref_grads)
+    for path, g in grads.items():
+        scale = np.max(np.abs(ref_grads[path])) + 1e-12
+        assert np.max(np.abs(g - ref_grads[path])) <= 1e-5 * scale, path
+
+
 def _compiled(schedule: str, micro: int, mesh: str = "pipe=2,data=2,tensor=2"):
     abstract = models.abstract(MODEL)
     spec = pipeline_spec(abstract, 2, schedule=schedule, microbatches=micro)
@@ -178,4 +220,9 @@ def test_pipeline_bad_input(token_batch):
     plan = rule_plan(abstract, "pipe=2,data=4", pipeline=pipeline_spec(abstract, 2, microbatches=3))
     trainer = parallelize(models.factory(MODEL), make_optimizer(), plan)
     with pytest.raises(PlanError, match="3 microbatches do not divide the per-replica batch of 4"):
+        trainer.step(token_batch)
+    moe = models.abstract("moe-tiny")
+    plan = rule_plan(moe, "pipe=2,seq=2,data=2", pipeline=pipeline_spec(moe, 2, microbatches=2))
+    trainer = parallelize(models.factory("moe-tiny"), make_optimizer(), plan)
+    with pytest.raises(PlanError, match="cannot run MoE layers"):  # routing groups are whole sequences
         trainer.step(token_batch)
