@@ -189,7 +189,7 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
     all_meshes = candidate_meshes(graph, cluster, batch, fixed, pipeline, sequence)
     solved: dict = {}
     for m in all_meshes:
-        if m["seq"] > 1 or m["expert"] > 1:
+        if (m["seq"] > 1 or m["expert"] > 1) and m["pipe"] == 1:
             for cand in _seq_expert_candidates(graph, shapes, cluster, batch, m, budget, remats, pinned,
                                                compute_dtype, sequence, unplanned):
                 if progress:
@@ -198,11 +198,12 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
                 out.append(cand)
             continue
         if m["pipe"] > 1:
-            cand = _pipeline_candidate(graph, cluster, batch, m, budget, remat, pinned, compute_dtype,
-                                       pipeline or {}, solved)
-            if progress:
-                progress(_mesh_str(m) + (f": {cand.seconds * 1e3:.2f} ms" if cand.pipeline else ": does not fit"))
-            out.append(cand)
+            for cand in _pipeline_candidates(graph, shapes, cluster, batch, m, budget, remat, pinned, compute_dtype,
+                                             pipeline or {}, solved, sequence):
+                if progress:
+                    progress(_mesh_str(m) + (f" ({cand.sequence})" if cand.sequence else "")
+                             + (f": {cand.seconds * 1e3:.2f} ms" if cand.pipeline else ": does not fit"))
+                out.append(cand)
             continue
         best: Solution | None = None
         for r in remats:
@@ -235,15 +236,16 @@ def candidate_meshes(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict
     seq and expert are strategies of one op each (attention, MoE): seq is tried for models with attention and no
     MoE layer (the MoE routing groups are whole sequences: split over seq, XLA all-reduces the routing across it),
     at the degrees some sequence method can run (`seq_expert.sequence_methods`); expert for MoE models, at divisors
-    of the expert count. Never both at once, nor with pipe > 1 (the runtime refuses it), unless the mesh fixes them;
-    nor pipe > 1 for MoE models at all (the pipeline executor refuses layers with balancing statistics).
+    of the expert count. Never both at once unless the mesh fixes them; seq or expert > 1 with pipe > 1 only when
+    the mesh fixes pipe (the enumeration stays affordable); MoE models pipeline (the executor's statistics sweep is
+    costed), but not with seq > 1 (the executor refuses that).
     """
     shapes = seq_expert.op_shapes(graph)
     seq_expert.check_fixed(shapes, fixed, sequence, batch)
     n = cluster.num_devices
-    if (fixed.get("seq", 1) > 1 or fixed.get("expert", 1) > 1) and fixed.get("pipe", 1) > 1:
-        raise AutoshardError("a pipeline (pipe > 1) cannot be combined with seq or expert > 1 yet: drop pipe or "
-                             "seq/expert from the mesh")
+    if shapes.is_moe and fixed.get("seq", 1) > 1 and fixed.get("pipe", 1) > 1:
+        raise AutoshardError("a pipeline cannot run MoE layers with seq > 1 (their routing groups are whole "
+                             "sequences): drop pipe or seq from the mesh")
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     seqs = [fixed["seq"]] if "seq" in fixed else [1] + [
         d for d in divisors[1:] if shapes.has_attention and not shapes.is_moe
@@ -258,13 +260,13 @@ def candidate_meshes(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict
                 continue
             rest = {k: v for k, v in fixed.items() if k not in ("seq", "expert")}
             if e > 1 or s > 1:
-                if rest.get("pipe", 1) > 1:
+                pipe = pipe_options(n, graph, rest)[0] if "pipe" in rest else 1
+                if n % (e * s * pipe):
                     continue
-                out += list(meshes(n, batch, {**rest, "pipe": 1, "expert": e, "seq": s}, cluster.devices_per_node))
+                out += list(meshes(n, batch, {**rest, "pipe": pipe, "expert": e, "seq": s},
+                                   cluster.devices_per_node))
                 continue
             pipes = pipe_options(n, graph, rest)
-            if shapes.is_moe and "pipe" not in rest:  # the executor cannot pipeline MoE balancing statistics yet
-                pipes = [1]
             if pipeline and "pipe" not in rest:  # fixed pipeline choices: pipelines only
                 pipes = [p for p in pipes if p > 1]
             out += [m for p in pipes for m in meshes(n, batch, {**rest, "pipe": p, "expert": e, "seq": s},
@@ -312,25 +314,43 @@ def _seq_expert_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: C
     return [Candidate(m, best[x], sequence=x) for x in methods]
 
 
-def _pipeline_candidate(graph: Graph, cluster: ClusterSpec, batch: int, m: dict[str, int], budget: float,
-                        remat: str | None, pinned: dict[str, ParamChoice] | None, compute_dtype: str,
-                        fixes: dict[str, Any], cache: dict | None = None) -> Candidate:
+def _pipeline_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: ClusterSpec, batch: int,
+                         m: dict[str, int], budget: float, remat: str | None, pinned: dict[str, ParamChoice] | None,
+                         compute_dtype: str, fixes: dict[str, Any], cache: dict | None = None,
+                         sequence: str | None = None) -> list[Candidate]:
     """A pipe > 1 mesh: the intra-stage ILP (time objective, no budget: memory is the pipeline's to split), then
-    the fastest stage split / schedule / microbatch count that fits."""
+    the fastest stage split / schedule / microbatch count that fits; with seq > 1 one candidate per sequence
+    method, each with its exchanges and memory spread over the layers (`planner.stages.with_extras`)."""
     from planner import stages
 
-    costs = _pipeline_costs(graph, cluster, m, pinned, compute_dtype, cache)
-    if costs is None:
-        return Candidate(m, None)
-    sol = costs.solution
-    local = batch // (m["data"] * m["fsdp"])
-    choice = stages.choose(costs, cluster, budget, local, schedule=fixes.get("schedule"),
-                           microbatches=fixes.get("microbatches"), virtual=fixes.get("virtual"),
-                           remats=(remat,) if remat else ("none", "full"))
-    if choice is None:
-        return Candidate(m, None)
-    sol.solver["remat"] = choice.predicted.get("remat", "none")
-    return Candidate(m, sol, choice)
+    methods: list[str | None] = [None]
+    if m["seq"] > 1:
+        methods = [x for x in seq_expert.sequence_methods(shapes, m["seq"], m["tensor"])
+                   if sequence is None or x == sequence]
+    out = []
+    for method in methods:
+        costs = _pipeline_costs(graph, cluster, m, pinned, compute_dtype, cache,
+                                attention_residuals=seq_expert.dense_residuals(method))
+        if costs is None:
+            out.append(Candidate(m, None, sequence=method))
+            continue
+        local = batch // (m["expert"] * m["data"] * m["fsdp"])
+        choice = None
+        for r in (remat,) if remat else ("none", "full"):
+            ext = seq_expert.extras(shapes, m, batch, method, cluster, r)
+            staged = stages.with_extras(costs, ext, graph.layers, shapes.is_moe)
+            choice = stages.choose(staged, cluster, budget, local, schedule=fixes.get("schedule"),
+                                   microbatches=fixes.get("microbatches"), virtual=fixes.get("virtual"),
+                                   remats=(r,))
+            if choice is not None:
+                break
+        if choice is None:
+            out.append(Candidate(m, None, sequence=method))
+            continue
+        sol = dataclasses.replace(costs.solution, solver=dict(costs.solution.solver))
+        sol.solver["remat"] = choice.predicted.get("remat", "none")
+        out.append(Candidate(m, sol, choice, sequence=method))
+    return out
 
 
 def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[str, int] | None = None,
@@ -366,7 +386,7 @@ def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[
 
 
 def _pipeline_costs(graph: Graph, cluster: ClusterSpec, m: dict[str, int], pinned: dict[str, ParamChoice] | None,
-                    compute_dtype: str, cache: dict | None = None):
+                    compute_dtype: str, cache: dict | None = None, attention_residuals: bool = True):
     """`planner.stages.MeshCosts` of a pipe > 1 mesh: the intra-stage ILP (time objective, no budget: memory is
     the pipeline's to split), fsdp sharding every weight it can.
 
@@ -376,11 +396,12 @@ def _pipeline_costs(graph: Graph, cluster: ClusterSpec, m: dict[str, int], pinne
     """
     from planner import stages
 
-    key = (m["tensor"], m["data"] * m["fsdp"], m["expert"], m["seq"])
+    key = (m["tensor"], m["data"] * m["fsdp"], m["expert"], m["seq"], attention_residuals)
     if cache is None or key not in cache:
         shape = {**m, "data": m["data"] * m["fsdp"], "fsdp": 1}
         problem = Problem(graph, shape, cluster, remat="none", compute_dtype=compute_dtype, fixed_params=pinned,
-                          fixed_layouts={cin: None for _, cin in graph.carries})
+                          fixed_layouts={cin: None for _, cin in graph.carries},
+                          attention_residuals=attention_residuals)
         entry = (problem, problem.solve(None))
         if cache is not None:
             cache[key] = entry
@@ -429,7 +450,7 @@ def to_plan(graph: Graph, cand: Candidate) -> Plan:
                 "experts": {"degree": m["expert"]} if m["expert"] > 1 else None}
     if cand.pipeline is not None:
         return Plan(mesh=m, params=params, activations=activations, remat=sol.solver.get("remat", "none"),
-                    pipeline=cand.pipeline.spec, predicted=dict(cand.pipeline.predicted))
+                    pipeline=cand.pipeline.spec, predicted=dict(cand.pipeline.predicted), **sections)
     return Plan(mesh=m, params=params, activations=activations, remat=sol.solver.get("remat", "none"),
                 predicted=predicted(sol), **sections)
 
@@ -624,7 +645,7 @@ def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype:
     if sol is None:
         raise AutoshardError("the plan's parameter layouts admit no consistent strategy: check its specs")
     if plan.pipeline is not None and plan.mesh["pipe"] > 1:
-        return _predict_pipeline(plan, graph, cluster, timed, sol)
+        return _predict_pipeline(plan, graph, cluster, timed, sol, method)
     if plan.mesh["seq"] > 1 or plan.mesh["expert"] > 1:
         shapes = seq_expert.op_shapes(graph)
         batch = next((graph.values[i].shape[0] for i in graph.inputs if graph.values[i].batch_dim == 0), 1)
@@ -633,8 +654,8 @@ def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype:
     return predicted(sol)
 
 
-def _predict_pipeline(plan: Plan, graph: Graph, cluster: ClusterSpec, problem: Problem, sol: Solution
-                      ) -> dict[str, Any]:
+def _predict_pipeline(plan: Plan, graph: Graph, cluster: ClusterSpec, problem: Problem, sol: Solution,
+                      method: str | None = None) -> dict[str, Any]:
     """A pipeline plan: its stages, schedule and microbatches on the intra-stage layouts the partitioner picks."""
     from planner import stages
     from planner.schedule import check
@@ -647,5 +668,11 @@ def _predict_pipeline(plan: Plan, graph: Graph, cluster: ClusterSpec, problem: P
         raise AutoshardError(f"pipeline stages cover layers [0, {spec.stages[-1][1]}) but the model has "
                              f"{graph.layers} layers: re-plan for this model")
     costs = stages.mesh_costs(problem, sol)
-    out = stages.evaluate(costs, spec, cluster, plan.remat if plan.remat in ("none", "full") else "none")
-    return out.predicted
+    remat = plan.remat if plan.remat in ("none", "full") else "none"
+    shapes = seq_expert.op_shapes(graph)
+    if plan.mesh["seq"] > 1 or plan.mesh["expert"] > 1 or shapes.is_moe:
+        batch = next((graph.values[i].shape[0] for i in graph.inputs if graph.values[i].batch_dim == 0), 1)
+        seq_expert.check_fixed(shapes, {a: plan.mesh[a] for a in ("seq", "expert", "tensor")}, method, batch)
+        costs = stages.with_extras(costs, seq_expert.extras(shapes, plan.mesh, batch, method, cluster, remat),
+                                   graph.layers, shapes.is_moe)
+    return stages.evaluate(costs, spec, cluster, remat).predicted

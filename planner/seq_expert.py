@@ -254,9 +254,11 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
            remat: str = "none") -> Extras:
     """The attention exchanges (seq > 1), MoE dispatch/combine (expert > 1) and ring attention's own memory.
 
-    Keys follow `autoshard.inspect`: with every other mesh axis of size 1 the exchanges compile as all-to-alls,
-    otherwise as collective-permutes (the runtime's ppermute form, the same bytes); ring attention is always
-    collective-permutes.
+    Keys follow `autoshard.inspect`: with every other automatic mesh axis of size 1 the exchanges compile as
+    all-to-alls, otherwise as collective-permutes (the runtime's ppermute form, the same bytes); ring attention is
+    collective-permutes. Inside a pipeline (pipe > 1) only `tensor` stays automatic, and on XLA:CPU the ring's
+    permutes are all-to-alls that carry n-1 blocks each (`autoshard.sequence.ppermute_deadlocks`), the
+    Ulysses exchange a native all-to-all.
     """
     from planner.collectives import axis_collective_time
 
@@ -266,10 +268,14 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
     if s > 1 and shapes.has_attention and method is not None:
         h, hkv = _local_heads(shapes.heads, t), _local_heads(shapes.kv_heads, t)
         args = (local_batch, shapes.seq_len, h, hkv, shapes.head_dim, s)
-        alone = all(n == 1 for a, n in mesh.items() if a != "seq")
+        piped = mesh["pipe"] > 1
+        cpu_pipe = piped and cluster.name.startswith("cpu")
+        alone = mesh["tensor"] == 1 if piped else all(n == 1 for a, n in mesh.items() if a != "seq")
         if method == "ring":
             nbytes = ring_bytes(*args, itemsize=shapes.itemsize)
             kind = "collective-permute"
+            if cpu_pipe:
+                kind, nbytes = "all-to-all", nbytes * (s - 1)
             # per layer: n-1 K/V rotations forward, n backward (K/V with dK/dV, then dK/dV home), the relayouts
             calls = 2 * s - 1 + 4
             saved, transient = ring_memory(*args, itemsize=shapes.itemsize)
@@ -278,8 +284,8 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
             out.memory["ring attention transient"] = transient
         else:
             nbytes = ulysses_bytes(*args, itemsize=shapes.itemsize)
-            kind = "all-to-all" if alone else "collective-permute"
-            calls = 8 if alone else 8 * (s - 1)
+            kind = "all-to-all" if alone or cpu_pipe else "collective-permute"
+            calls = 8 if kind == "all-to-all" else 8 * (s - 1)
             saved, transient = ulysses_memory(*args, itemsize=shapes.itemsize)
             layers = 1 if remat == "full" else shapes.attention_layers
             out.memory["ulysses attention residuals"] = saved * layers
@@ -291,7 +297,7 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
         out.seconds["sequence comm"] = (calls * shapes.attention_layers
                                         * axis_collective_time(kind, operand, mesh, ("seq",), cluster))
     if e > 1 and shapes.is_moe:
-        alone = all(n == 1 for a, n in mesh.items() if a != "expert")
+        alone = mesh["tensor"] == 1 if mesh["pipe"] > 1 else all(n == 1 for a, n in mesh.items() if a != "expert")
         kind = "all-to-all" if alone else "collective-permute"
         total = shapes.moe_layers * moe_all_to_all_bytes(shapes.experts, local_batch, shapes.capacity, shapes.hidden,
                                                          e, itemsize=shapes.itemsize)

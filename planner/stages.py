@@ -77,6 +77,10 @@ class MeshCosts:
     """One stage input [batch, seq, hidden] over the per-replica batch, per device: whole over `tensor`, the plan's
     `layer_input` layout, which the executor pins on what it buffers and sends."""
     solution: Solution
+    sweep: bool = False
+    """MoE layers: the executor runs a forward-only sweep over the schedule first (whole-batch expert counts)."""
+    layer_expert_share: float = 0.0
+    """Fraction of `layer_bytes` in weights split over `expert` (their gradients are not summed over it)."""
 
 
 @dataclasses.dataclass
@@ -122,14 +126,15 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
     work["layer"] /= L
     tensor_bytes["layer"] = {k: v / L for k, v in tensor_bytes["layer"].items()}
     t = problem.t
-    layer_bytes = other_bytes = layer_f = other_f = 0.0
+    layer_bytes = other_bytes = layer_f = other_f = layer_e = 0.0
     for path, c in sol.params.items():
         info = g.params[path]
-        nb = info.size * itemsize(info.dtype) / (t if c.layout is not None else 1)
+        nb = info.size * itemsize(info.dtype) / (t if c.layout is not None else 1) / problem._expert_split(path)
         f_ok = c.fsdp_dim is not None
         if is_layer_param(g, path):
             layer_bytes += nb / L
             layer_f += nb / L if f_ok else 0.0
+            layer_e += nb / L if problem._expert_split(path) > 1 else 0.0
         else:
             other_bytes += nb
             other_f += nb if f_ok else 0.0
@@ -146,7 +151,26 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
     carry = g.values[g.carries[0][1]]
     return MeshCosts(dict(problem.mesh), L, problem.passes, dict(work), dict(tensor_bytes), layer_bytes, other_bytes,
                      layer_f / layer_bytes if layer_bytes else 0.0, other_f / other_bytes if other_bytes else 0.0,
-                     dict(residuals), local_nbytes(carry, problem.b), sol)
+                     dict(residuals), local_nbytes(carry, problem.b), sol,
+                     layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0)
+
+
+def with_extras(costs: MeshCosts, extras: Any, layers: int, moe: bool) -> MeshCosts:
+    """Costs with the sequence / expert ops' exchanges (`planner.seq_expert.extras`, per step) spread over the
+    layers that run them, their own residuals kept per layer and their transient with the head's; `moe`: the
+    executor's statistics sweep runs."""
+    per = 1.0 / max(layers, 1)
+    work = dict(costs.work)
+    work["layer"] = work.get("layer", 0.0) + sum(extras.seconds.values()) * per
+    tensor_bytes = {r: dict(v) for r, v in costs.tensor_bytes.items()}
+    layer_bytes = tensor_bytes.setdefault("layer", {})
+    for key, nb in extras.comm_bytes.items():
+        layer_bytes[key] = layer_bytes.get(key, 0.0) + nb * per
+    residuals = dict(costs.residuals)
+    for key, nb in extras.memory.items():
+        region = "layer" if key.endswith("residuals") else "head"
+        residuals[region] = residuals.get(region, 0.0) + (nb * per if region == "layer" else nb)
+    return dataclasses.replace(costs, work=work, tensor_bytes=tensor_bytes, residuals=residuals, sweep=moe)
 
 
 def _fsdp_choice(problem: Problem, path: str, c: ParamChoice) -> ParamChoice | None:
@@ -257,8 +281,11 @@ def once_per_step(costs: MeshCosts, counts: list[int], virtual: int, cluster: Cl
         secs[key] += axis_collective_time(kind, nb, m, axes, cluster)
         comm[f"{'+'.join(axes)}/{kind}"] += bytes_sent(kind, nb, math.prod(m[a] for a in axes))
 
-    add("all-reduce", ("data", "fsdp"), layer, "gradient sync")
-    add("all-reduce", ("pipe", "data", "fsdp"), costs.other_bytes, "gradient sync")
+    # every device holds its own tokens: the gradients are summed over the batch axes and seq (expert weights are
+    # counted with the rest: their share of the layer is already divided by expert)
+    add("all-reduce", ("data", "fsdp", "expert", "seq"), layer * (1 - costs.layer_expert_share), "gradient sync")
+    add("all-reduce", ("data", "fsdp", "seq"), layer * costs.layer_expert_share, "gradient sync")
+    add("all-reduce", ("pipe", "data", "fsdp", "expert", "seq"), costs.other_bytes, "gradient sync")
     f = m["fsdp"]
     add("all-gather", ("fsdp",), (layer * costs.layer_fsdp + costs.other_bytes * costs.other_fsdp) / f, "fsdp gathers")
     return dict(secs), dict(comm)
@@ -270,6 +297,20 @@ def lockstep_seconds(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer
     cost = np.where(is_f, fwd[stage], 0.0)
     cost = np.where(is_b, bwd[stage], cost)
     return float(cost.max(axis=1).sum() + sched.ticks * transfer)
+
+
+def sweep_ticks(sched: Schedule) -> int:
+    """Ticks of the forward-only sweep: the schedule's ticks in which some device runs a forward."""
+    return int((sched.phase == 1).any(axis=1).sum())
+
+
+def sweep_seconds(sched: Schedule, fwd: np.ndarray, transfer: float) -> float:
+    """The forward-only sweep over the schedule's forward ticks (MoE statistics), in lockstep, one send a tick."""
+    stage, _, _ = _tick_tables(sched.kind, sched.devices, sched.microbatches, sched.virtual)
+    forward = sched.phase == 1  # the last stage's forward (idle in the main table) is an op of its own here
+    rows = forward.any(axis=1)
+    cost = np.where(forward, fwd[stage], 0.0)[rows]
+    return float(cost.max(axis=1).sum() + rows.sum() * transfer)
 
 
 @functools.lru_cache(maxsize=512)
@@ -302,6 +343,16 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
     for r, share in (("layer", V * lmax), ("embed", 1.0), ("head", 1.0)):
         for k, b in costs.tensor_bytes.get(r, {}).items():
             comm[k] = comm.get(k, 0.0) + b * share * again
+    if costs.sweep:  # the forward-only statistics sweep: every stage's forward (the last one's too), in lockstep
+        fwd_all = fwd.copy()
+        fwd_all[-1] = counts[-1] * costs.work.get("layer", 0.0) / M / costs.passes
+        sweep = sweep_seconds(sched, fwd_all, transfer / 2)
+        breakdown["statistics sweep"] = sweep
+        loop += sweep
+        for r, share in (("layer", V * lmax), ("embed", 1.0)):
+            for k, b in costs.tensor_bytes.get(r, {}).items():
+                comm[k] = comm.get(k, 0.0) + b * share * 0.5
+        comm["pipe/collective-permute"] += sweep_ticks(sched) * costs.carry_bytes / M
     step = loop + sum(sync_s.values())
     pipeline = {"schedule": spec.schedule, "microbatches": M, "virtual": V, "stages": spec.stages,
                 "ticks": sched.ticks, "bubble": sched.bubble, "act_slots": sched.act_slots,

@@ -117,6 +117,24 @@ def test_predict_reproduces_the_search_for_a_pipeline_plan(compiled_pair):
     assert again["memory_bytes_per_device"] == pytest.approx(plan.predicted["memory_bytes_per_device"], rel=1e-6)
 
 
+def test_moe_pipeline_predictions_match_the_compiled(token_batch):
+    """moe-tiny on pipe=2 x expert=2 (fixed; the search picks the rest): the point-to-point bytes include the
+    statistics sweep's sends, and the gradient sums split expert weights (over data) from the rest (over data x
+    expert), as compiled."""
+    plan = api.plan(models.abstract("moe-tiny"), shapes(16, 64), cluster=CPU8, mesh={"pipe": 2, "expert": 2},
+                    schedule="gpipe", microbatches=4)
+    assert plan.pipeline is not None and plan.experts == {"degree": 2}
+    assert plan.predicted["time_breakdown"]["statistics sweep"] > 0
+    trainer = parallelize(models.factory("moe-tiny"), make_optimizer(), plan)
+    stats = analyze(trainer.compile(token_batch), trainer.mesh)
+    judged = [k for k in stats["comm_bytes"] if k.split("/")[0].startswith("pipe") or k.endswith("all-reduce")
+              and not k.startswith(("tensor", "expert/"))]
+    assert "pipe/collective-permute" in judged and "data/all-reduce" in judged
+    for k in judged:
+        if stats["comm_bytes"][k] > 1000:
+            assert plan.predicted["comm_bytes"].get(k, 0.0) == pytest.approx(stats["comm_bytes"][k], rel=0.01), k
+
+
 def one_line_error(err: str, words: str) -> None:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err

@@ -1,7 +1,7 @@
 """The planner's search over sequence (`seq`) and expert (`expert`) parallelism, and its predictions against XLA.
 
 Tiny models on 8 emulated devices: long sequences under a small budget pull the search to seq > 1, experts too big
-to replicate pull it to expert > 1; pipe stays 1 with either; for a ring, a Ulysses and an expert plan the predicted
+to replicate pull it to expert > 1; pipe stays 1 with either unless the mesh fixes it; for a ring, a Ulysses and an expert plan the predicted
 exchange bytes and total communication match the compiled program within 10%.
 """
 
@@ -100,5 +100,18 @@ def test_ulysses_with_indivisible_heads_is_a_one_line_error():
     with pytest.raises(AutoshardError, match="ulysses needs heads") as e:
         planned("gpt-tiny:heads=2", 16, 64, mesh={"seq": 4}, sequence="ulysses")
     assert "\n" not in str(e.value)
-    with pytest.raises(AutoshardError, match="cannot be combined"):
-        planned("gpt-tiny", 16, 64, mesh={"seq": 2, "pipe": 2})
+    with pytest.raises(AutoshardError, match="cannot run MoE layers with seq > 1") as e:
+        planned("moe-tiny", 16, 64, mesh={"seq": 2, "pipe": 2})
+    assert "\n" not in str(e.value)
+
+
+def test_a_fixed_pipeline_with_seq_plans_both_sections():
+    """pipe and seq fixed: the search picks the sequence method, the pipeline layout and the rest; the plan carries
+    both sections and its predictions carry the sequence exchange and the gradient sum over seq."""
+    _, plan = planned("gpt-tiny", 16, 64, mesh={"seq": 2, "pipe": 2})
+    assert plan.mesh["pipe"] == 2 and plan.mesh["seq"] == 2 and plan.pipeline is not None
+    method = plan.sequence["method"]
+    assert method in ("ring", "ulysses")
+    comm = plan.predicted["comm_bytes"]
+    assert any(k.startswith("seq/") for k in comm) and "pipe/collective-permute" in comm
+    assert any(k.endswith("seq/all-reduce") for k in comm)  # each device holds its block of every sequence
