@@ -414,6 +414,21 @@ def _json_value(v: Any) -> Any:
     return v
 
 
+def _apply_plan_placement(args: argparse.Namespace, plan, abstract, params, meta):
+    """A plan from `plan --checkpoint`: reorder the restored experts as it places them (the model's function is
+    unchanged), then drop the placement from the plan the runtime sees (it is applied, and recorded as such)."""
+    from autoshard import place
+
+    place.check_planned_from(args.restore, plan.experts)
+    section = dict(plan.experts)
+    placement = section.pop("placement")
+    params = place.placed(params, placement, plan.mesh["expert"], abstract)
+    plan.experts = {**section, "placement_applied": True}
+    print(f"experts placed on {plan.mesh['expert']} ranks as the plan says (from the routing of "
+          f"{(section.get('routing') or {}).get('checkpoint', 'a checkpoint')})", file=sys.stderr)
+    return params
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from autoshard import data
 
@@ -448,7 +463,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         from autoshard import checkpoint
 
-        params, _ = checkpoint.restore(args.restore, abstract)
+        params, meta = checkpoint.restore(args.restore, abstract)
+        if plan.experts and plan.experts.get("placement") is not None:
+            params = _apply_plan_placement(args, plan, abstract, params, meta)
         start = nnx.merge(nnx.graphdef(abstract), params, nnx.split(abstract, nnx.Param, ...)[2])
         trainer = parallelize(start, optimizer, plan, devices=devices)
     else:
@@ -573,6 +590,15 @@ def add_plan(sub) -> None:
                    help="fix the layer chunks per pipeline device (implies --schedule interleaved when > 1)")
     p.add_argument("--sequence", choices=("ring", "ulysses"), default=None,
                    help="fix the sequence-parallel attention of meshes with seq > 1 (default: the planner chooses)")
+    e = p.add_argument_group("expert placement (MoE models: place the experts of a trained checkpoint on the "
+                             "plan's expert-parallel ranks from its routing)")
+    e.add_argument("--checkpoint", metavar="DIR", default=None,
+                   help="record the routing of this checkpoint (autoshard train --checkpoint DIR) on the training "
+                        "text and put the ILP placement in the plan; `train --plan P --restore DIR` applies it")
+    e.add_argument("--routing-batches", type=_positive_int, default=4, metavar="N",
+                   help="with --checkpoint: batches of --batch x --seq tokens to record (default 4)")
+    e.add_argument("--data", metavar="PATH_OR_GLOB", default=None,
+                   help="with --checkpoint: text to record the routing on (default: stdlib sources)")
 
 
 def _pipeline_fixes(args: argparse.Namespace) -> dict[str, Any]:
@@ -618,6 +644,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from autoshard import explain
 
     fixes = _pipeline_fixes(args)  # bad pipeline flags fail before anything is traced
+    if args.checkpoint:
+        _check_checkpoint_model(args)
     cfg = models.config_from_name(args.model)
     cluster = resolve_cluster(args.cluster, args.profile, args)
     abstract = models.abstract(cfg)
@@ -627,6 +655,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     plan = make_plan(abstract, args.model, args.batch, args.seq, cluster, mesh=args.mesh,
                      memory_budget=args.memory_budget, remat=args.remat, provenance=extra, fixes=fixes)
+    if args.checkpoint:
+        place_experts(args, plan, cluster)
     text = explain.summary(plan)
     if args.output == "-":
         print(text, file=sys.stderr)
@@ -644,6 +674,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print("(not saved: pass -o plan.json to write it)")
     return 0
+
+
+def _check_checkpoint_model(args: argparse.Namespace) -> None:
+    """plan --checkpoint: the checkpoint must hold the --model being planned, and have experts."""
+    import models
+    from autoshard import checkpoint
+
+    held = checkpoint.read_meta(args.checkpoint).get("model")
+    if models.config_from_name(held) != models.config_from_name(args.model):
+        raise AutoshardError(f"checkpoint {args.checkpoint} holds {held} but --model is {args.model}: pass --model "
+                             f"{held}")
+    if not models.config_from_name(held).is_moe:
+        raise AutoshardError(f"checkpoint {args.checkpoint} holds {held}, which has no experts to place: drop "
+                             f"--checkpoint")
+
+
+def place_experts(args: argparse.Namespace, plan, cluster) -> None:
+    """plan --checkpoint: the ILP placement of the checkpoint's experts on the plan's expert ranks (nodes as the
+    mesh lays `expert` over the cluster), into the plan's experts section."""
+    from autoshard import place
+    from planner.collectives import axis_span
+
+    ep = plan.mesh["expert"]
+    if ep == 1:
+        print(f"note: the plan has no expert parallelism (expert=1), so the routing of {args.checkpoint} places "
+              f"nothing; fix --mesh expert=N to place the experts", file=sys.stderr)
+        return
+    nodes = axis_span(plan.mesh, ("expert",), cluster.devices_per_node).nodes
+    trace = argparse.Namespace(checkpoint=args.checkpoint, routing_batches=args.routing_batches, batch=args.batch,
+                               seq=args.seq, data=args.data, experts=None, time_limit=10.0)
+    plan.experts = {**(plan.experts or {}), "degree": ep, **place.plan_placement(trace, ep, nodes)}
 
 
 COMMANDS["plan"] = (add_plan, cmd_plan)

@@ -79,8 +79,8 @@ def check_supported(plan: Plan) -> None:
         raise PlanError(f"plan's experts section says degree {plan.experts['degree']} but the mesh has expert="
                         f"{plan.mesh['expert']}: make them agree")
     if plan.experts and plan.experts.get("placement") is not None:
-        raise PlanError("the plan's expert placement must be applied to the weights before training (autoshard "
-                        "place / planner.placement.permute_experts), then dropped from the plan")
+        raise PlanError("the plan's expert placement reorders a trained checkpoint's experts: train with --restore "
+                        "DIR (the checkpoint it was planned from), or apply it with autoshard.place.placed first")
 
 
 def ops_context(plan: Plan, mesh: Mesh) -> "OpsContext":

@@ -120,11 +120,11 @@ def checkpoint_trace(args: argparse.Namespace):
     return ids, cfg.experts, abstract, params, meta
 
 
-def apply_placement(directory: str, placement, ep: int, abstract, params, meta) -> None:
-    """Write the checkpoint with each layer's experts reordered so contiguous sharding realises `placement`."""
+def placed(params, placement, ep: int, abstract):
+    """`params` with each layer's experts (weights and router columns) reordered so that sharding the expert axis
+    contiguously over `ep` ranks realises `placement` (the model's function is unchanged)."""
     from flax import nnx
 
-    from autoshard import checkpoint
     from autoshard.routing import expert_axes
     from planner import placement as pl
     from planner.params import path_str
@@ -132,9 +132,51 @@ def apply_placement(directory: str, placement, ep: int, abstract, params, meta) 
     perms = pl.placement_permutations(placement, ep)
     flat = {path_str(k): v.get_value() for k, v in nnx.to_flat_state(params)}
     permuted = pl.permute_experts(flat, perms, expert_axes(abstract))
-    state = nnx.map_state(lambda path, v: v.replace(permuted[path_str(path)]), params)
-    checkpoint.save(directory, state, model=meta["model"], step=meta.get("step", 0),
-                    plan={**(meta.get("plan") or {}), "placement_applied": {"ep": ep}})
+    return nnx.map_state(lambda path, v: v.replace(permuted[path_str(path)]), params)
+
+
+def apply_placement(directory: str, placement, ep: int, abstract, params, meta) -> None:
+    """Write the checkpoint with each layer's experts reordered so contiguous sharding realises `placement`."""
+    from autoshard import checkpoint
+
+    checkpoint.save(directory, placed(params, placement, ep, abstract), model=meta["model"],
+                    step=meta.get("step", 0), plan={**(meta.get("plan") or {}), "placement_applied": {"ep": ep}})
+
+
+def check_planned_from(directory: str, section: dict) -> None:
+    """A plan's placement reorders the experts of the checkpoint it was recorded from, as that checkpoint orders
+    them: refuse another checkpoint (its experts may be in another order, e.g. placed already)."""
+    from pathlib import Path
+
+    source = (section.get("routing") or {}).get("checkpoint")
+    if source is None or Path(source).resolve() != Path(directory).resolve():
+        raise PlanError(f"the plan's expert placement was computed from checkpoint {source}, not {directory}: "
+                        f"re-plan with --checkpoint {directory}, or restore {source}")
+
+
+def plan_placement(args: argparse.Namespace, ep: int, nodes: int) -> dict:
+    """The ILP placement of the checkpoint's experts on `ep` ranks over `nodes` nodes, from its routing on the
+    training text: what `autoshard plan --checkpoint` puts in the plan's experts section (with round robin's
+    figures beside the ILP's)."""
+    from pathlib import Path
+
+    from planner import placement as pl
+
+    ids, experts, _, _, _ = checkpoint_trace(args)
+    routing = pl.Routing.from_trace(pl.check_trace(ids, experts=experts), experts)
+    pl.check_ep(routing.experts, ep, nodes)
+    try:
+        result = pl.ilp(routing, ep, nodes, balance=pl.DEFAULT_BALANCE, time_limit=args.time_limit)
+    except PlanError as e:
+        if "balance" not in str(e):
+            raise
+        result = pl.ilp(routing, ep, nodes, balance=None, time_limit=args.time_limit)
+    rr = pl.round_robin(routing.layers, routing.experts, ep)
+    return {"placement": [list(map(int, layer)) for layer in result.placement],
+            "routing": {"checkpoint": str(Path(args.checkpoint).absolute()), "batches": args.routing_batches,
+                        "nodes": nodes},
+            **{name: {k: v for k, v in pl.metrics(pm, routing, ep, nodes).items() if k != "placement"}
+               for name, pm in (("ilp", result.placement), ("round_robin", rr))}}
 
 
 def cmd_place(args: argparse.Namespace) -> int:

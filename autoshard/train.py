@@ -73,6 +73,10 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         if built:
             _, params, rest = nnx.split(model, nnx.Param, ...)
+            devices = set(self.mesh.devices.flat)
+            # arrays committed elsewhere (a restored checkpoint on one device) come in through the host
+            params = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array)
+                                  and x.sharding.device_set != devices else x, params)
             self.params = jax.jit(to_stored, out_shardings=self.param_shardings)(params)
             self.rest = jax.device_put(rest, replicated)
         else:  # initialise under jit: weights are born sharded, never whole on one device

@@ -93,3 +93,43 @@ def test_applied_placement_keeps_the_model_function(tmp_path, token_batch):
     perms = pl.placement_permutations(placement, 2)
     np.testing.assert_array_equal(moved[0], _flat(params)["blocks/mlp/w_up"][0][perms[0]])
     assert json.loads((tmp_path / "placed" / checkpoint.META).read_text())["model"] == name
+
+
+def test_plan_from_a_checkpoint_places_its_experts_and_train_applies_it(tmp_path, capsys):
+    """`plan --checkpoint` records the checkpoint's routing and puts the ILP placement in the experts section;
+    `train --plan P --restore DIR` reorders the restored experts by it: the first step's loss is the unplaced
+    model's on the same batch, and the weights it saves are the placed order."""
+    from autoshard import cli, data
+    from autoshard.place import placed
+
+    name = "moe-tiny"
+    model = models.create(name)
+    checkpoint.save(tmp_path / "ck", nnx.state(model, nnx.Param), model=name, step=0)
+    plan_file = tmp_path / "p.json"
+    assert cli.main(["plan", "--model", name, "--cluster", "cpu:8", "--batch", "16", "--seq", "32", "--mesh",
+                     "expert=2", "--checkpoint", str(tmp_path / "ck"), "--routing-batches", "1",
+                     "-o", str(plan_file)]) == 0
+    section = json.loads(plan_file.read_text())["experts"]
+    assert section["degree"] == 2 and len(section["placement"]) == model.cfg.layers
+    assert section["ilp"]["cross_device_fraction"] <= section["round_robin"]["cross_device_fraction"]
+    section["placement"][0] = section["placement"][0][::-1]  # make layer 0 move whatever the ILP chose
+    plan_json = json.loads(plan_file.read_text())
+    plan_json["experts"] = section
+    plan_file.write_text(json.dumps(plan_json))
+
+    assert cli.main(["train", "--model", name, "--plan", str(plan_file), "--restore", str(tmp_path / "ck"),
+                     "--steps", "1", "--batch", "16", "--seq", "32", "--lr", "1e-12", "--checkpoint",
+                     str(tmp_path / "out"), "--out", str(tmp_path / "run")]) == 0
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    batch = data.TextData(data.load(None), 16, 32, seed=0).next()
+    loss, _ = jax.jit(lambda b: model.loss(b))(batch)
+    assert first["loss"] == pytest.approx(float(loss), rel=1e-5)
+    saved, _ = checkpoint.restore(tmp_path / "out", models.abstract(name))
+    want = placed(nnx.state(model, nnx.Param), section["placement"], 2, models.abstract(name))
+    np.testing.assert_allclose(_flat(saved)["blocks/mlp/w_up"], _flat(want)["blocks/mlp/w_up"],
+                               rtol=1e-6, atol=1e-9)  # one step at lr 1e-12
+
+    capsys.readouterr()
+    assert cli.main(["train", "--model", name, "--plan", str(plan_file), "--steps", "1", "--batch", "16",
+                     "--seq", "32", "--out", str(tmp_path / "run2")]) == 2
+    assert "--restore DIR" in capsys.readouterr().err
