@@ -416,6 +416,8 @@ class Problem:
         """Matmul outputs of one layer (of the whole graph when there is no layer stack): what the backward's
         working set is made of, on top of the residuals (`WORKING_SET` bytes each)."""
         body = [op for op in self.g.ops if op.in_layer] or self.g.ops
+        if not self.attention_residuals:  # a sequence method's attention: its own transient (planner.seq_expert)
+            body = [op for op in body if "autoshard.attention" not in op.scope]
         return [o for op in body if op.primitive == "dot_general" for o in op.outputs
                 if o in self._live and dtype_kind(self.values[o].dtype) == "float"]
 
