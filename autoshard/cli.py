@@ -96,9 +96,9 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gpt-tiny",
+    p.add_argument("--model", default=None,
                    help="model preset, optionally with overrides: gpt-tiny, gpt-small:layers=4, "
-                        "gpt:hidden=256,heads=8 (default gpt-tiny)")
+                        "gpt:hidden=256,heads=8 (default: the model a --plan file was made for, else gpt-tiny)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)")
 
 
@@ -438,6 +438,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     import models
     from autoshard.train import make_optimizer, parallelize
 
+    if args.model is None:  # a plan file names the model it was made for
+        from planner.plan import Plan
+
+        args.model = (Plan.load(args.plan).provenance.get("model") if args.plan else None) or "gpt-tiny"
     cfg = models.config_from_name(args.model)
     data.check_vocab(cfg.vocab)
     devices = setup_devices(args)

@@ -117,7 +117,7 @@ def test_plan_from_a_checkpoint_places_its_experts_and_train_applies_it(tmp_path
     plan_json["experts"] = section
     plan_file.write_text(json.dumps(plan_json))
 
-    assert cli.main(["train", "--model", name, "--plan", str(plan_file), "--restore", str(tmp_path / "ck"),
+    assert cli.main(["train", "--plan", str(plan_file), "--restore", str(tmp_path / "ck"),  # its model: the plan's
                      "--steps", "1", "--batch", "16", "--seq", "32", "--lr", "1e-12", "--checkpoint",
                      str(tmp_path / "out"), "--out", str(tmp_path / "run")]) == 0
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
