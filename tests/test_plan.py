@@ -90,7 +90,7 @@ def test_plan_must_fit_model_and_devices():
 
 
 def test_unsupported_sections_are_rejected_not_ignored():
-    with pytest.raises(PlanError, match="placement must be applied"):
+    with pytest.raises(PlanError, match="placement reorders a trained checkpoint"):
         check_supported(full_plan())
     with pytest.raises(PlanError, match="degree 4 but the mesh has expert=2"):
         check_supported(Plan(mesh={"expert": 2}, experts={"degree": 4}))
