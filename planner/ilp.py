@@ -29,7 +29,7 @@ SAVES_OUTPUT = {"exp", "tanh", "logistic", "rsqrt", "sqrt", "log", "log1p", "exp
 OPT_STATE_COPIES = 2  # Adam: first and second moments
 WORKING_SET = 1.3
 """The backward of one layer holds the cotangent of each of its matmul outputs at once, plus the layout copies
-XLA makes of some: 1.3 x the layer's matmul output bytes, fitted on the ten compiled cases of
+XLA makes of some: 1.3 x the layer's matmul output bytes, fitted on the compiled cases of
 tests/test_predictions.py (gpt-tiny variants, moe-tiny and an MLP on 8 CPU devices)."""
 FUSED = ELEMENTWISE | {"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "iota", "select_n"}
 EXPENSIVE = SAVES_OUTPUT | {"div", "pow", "cbrt", "atan2", "tan", "layer_boundary", "custom_jvp_call",

@@ -246,6 +246,14 @@ class Extras:
     memory: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
+def _alone(mesh: dict[str, int], axis: str) -> bool:
+    """Whether `axis` is the only automatic axis of size > 1 around its op (inside a pipeline the executor makes
+    every axis but `tensor` manual): then its exchange compiles as a native all-to-all."""
+    if mesh["pipe"] > 1:
+        return mesh["tensor"] == 1
+    return all(n == 1 for a, n in mesh.items() if a != axis)
+
+
 def _local_heads(heads: int, tensor: int) -> int:
     return heads // tensor if tensor > 1 and heads % tensor == 0 else heads
 
@@ -268,9 +276,8 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
     if s > 1 and shapes.has_attention and method is not None:
         h, hkv = _local_heads(shapes.heads, t), _local_heads(shapes.kv_heads, t)
         args = (local_batch, shapes.seq_len, h, hkv, shapes.head_dim, s)
-        piped = mesh["pipe"] > 1
-        cpu_pipe = piped and cluster.name.startswith("cpu")
-        alone = mesh["tensor"] == 1 if piped else all(n == 1 for a, n in mesh.items() if a != "seq")
+        cpu_pipe = mesh["pipe"] > 1 and cluster.name.startswith("cpu")
+        alone = _alone(mesh, "seq")
         if method == "ring":
             nbytes = ring_bytes(*args, itemsize=shapes.itemsize)
             kind = "collective-permute"
@@ -297,7 +304,7 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
         out.seconds["sequence comm"] = (calls * shapes.attention_layers
                                         * axis_collective_time(kind, operand, mesh, ("seq",), cluster))
     if e > 1 and shapes.is_moe:
-        alone = mesh["tensor"] == 1 if mesh["pipe"] > 1 else all(n == 1 for a, n in mesh.items() if a != "expert")
+        alone = _alone(mesh, "expert")
         kind = "all-to-all" if alone else "collective-permute"
         total = shapes.moe_layers * moe_all_to_all_bytes(shapes.experts, local_batch, shapes.capacity, shapes.hidden,
                                                          e, itemsize=shapes.itemsize)

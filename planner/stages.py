@@ -189,8 +189,9 @@ def pipeline_params(problem: Problem, sol: Solution) -> dict[str, ParamChoice]:
 
 
 def _tensor_comm(problem: Problem, sol: Solution, region: dict[int, str]):
-    """Seconds and bytes of the tensor-axis conversions by region of the consuming op (as `Problem.evaluate` pays
-    them: a forward conversion once per value, a backward one per use)."""
+    """Seconds and bytes of the tensor-axis conversions by region of the consuming op, paid by the rules
+    `Problem.evaluate` applies (a forward conversion once per value, again under remat where the recompute needs it
+    and for a weight gradient's re-gather; a backward one per use and operand gradient)."""
     times: dict[str, float] = defaultdict(float)
     nbytes: dict[str, dict[str, float]] = {r: defaultdict(float) for r in REGIONS}
     if problem.t == 1:
@@ -209,10 +210,14 @@ def _tensor_comm(problem: Problem, sol: Solution, region: dict[int, str]):
         for cidx, pos in v.consumers:
             s, count, r = sol.ops[cidx], g.ops[cidx].count, region[cidx]
             kind, nb = problem._conv(lay, s.ins[pos], v)
-            pay(("f", vid, lay, s.ins[pos], count), kind, nb, count, r)
+            fc = problem._forward_count(vid, cidx)
+            pay(("f", vid, lay, s.ins[pos], fc), kind, nb, fc, r)
+            if problem._regathers(vid, cidx, kind):
+                pay(("g", vid, lay, s.ins[pos], count), kind, nb, count, r)
             if vid in problem.needs_grad:
                 kind, nb = problem._conv(s.cots[pos], None if lay == PARTIAL else lay, v)
-                pay(("b", vid, lay, s.cots[pos], count, cidx, pos), kind, nb, count, r)
+                pay(("b", vid, lay, s.cots[pos], count, cidx, pos), kind, nb, count * problem._cotangent_uses(vid),
+                    r)
     return times, nbytes
 
 
