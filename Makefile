@@ -1,24 +1,50 @@
-# `make train`: set up and run the main job on its defaults. `make test`: set up and run the test suite.
-PYTHON ?= python3
+# `make train`: set up and run the main job on its defaults. `make test`: set up, run the whole suite on the newest
+# supported jax, then the smoke subset on the oldest (jax 0.10.2 on Python 3.11).
+
+# The newest Python here that the newest supported jax accepts (jax 0.11+ needs 3.12+), pyenv installs included.
+find_python = $(firstword $(foreach v,$(1),$(shell for p in python$(v) $$(ls -d $$HOME/.pyenv/versions/$(v).*/bin/python$(v) 2>/dev/null | sort -rV); do $$p -c '' 2>/dev/null && { command -v $$p; break; }; done)))
+PYTHON ?= $(or $(call find_python,3.13 3.12),python3)
+PYTHON_OLDEST ?= $(or $(call find_python,3.11),python3)
+# The oldest release of each dependency the project supports (pyproject.toml's lower bounds).
+OLDEST := jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8
+
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+OLD := .venv-oldest
+OLD_STAMP := $(OLD)/.installed
 
-.PHONY: setup train test clean
+.PHONY: setup train test test-full test-oldest clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@# an environment left by another Python (an older checkout's 3.11) is rebuilt, not upgraded in place
+	if [ -x $(BIN)/python ] && [ "$$($(BIN)/python -c 'import sys; print(sys.version_info[:2])')" != \
+	     "$$($(PYTHON) -c 'import sys; print(sys.version_info[:2])')" ]; then rm -rf $(VENV); fi
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --upgrade -e '.[test]'
+	$(BIN)/python -c 'import sys, jax; print("autoshard env: Python", sys.version.split()[0], "jax", jax.__version__)'
 	touch $(STAMP)
+
+$(OLD_STAMP): pyproject.toml
+	test -d $(OLD) || $(PYTHON_OLDEST) -m venv $(OLD)
+	$(OLD)/bin/python -m pip install --quiet --upgrade pip
+	$(OLD)/bin/python -m pip install --quiet -e '.[test]' $(OLDEST)
+	$(OLD)/bin/python -c 'import sys, jax; print("oldest env: Python", sys.version.split()[0], "jax", jax.__version__)'
+	touch $(OLD_STAMP)
 
 train: $(STAMP)
 	$(BIN)/autoshard train $(ARGS)
 
-test: $(STAMP)
+test: test-full test-oldest
+
+test-full: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
+test-oldest: $(OLD_STAMP)
+	$(OLD)/bin/python -m pytest -q -m smoke $(ARGS)
+
 clean:
-	rm -rf $(VENV) runs/local
+	rm -rf $(VENV) $(OLD) runs/local

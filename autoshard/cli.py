@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from planner.jax_internals import package_versions
 from planner.errors import AutoshardError
 
 DEFAULT_DEVICES = 8
@@ -489,6 +490,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,
         "jax_version": jax.__version__,
+        "versions": package_versions(),
         "data": corpus.describe(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from planner import jax_internals
 from planner.search import format_bytes
 
 COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
@@ -41,8 +42,6 @@ _DTYPE_BYTES = {"pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1
                 "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
                 "c128": 16, "token": 0}
 _ARRAY_RE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]+m[0-9]+[a-z0-9]*)?)\[([0-9,]*)\]")
-_INSTR_RE = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_COMP_RE = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?\s*(?:->.*)?\{\s*$")
 _CALL_KEYS = ("body", "condition", "to_apply", "calls", "true_computation", "false_computation")
 _SHAPE_PRESERVING = ("bitcast", "copy", "reshape", "transpose", "convert")
 """Ops between an all-reduce and its partition-indexed dynamic-slice that keep every element (layout changes)."""
@@ -128,7 +127,7 @@ def parse_hlo(text: str) -> HloModule:
     num_partitions = int(m.group(1)) if m else 1
     for line in text.splitlines():
         if cur is None:
-            m = _COMP_RE.match(line)
+            m = jax_internals.HLO_COMPUTATION.match(line)
             if m and "=" not in line.split("(")[0]:
                 cur = m.group(2)
                 comps[cur] = []
@@ -138,7 +137,7 @@ def parse_hlo(text: str) -> HloModule:
         if line.startswith("}"):
             cur = None
             continue
-        m = _INSTR_RE.match(line)
+        m = jax_internals.HLO_INSTRUCTION.match(line)
         if not m:
             continue
         root, name, rest = m.groups()
@@ -186,7 +185,7 @@ def multiplicities(mod: HloModule) -> dict[str, float]:
         for ins in instrs:
             trip = 1.0
             if ins.opcode == "while":
-                t = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+                t = jax_internals.HLO_TRIP_COUNT.search(ins.attrs)
                 trip = float(t.group(1)) if t else 1.0
             for key, child in _called(ins):
                 if child in mod.comps:
@@ -722,13 +721,9 @@ def analyze(compiled: Any, mesh: Any) -> dict[str, Any]:
     `mesh` (a jax Mesh, or an ordered {axis: size}) names the axes that communication is attributed to; it must be
     the mesh whose `devices.flat` order the program was compiled for.
     """
-    ma = compiled.memory_analysis()
-    memory = dict(argument=int(ma.argument_size_in_bytes), output=int(ma.output_size_in_bytes),
-                  temp=int(ma.temp_size_in_bytes), alias=int(ma.alias_size_in_bytes),
-                  generated_code=int(ma.generated_code_size_in_bytes))
-    ca = compiled.cost_analysis()
-    ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
-    mod = parse_hlo(compiled.as_text())
+    memory = jax_internals.memory_stats(compiled)
+    ca = jax_internals.cost_stats(compiled)
+    mod = parse_hlo(jax_internals.hlo_text(compiled))
     comm = collective_stats(mod, mesh)
     return dict(memory_bytes_per_device=memory["argument"] + memory["output"] + memory["temp"] - memory["alias"],
                 memory=memory, flops_per_device=dot_flops(mod), flops_xla=float(ca.get("flops", 0.0)), **comm,

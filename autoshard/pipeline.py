@@ -51,6 +51,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from autoshard import ops
+from planner.jax_internals import varying_axes
 from planner.errors import PlanError
 from planner.params import path_str
 from planner.plan import BATCH_AXES, Plan, SpecEntry
@@ -544,7 +545,7 @@ def _drop_axes(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
 
 def _vary_all(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     """`x` made varying over those of `axes` it is not varying over yet."""
-    missing = tuple(a for a in axes if a not in jax.typeof(x).mat.varying)
+    missing = tuple(a for a in axes if a not in varying_axes(x))
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 

@@ -23,6 +23,7 @@ from planner.errors import AutoshardError
 from planner.ilp import ParamChoice, Problem, Solution
 from planner.params import param_table, path_str
 from planner.plan import AXES, BATCH_AXES, Plan, SpecEntry
+from planner import jax_internals as jint
 from planner import seq_expert
 from planner.trace import Graph, matmul_flops, trace
 
@@ -74,16 +75,16 @@ def layer_bodies(model: nnx.Module, batches: list[dict[str, Any]], loss_fn: Call
     for batch in batches:
         closed = jax.make_jaxpr(loss)(jax.tree.map(shape, params), jax.tree.map(shape, rest),
                                       jax.tree.map(shape, batch))
-        scans = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
+        scans = [jint.scan(e) for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
         if not scans:
             continue
-        body = max(scans, key=lambda e: int(e.params["length"])).params["jaxpr"]
+        body = max(scans, key=lambda s: s.length).body
         keys = iter(jax.random.split(jax.random.key(seed), len(body.in_avals)))
         args = tuple(_random(next(keys), aval) for aval in body.in_avals)
-        fn = jax.jit(lambda *a, body=body: jax.core.eval_jaxpr(body.jaxpr, body.consts, *a))
+        fn = jax.jit(lambda *a, body=body: jint.eval_jaxpr(body, *a))
         leading = jax.tree.leaves(batch)[0]
         meta = {"batch": int(np.shape(leading)[0]), "seq": int(np.shape(leading)[1]) if np.ndim(leading) > 1 else 1}
-        out.append((name, fn, args, matmul_flops(body), meta))
+        out.append((name, fn, args, matmul_flops(body.jaxpr), meta))
     return out
 
 

@@ -18,17 +18,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jcore
-
+from planner import jax_internals as jint
 from planner.rules import ParamInfo
 
 PARAM_VIEWS = ("convert_element_type", "copy", "copy_p", "transpose")
 """Ops whose output is still the parameter they read, for layout purposes."""
 BOUNDARY = "layer_boundary"
 """A virtual op at the input of the layer stack: the point where a plan's `layer_input` spec is applied."""
-CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-         "remat": "jaxpr", "checkpoint": "jaxpr", "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-         "custom_vjp_call_jaxpr": "fun_jaxpr"}
 
 
 @functools.cache
@@ -122,11 +118,11 @@ class _Tracer:
 
     def walk(self, jaxpr, env: dict, count: int, in_layer: bool) -> None:
         for eqn in jaxpr.eqns:
-            ins = [None if isinstance(v, jcore.Literal) else env[v] for v in eqn.invars]
+            ins = [None if jint.is_literal(v) else env[v] for v in eqn.invars]
             name = eqn.primitive.name
-            if name in CALLS and CALLS[name] in eqn.params:
-                sub = eqn.params[CALLS[name]]
-                sub = getattr(sub, "jaxpr", sub)
+            body = jint.call_body(eqn)
+            if body is not None:
+                sub = body.jaxpr
                 inner = dict(zip(sub.invars, ins[len(ins) - len(sub.invars):]))
                 for v in sub.constvars:
                     inner[v] = self.new_value(v.aval)
@@ -137,11 +133,11 @@ class _Tracer:
                 self._scan(eqn, ins, env, count, in_layer)
             else:
                 if name in ("while", "cond"):
-                    self.notes.append(f"{name} at {eqn.source_info.name_stack}: planned as one replicated op")
+                    self.notes.append(f"{name} at {jint.name_stack(eqn)}: planned as one replicated op")
                 self._op(eqn, ins, env, count, in_layer)
 
     def _lookup(self, env, var) -> int:
-        if isinstance(var, jcore.Literal):
+        if jint.is_literal(var):
             return self.new_value(var.aval)
         return env[var]
 
@@ -152,8 +148,8 @@ class _Tracer:
             vid = self.new_value(v.aval, producer=index)
             env[v] = vid
             outs.append(vid)
-        params = {k: v for k, v in eqn.params.items() if not hasattr(v, "eqns") and not hasattr(v, "jaxpr")}
-        op = Op(index, eqn.primitive.name, params, ins, outs, str(eqn.source_info.name_stack), count, in_layer,
+        params = jint.op_params(eqn)
+        op = Op(index, eqn.primitive.name, params, ins, outs, jint.name_stack(eqn), count, in_layer,
                 _flops(eqn))
         src = self.values[ins[0]] if len(ins) == 1 and ins[0] is not None else None
         if src is not None and src.param is not None and op.primitive in PARAM_VIEWS:
@@ -174,10 +170,9 @@ class _Tracer:
         return out
 
     def _scan(self, eqn, ins, env, count, in_layer) -> None:
-        p = eqn.params
-        body = p["jaxpr"]
-        sub = body.jaxpr
-        nc, ncarry, length = p["num_consts"], p["num_carry"], int(p["length"])
+        info = jint.scan(eqn)
+        body, sub = info.body, info.body.jaxpr
+        nc, ncarry, length = info.num_consts, info.num_carry, info.length
         xs = ins[nc + ncarry:]
         stacks_params = any(i is not None and self.values[i].param is not None for i in xs)
         is_layers = stacks_params and not in_layer and length > 1
@@ -269,13 +264,13 @@ def trace(fn: Callable, params: Any, batch: Any, param_paths: list[str],
 
 def matmul_flops(jaxpr) -> float:
     """dot_general FLOPs of a (closed) jaxpr, through calls and loops (times their trip counts)."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    jaxpr = jint.open_jaxpr(jaxpr).jaxpr
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
             total += _flops(eqn)
-        trips = int(eqn.params["length"]) if eqn.primitive.name == "scan" else 1
-        for sub in jcore.jaxprs_in_params(eqn.params):
+        trips = jint.trip_count(eqn)
+        for sub in jint.sub_jaxprs(eqn):
             total += trips * matmul_flops(sub)
     return total
 

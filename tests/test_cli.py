@@ -2,11 +2,13 @@
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -56,7 +58,8 @@ def test_run_folder(mesh_run, tiny_text):
     plan = Plan.load(mesh_run / "plan.json")
     assert plan.mesh_string() == "data=2,fsdp=2,tensor=2"
     config = json.loads((mesh_run / "config.json").read_text())
-    assert config["devices"] == 8 and config["jax_version"]
+    assert config["devices"] == 8 and config["jax_version"] == jax.__version__
+    assert config["versions"]["jax"] == jax.__version__ and config["versions"]["python"] == platform.python_version()
     assert config["model"]["name"] == "gpt-tiny" and config["model"]["vocab"] == 256
     assert config["args"]["mesh"] == "data=2,fsdp=2,tensor=2" and config["args"]["steps"] == 3
     assert config["data"]["source"] == tiny_text
@@ -172,6 +175,7 @@ def test_device_flag_replaces_only_the_count(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
 
 
+@pytest.mark.smoke
 def test_console_script_sets_device_count(tiny_text, tmp_path):
     """The real entry point, in a fresh process: --devices 2 overrides an inherited device-count flag."""
     exe = shutil.which("autoshard", path=str(Path(sys.executable).parent)) or shutil.which("autoshard")

@@ -283,6 +283,7 @@ ENTRY %main (a: f32[64,16], b: f32[4]) -> f32[4] {
 """
 
 
+@pytest.mark.smoke
 def test_reduce_scatter_detection_and_loop_counts():
     stats = collective_stats(SYNTHETIC_HLO, MESH_2x4)
     g, v = 64 * 16 * 4, 4 * 4

@@ -14,7 +14,7 @@ from autoshard.train import make_optimizer, parallelize
 from planner.params import path_str
 
 MODEL = "gpt-tiny:heads=8"  # 8 heads so that tensor=8 divides them
-MESHES = ["data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2"]
+MESHES = ["data=8", "fsdp=8", "tensor=8", pytest.param("data=2,fsdp=2,tensor=2", marks=pytest.mark.smoke)]
 STEPS = 3
 
 
@@ -73,6 +73,7 @@ def test_dense_plan_matches_single_device(mesh, reference, token_batch):
     assert_planned_shardings(got["trainer"])
 
 
+@pytest.mark.smoke
 def test_moe_plan_matches_single_device(reference, token_batch):
     model = "moe-tiny:capacity_factor=4"
     got = run(model, "data=2,fsdp=2,tensor=2", token_batch)

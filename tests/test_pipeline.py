@@ -105,7 +105,7 @@ def reference(token_batch):
 
 CASES = [  # (mesh, schedule, microbatches, virtual, layers per stage or None for even)
     ("pipe=2", "1f1b", 4, 1, None),
-    ("pipe=2,data=2,tensor=2", "gpipe", 4, 1, [5, 3]),
+    pytest.param("pipe=2,data=2,tensor=2", "gpipe", 4, 1, [5, 3], marks=pytest.mark.smoke),
     ("pipe=2,fsdp=2,tensor=2", "interleaved", 4, 2, [1, 3, 2, 2]),
     ("pipe=4,data=2", "1f1b", 4, 1, [3, 2, 2, 1]),
     ("pipe=4,tensor=2", "interleaved", 4, 2, None),

@@ -316,6 +316,7 @@ def linen_batch():
     return {"x": rng.normal(size=(16, 32)).astype(np.float32), "y": rng.normal(size=(16, 16)).astype(np.float32)}
 
 
+@pytest.mark.smoke
 def test_planned_linen_model_trains_like_one_device(linen_batch):
     fixed = {"data": 2, "fsdp": 1, "tensor": 4}
     graph = trace_model(nnx.eval_shape(linen_factory), linen_batch, linen_loss)
@@ -361,6 +362,7 @@ def test_bridged_linen_module_with_rng_streams_plans_and_trains(linen_batch):
     np.testing.assert_allclose(got, single_device(factory, linen_batch, linen_loss), rtol=1e-5)
 
 
+@pytest.mark.smoke
 def test_planned_gpt_tiny_under_memory_pressure_uses_tensor_and_trains_like_one_device(token_batch):
     # Without fsdp only tensor parallelism can split the weights; a budget under the least memory any tensor=1 mesh
     # could need (a lower bound) leaves the planner no choice but tensor > 1.

@@ -119,6 +119,7 @@ def test_seq_of_one_is_dense():
         assert "shard_map" not in str(jaxpr)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("method", ["ulysses", "ring"])
 def test_nested_in_pipe_shard_map(method):
     """The pipeline executor calls ops inside a shard_map manual over `pipe`: the inner one nests."""

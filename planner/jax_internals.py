@@ -1,0 +1,229 @@
+"""Every jax surface autoshard reads that carries no compatibility promise, in one place.
+
+jax keeps its public API (`jax.jit`, `jax.shard_map`, `NamedSharding`, ...) stable across releases, but the planner
+also reads what those build: jaxprs (primitive names, their parameter keys, how call and loop primitives hold their
+bodies), `source_info.name_stack`, `jax.extend.core`, `jax.core.eval_jaxpr`, the varying-manual-axes type
+`jax.typeof(x).mat`, and the text and statistics of a compiled executable. Each of these changed at least once
+between jax 0.10 and 0.12 (the scan primitive's `num_consts`/`num_carry` became an `ft_in` flat tree; call
+primitives hold an open `Jaxpr` with its consts instead of a `ClosedJaxpr`), so everything else goes through the
+functions here, `tests/test_jax_internals.py` exercises each surface on the installed jax, and a release that
+changes one fails here, with a `JaxInternalsError` that names the surface, the jax version and what was found.
+
+Supported: jax and jaxlib 0.10.2 up to (not including) 0.13 (`SUPPORTED_JAX`); pyproject.toml pins the same range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+from jax.extend import core as jcore
+
+SUPPORTED_JAX = ((0, 10, 2), (0, 13))
+"""[oldest, first unsupported) jax release; keep in step with pyproject.toml."""
+
+
+class JaxInternalsError(RuntimeError):
+    """A jax internal that autoshard reads is not what this module expects: the installed jax changed it."""
+
+    def __init__(self, surface: str, found: str):
+        super().__init__(f"jax {jax.__version__}: {surface} changed ({found}); autoshard supports jax "
+                         f"{_version_str(SUPPORTED_JAX[0])} to <{_version_str(SUPPORTED_JAX[1])}: "
+                         f"update planner/jax_internals.py for this release")
+
+
+def _version_str(v: tuple[int, ...]) -> str:
+    return ".".join(map(str, v))
+
+
+def jax_version() -> tuple[int, ...]:
+    """The installed jax's release as a tuple of ints (0.12.0.1 -> (0, 12, 0, 1))."""
+    return tuple(int(x) for x in re.findall(r"\d+", jax.__version__.split("+")[0].split(".dev")[0]))
+
+
+def package_versions() -> dict[str, str]:
+    """Python and the installed release of each package a run depends on (recorded in a run's config.json)."""
+    import importlib.metadata
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ortools", "numpy"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+# -- jaxprs ---------------------------------------------------------------------------------------------------------
+
+CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+         "call": "call_jaxpr", "remat": "jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr",
+         "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
+"""Call-like primitives (their body runs once, on the call's trailing operands) and the parameter holding it."""
+
+PARAM_KEYS: dict[str, tuple[str, ...]] = {
+    "dot_general": ("dimension_numbers",),
+    "transpose": ("permutation",),
+    "broadcast_in_dim": ("broadcast_dimensions",),
+    "reduce_sum": ("axes",), "reduce_max": ("axes",), "reduce_min": ("axes",),
+    "gather": ("dimension_numbers",),
+    "cumsum": ("axis",), "concatenate": ("dimension",), "split": ("axis",), "sort": ("dimension",),
+    "scan": ("length", "jaxpr"),
+}
+"""Parameters the planner's rules read, per primitive (`planner.layouts`, `planner.trace`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Body:
+    """An open jaxpr and the values of its constvars: what a call or loop primitive runs."""
+
+    jaxpr: Any
+    consts: tuple[Any, ...]
+
+    @property
+    def in_avals(self) -> list[Any]:
+        return [v.aval for v in self.jaxpr.invars]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+    """A `lax.scan` equation: operands are consts, then carries, then the scanned-over xs."""
+
+    length: int
+    num_consts: int
+    num_carry: int
+    body: Body
+
+
+def is_literal(var: Any) -> bool:
+    """Whether a jaxpr operand is an inline literal (it has no binding in an environment)."""
+    return isinstance(var, jcore.Literal)
+
+
+def open_jaxpr(jaxpr: Any) -> Body:
+    """A `ClosedJaxpr` (jax 0.10) or an open `Jaxpr` that holds its own consts (0.12) as one `Body`."""
+    if hasattr(jaxpr, "eqns"):
+        return Body(jaxpr, tuple(getattr(jaxpr, "consts", ()) or ()))
+    if hasattr(jaxpr, "jaxpr") and hasattr(jaxpr.jaxpr, "eqns"):
+        return Body(jaxpr.jaxpr, tuple(jaxpr.consts))
+    raise JaxInternalsError("the jaxpr type", f"{type(jaxpr).__name__} has neither .eqns nor .jaxpr.eqns")
+
+
+def call_body(eqn: Any) -> Body | None:
+    """The body of a call-like equation (`jit`, `remat`, `custom_vjp_call`, ...), None for any other primitive."""
+    key = CALLS.get(eqn.primitive.name)
+    if key is None:
+        return None
+    if key not in eqn.params:
+        raise JaxInternalsError(f"the `{eqn.primitive.name}` primitive",
+                                f"no parameter {key!r}; it has {sorted(eqn.params)}")
+    return open_jaxpr(eqn.params[key])
+
+
+def scan(eqn: Any) -> Scan:
+    """The structure of a `scan` equation: `num_consts`/`num_carry` parameters (jax 0.10) or the `ft_in` flat tree
+    of (consts, carries, xs) (jax 0.12)."""
+    p = eqn.params
+    if "num_consts" in p and "num_carry" in p:
+        nc, ncarry = int(p["num_consts"]), int(p["num_carry"])
+    elif "ft_in" in p and hasattr(p["ft_in"], "unpack"):
+        try:
+            consts, carry, _ = p["ft_in"].unpack()
+        except (TypeError, ValueError) as e:
+            raise JaxInternalsError("the `scan` primitive's ft_in", f"not (consts, carry, xs): {e}") from None
+        nc, ncarry = len(consts), len(carry)
+    else:
+        raise JaxInternalsError("the `scan` primitive", f"no num_consts/num_carry nor ft_in; it has {sorted(p)}")
+    return Scan(int(p["length"]), nc, ncarry, open_jaxpr(p["jaxpr"]))
+
+
+def sub_jaxprs(eqn: Any) -> Iterator[Any]:
+    """Every jaxpr held in an equation's parameters (bodies of calls, loops, branches)."""
+    for sub in jcore.jaxprs_in_params(eqn.params):
+        yield open_jaxpr(sub).jaxpr
+
+
+def trip_count(eqn: Any) -> int:
+    """How often an equation's sub-jaxprs run per execution of it: a scan's length, else 1."""
+    return int(eqn.params["length"]) if eqn.primitive.name == "scan" else 1
+
+
+def op_params(eqn: Any) -> dict[str, Any]:
+    """An equation's parameters without its sub-jaxprs, checked for the keys the planner reads (`PARAM_KEYS`)."""
+    name = eqn.primitive.name
+    missing = [k for k in PARAM_KEYS.get(name, ()) if k not in eqn.params]
+    if missing:
+        raise JaxInternalsError(f"the `{name}` primitive", f"no parameter(s) {missing}; it has {sorted(eqn.params)}")
+    return {k: v for k, v in eqn.params.items() if not hasattr(v, "eqns") and not hasattr(v, "jaxpr")}
+
+
+def name_stack(eqn: Any) -> str:
+    """The transformation/scope path of an equation (`jit(f)/transpose(...)`), '' where jax records none."""
+    info = getattr(eqn, "source_info", None)
+    return str(getattr(info, "name_stack", "")) if info is not None else ""
+
+
+def eval_jaxpr(body: Body, *args: Any) -> list[Any]:
+    """Run an open jaxpr on `args` (traceable: jit it to compile one layer body on its own)."""
+    return jax.core.eval_jaxpr(body.jaxpr, list(body.consts), *args)
+
+
+# -- shard_map types ------------------------------------------------------------------------------------------------
+
+def varying_axes(x: Any) -> frozenset[str]:
+    """The manual mesh axes over which `x` varies inside a shard_map (its VMA type), empty outside one."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    if mat is None or not hasattr(mat, "varying"):
+        raise JaxInternalsError("jax.typeof(x).mat.varying", f"{type(aval).__name__} has no .mat.varying")
+    return frozenset(mat.varying)
+
+
+# -- compiled executables -------------------------------------------------------------------------------------------
+
+HLO_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?\s*(?:->.*)?\{\s*$")
+"""A computation header line of HLO text (`ENTRY %main.4 (p: f32[2]) -> f32[2] {`)."""
+HLO_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+"""An instruction line of HLO text (`ROOT %add.1 = f32[2]{0} add(%a, %b), metadata={...}`)."""
+HLO_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+"""A while loop's trip count in its backend_config."""
+
+
+def hlo_text(compiled: Any) -> str:
+    """The post-optimisation HLO text of a compiled executable, checked to be in the form `autoshard.inspect`
+    parses (an ENTRY computation whose lines are instructions)."""
+    text = compiled.as_text()
+    lines = text.splitlines()
+    entry = next((i for i, line in enumerate(lines) if line.startswith("ENTRY") and HLO_COMPUTATION.match(line)),
+                 None)
+    if entry is None:
+        raise JaxInternalsError("compiled.as_text()", "no `ENTRY name (...) -> ... {` computation line")
+    body = [line for line in lines[entry + 1:entry + 4] if line.strip() and not line.startswith("}")]
+    if body and not all(HLO_INSTRUCTION.match(line) for line in body):
+        raise JaxInternalsError("compiled.as_text()", f"an instruction line reads {body[0]!r}")
+    return text
+
+
+def memory_stats(compiled: Any) -> dict[str, int]:
+    """Per-device bytes of a compiled executable: arguments, outputs, temporaries, aliased and generated code."""
+    ma = compiled.memory_analysis()
+    keys = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes", "temp": "temp_size_in_bytes",
+            "alias": "alias_size_in_bytes", "generated_code": "generated_code_size_in_bytes"}
+    missing = [v for v in keys.values() if not hasattr(ma, v)]
+    if ma is None or missing:
+        raise JaxInternalsError("compiled.memory_analysis()", f"missing {missing or 'everything'}")
+    return {k: int(getattr(ma, v)) for k, v in keys.items()}
+
+
+def cost_stats(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis as one dict (older jaxlibs returned a list with one dict per program)."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, Sequence) and not isinstance(ca, dict):
+        ca = ca[0] if ca else {}
+    if not isinstance(ca, dict):
+        raise JaxInternalsError("compiled.cost_analysis()", f"a {type(ca).__name__}, not a dict")
+    return {str(k): float(v) for k, v in ca.items() if isinstance(v, (int, float))}
