@@ -40,11 +40,14 @@ train: $(STAMP)
 
 test: test-full test-oldest
 
+# Two pytest workers (one per core); a test file stays on one worker, so its compiled fixtures are built once.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
+
 test-full: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) $(ARGS)
 
 test-oldest: $(OLD_STAMP)
-	$(OLD)/bin/python -m pytest -q -m smoke $(ARGS)
+	$(OLD)/bin/python -m pytest -q $(PYTEST_WORKERS) -m smoke $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(OLD) runs/local

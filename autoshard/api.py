@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from autoshard.emit import batch_size
 from planner.cluster import ClusterSpec, load_cluster
 from planner.errors import AutoshardError
 from planner.params import param_table
@@ -59,13 +60,6 @@ def _compute_dtype(model) -> str:
     return str(getattr(getattr(_abstract(model), "cfg", None), "dtype", "float32"))
 
 
-def _batch_size(batch: dict[str, Any]) -> int:
-    sizes = {int(np.shape(x)[0]) for x in jax.tree.leaves(batch)}
-    if len(sizes) != 1:
-        raise AutoshardError(f"example batch leaves disagree on the batch size: {sorted(sizes)}")
-    return sizes.pop()
-
-
 def local_cluster(num_devices: int | None = None) -> ClusterSpec:
     """A cluster description of the local devices (CPU figures unless a profile calibrates them)."""
     n = num_devices or len(jax.devices())
@@ -101,7 +95,7 @@ def plan(model: nnx.Module | Callable[[], nnx.Module], example_batch: dict[str, 
     cluster = cluster or local_cluster()
     graph = trace_model(_abstract(model), example_batch, loss_fn)
     dtype = _compute_dtype(model)
-    return plan_graph(graph, cluster, _batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
+    return plan_graph(graph, cluster, batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
                       remat=remat, progress=progress, provenance=provenance, compute_dtype=dtype, pin=pin,
                       schedule=schedule, microbatches=microbatches, virtual=virtual, sequence=sequence)
 
@@ -145,5 +139,5 @@ def plan_function(loss_fn: Callable[[Any, Any], Any], params: Any, example_batch
     fixed = dict(normalize_mesh(mesh)) if isinstance(mesh, str) else dict(mesh or {})
     fixed = {a: n for a, n in fixed.items() if not isinstance(mesh, str) or n > 1}
     cluster = load_cluster(cluster) if isinstance(cluster, str) else (cluster or local_cluster())
-    return plan_graph(graph, cluster, _batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
+    return plan_graph(graph, cluster, batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
                       remat=remat, provenance=provenance)

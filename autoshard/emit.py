@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from planner.errors import PlanError
+from planner.errors import AutoshardError, PlanError
 from planner.params import path_str
 from planner.plan import AXES, BATCH_AXES, Plan, SpecEntry, shard_count
 from planner.rules import ParamInfo
@@ -33,10 +34,51 @@ def partition_spec(spec: list[SpecEntry]) -> PartitionSpec:
     return PartitionSpec(*(tuple(e) if isinstance(e, list) else e for e in spec))
 
 
-def batch_spec(plan: Plan) -> PartitionSpec:
-    """Global batch [B, S]: B over expert x data x fsdp, S over seq."""
+def batch_spec(plan: Plan, ndim: int = 2) -> PartitionSpec:
+    """One batch leaf of rank `ndim` (tokens [B, S], labels [B], images [B, H, W, C], ...): its leading dimension,
+    the global batch, over expert x data x fsdp; its second, the sequence of a [B, S, ...] leaf, over seq."""
     used = tuple(a for a in BATCH_AXES if plan.mesh[a] > 1)
-    return PartitionSpec(used or None, "seq" if plan.mesh["seq"] > 1 else None)
+    return PartitionSpec(*[used or None, "seq" if plan.mesh["seq"] > 1 else None][:ndim])
+
+
+def batch_specs(plan: Plan, batch: Any) -> Any:
+    """`batch_spec` for every leaf of a batch pytree (arrays or ShapeDtypeStructs), in its structure."""
+    return jax.tree.map(lambda x: batch_spec(plan, len(np.shape(x))), batch)
+
+
+def batch_size(batch: Any) -> int:
+    """The batch size of a batch pytree (arrays or ShapeDtypeStructs): the leading dimension every leaf shares.
+    A scalar leaf, leaves that disagree, or no leaf at all is a one-line `AutoshardError` naming the leaf."""
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    if not leaves:
+        raise AutoshardError("the batch has no arrays: pass a pytree of arrays whose leading dimension is the batch")
+    name = lambda kp: f"batch{jax.tree_util.keystr(kp)}"  # noqa: E731
+    for kp, x in leaves:
+        if not np.shape(x):
+            raise AutoshardError(f"{name(kp)} is a scalar: every batch leaf needs the batch as its leading "
+                                 f"dimension (pass constants to the model or the loss function instead)")
+    (kp0, x0), size = leaves[0], np.shape(leaves[0][1])[0]
+    for kp, x in leaves[1:]:
+        if np.shape(x)[0] != size:
+            raise AutoshardError(f"{name(kp)} has leading dimension {np.shape(x)[0]} {tuple(np.shape(x))} but "
+                                 f"{name(kp0)} has {size} {tuple(np.shape(x0))}: every batch leaf must lead with "
+                                 f"the batch")
+    return int(size)
+
+
+def check_batch(plan: Plan, batch: Any) -> int:
+    """The global batch size of a batch pytree (`batch_size`), after a one-line `PlanError` if the plan cannot
+    split it: a batch the batch shards do not divide, a sequence the seq axis does not divide."""
+    size = batch_size(batch)
+    if size % plan.batch_shards:
+        raise PlanError(f"batch size {size} is not divisible by the {plan.batch_shards} batch shards "
+                        f"(expert x data x fsdp) of mesh {plan.mesh_string()}: change --batch or the mesh")
+    seq = plan.mesh["seq"]
+    for kp, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        if seq > 1 and len(np.shape(x)) >= 2 and np.shape(x)[1] % seq:
+            raise PlanError(f"batch{jax.tree_util.keystr(kp)} has sequence length {np.shape(x)[1]}, which "
+                            f"seq={seq} does not divide: change --seq or the mesh")
+    return int(size)
 
 
 def check_plan_against_model(plan: Plan, params: dict[str, ParamInfo], *,

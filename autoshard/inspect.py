@@ -216,7 +216,7 @@ def multiplicities(mod: HloModule) -> dict[str, float]:
 
 
 def dot_flops(mod: HloModule, mult: Mapping[str, float] | None = None) -> float:
-    """2 x output elements x contracted size of every dot, times how often its computation runs.
+    """2 x output elements x contracted size of every dot and convolution, times how often its computation runs.
 
     XLA's `cost_analysis()` counts a while body once whatever its trip count (so a scanned N-layer model looks like
     one layer); this count follows the trip counts. Elementwise work is not included (it is small next to matmuls).
@@ -226,6 +226,12 @@ def dot_flops(mod: HloModule, mult: Mapping[str, float] | None = None) -> float:
     for comp, instrs in mod.comps.items():
         k = mult.get(comp, 0.0)
         for ins in instrs:
+            if ins.opcode == "convolution" and k and len(ins.operands) > 1 and ins.operands[1] in mod.by_name:
+                kernel = _dims(mod.by_name[ins.operands[1]].shape)
+                m = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
+                out_features = kernel[m.group(1).index("o")] if m and "o" in m.group(1) else 1
+                total += 2.0 * _elements(ins.shape) * math.prod(kernel) / max(out_features, 1) * k
+                continue
             if ins.opcode != "dot" or not k or not ins.operands:
                 continue
             lhs = _dims(mod.by_name[ins.operands[0]].shape) if ins.operands[0] in mod.by_name else []

@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from autoshard import ops
+from autoshard import emit, ops
 from planner.jax_internals import varying_axes
 from planner.errors import PlanError
 from planner.params import path_str
@@ -205,7 +205,7 @@ class Pipeline:
         layer_paths = sorted(p for p in flat if is_layer_param(p))
         other_paths = sorted(p for p in flat if not is_layer_param(p))
         own = {p: self._own_axes(p) for p in flat}
-        batch_spec = PartitionSpec(self.batch_axes or None, *self.seq_axes)  # as emit.batch_spec lays it out
+        batch_spec = emit.batch_specs(self.plan, batch)  # the layout the trainer placed each leaf in
         metric_names, moe = self._probe(rest, batch)
 
         def body(layer_vals, other_vals, rest, batch, tables):
@@ -306,12 +306,12 @@ class Pipeline:
         other = {k: _vary_all(v, vary) for k, v in other.items()}
         me = jax.lax.axis_index("pipe")
         counts = jnp.asarray(self.layout.counts)[me]                                        # [V]
-        local_batch = next(iter(batch.values())).shape[0]
+        local_batch = jax.tree.leaves(batch)[0].shape[0]
         if local_batch % M:
             raise PlanError(f"{M} microbatches do not divide the per-replica batch of {local_batch} (global batch / "
                             f"expert x data x fsdp): change --microbatches or --batch")
         mbs = local_batch // M
-        micro = {k: v.reshape((M, mbs) + v.shape[1:]) for k, v in batch.items()}
+        micro = jax.tree.map(lambda v: v.reshape((M, mbs) + v.shape[1:]), batch)
         # loss = mean over microbatches and shards: with seq, each device's loss is the mean over its block of
         # every sequence, blocks of equal size, so the mean of the block means is the mean over all tokens
         n_shards = math.prod(self.plan.mesh[a] for a in self.reduce_axes)
@@ -370,7 +370,7 @@ class Pipeline:
                     for a, gi in zip(acc, g)]
 
         def mb(i) -> dict[str, jax.Array]:
-            return {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in micro.items()}
+            return jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False), micro)
 
         def varying(shape, dtype=jnp.float32):
             return jax.lax.pcast(jnp.zeros(shape, dtype), vary, to="varying")

@@ -87,20 +87,31 @@ class Trainer:
         self.opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
                                                    transform_non_params=lambda _: replicated)
         self.opt_state = jax.jit(optimizer.init, out_shardings=self.opt_shardings)(self.params)
-        self.batch_sharding = NamedSharding(self.mesh, emit.batch_spec(plan))
         self.ops_context = emit.ops_context(plan, self.mesh)
-        self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
-                             in_shardings=(self.param_shardings, self.opt_shardings, replicated, self.batch_sharding),
-                             out_shardings=(self.param_shardings, self.opt_shardings, replicated, replicated))
-        self._step_and_grads = jax.jit(  # the step that also returns the gradients it applied (for checks)
-            lambda *a: self._train_step(*a, with_grads=True), donate_argnums=(0, 1),
-            in_shardings=(self.param_shardings, self.opt_shardings, replicated, self.batch_sharding),
-            out_shardings=(self.param_shardings, self.opt_shardings, replicated, replicated,
-                           None if self.pipeline else self.param_shardings))
-        self._grads = jax.jit(self._loss_and_grads, in_shardings=(self.param_shardings, replicated,
-                                                                 self.batch_sharding),
-                              out_shardings=(replicated, None if self.pipeline else self.param_shardings))
+        self._by_batch: dict[Any, _Programs] = {}
         self.steps_done = 0
+
+    def _programs(self, batch: Any) -> "_Programs":
+        """The jitted step, step-with-gradients and gradients for batches of this structure and these leaf ranks
+        (each leaf laid out by `emit.batch_spec`), built on first use."""
+        key = (jax.tree.structure(batch), tuple(len(np.shape(x)) for x in jax.tree.leaves(batch)))
+        if key in self._by_batch:
+            return self._by_batch[key]
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        data = jax.tree.map(lambda s: NamedSharding(self.mesh, s), emit.batch_specs(self.plan, batch))
+        grads = None if self.pipeline else self.param_shardings
+        state = (self.param_shardings, self.opt_shardings, replicated)
+        programs = _Programs(
+            data=data,
+            step=jax.jit(self._train_step, donate_argnums=(0, 1), in_shardings=state + (data,),
+                         out_shardings=state + (replicated,)),
+            step_and_grads=jax.jit(  # the step that also returns the gradients it applied (for checks)
+                lambda *a: self._train_step(*a, with_grads=True), donate_argnums=(0, 1),
+                in_shardings=state + (data,), out_shardings=state + (replicated, grads)),
+            grads=jax.jit(self._loss_and_grads, in_shardings=(self.param_shardings, replicated, data),
+                          out_shardings=(replicated, grads)))
+        self._by_batch[key] = programs
+        return programs
 
     # -- traced functions ---------------------------------------------------------------------------------------
     def _loss(self, params, rest, batch):
@@ -131,48 +142,60 @@ class Trainer:
         return out
 
     # -- public -------------------------------------------------------------------------------------------------
-    def shard_batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
-        shards = self.plan.batch_shards
-        for name, x in batch.items():
-            if np.shape(x)[0] % shards:
-                raise PlanError(f"batch size {np.shape(x)[0]} is not divisible by the {shards} batch shards "
-                                f"(expert x data x fsdp) of mesh {self.plan.mesh_string()}: change --batch or the mesh")
-            replicas = shards  # a pipeline's batch is split over expert too (each device runs its own tokens)
-            if self.pipeline is not None and (np.shape(x)[0] // replicas) % self.pipeline.M:
-                raise PlanError(f"{self.pipeline.M} microbatches do not divide the per-replica batch of "
-                                f"{np.shape(x)[0] // replicas} (batch {np.shape(x)[0]} / expert x data x fsdp "
-                                f"{replicas}): change --microbatches or --batch")
-        return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, self.batch_sharding)
+    def shard_batch(self, batch: Any) -> Any:
+        """A batch pytree (every leaf leading with the batch) placed on the mesh, leaf by leaf (`emit.batch_spec`);
+        a leaf the plan cannot split is a one-line `PlanError` before any work."""
+        size = emit.check_batch(self.plan, batch)
+        replicas = self.plan.batch_shards  # a pipeline's batch is split over expert too (each device its own tokens)
+        if self.pipeline is not None and (size // replicas) % self.pipeline.M:
+            raise PlanError(f"{self.pipeline.M} microbatches do not divide the per-replica batch of "
+                            f"{size // replicas} (batch {size} / expert x data x fsdp {replicas}): change "
+                            f"--microbatches or --batch")
+        return jax.device_put(jax.tree.map(jnp.asarray, batch), self._programs(batch).data)
 
-    def step(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def step(self, batch: Any) -> dict[str, Any]:
         """One optimizer step; returns metrics as Python floats (arrays as lists)."""
-        self.params, self.opt_state, self.rest, metrics = self._step(self.params, self.opt_state, self.rest,
-                                                                     self.shard_batch(batch))
+        placed = self.shard_batch(batch)
+        self.params, self.opt_state, self.rest, metrics = self._programs(batch).step(
+            self.params, self.opt_state, self.rest, placed)
         self.steps_done += 1
         return _floats(metrics)
 
-    def step_with_grads(self, batch: dict[str, Any]) -> tuple[dict[str, Any], nnx.State]:
+    def step_with_grads(self, batch: Any) -> tuple[dict[str, Any], nnx.State]:
         """`step`, also returning the gradients it applied (model layout): one compiled program for checks."""
-        self.params, self.opt_state, self.rest, metrics, grads = self._step_and_grads(
-            self.params, self.opt_state, self.rest, self.shard_batch(batch))
+        placed = self.shard_batch(batch)
+        self.params, self.opt_state, self.rest, metrics, grads = self._programs(batch).step_and_grads(
+            self.params, self.opt_state, self.rest, placed)
         self.steps_done += 1
         return _floats(metrics), grads
 
-    def loss_and_grads(self, batch: dict[str, Any]) -> tuple[jax.Array, nnx.State]:
+    def loss_and_grads(self, batch: Any) -> tuple[jax.Array, nnx.State]:
         """Loss and gradients (in the model's layout) under the plan, without updating anything (for checks)."""
-        return self._grads(self.params, self.rest, self.shard_batch(batch))
+        return self._programs(batch).grads(self.params, self.rest, self.shard_batch(batch))
 
-    def compile(self, batch: dict[str, Any]):
+    def compile(self, batch: Any):
         """The compiled train step for batches shaped like `batch` (for `autoshard.inspect`)."""
-        abstract = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.asarray(v).dtype, sharding=self.batch_sharding)
-                    for k, v in batch.items()}
-        return self._step.lower(self.params, self.opt_state, self.rest, abstract).compile()
+        emit.check_batch(self.plan, batch)
+        programs = self._programs(batch)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x), sharding=s),
+                                batch, programs.data)
+        return programs.step.lower(self.params, self.opt_state, self.rest, abstract).compile()
 
     def model(self) -> nnx.Module:
         """The model with the current (sharded) parameters."""
         if self.pipeline is not None:
             return nnx.merge(self.graphdef, jax.jit(self.pipeline.from_staged)(self.params), self.rest)
         return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Programs:
+    """The jitted programs of one batch structure, and that batch's shardings."""
+
+    data: Any
+    step: Callable
+    step_and_grads: Callable
+    grads: Callable
 
 
 def _floats(metrics: dict[str, jax.Array]) -> dict[str, Any]:

@@ -21,10 +21,10 @@ from ortools.sat.python import cp_model
 from planner.cluster import ClusterSpec
 from planner.collectives import axis_collective_time, bytes_sent
 from planner.plan import AXES
-from planner.layouts import ELEMENTWISE, PARTIAL, SOURCES, Layout, Strategy, conversion, has_rule, local_nbytes, strategies
+from planner.layouts import CONTRACTIONS, ELEMENTWISE, PARTIAL, SOURCES, Layout, Strategy, conversion, has_rule, local_nbytes, strategies
 from planner.trace import BOUNDARY, Graph, Value, dtype_kind, itemsize
 
-PRODUCT_OPS = {"dot_general", "mul", "div", "integer_pow", "pow"}
+PRODUCT_OPS = CONTRACTIONS | {"mul", "div", "integer_pow", "pow"}
 SAVES_OUTPUT = {"exp", "tanh", "logistic", "rsqrt", "sqrt", "log", "log1p", "expm1", "erf"}
 OPT_STATE_COPIES = 2  # Adam: first and second moments
 WORKING_SET = 1.3
@@ -224,14 +224,14 @@ class Problem:
         """Whether the backward gathers this dot operand again: the weight gradient needs it in the layout the
         forward gathered it to, and XLA keeps the ungathered value, not the gathered one."""
         op = self.g.ops[op_index]
-        return (kind == "all-gather" and op.primitive == "dot_general" and vid in self.needs_grad
+        return (kind == "all-gather" and op.primitive in CONTRACTIONS and vid in self.needs_grad
                 and any(i is not None and i != vid and self.values[i].param is not None for i in op.inputs))
 
     def _cotangent_uses(self, vid: int) -> int:
         """Backward ops that read the cotangent of `vid`: each operand gradient of the matmul that made it (XLA
         converts it for each of them, the two transposed products wanting different layouts), else one."""
         producer = self.values[vid].producer
-        if producer is None or self.g.ops[producer].primitive != "dot_general":
+        if producer is None or self.g.ops[producer].primitive not in CONTRACTIONS:
             return 1
         return max(1, sum(1 for i in self.g.ops[producer].inputs if i is not None and i in self.needs_grad))
 
@@ -285,7 +285,7 @@ class Problem:
         div = (self.b if touches_batch else 1) * (self.t if s.split else 1)
         io = sum(local_nbytes(self.values[i], self.b) for i in op.inputs + op.outputs if i is not None)
         io /= self.t if s.split else 1
-        flops = op.flops / div if op.primitive == "dot_general" else 0.0
+        flops = op.flops / div if op.primitive in CONTRACTIONS else 0.0
         passes = self.passes + (1.0 if self.remat == "full" and op.in_layer else 0.0)  # remat: a 2nd forward
         if self.objective == "bytes":  # splitting work is still better than repeating it, all else equal
             return 1e-9 * passes * op.count * (flops + io)
@@ -376,7 +376,7 @@ class Problem:
             if not self.attention_residuals and "autoshard.attention" in op.scope:
                 continue
             live_in = [i for i in op.inputs if i is not None and i in self._live and self.values[i].param is None]
-            if op.primitive in PRODUCT_OPS and (op.primitive == "dot_general" or len(set(live_in)) > 1
+            if op.primitive in PRODUCT_OPS and (op.primitive in CONTRACTIONS or len(set(live_in)) > 1
                                                   or any(i in self.needs_grad for i in op.inputs if i is not None)):
                 for i in set(live_in):
                     save(i, op.count)
@@ -418,7 +418,7 @@ class Problem:
         body = [op for op in self.g.ops if op.in_layer] or self.g.ops
         if not self.attention_residuals:  # a sequence method's attention: its own transient (planner.seq_expert)
             body = [op for op in body if "autoshard.attention" not in op.scope]
-        return [o for op in body if op.primitive == "dot_general" for o in op.outputs
+        return [o for op in body if op.primitive in CONTRACTIONS for o in op.outputs
                 if o in self._live and dtype_kind(self.values[o].dtype) == "float"]
 
     def value_memory(self, vid: int, layout: Layout) -> float:

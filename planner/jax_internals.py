@@ -67,6 +67,9 @@ CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_cal
 
 PARAM_KEYS: dict[str, tuple[str, ...]] = {
     "dot_general": ("dimension_numbers",),
+    "conv_general_dilated": ("dimension_numbers", "feature_group_count", "batch_group_count"),
+    "reduce_window_sum": ("window_dimensions", "window_strides"),
+    "reduce_window_max": ("window_dimensions", "window_strides"),
     "transpose": ("permutation",),
     "broadcast_in_dim": ("broadcast_dimensions",),
     "reduce_sum": ("axes",), "reduce_max": ("axes",), "reduce_min": ("axes",),

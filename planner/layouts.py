@@ -14,7 +14,7 @@ import dataclasses
 import math
 
 
-from planner.trace import Op, Value, dtype_kind, itemsize
+from planner.trace import CONTRACTIONS, Op, Value, dtype_kind, itemsize  # noqa: F401 (CONTRACTIONS re-exported)
 
 Layout = int | str | None
 PARTIAL = "P"
@@ -31,6 +31,8 @@ RESHAPES = {"reshape", "squeeze", "expand_dims"}
 REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"}
 ALONG_AXIS = {"cumsum": "axis", "cumprod": "axis", "cummax": "axis", "cummin": "axis", "cumlogsumexp": "axis",
               "sort": "dimension", "top_k": None, "split": "axis", "concatenate": "dimension"}
+WINDOWED = {"reduce_window_sum", "reduce_window_max", "reduce_window_min"}
+"""Pooling: a dimension the window neither spans nor strides keeps its split."""
 SOURCES = {"iota", "rng_bit_generator", "random_bits", "random_seed", "random_wrap", "random_unwrap", "empty"}
 LINEAR_ALL = {"add", "sub", "neg", "convert_element_type", "reshape", "squeeze", "expand_dims", "transpose", "copy",
               "copy_p"}
@@ -64,6 +66,19 @@ def _correspondence(op: Op, values: dict[int, Value]) -> tuple[list[list[dict[in
         dims = [{0: a, 1: b} for a, b in zip(lb, rb)] + [{0: a} for a in lf] + [{1: b} for b in rf]
         reduced = [{0: a, 1: b} for a, b in zip(lc, rc)]
         return [dims], reduced
+    if name == "conv_general_dilated":
+        lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+        dims = [{} for _ in out0.shape]
+        if p.get("batch_group_count", 1) == 1:
+            dims[out_spec[0]] = {0: lhs_spec[0]}  # the batch
+        if p.get("feature_group_count", 1) == 1:  # output features: column parallel; input features: partial sums
+            dims[out_spec[1]] = {1: rhs_spec[0]}
+            reduced = [{0: lhs_spec[1], 1: rhs_spec[1]}]
+        return [dims], reduced
+    if name in WINDOWED:
+        window, strides = p["window_dimensions"], p["window_strides"]
+        return [[{0: j} if window[j] == 1 and strides[j] == 1 and ins[0].shape[j] == out0.shape[j] else {}
+                 for j in range(len(out0.shape))]], []
     if name in ELEMENTWISE:
         dims = []
         for j, size in enumerate(out0.shape):

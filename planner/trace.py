@@ -23,6 +23,8 @@ from planner.rules import ParamInfo
 
 PARAM_VIEWS = ("convert_element_type", "copy", "copy_p", "transpose")
 """Ops whose output is still the parameter they read, for layout purposes."""
+CONTRACTIONS = frozenset({"dot_general", "conv_general_dilated"})
+"""Ops whose work is multiply-adds over a contracted dimension (matmuls, convolutions): costed by their FLOPs."""
 BOUNDARY = "layer_boundary"
 """A virtual op at the input of the layer stack: the point where a plan's `layer_input` spec is applied."""
 
@@ -98,7 +100,7 @@ class Graph:
 
     def passes(self) -> float:
         """Training work over forward work: measured on the traced step, else the usual 3 (backward ~ 2x)."""
-        fwd = sum(op.flops * op.count for op in self.ops if op.primitive == "dot_general")
+        fwd = sum(op.flops * op.count for op in self.ops if op.primitive in CONTRACTIONS)
         return self.step_flops / fwd if self.step_flops and fwd else 3.0
 
 
@@ -212,6 +214,10 @@ def _flops(eqn) -> float:
         (lc, _), _ = eqn.params["dimension_numbers"]
         a = eqn.invars[0].aval
         return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(a.shape[i] for i in lc)
+    if name == "conv_general_dilated":  # each output element: a multiply-add per kernel element of its group
+        kernel = eqn.invars[1].aval.shape
+        out_features = kernel[eqn.params["dimension_numbers"][1][0]]
+        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(kernel) / out_features
     if not eqn.outvars or not hasattr(eqn.outvars[0].aval, "shape"):
         return 0.0
     if name.startswith("reduce_") or name in ("argmax", "argmin", "cumsum", "cumlogsumexp", "cummax"):
@@ -263,11 +269,11 @@ def trace(fn: Callable, params: Any, batch: Any, param_paths: list[str],
 
 
 def matmul_flops(jaxpr) -> float:
-    """dot_general FLOPs of a (closed) jaxpr, through calls and loops (times their trip counts)."""
+    """Matmul and convolution FLOPs of a (closed) jaxpr, through calls and loops (times their trip counts)."""
     jaxpr = jint.open_jaxpr(jaxpr).jaxpr
     total = 0.0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
+        if eqn.primitive.name in CONTRACTIONS:
             total += _flops(eqn)
         trips = jint.trip_count(eqn)
         for sub in jint.sub_jaxprs(eqn):

@@ -22,7 +22,6 @@ def _flat(state) -> dict[str, np.ndarray]:
     return {path_str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
 
 
-@pytest.mark.smoke
 def test_pipeline_checkpoint_restores_under_another_plan(tmp_path, token_batch):
     name = "gpt-tiny:layers=3"
     abstract = models.abstract(name)

@@ -73,7 +73,6 @@ def test_dense_plan_matches_single_device(mesh, reference, token_batch):
     assert_planned_shardings(got["trainer"])
 
 
-@pytest.mark.smoke
 def test_moe_plan_matches_single_device(reference, token_batch):
     model = "moe-tiny:capacity_factor=4"
     got = run(model, "data=2,fsdp=2,tensor=2", token_batch)
