@@ -20,6 +20,7 @@ _LAZY = {
     "plan_function": ("autoshard.api", "plan_function"),
     "predict": ("autoshard.api", "predict"),
     "analyze": ("autoshard.inspect", "analyze"),
+    "verify": ("autoshard.verification", "verify"),
 }
 
 

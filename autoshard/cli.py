@@ -29,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from planner.jax_internals import package_versions
 from planner.errors import AutoshardError
 
 DEFAULT_DEVICES = 8
@@ -438,6 +437,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import models
     from autoshard.train import make_optimizer, parallelize
+    from planner import jax_internals
 
     if args.model is None:  # a plan file names the model it was made for
         from planner.plan import Plan
@@ -490,7 +490,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,
         "jax_version": jax.__version__,
-        "versions": package_versions(),
+        "versions": jax_internals.package_versions(),
         "data": corpus.describe(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -814,6 +814,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from autoshard.api import local_cluster, predict
     from autoshard.inspect import analyze
     from autoshard.train import make_optimizer, parallelize
+    from autoshard.verification import compare_compiled
     from planner.plan import Plan
 
     plan = Plan.load(args.plan)
@@ -857,10 +858,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     trainer = parallelize(models.factory(cfg), make_optimizer(), plan, devices=devices)
     stats = analyze(trainer.compile(real), trainer.mesh)
     seconds = time.perf_counter() - t0
-    # a pipeline's in-stage (tensor) collectives sit in the executor's lax.switch branches, which inspect counts
-    # all of: judge its point-to-point bytes, gradient reductions and memory, not those
-    in_branches = ("tensor/", "seq/", "expert/")  # the ops' collectives inside a pipeline's per-stage branches
-    result = explain.compare(predicted, stats, not_judged=in_branches if plan.pipeline is not None else ())
+    result = compare_compiled(plan, predicted, stats)
     report = {"plan": str(args.plan), "model": cfg.name, "batch": batch, "seq": seq,
               "mesh": {a: n for a, n in plan.mesh.items() if n > 1}, "remat": plan.remat, "devices": len(devices),
               "platform": devices[0].platform, "predicted_source": predicted_source, **result,

@@ -56,6 +56,8 @@ class Trainer:
         self.mesh = emit.make_mesh(plan, devices)
         built = isinstance(model, nnx.Module)
         abstract = model if built else nnx.eval_shape(model)
+        self.abstract = abstract
+        """The model's structure (shapes only when built from a constructor): what the planner traces."""
         table = param_table(abstract)
         # with a pipeline, the layer weights live in its staged layout [pipe, virtual, layers per stage, ...]
         self.pipeline = Pipeline(plan, abstract, self.mesh, loss_fn) if plan.pipeline is not None else None
@@ -177,7 +179,7 @@ class Trainer:
         """The compiled train step for batches shaped like `batch` (for `autoshard.inspect`)."""
         emit.check_batch(self.plan, batch)
         programs = self._programs(batch)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x), sharding=s),
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=s),
                                 batch, programs.data)
         return programs.step.lower(self.params, self.opt_state, self.rest, abstract).compile()
 
@@ -196,6 +198,10 @@ class _Programs:
     step: Callable
     step_and_grads: Callable
     grads: Callable
+
+
+def _dtype(x: Any) -> Any:
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def _floats(metrics: dict[str, jax.Array]) -> dict[str, Any]:

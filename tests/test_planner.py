@@ -362,7 +362,6 @@ def test_bridged_linen_module_with_rng_streams_plans_and_trains(linen_batch):
     np.testing.assert_allclose(got, single_device(factory, linen_batch, linen_loss), rtol=1e-5)
 
 
-@pytest.mark.smoke
 def test_planned_gpt_tiny_under_memory_pressure_uses_tensor_and_trains_like_one_device(token_batch):
     # Without fsdp only tensor parallelism can split the weights; a budget under the least memory any tensor=1 mesh
     # could need (a lower bound) leaves the planner no choice but tensor > 1.

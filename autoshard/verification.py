@@ -1,0 +1,87 @@
+"""Check a trainer's plan against the step XLA compiled for it: `autoshard.verify(trainer, example_batch)`.
+
+Works for any model a Trainer runs (the shipped presets, an NNX model of your own with its `loss_fn`): the planner
+predicts memory and communication for this plan and batch, the train step is compiled for that batch, and
+`explain.compare` judges the two under the tolerances `autoshard verify` uses. Printing the result shows the same
+table as the CLI command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from autoshard import explain
+from autoshard.inspect import analyze
+
+PIPELINE_BRANCH_KEYS = ("tensor/", "seq/", "expert/")
+"""Collectives of the ops inside a pipeline executor's per-stage `lax.switch` branches: `autoshard.inspect` counts
+every branch's, so for pipeline plans they are shown, not judged."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One judged (or shown) figure: bytes per device per step."""
+
+    name: str
+    predicted: float
+    compiled: float
+    error: float | None
+    """(predicted - compiled) / compiled; None when only the compiled figure is 0."""
+    tolerance: float | None
+    """None for a figure shown but not judged (a small share of the total, or a pipeline branch's)."""
+    ok: bool | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """The outcome of `verify`: `.ok`, one `Row` per figure, the raw comparison and the compiled statistics."""
+
+    comparison: dict[str, Any]
+    compiled: dict[str, Any]
+    predicted: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.comparison["pass"])
+
+    @property
+    def rows(self) -> list[Row]:
+        c = self.comparison
+        named = [("memory/device", c["memory"]), ("communication total", c["comm_total"]),
+                 *((k, r) for k, r in c["comm"].items())]
+        return [Row(name, r["predicted"], r["compiled"], r["error"], r["tolerance"], r["ok"]) for name, r in named]
+
+    def __str__(self) -> str:
+        return explain.format_comparison(self.comparison)
+
+
+def compare_compiled(plan: Any, predicted: Mapping[str, Any], compiled: Mapping[str, Any]) -> dict[str, Any]:
+    """`explain.compare` with the figures a plan of this kind can be judged on (not a pipeline's branch ops)."""
+    skip = PIPELINE_BRANCH_KEYS if plan.pipeline is not None else ()
+    return explain.compare(predicted, compiled, not_judged=skip)
+
+
+def verify(trainer: Any, example_batch: Any, *, cluster: Any = None,
+           predicted: Mapping[str, Any] | None = None) -> Verification:
+    """Compile `trainer`'s step for batches like `example_batch` and judge the plan's predictions against it.
+
+    Args:
+      trainer: an `autoshard.Trainer` (from `autoshard.parallelize`), with the loss function it trains.
+      example_batch: a batch pytree of arrays or ShapeDtypeStructs (every leaf leads with the batch).
+      cluster: the hardware the prediction is made for (default: the local devices); memory and communication
+        bytes do not depend on it.
+      predicted: figures to judge instead of a fresh `autoshard.predict` (e.g. a plan's own `plan.predicted`).
+
+    Returns:
+      A `Verification`: `.ok`, `.rows`, and `str()` gives the table `autoshard verify` prints.
+    """
+    from autoshard.api import local_cluster, predict
+
+    plan = trainer.plan
+    if predicted is None:
+        cluster = cluster or local_cluster(plan.num_devices)
+        predicted = predict(plan, trainer.abstract, example_batch, cluster=cluster, loss_fn=trainer.loss_fn)
+    compiled = analyze(trainer.compile(example_batch), trainer.mesh)
+    return Verification(compare_compiled(plan, predicted, compiled), compiled, dict(predicted))
