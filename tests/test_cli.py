@@ -175,7 +175,6 @@ def test_device_flag_replaces_only_the_count(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
 
 
-@pytest.mark.smoke
 def test_console_script_sets_device_count(tiny_text, tmp_path):
     """The real entry point, in a fresh process: --devices 2 overrides an inherited device-count flag (of 1, so a
     flag set after jax started would leave one device and fail)."""
