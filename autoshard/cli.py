@@ -212,6 +212,28 @@ def set_device_flag(n: int) -> None:
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"{_DEVICE_FLAG}={n}"])
 
 
+def token_batch(batch: int, seq: int) -> dict[str, Any]:
+    """The shapes of the shipped models' batch: int32 `inputs` and `targets`, [batch, seq] each."""
+    import jax
+    import numpy as np
+
+    return {k: jax.ShapeDtypeStruct((batch, seq), np.int32) for k in ("inputs", "targets")}
+
+
+def _package_versions() -> dict[str, str]:
+    """Python and the installed release of each package a run depends on (recorded in a run's config.json)."""
+    import importlib.metadata
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ortools", "numpy"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def setup_devices(args: argparse.Namespace) -> list:
     """The devices a command runs on: --devices N of them (first N), or all (N emulated ones on CPU)."""
     import jax
@@ -286,12 +308,9 @@ def make_plan(abstract_model, model_name: str, batch: int, seq: int, cluster, *,
     """`autoshard.api.plan` for a [batch, seq] int32 token batch, with a progress display and full provenance;
     `fixes` are the pipeline / sequence choices the user fixed (`api.plan` keywords)."""
     fixes = fixes or {}
-    import jax
-    import numpy as np
-
     from autoshard.api import plan as api_plan
 
-    example = {k: jax.ShapeDtypeStruct((batch, seq), np.int32) for k in ("inputs", "targets")}
+    example = token_batch(batch, seq)
     budget = memory_budget if memory_budget is not None else cluster.memory_bytes
     prov = {"model": model_name, "batch": batch, "seq": seq, "cluster": cluster.label,
             "memory_budget": float(budget), "fixed_mesh": mesh, "remat": remat or "auto",
@@ -436,8 +455,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import jax
 
     import models
+    from autoshard import emit
     from autoshard.train import make_optimizer, parallelize
-    from planner import jax_internals
 
     if args.model is None:  # a plan file names the model it was made for
         from planner.plan import Plan
@@ -454,9 +473,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from autoshard import explain
 
         print(explain.summary(plan), file=sys.stderr)
-    if args.batch % plan.batch_shards:
-        raise AutoshardError(f"batch size {args.batch} is not divisible by the {plan.batch_shards} batch shards "
-                             f"(data x fsdp) of mesh {plan.mesh_string()}: change --batch or the mesh")
+    emit.check_batch(plan, token_batch(args.batch, args.seq))
     if args.warmup is not None and args.warmup > args.steps:
         raise AutoshardError(f"--warmup {args.warmup} is longer than --steps {args.steps}")
     batches = data.TextData(corpus, args.batch, args.seq, seed=args.seed)
@@ -490,7 +507,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,
         "jax_version": jax.__version__,
-        "versions": jax_internals.package_versions(),
+        "versions": _package_versions(),
         "data": corpus.describe(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -806,11 +823,10 @@ def add_verify(sub) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    import jax
     import numpy as np
 
     import models
-    from autoshard import explain
+    from autoshard import emit, explain
     from autoshard.api import local_cluster, predict
     from autoshard.inspect import analyze
     from autoshard.train import make_optimizer, parallelize
@@ -833,11 +849,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                              f"{plan.num_devices} devices but {len(devices)} are available here; pass --devices "
                              f"{plan.num_devices} (emulated CPU devices) or verify on a machine with that many")
     devices = devices[:plan.num_devices]
-    if batch % plan.batch_shards:
-        raise AutoshardError(f"batch size {batch} is not divisible by the {plan.batch_shards} batch shards "
-                             f"(data x fsdp) of mesh {plan.mesh_string()}: pass --batch")
+    example = token_batch(batch, seq)
+    emit.check_batch(plan, example)
     abstract = models.abstract(cfg)
-    example = {k: jax.ShapeDtypeStruct((batch, seq), np.int32) for k in ("inputs", "targets")}
     same_workload = (str(model), batch, seq) == (prov.get("model"), prov.get("batch"), prov.get("seq"))
     if plan.predicted and same_workload:
         predicted, predicted_source = plan.predicted, "the plan"
@@ -913,9 +927,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(f"profiling {len(devices)} {devices[0].platform} device(s) ({devices[0].device_kind}) ...", file=sys.stderr)
     prof = run_profile(devices)
     if args.model:
-        import jax
-        import jax.numpy as jnp
-
         import models
         from planner.profile import measure_layers
         from planner.search import layer_bodies
@@ -923,7 +934,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if args.batch < 1 or args.seq < 1:
             raise AutoshardError("--batch and --seq must be positive")
         sizes = sorted({max(1, args.batch // 4), max(1, args.batch // 2), args.batch})
-        batches = [{k: jax.ShapeDtypeStruct((b, args.seq), jnp.int32) for k in ("inputs", "targets")} for b in sizes]
+        batches = [token_batch(b, args.seq) for b in sizes]
         measure_layers(layer_bodies(models.abstract(args.model), batches, name=f"layer {args.model}"), prof, devices)
     try:
         prof.save(args.output)

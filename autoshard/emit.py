@@ -52,18 +52,22 @@ def batch_size(batch: Any) -> int:
     leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
     if not leaves:
         raise AutoshardError("the batch has no arrays: pass a pytree of arrays whose leading dimension is the batch")
-    name = lambda kp: f"batch{jax.tree_util.keystr(kp)}"  # noqa: E731
     for kp, x in leaves:
         if not np.shape(x):
-            raise AutoshardError(f"{name(kp)} is a scalar: every batch leaf needs the batch as its leading "
+            raise AutoshardError(f"{_leaf_name(kp)} is a scalar: every batch leaf needs the batch as its leading "
                                  f"dimension (pass constants to the model or the loss function instead)")
     (kp0, x0), size = leaves[0], np.shape(leaves[0][1])[0]
     for kp, x in leaves[1:]:
         if np.shape(x)[0] != size:
-            raise AutoshardError(f"{name(kp)} has leading dimension {np.shape(x)[0]} {tuple(np.shape(x))} but "
-                                 f"{name(kp0)} has {size} {tuple(np.shape(x0))}: every batch leaf must lead with "
+            raise AutoshardError(f"{_leaf_name(kp)} has leading dimension {np.shape(x)[0]} {tuple(np.shape(x))} but "
+                                 f"{_leaf_name(kp0)} has {size} {tuple(np.shape(x0))}: every batch leaf must lead with "
                                  f"the batch")
     return int(size)
+
+
+def _leaf_name(key_path: Any) -> str:
+    """How an error names a batch leaf: `batch['label']`."""
+    return f"batch{jax.tree_util.keystr(key_path)}"
 
 
 def check_batch(plan: Plan, batch: Any) -> int:
@@ -76,7 +80,7 @@ def check_batch(plan: Plan, batch: Any) -> int:
     seq = plan.mesh["seq"]
     for kp, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
         if seq > 1 and len(np.shape(x)) >= 2 and np.shape(x)[1] % seq:
-            raise PlanError(f"batch{jax.tree_util.keystr(kp)} has sequence length {np.shape(x)[1]}, which "
+            raise PlanError(f"{_leaf_name(kp)} has sequence length {np.shape(x)[1]}, which "
                             f"seq={seq} does not divide: change --seq or the mesh")
     return int(size)
 

@@ -146,34 +146,40 @@ class Trainer:
     # -- public -------------------------------------------------------------------------------------------------
     def shard_batch(self, batch: Any) -> Any:
         """A batch pytree (every leaf leading with the batch) placed on the mesh, leaf by leaf (`emit.batch_spec`);
-        a leaf the plan cannot split is a one-line `PlanError` before any work."""
+        a batch the plan cannot split is a one-line `AutoshardError` before any work."""
+        return self._place(batch)[1]
+
+    def _place(self, batch: Any) -> tuple["_Programs", Any]:
+        """The programs for this batch's structure and the batch placed on the mesh for them."""
         size = emit.check_batch(self.plan, batch)
         replicas = self.plan.batch_shards  # a pipeline's batch is split over expert too (each device its own tokens)
         if self.pipeline is not None and (size // replicas) % self.pipeline.M:
             raise PlanError(f"{self.pipeline.M} microbatches do not divide the per-replica batch of "
                             f"{size // replicas} (batch {size} / expert x data x fsdp {replicas}): change "
                             f"--microbatches or --batch")
-        return jax.device_put(jax.tree.map(jnp.asarray, batch), self._programs(batch).data)
+        programs = self._programs(batch)
+        return programs, jax.device_put(jax.tree.map(jnp.asarray, batch), programs.data)
 
     def step(self, batch: Any) -> dict[str, Any]:
         """One optimizer step; returns metrics as Python floats (arrays as lists)."""
-        placed = self.shard_batch(batch)
-        self.params, self.opt_state, self.rest, metrics = self._programs(batch).step(
-            self.params, self.opt_state, self.rest, placed)
+        programs, placed = self._place(batch)
+        self.params, self.opt_state, self.rest, metrics = programs.step(self.params, self.opt_state, self.rest,
+                                                                        placed)
         self.steps_done += 1
         return _floats(metrics)
 
     def step_with_grads(self, batch: Any) -> tuple[dict[str, Any], nnx.State]:
         """`step`, also returning the gradients it applied (model layout): one compiled program for checks."""
-        placed = self.shard_batch(batch)
-        self.params, self.opt_state, self.rest, metrics, grads = self._programs(batch).step_and_grads(
+        programs, placed = self._place(batch)
+        self.params, self.opt_state, self.rest, metrics, grads = programs.step_and_grads(
             self.params, self.opt_state, self.rest, placed)
         self.steps_done += 1
         return _floats(metrics), grads
 
     def loss_and_grads(self, batch: Any) -> tuple[jax.Array, nnx.State]:
         """Loss and gradients (in the model's layout) under the plan, without updating anything (for checks)."""
-        return self._programs(batch).grads(self.params, self.rest, self.shard_batch(batch))
+        programs, placed = self._place(batch)
+        return programs.grads(self.params, self.rest, placed)
 
     def compile(self, batch: Any):
         """The compiled train step for batches shaped like `batch` (for `autoshard.inspect`)."""

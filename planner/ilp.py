@@ -21,8 +21,8 @@ from ortools.sat.python import cp_model
 from planner.cluster import ClusterSpec
 from planner.collectives import axis_collective_time, bytes_sent
 from planner.plan import AXES
-from planner.layouts import CONTRACTIONS, ELEMENTWISE, PARTIAL, SOURCES, Layout, Strategy, conversion, has_rule, local_nbytes, strategies
-from planner.trace import BOUNDARY, Graph, Value, dtype_kind, itemsize
+from planner.layouts import ELEMENTWISE, PARTIAL, SOURCES, Layout, Strategy, conversion, has_rule, local_nbytes, strategies
+from planner.trace import BOUNDARY, CONTRACTIONS, Graph, Value, dtype_kind, itemsize
 
 PRODUCT_OPS = CONTRACTIONS | {"mul", "div", "integer_pow", "pow"}
 SAVES_OUTPUT = {"exp", "tanh", "logistic", "rsqrt", "sqrt", "log", "log1p", "expm1", "erf"}

@@ -3,10 +3,10 @@
 jax keeps its public API (`jax.jit`, `jax.shard_map`, `NamedSharding`, ...) stable across releases, but the planner
 also reads what those build: jaxprs (primitive names, their parameter keys, how call and loop primitives hold their
 bodies), `source_info.name_stack`, `jax.extend.core`, `jax.core.eval_jaxpr`, the varying-manual-axes type
-`jax.typeof(x).mat`, and the text and statistics of a compiled executable. Each of these changed at least once
-between jax 0.10 and 0.12 (the scan primitive's `num_consts`/`num_carry` became an `ft_in` flat tree; call
-primitives hold an open `Jaxpr` with its consts instead of a `ClosedJaxpr`), so everything else goes through the
-functions here, `tests/test_jax_internals.py` exercises each surface on the installed jax, and a release that
+`jax.typeof(x).mat`, and the text and statistics of a compiled executable. Any of these may change in a release
+(between jax 0.10 and 0.12 the scan primitive's `num_consts`/`num_carry` became an `ft_in` flat tree, and call
+primitives came to hold an open `Jaxpr` with its consts instead of a `ClosedJaxpr`), so everything else goes through
+the functions here, `tests/test_jax_internals.py` exercises each surface on the installed jax, and a release that
 changes one fails here, with a `JaxInternalsError` that names the surface, the jax version and what was found.
 
 Supported: jax and jaxlib 0.10.2 up to (not including) 0.13 (`SUPPORTED_JAX`); pyproject.toml pins the same range.
@@ -44,20 +44,6 @@ def jax_version() -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", jax.__version__.split("+")[0].split(".dev")[0]))
 
 
-def package_versions() -> dict[str, str]:
-    """Python and the installed release of each package a run depends on (recorded in a run's config.json)."""
-    import importlib.metadata
-    import platform
-
-    out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ortools", "numpy"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 # -- jaxprs ---------------------------------------------------------------------------------------------------------
 
 CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
@@ -70,6 +56,7 @@ PARAM_KEYS: dict[str, tuple[str, ...]] = {
     "conv_general_dilated": ("dimension_numbers", "feature_group_count", "batch_group_count"),
     "reduce_window_sum": ("window_dimensions", "window_strides"),
     "reduce_window_max": ("window_dimensions", "window_strides"),
+    "reduce_window_min": ("window_dimensions", "window_strides"),
     "transpose": ("permutation",),
     "broadcast_in_dim": ("broadcast_dimensions",),
     "reduce_sum": ("axes",), "reduce_max": ("axes",), "reduce_min": ("axes",),

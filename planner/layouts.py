@@ -14,7 +14,7 @@ import dataclasses
 import math
 
 
-from planner.trace import CONTRACTIONS, Op, Value, dtype_kind, itemsize  # noqa: F401 (CONTRACTIONS re-exported)
+from planner.trace import Op, Value, dtype_kind, itemsize
 
 Layout = int | str | None
 PARTIAL = "P"

@@ -137,6 +137,7 @@ BAD = {
     "missing plan": (["--plan", "{bad}/nothing.json"], "cannot read plan file"),
     "glob matches nothing": (["--data", "{bad}/**/*.txt"], "matches no files"),
     "batch not divisible": (["--mesh", "data=2,fsdp=2,tensor=2", "--batch", "6"], "not divisible by the 4 batch"),
+    "seq not divisible": (["--mesh", "data=2,seq=4", "--seq", "130"], "sequence length 130, which seq=4 does not"),
     "unknown model": (["--model", "gpt-huge"], "unknown model 'gpt-huge'"),
     "bad model override": (["--model", "gpt-tiny:depth=3"], "bad model override"),
     "vocab too small": (["--model", "gpt-tiny:vocab=128"], "vocabulary of at least 256"),

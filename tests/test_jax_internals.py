@@ -143,6 +143,7 @@ PRIMITIVE_SAMPLES = {
                                                                    "SAME"),
     "reduce_window_sum": lambda x: jax.lax.reduce_window(x, 0.0, jax.lax.add, (2, 2), (2, 2), "VALID"),
     "reduce_window_max": lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (2, 2), (2, 2), "VALID"),
+    "reduce_window_min": lambda x: jax.lax.reduce_window(x, jnp.inf, jax.lax.min, (2, 2), (2, 2), "VALID"),
 }
 
 

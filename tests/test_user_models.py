@@ -94,6 +94,9 @@ def test_convolutions_are_costed_by_their_multiply_adds():
     graph = trace(conv, {"w": w}, {"x": x}, ["w"], {})
     (op,) = [op for op in graph.ops if op.primitive == "conv_general_dilated"]
     assert op.flops == 2 * (2 * 12 * 12 * 8) * (3 * 3 * 3)
+    # the compiled-side count (`autoshard.analyze`) reads the same figure off XLA's convolution
+    compiled = jax.jit(lambda w, x: conv({"w": w}, {"x": x})).lower(w, x).compile()
+    assert autoshard.analyze(compiled, {"data": 1})["flops_per_device"] == op.flops
 
 
 def test_a_cnn_free_plan_splits_the_batch_and_trains_like_one_device(images, reference):
