@@ -730,3 +730,84 @@ class Problem:
                 if best is None or sol.step_seconds < best.step_seconds - 1e-15:
                     best = sol
         return best
+
+
+class LoopProblem(Problem):
+    """The integer program of a folded Python loop, costed as the unrolled program XLA compiles for it: the same
+    figures as the op-by-op graph, from one block's variables. Where `Problem` models a `lax.scan` stack it is
+    overridden: ZeRO-3 gathers each use's weight once (no backward loop gathers it again), the residuals XLA
+    stores are those of straight-line code (cheap elementwise results recomputed from what they read, across
+    block boundaries), the backward working set is every block's, and a parameter outside the blocks whose first
+    dimension happens to equal the block count may still be split along it."""
+
+    def __init__(self, graph: Graph, *args, **kw) -> None:
+        super().__init__(graph, *args, **kw)
+        self._stacked = set()
+
+    def param_sync(self, path: str, c: ParamChoice) -> list[tuple[str, tuple[str, ...], float, int]]:
+        """A stacked parameter syncs as its blocks' parameters, one collective each (the fixed part of each is
+        shared, as `Problem.param_cost` charges it)."""
+        out = super().param_sync(path, c)
+        if path not in self.g.blocks:
+            return out
+        n = self.g.layers
+        lookup = path in self._lookups  # its all-to-alls move the (per-block) lookups: already every block's
+        return [(kind, axes, b if lookup and kind == "all-to-all" else b / n, k) for kind, axes, b, k in out
+                for _ in range(n)]
+
+    def _param_choices(self, path: str) -> list[ParamChoice]:
+        if path in self.g.blocks:
+            return super()._param_choices(path)
+        graph, self.g = self.g, dataclasses.replace(self.g, layers=1)  # the rule reads only the layer count
+        try:
+            return super()._param_choices(path)
+        finally:
+            self.g = graph
+
+    def working_set(self) -> list[int]:
+        body = [op for op in self.g.ops if self.attention_residuals or "autoshard.attention" not in op.scope]
+        return [o for op in body if op.primitive in CONTRACTIONS for _ in range(self.g.layers if op.in_layer else 1)
+                for o in op.outputs if o in self._live and dtype_kind(self.values[o].dtype) == "float"]
+
+    def _stored(self, keep: dict[int, int]) -> dict[int, int]:
+        """`Problem._stored` outside a scan, block by block: a block value stands for one value per block (a bit
+        mask of blocks); through a boundary op block 0 reaches the loop's input, block i block i-1's carry."""
+        blocks: dict[int, int] = {}
+        stored: dict[int, int] = {}
+        stack = [(vid, (1 << self.g.layers) - 1 if self._in_loop(vid) else n) for vid, n in keep.items()]
+        while stack:
+            vid, n = stack.pop()
+            inside = self._in_loop(vid)
+            if inside:
+                if blocks.get(vid, 0) | n == blocks.get(vid, 0):
+                    continue
+                blocks[vid] = blocks.get(vid, 0) | n
+            val = self.values[vid]
+            op = self.g.ops[val.producer] if val.producer is not None else None
+            crossing = self._loop_input(vid) if op is not None and op.primitive == BOUNDARY else None
+            if crossing is not None:
+                stack += ([(crossing[1], 1)] if n & 1 else []) + ([(crossing[0], n >> 1)] if n >> 1 else [])
+                continue
+            if op is None or op.primitive not in FUSED or op.primitive in EXPENSIVE:
+                if vid in self._live and val.param is None and val.shape and vid not in self.g.inputs:
+                    stored[vid] = bin(blocks[vid]).count("1") if inside else max(stored.get(vid, 0), n)
+                continue
+            last = 1 << (self.g.layers - 1)  # an op after the loop reads the last block's value
+            stack += [(i, n if self._in_loop(i) == inside else last if self._in_loop(i) else 1)
+                      for i in op.inputs if i is not None and i in self._live]
+        return stored
+
+    def _in_loop(self, vid: int) -> bool:
+        """A value of the blocks (one per block), the boundary's output (each block's input) included."""
+        p = self.values[vid].producer
+        return p is not None and (self.g.ops[p].in_layer or self.g.ops[p].primitive == BOUNDARY)
+
+    def _loop_input(self, vid: int) -> tuple[int, int] | None:
+        """(carry-out, loop input) behind a boundary op's output."""
+        out = next((cout for cout, cin in self.g.carries if cin == vid), None)
+        return None if out is None else (out, self.g.ops[self.values[vid].producer].inputs[0])
+
+
+def new_problem(graph: Graph, *args, **kw) -> Problem:
+    """The integer program of `graph`: `LoopProblem` for a folded Python loop."""
+    return (LoopProblem if graph.stack == "loop" else Problem)(graph, *args, **kw)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from planner.cluster import ClusterSpec, load_cluster
 from planner.errors import AutoshardError
-from planner.ilp import ParamChoice, Problem, Solution
+from planner.ilp import ParamChoice, Problem, Solution, new_problem
 from planner.params import param_table, path_str
 from planner.plan import AXES, BATCH_AXES, Plan, SpecEntry
 from planner import jax_internals as jint
@@ -28,17 +28,21 @@ from planner import seq_expert
 from planner.trace import Graph, matmul_flops, trace
 
 SEARCH_AXES = ("data", "fsdp", "tensor")
+LOOP_PIPELINE = ("pipelines need a scanned layer stack (lax.scan over stacked weights) for now; this model's blocks "
+                 "are a Python loop: drop pipe and the pipeline options")
 HEADROOM = 0.9
 """Without an explicit budget, plans may use this fraction of device memory: the rest is for what the model does
 not count (runtime and collective buffers, fragmentation)."""
 """Axes this planner searches; the others stay at the size the user fixes (1 by default)."""
 
 
-def trace_model(model: nnx.Module, batch: dict[str, Any], loss_fn: Callable | None = None) -> Graph:
+def trace_model(model: nnx.Module, batch: dict[str, Any], loss_fn: Callable | None = None,
+                fold: bool = True) -> Graph:
     """Trace an NNX model's loss (`model.loss(batch)` by default) on abstract inputs.
 
     The model's non-parameter state (RNG streams, statistics) is traced as inputs too: neither parameters nor
-    batch, it is replicated and carries no batch dimension.
+    batch, it is replicated and carries no batch dimension. `fold`: fold a Python loop over identical blocks into
+    a layer stack (`planner.trace.fold_blocks`).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss_fn = loss_fn or (lambda m, b: m.loss(b))
@@ -53,9 +57,11 @@ def trace_model(model: nnx.Module, batch: dict[str, Any], loss_fn: Callable | No
     abstract = jax.tree.map(shape, params)
     inputs = {"batch": jax.tree.map(shape, batch), "rest": jax.tree.map(shape, rest)}
     batch_dims = {"batch": jax.tree.map(lambda _: 0, batch), "rest": jax.tree.map(lambda _: -1, rest)}
-    graph = trace(loss, abstract, inputs, paths, param_table(model), batch_dims)
+    graph = trace(loss, abstract, inputs, paths, param_table(model), batch_dims, fold=fold)
     # the whole step, backward included, for the work it does (the ILP solves the forward and mirrors it)
     graph.step_flops = matmul_flops(jax.make_jaxpr(jax.value_and_grad(loss))(abstract, inputs))
+    if graph.unfolded is not None:
+        graph.unfolded.step_flops = graph.step_flops
     return graph
 
 
@@ -152,6 +158,10 @@ def pipe_options(num_devices: int, graph: Graph, fixed: dict[str, int]) -> list[
     model whose loss has a layer stack)."""
     from planner import stages
 
+    if graph.stack == "loop":  # the runtime pipelines only a scanned stack (the shipped decoder's)
+        if fixed.get("pipe", 1) > 1:
+            raise AutoshardError(LOOP_PIPELINE)
+        return [1]
     if "pipe" in fixed:
         if fixed["pipe"] > 1 and not stages.pipelinable(graph):
             raise AutoshardError(f"pipe={fixed['pipe']} but the model has no stacked layer scan to split into "
@@ -164,6 +174,67 @@ def pipe_options(num_devices: int, graph: Graph, fixed: dict[str, int]) -> list[
         return [1]
     rest = num_devices // math.prod(fixed.get(a, 1) for a in AXES if a not in SEARCH_AXES)
     return [p for p in range(1, min(rest, graph.layers) + 1) if rest % p == 0]
+
+
+def remat_options(graph: Graph) -> list[str]:
+    """Remat modes the search tries: a folded Python loop runs unrematerialised (the runtime applies remat only
+    through `autoshard.ops.remat` in a scanned stack), so only "none"."""
+    return ["none"] if graph.stack == "loop" else ["none", "full"]
+
+
+def carry_layouts(graph: Graph) -> dict[int, None]:
+    """Fixed layouts of the layer inputs: whole over tensor between layers (Megatron), the layout a plan's
+    `layer_input` spec makes the runtime's boundary op realise. A folded Python loop has no such op in the program
+    XLA compiles, so its layer input stays free, as in the op-by-op graph."""
+    return {} if graph.stack == "loop" else {cin: None for _, cin in graph.carries}
+
+
+def real_params(graph: Graph, params: dict[str, list[SpecEntry]]) -> dict[str, list[SpecEntry]]:
+    """Specs under the model's real parameter names: a folded loop's virtual stacked parameter gives every block's
+    parameter its spec without the leading layer dimension (every Plan built from a graph goes through here)."""
+    if not graph.blocks:
+        return params
+    out: dict[str, list[SpecEntry]] = {}
+    for path, spec in params.items():
+        for real in graph.blocks.get(path, [path]):
+            out[real] = list(spec[1:]) if path in graph.blocks else spec
+    order = {p: k for k, p in enumerate(graph.unfolded.params if graph.unfolded is not None else out)}
+    return {p: out[p] for p in sorted(out, key=lambda p: order.get(p, len(order)))}
+
+
+def _padded(spec: list[SpecEntry] | None, rank: int) -> tuple:
+    """A spec as a hashable tuple of length `rank` ([] and [None, None] are the same layout)."""
+    spec = list(spec or [])
+    return tuple(tuple(e) if isinstance(e, list) else e for e in spec + [None] * (rank - len(spec)))
+
+
+def folded_specs(graph: Graph, specs: dict[str, list[SpecEntry]]) -> dict[str, list[SpecEntry]] | None:
+    """Real-path specs in a folded graph's names: a block family given one spec by all its blocks becomes the
+    virtual parameter's spec (a leading None for the layer dimension); a family given by some blocks only, or with
+    different specs, cannot be folded: None. Families no block of which is named are left out."""
+    out = {p: s for p, s in specs.items() if p in graph.params}
+    for virtual, reals in graph.blocks.items():
+        named = [r for r in reals if r in specs]
+        if not named:
+            continue
+        rank = len(graph.params[virtual].shape) - 1
+        given = {_padded(specs.get(r), rank) for r in reals}
+        if len(named) < len(reals) or len(given) > 1:
+            return None
+        out[virtual] = [None, *specs[named[0]]]
+    return out
+
+
+def graph_for(graph: Graph, specs: dict[str, list[SpecEntry]] | None = None, remat: str | None = None) -> Graph:
+    """The graph that can represent these parameter specs and remat mode: a folded loop's own, or its op-by-op
+    graph where blocks differ (or remat is asked of a loop the runtime cannot rematerialise per layer)."""
+    if graph.stack != "loop" or graph.unfolded is None:
+        return graph
+    if remat not in (None, "none") or (specs and folded_specs(graph, specs) is None):
+        if graph.unfolded.step_flops is None:  # set on the folded graph after tracing (`trace_model`)
+            graph.unfolded.step_flops = graph.step_flops
+        return graph.unfolded
+    return graph
 
 
 def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, int] | None = None,
@@ -183,7 +254,7 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
         raise AutoshardError(f"fixed mesh {fixed} does not divide the {cluster.num_devices} devices of "
                              f"{cluster.label}")
     budget = default_budget(cluster) if memory_budget is None else memory_budget
-    remats = [remat] if remat else ["none", "full"]
+    remats = [remat] if remat else remat_options(graph)
     out: list[Candidate] = []
     unplanned: set[str] = set()
     shapes = seq_expert.op_shapes(graph)
@@ -210,8 +281,8 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
         for r in remats:
             # the residual stream stays whole over tensor between layers (Megatron): the layout XLA realises
             # faithfully from a plan's `layer_input` spec
-            problem = Problem(graph, m, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
-                              fixed_layouts={cin: None for _, cin in graph.carries})
+            problem = new_problem(graph, m, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
+                              fixed_layouts=carry_layouts(graph))
             unplanned.update(problem.unplanned)
             sol = problem.solve(budget)
             if sol is not None:
@@ -293,8 +364,8 @@ def _seq_expert_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: C
             if x not in done:
                 groups.setdefault(seq_expert.dense_residuals(x), []).append(x)
         for dense, group in groups.items():
-            problem = Problem(graph, m, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
-                              fixed_layouts={cin: None for _, cin in graph.carries}, attention_residuals=dense)
+            problem = new_problem(graph, m, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
+                              fixed_layouts=carry_layouts(graph), attention_residuals=dense)
             unplanned.update(problem.unplanned)
             ext = {x: seq_expert.extras(shapes, m, batch, x, cluster, r) for x in group}
             need = {x: sum(e.memory.values()) for x, e in ext.items()}
@@ -374,10 +445,10 @@ def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[
         methods = seq_expert.sequence_methods(shapes, m["seq"], m["tensor"]) or [None]
         if sequence and m["seq"] > 1:
             methods = [x for x in methods if x == sequence]
-        for r in ("none", "full"):
+        for r in remat_options(graph):
             for dense in sorted({seq_expert.dense_residuals(x) for x in methods}):
-                pr = Problem(graph, m, cluster, remat=r, objective="memory",
-                             fixed_layouts={cin: None for _, cin in graph.carries}, attention_residuals=dense)
+                pr = new_problem(graph, m, cluster, remat=r, objective="memory",
+                             fixed_layouts=carry_layouts(graph), attention_residuals=dense)
                 sol = pr.solve(None)
                 if sol is not None:
                     extra = min(sum(seq_expert.extras(shapes, m, batch, x, cluster, r).memory.values())
@@ -400,8 +471,8 @@ def _pipeline_costs(graph: Graph, cluster: ClusterSpec, m: dict[str, int], pinne
     key = (m["tensor"], m["data"] * m["fsdp"], m["expert"], m["seq"], attention_residuals)
     if cache is None or key not in cache:
         shape = {**m, "data": m["data"] * m["fsdp"], "fsdp": 1}
-        problem = Problem(graph, shape, cluster, remat="none", compute_dtype=compute_dtype, fixed_params=pinned,
-                          fixed_layouts={cin: None for _, cin in graph.carries},
+        problem = new_problem(graph, shape, cluster, remat="none", compute_dtype=compute_dtype, fixed_params=pinned,
+                          fixed_layouts=carry_layouts(graph),
                           attention_residuals=attention_residuals)
         entry = (problem, problem.solve(None))
         if cache is not None:
@@ -435,10 +506,11 @@ def to_plan(graph: Graph, cand: Candidate) -> Plan:
         if m["expert"] > 1 and graph.params[path].axes and "experts" in graph.params[path].axes:
             spec[graph.params[path].axes.index("experts")] = "expert"
         params[path] = spec
+    params = real_params(graph, params)
     batch_axes = [a for a in BATCH_AXES if m[a] > 1]
     batch_entry: SpecEntry = None if not batch_axes else (batch_axes[0] if len(batch_axes) == 1 else batch_axes)
     activations = {}
-    if graph.carries:
+    if graph.carries and graph.stack != "loop":  # a Python loop has no boundary op to apply the spec to
         carry = graph.values[graph.carries[0][1]]
         spec = [None] * len(carry.shape)
         if carry.batch_dim is not None:
@@ -480,13 +552,16 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
     fixes = {k: v for k, v in (("schedule", schedule), ("microbatches", microbatches), ("virtual", virtual))
              if v is not None}
     mesh = _pipeline_fixes(graph, batch, dict(mesh or {}), fixes)
+    graph = graph_for(graph, pin, remat)  # pins that split a loop's blocks apart: plan it op by op
     pinned = None
     if pin:
-        unknown = sorted(set(pin) - set(graph.params))
+        known = set(graph.params) | {r for reals in graph.blocks.values() for r in reals}
+        unknown = sorted(set(pin) - known)
         if unknown:
             raise AutoshardError(f"cannot pin {unknown[0]!r}: the model has no such parameter")
-        pinned = choices_from_plan(Plan(mesh={}, params=pin), graph)
-        pinned = {k: v for k, v in pinned.items() if k in pin}
+        names = folded_specs(graph, pin) if graph.blocks else pin
+        pinned = choices_from_plan(Plan(mesh={}, params=real_params(graph, names)), graph)
+        pinned = {k: v for k, v in pinned.items() if k in names}
     cands = search(graph, cluster, batch, mesh=mesh, memory_budget=memory_budget, remat=remat, progress=progress,
                    compute_dtype=compute_dtype, pinned=pinned, pipeline=fixes, sequence=sequence)
     if fixes and not any(c.mesh["pipe"] > 1 for c in cands):
@@ -563,6 +638,8 @@ def _pipeline_fixes(graph: Graph, batch: int, mesh: dict[str, int], fixes: dict[
 
     if not fixes:
         return mesh
+    if graph.stack == "loop":
+        raise AutoshardError(LOOP_PIPELINE)
     if mesh.get("pipe") == 1:
         raise AutoshardError("--schedule / --microbatches / --virtual-stages fix a pipeline but the mesh fixes "
                              "pipe=1: drop them or allow pipe > 1")
@@ -615,10 +692,17 @@ def format_bytes(n: float) -> str:
 
 
 def choices_from_plan(plan: Plan, graph: Graph) -> dict[str, ParamChoice]:
-    """A plan's parameter specs as ILP choices (the tensor dimension and the fsdp dimension of each)."""
+    """A plan's parameter specs as ILP choices (the tensor dimension and the fsdp dimension of each); a folded
+    loop's blocks must share their specs (`graph_for` picks the op-by-op graph where they do not)."""
+    specs = plan.params
+    if graph.blocks:
+        specs = folded_specs(graph, plan.params)
+        if specs is None:
+            raise AutoshardError("the plan gives a loop's blocks different specs: predict it on the op-by-op graph "
+                                 "(planner.search.graph_for)")
     out = {}
     for path in graph.params:
-        spec = plan.params.get(path, [])
+        spec = specs.get(path, [])
         t = next((d for d, e in enumerate(spec) if e == "tensor" or (isinstance(e, list) and "tensor" in e)), None)
         f = next((d for d, e in enumerate(spec) if e == "fsdp" or (isinstance(e, list) and "fsdp" in e)), None)
         out[path] = ParamChoice(t, f)
@@ -628,19 +712,23 @@ def choices_from_plan(plan: Plan, graph: Graph) -> dict[str, ParamChoice]:
 def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype: str = "float32") -> dict[str, Any]:
     """Predictions for a given plan: its parameter layouts fixed, op strategies as the partitioner would pick."""
     cluster = load_cluster(cluster) if not isinstance(cluster, ClusterSpec) else cluster
+    if graph.stack == "loop" and plan.mesh["pipe"] > 1:
+        raise AutoshardError(LOOP_PIPELINE)
+    graph = graph_for(graph, plan.params, plan.remat)
     fixed = {}
     spec = plan.activations.get("layer_input")
-    if spec is not None and graph.carries:  # the plan constrains the layer boundary: so does the prediction
+    if spec is not None and graph.carries and graph.stack != "loop":  # the plan constrains the layer boundary:
+        # so does the prediction
         t = next((d for d, e in enumerate(spec) if e == "tensor" or (isinstance(e, list) and "tensor" in e)), None)
         fixed.update({cin: t for _, cin in graph.carries})
     method = (plan.sequence or {}).get("method", "ring") if plan.mesh["seq"] > 1 else None
     dense = seq_expert.dense_residuals(method)
-    problem = Problem(graph, plan.mesh, cluster, remat=plan.remat, compute_dtype=compute_dtype,
+    problem = new_problem(graph, plan.mesh, cluster, remat=plan.remat, compute_dtype=compute_dtype,
                       fixed_params=choices_from_plan(plan, graph), fixed_layouts=fixed, objective="bytes",
                       attention_residuals=dense)
     sol = problem.solve(None)
     if sol is not None:  # report times from the cluster model, for the layouts the partitioner would choose
-        timed = Problem(graph, plan.mesh, cluster, remat=plan.remat, compute_dtype=compute_dtype,
+        timed = new_problem(graph, plan.mesh, cluster, remat=plan.remat, compute_dtype=compute_dtype,
                         fixed_params=choices_from_plan(plan, graph), fixed_layouts=fixed, attention_residuals=dense)
         sol = timed.evaluate(sol.ops, sol.params)
     if sol is None:

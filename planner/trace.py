@@ -2,9 +2,11 @@
 
 The forward loss is traced with `jax.make_jaxpr` on abstract inputs (shapes only) and flattened into one list of
 ops over SSA values. Calls (`jit`, `remat`, `custom_jvp`/`custom_vjp`) are inlined; a `scan` over stacked parameters
-(the layer stack) is inlined once with a trip count, so a repeated layer is solved once. Each value knows which of
-its dimensions is the global batch (split over the batch mesh axes) and, if it is a parameter or a layer slice of
-one, which parameter dimension each of its dimensions is.
+(the layer stack) is inlined once with a trip count, so a repeated layer is solved once. A Python loop over identical
+blocks (`for b in self.blocks: x = b(x)`) is folded into the same form (`fold_blocks`): its per-block parameters
+become one virtual stacked parameter per family. Each value knows which of its dimensions is the global batch (split
+over the batch mesh axes) and, if it is a parameter or a layer slice of one, which parameter dimension each of its
+dimensions is.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -97,6 +100,13 @@ class Graph:
     warnings: list[str] = dataclasses.field(default_factory=list)
     step_flops: float | None = None
     """Matmul FLOPs of the whole training step (forward and backward, traced), when known."""
+    stack: str | None = None
+    """How the layer stack is written: "scan" (a `lax.scan` over stacked parameters), "loop" (a Python loop over
+    identical blocks, folded by `fold_blocks`) or None (no stack)."""
+    blocks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """For a folded loop: virtual stacked parameter -> the model's real parameters it stands for, in block order."""
+    unfolded: Graph | None = dataclasses.field(default=None, repr=False)
+    """For a folded loop: the graph op by op, for what the fold cannot express (blocks with different specs)."""
 
     def passes(self) -> float:
         """Training work over forward work: measured on the traced step, else the usual 3 (backward ~ 2x)."""
@@ -229,11 +239,11 @@ def _flops(eqn) -> float:
 
 
 def trace(fn: Callable, params: Any, batch: Any, param_paths: list[str],
-          param_infos: dict[str, ParamInfo], batch_dims: Any = 0) -> Graph:
+          param_infos: dict[str, ParamInfo], batch_dims: Any = 0, fold: bool = True) -> Graph:
     """Trace `fn(params, batch) -> scalar loss`. `param_paths` names the leaves of `params` in flatten order.
 
     `batch_dims`: the batch dimension of each batch leaf (an int for all leaves, or a matching pytree; -1 for an
-    input without one).
+    input without one). `fold`: fold a Python loop over identical blocks into a layer stack (`fold_blocks`).
     """
     closed = jax.make_jaxpr(fn)(params, batch)
     jaxpr = closed.jaxpr
@@ -265,7 +275,9 @@ def trace(fn: Callable, params: Any, batch: Any, param_paths: list[str],
     _propagate_batch_dims(t)
     for note in t.notes:
         warnings.warn(note, stacklevel=2)
-    return Graph(t.values, t.ops, dict(param_infos), param_values, inputs, out, t.layers, t.carries, t.notes)
+    graph = Graph(t.values, t.ops, dict(param_infos), param_values, inputs, out, t.layers, t.carries, t.notes,
+                  stack="scan" if t.layers > 1 else None)
+    return fold_blocks(graph) if fold else graph
 
 
 def matmul_flops(jaxpr) -> float:
@@ -299,3 +311,239 @@ def _propagate_batch_dims(t: _Tracer) -> None:
             tokens = {map_dim(op, t.values, pos, d, k) for pos, v in enumerate(ins) if v is not None
                       for d in v.token_dims}
             t.values[out].token_dims = tuple(sorted(d for d in tokens if d is not None))
+
+
+# -- a Python loop over identical blocks, folded into a layer stack ---------------------------------------------------
+
+BLOCK_INDEX = re.compile(r"(/|_)(\d+)/")
+"""Where a parameter path may carry a block index: `blocks/3/attn/kernel` (NNX lists) or `layers_3/kernel` (Linen)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """Parameters that differ only in a block index: `blocks[i][suffix]` is block i's real path."""
+
+    prefix: str
+    sep: str
+    blocks: list[dict[str, str]]
+
+    def virtual(self, suffix: str) -> str:
+        """The name of the stacked parameter standing for every block's `suffix` (never a real path: `*`)."""
+        return f"{self.prefix}{self.sep}*/{suffix}"
+
+
+@dataclasses.dataclass
+class _Match:
+    """How one block's ops read their operands, the same for every block (see `_match_blocks`)."""
+
+    start: int
+    period: int
+    carries: dict[tuple[int, int], int]
+    """(op offset in the block, output position) of a carry-out -> the value the first block reads instead."""
+    carry_uses: set[tuple[int, int]]
+    """(op offset in the block, operand position) where a block reads the previous block's carry."""
+
+
+def _families(g: Graph) -> list[_Family]:
+    """Candidate block families, the largest (most parameter elements) first: every `prefix/<i>/suffix` or
+    `prefix_<i>/suffix` split of the parameter paths whose blocks are consecutive, at least two, and alike (same
+    suffixes, shapes and dtypes)."""
+    groups: dict[tuple[str, str], dict[int, dict[str, str]]] = {}
+    for path in g.params:
+        for m in BLOCK_INDEX.finditer(path):
+            key = (path[:m.start()], m.group(1))
+            groups.setdefault(key, {}).setdefault(int(m.group(2)), {})[path[m.end():]] = path
+    out = []
+    for (prefix, sep), by_index in groups.items():
+        indices = sorted(by_index)
+        if not prefix or len(indices) < 2 or indices != list(range(indices[0], indices[0] + len(indices))):
+            continue
+        blocks = [by_index[i] for i in indices]
+        if all(_alike(g, b) == _alike(g, blocks[0]) for b in blocks[1:]):
+            out.append(_Family(prefix, sep, blocks))
+    size = lambda f: sum(g.params[p].size for b in f.blocks for p in b.values())  # noqa: E731
+    return sorted(out, key=lambda f: (-size(f), len(f.prefix)))
+
+
+def _alike(g: Graph, block: dict[str, str]) -> dict[str, tuple]:
+    """What must agree between blocks' parameters: suffix -> shape, dtype, logical axes."""
+    return {s: (g.params[p].shape, g.params[p].dtype, g.params[p].axes) for s, p in block.items()}
+
+
+def _signature(op: Op, values: dict[int, Value]) -> tuple:
+    """What must agree between an op and its counterpart in the next block (operands are compared separately)."""
+    shape = lambda i: None if i is None else (values[i].shape, values[i].dtype)  # noqa: E731
+    return (op.primitive, repr(sorted(op.params.items(), key=lambda kv: kv[0])), op.count, op.in_layer,
+            tuple(shape(i) for i in op.inputs), tuple(shape(o) for o in op.outputs))
+
+
+def fold_blocks(g: Graph) -> Graph:
+    """The graph with a Python loop over structurally identical blocks folded into a layer stack, as `_scan` builds
+    for `lax.scan`, so the integer program does not grow with depth; `g` itself when there is no such loop (or it
+    cannot be folded exactly: blocks that differ, values that skip a block)."""
+    if g.layers > 1 or not g.ops:
+        return g
+    sigs = [_signature(op, g.values) for op in g.ops]
+    for family in _families(g):
+        match = _find_cut(g, family, sigs)
+        if match is not None:
+            return _fold(g, family, match)
+    return g
+
+
+def _find_cut(g: Graph, family: _Family, sigs: list[tuple]) -> _Match | None:
+    """Where blocks start: they are a period apart (the distance between their first parameter reads); the cut
+    is any offset before that read at which every block's ops match the next block's. A LayerNorm computes its
+    statistics before it reads its scale, so the cut may lie before the first read; the ops after the last block
+    (a final norm) may look like a block's start, which gives extra carries: the cut with the fewest carries wins."""
+    firsts = []
+    for block in family.blocks:
+        reads = [c for p in block.values() for c, _ in g.values[g.param_values[p]].consumers]
+        if not reads:
+            return None
+        firsts.append(min(reads))
+    n, period = len(firsts), firsts[1] - firsts[0]
+    if period <= 0 or any(f != firsts[0] + i * period for i, f in enumerate(firsts)):
+        return None
+    same = [0]  # prefix sums of "op k matches op k + period"
+    for k in range(len(sigs)):
+        same.append(same[-1] + (k + period < len(sigs) and sigs[k] == sigs[k + period]))
+    best: _Match | None = None
+    for offset in range(period):
+        start = firsts[0] - offset
+        if start < 0:
+            break
+        end = start + (n - 1) * period
+        if end + period > len(g.ops) or same[end] - same[start] != end - start:
+            continue
+        match = _match_blocks(g, family, start, period)
+        if match is not None and (best is None or len(match.carries) <= len(best.carries)):
+            best = match
+    return best
+
+
+def _operand_kind(g: Graph, vid: int | None, block: int, start: int, period: int, slots: dict[int, tuple]):
+    """What a block-`block` operand is: a literal, its own block's parameter (by suffix), a value of its own block
+    or of the previous one (by position), or a value defined before the first block; None: anything else."""
+    if vid is None:
+        return ("literal",)
+    if vid in slots:
+        owner, suffix = slots[vid]
+        return ("param", suffix) if owner == block else None
+    p = g.values[vid].producer
+    if p is None or p < start:
+        return ("outside", vid)
+    j, r = divmod(p - start, period)
+    where = (r, g.ops[p].outputs.index(vid))
+    return ("inner", *where) if j == block else ("carry", *where) if j == block - 1 else None
+
+
+def _match_blocks(g: Graph, family: _Family, start: int, period: int) -> _Match | None:
+    """Check that the blocks cut at `start` read their operands the same way (`_operand_kind`), that only carries
+    cross from one block to the next and that nothing but the last block's carries is used after the loop."""
+    n = len(family.blocks)
+    if any(op.count != 1 for op in g.ops[start:start + period]):  # a loop inside another loop: left op by op
+        return None
+    slots = {g.param_values[p]: (i, s) for i, b in enumerate(family.blocks) for s, p in b.items()}
+    carries: dict[tuple[int, int], int] = {}
+    carry_uses: set[tuple[int, int]] = set()
+    for r in range(period):
+        for pos in range(len(g.ops[start + r].inputs)):
+            kinds = [_operand_kind(g, g.ops[start + i * period + r].inputs[pos], i, start, period, slots)
+                     for i in range(n)]
+            if any(k is None or k != kinds[1] for k in kinds[2:]) or kinds[0] is None or kinds[1] is None:
+                return None
+            if kinds[1][0] != "carry":
+                if kinds[0] != kinds[1]:
+                    return None
+                continue
+            if kinds[0][0] != "outside" or carries.setdefault(kinds[1][1:], kinds[0][1]) != kinds[0][1]:
+                return None
+            carry_uses.add((r, pos))
+    end = start + n * period
+    for vid, v in g.values.items():
+        if v.producer is not None and start <= v.producer < end:
+            j, r = divmod(v.producer - start, period)
+            later = [c for c, _ in v.consumers if c >= end]
+            if vid == g.output or (later and (j != n - 1 or (r, g.ops[v.producer].outputs.index(vid)) not in carries)):
+                return None
+    for vid, (i, _) in slots.items():  # a block's weights are read in that block only (no tied weights)
+        if any(not start + i * period <= c < start + (i + 1) * period for c, _ in g.values[vid].consumers):
+            return None
+    return _Match(start, period, carries, carry_uses) if carries else None
+
+
+def _fold(g: Graph, family: _Family, match: _Match) -> Graph:
+    """Keep the first block's ops (trip count x n, in the layer), a boundary op at each carry-in and one virtual
+    stacked parameter per family member whose in-block value skips the layer dimension, like a scanned stack."""
+    n, start, period = len(family.blocks), match.start, match.period
+    end = start + n * period
+    values = {vid: dataclasses.replace(v, consumers=[]) for vid, v in g.values.items()
+              if (v.producer is None or v.producer < start + period or v.producer >= end)}
+    for block in family.blocks[1:]:
+        for path in block.values():
+            values.pop(g.param_values[path])
+    next_id = max(g.values) + 1
+    ops: list[Op] = [dataclasses.replace(op, inputs=list(op.inputs)) for op in g.ops[:start]]
+    boundary: dict[tuple[int, int], int] = {}
+    for key, vid in match.carries.items():
+        src = values[vid]
+        boundary[key] = next_id
+        values[next_id] = Value(next_id, src.shape, src.dtype, src.batch_dim, src.token_dims, producer=len(ops))
+        ops.append(Op(len(ops), BOUNDARY, {}, [vid], [next_id], "layer_input", g.ops[start].count, False, 0.0))
+        next_id += 1
+    shift = len(ops) - start  # new index = old index + shift (block ops); old index - (n - 1) * period + shift after
+    for r, op in enumerate(g.ops[start:start + period]):
+        ins = [boundary[_carry_key(g, g.ops[start + period + r].inputs[pos], start)] if (r, pos) in match.carry_uses
+               else vid for pos, vid in enumerate(op.inputs)]
+        ops.append(dataclasses.replace(op, index=len(ops), inputs=ins, count=op.count * n, in_layer=True))
+    last = {g.ops[start + (n - 1) * period + r].outputs[o]: g.ops[start + r].outputs[o] for r, o in match.carries}
+    for op in g.ops[end:]:
+        ops.append(dataclasses.replace(op, index=len(ops), inputs=[last.get(i, i) for i in op.inputs]))
+    for v in values.values():
+        if v.producer is not None and v.producer >= start and v.id not in boundary.values():
+            v.producer += shift if v.producer < start + period else shift - (n - 1) * period
+    for op in ops:
+        for pos, vid in enumerate(op.inputs):
+            if vid is not None:
+                values[vid].consumers.append((op.index, pos))
+    params, param_values = _stack_params(g, family, values, next_id)
+    carries = [(g.ops[start + r].outputs[o], boundary[(r, o)]) for r, o in match.carries]
+    return Graph(values, ops, params, param_values, list(g.inputs), last.get(g.output, g.output), n, carries,
+                 list(g.warnings), g.step_flops, stack="loop", unfolded=g,
+                 blocks={family.virtual(s): [b[s] for b in family.blocks] for s in family.blocks[0]})
+
+
+def _carry_key(g: Graph, vid: int, start: int) -> tuple[int, int]:
+    """(op offset in the block, output position) of a second-block operand that is the first block's carry-out."""
+    p = g.values[vid].producer
+    return p - start, g.ops[p].outputs.index(vid)
+
+
+def _stack_params(g: Graph, family: _Family, values: dict[int, Value], next_id: int
+                  ) -> tuple[dict[str, ParamInfo], dict[str, int]]:
+    """Each family member as one stacked parameter [n, *shape]: a new value with no uses (as a scanned stack), and
+    the first block's parameter value (and its casts / transposes) become its layer slice, dims shifted by one."""
+    n = len(family.blocks)
+    virtual = {path: (family.virtual(s), s) for s, path in family.blocks[0].items()}
+    dropped = {p for b in family.blocks[1:] for p in b.values()}
+    params: dict[str, ParamInfo] = {}
+    param_values: dict[str, int] = {}
+    for path, info in g.params.items():
+        if path in dropped:
+            continue
+        if path not in virtual:
+            params[path] = info
+            if path in g.param_values:
+                param_values[path] = g.param_values[path]
+            continue
+        name = virtual[path][0]
+        params[name] = ParamInfo((n, *info.shape), info.dtype, ("layers", *info.axes) if info.axes else None)
+        values[next_id] = Value(next_id, (n, *info.shape), info.dtype, param=name,
+                                param_dims=tuple(range(len(info.shape) + 1)))
+        param_values[name] = next_id
+        next_id += 1
+    for v in values.values():
+        if v.param in virtual:
+            v.param, v.param_dims = virtual[v.param][0], tuple(d + 1 for d in v.param_dims)
+    return params, param_values
