@@ -14,20 +14,34 @@ from planner.cluster import ClusterSpec, load_cluster
 from planner.errors import AutoshardError
 from planner.params import param_table
 from planner.plan import AXES, PipelineSpec, Plan, normalize_mesh
-from planner.rules import rule_plan as _rule_plan
+from planner.rules import ParamInfo, rule_plan as _rule_plan
 from planner.search import plan_graph, predict as _predict, trace_model
+from planner.trace import Graph
 
 
-def rule_plan(model: nnx.Module, mesh: dict[str, int] | str, **fields) -> Plan:
-    """The hand-written strategy for `mesh` (data / ZeRO-3 fsdp / Megatron tensor) applied to `model`.
+def rule_plan(model: nnx.Module | Callable, mesh: dict[str, int] | str, *, params: Any = None, **fields) -> Plan:
+    """The hand-written strategy for `mesh` (data / ZeRO-3 fsdp / Megatron tensor) applied to `model` (an NNX
+    module, or a loss function with its `params` as for `plan`), read from its parameters' logical axis names.
 
     With `pipe` > 1 and no `pipeline=` given, the layers are split evenly into 1F1B stages over `pipe`
     microbatches (see `pipeline_spec` for the other choices).
     """
     mesh = normalize_mesh(mesh)
+    if params is not None:
+        from autoshard.functional import FunctionModel
+
+        table = FunctionModel(model, params).table()
+        return _rule_plan(table, mesh, provenance=_recorded(table, fields.pop("provenance", None)), **fields)
     if mesh["pipe"] > 1 and fields.get("pipeline") is None:
         fields["pipeline"] = pipeline_spec(model, mesh["pipe"])
-    return _rule_plan(param_table(model), mesh, **fields)
+    table = param_table(_abstract(model))
+    return _rule_plan(table, mesh, provenance=_recorded(table, fields.pop("provenance", None)), **fields)
+
+
+def _recorded(table: dict[str, ParamInfo], provenance: dict | None) -> dict:
+    """A plan's provenance with the model's parameter table (shape, logical axes) that `explain` shows."""
+    params = {p: [list(i.shape), list(i.axes) if i.axes else None] for p, i in table.items()}
+    return {**(provenance or {}), "params": params}
 
 
 def pipeline_spec(model: nnx.Module, pipe: int, *, schedule: str = "1f1b", microbatches: int | None = None,
@@ -66,13 +80,18 @@ def local_cluster(num_devices: int | None = None) -> ClusterSpec:
     return load_cluster(f"cpu:{n}")
 
 
-def plan(model: nnx.Module | Callable[[], nnx.Module], example_batch: dict[str, Any], *,
+def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None, rng: jax.Array | None = None,
          mesh: jax.sharding.Mesh | dict[str, int] | str | None = None, cluster: ClusterSpec | str | None = None,
          memory_budget: float | None = None, remat: str | None = None, loss_fn: Callable | None = None,
          pin: dict[str, list] | None = None, progress: Callable[[str], None] | None = None,
          provenance: dict | None = None, schedule: str | None = None, microbatches: int | None = None,
          virtual: int | None = None, sequence: str | None = None) -> Plan:
     """The fastest plan for `model` that fits the memory budget, found by the planner's integer program.
+
+    `model` is an NNX module (or a function building one) whose `loss_fn(model, batch) -> (loss, metrics)` defaults
+    to `model.loss(batch)`; or, with `params=`, a plain `loss_fn(variables, batch) -> loss | (loss, aux)` over
+    `params` (Linen `init` output with its boxes, or any pytree of arrays: see `autoshard.functional`), taking a
+    dropout key as third argument when `rng` is given.
 
     Pipelines are considered for models with a layer stack (pipe > 1 in the mesh); `schedule` ("gpipe", "1f1b",
     "interleaved"), `microbatches` and `virtual` fix pipeline choices (and restrict the search to pipelines unless
@@ -93,51 +112,35 @@ def plan(model: nnx.Module | Callable[[], nnx.Module], example_batch: dict[str, 
         fixed = {}
     cluster = load_cluster(cluster) if cluster is not None and not isinstance(cluster, ClusterSpec) else cluster
     cluster = cluster or local_cluster()
-    graph = trace_model(_abstract(model), example_batch, loss_fn)
-    dtype = _compute_dtype(model)
+    graph, dtype = _trace(model, example_batch, loss_fn, params, rng)
+    provenance = _recorded((graph.unfolded or graph).params, provenance)  # real names, not a folded loop's
     return plan_graph(graph, cluster, batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
                       remat=remat, progress=progress, provenance=provenance, compute_dtype=dtype, pin=pin,
                       schedule=schedule, microbatches=microbatches, virtual=virtual, sequence=sequence)
 
 
-def predict(plan: Plan, model: nnx.Module | Callable[[], nnx.Module], example_batch: dict[str, Any],
-            cluster: ClusterSpec | str | None = None, loss_fn: Callable | None = None) -> dict[str, Any]:
-    """The planner's predictions (time, memory, communication) for a given plan, e.g. a hand-written one."""
-    graph = trace_model(_abstract(model), example_batch, loss_fn)
+def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any, rng: Any) -> tuple[Graph, str]:
+    """The traced graph of an NNX model or (with `params`) a plain loss function, and its compute dtype."""
+    if params is not None:
+        from autoshard.functional import FunctionModel, compute_dtype, trace
+
+        if loss_fn is not None or isinstance(model, nnx.Module):
+            raise AutoshardError("with params=, pass the loss function itself as the model: "
+                                 "autoshard.plan(loss_fn, batch, params=variables)")
+        graph = trace(FunctionModel(model, params, rng), example_batch)
+        return graph, compute_dtype(graph)
+    return trace_model(_abstract(model), example_batch, loss_fn), _compute_dtype(model)
+
+
+def predict(plan: Plan, model: nnx.Module | Callable, example_batch: Any, cluster: ClusterSpec | str | None = None,
+            loss_fn: Callable | None = None, *, params: Any = None, rng: jax.Array | None = None) -> dict[str, Any]:
+    """The planner's predictions (time, memory, communication) for a given plan, e.g. a hand-written one; `model`,
+    `loss_fn`, `params` and `rng` as for `plan`."""
+    graph, dtype = _trace(model, example_batch, loss_fn, params, rng)
     cluster = load_cluster(cluster) if isinstance(cluster, str) else (cluster or local_cluster(plan.num_devices))
-    return _predict(plan, graph, cluster, _compute_dtype(model))
+    return _predict(plan, graph, cluster, dtype)
 
 
-def plan_function(loss_fn: Callable[[Any, Any], Any], params: Any, example_batch: dict[str, Any], *,
-                  mesh: dict[str, int] | str | None = None, cluster: ClusterSpec | str | None = None,
-                  memory_budget: float | None = None, remat: str | None = None,
-                  provenance: dict | None = None) -> Plan:
-    """Plan a plain `loss_fn(params, batch) -> loss` (Linen `apply`, Equinox, hand-written JAX).
-
-    Parameters are keyed by their pytree path joined with `/` (`layers/0/kernel`; a Linen `params` collection
-    prefix is dropped, so the keys match the model bridged to NNX); the batch's leading dimension is its batch
-    dimension.
-    """
-    from planner.rules import ParamInfo
-    from planner.search import key_path
-    from planner.trace import trace
-
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    paths = [key_path(kp) for kp, _ in leaves]
-    if paths and all(p_.startswith("params/") for p_ in paths):  # Linen's collection name is not part of a path
-        paths = [p_[len("params/"):] for p_ in paths]
-    infos = {p: ParamInfo(tuple(np.shape(x)), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype))
-             for p, (_, x) in zip(paths, leaves)}
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), example_batch)
-
-    def loss(p, b):
-        out = loss_fn(p, b)
-        return out[0] if isinstance(out, tuple) else out
-
-    graph = trace(loss, abstract, batch, paths, infos)
-    fixed = dict(normalize_mesh(mesh)) if isinstance(mesh, str) else dict(mesh or {})
-    fixed = {a: n for a, n in fixed.items() if not isinstance(mesh, str) or n > 1}
-    cluster = load_cluster(cluster) if isinstance(cluster, str) else (cluster or local_cluster())
-    return plan_graph(graph, cluster, batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
-                      remat=remat, provenance=provenance)
+def plan_function(loss_fn: Callable[[Any, Any], Any], params: Any, example_batch: Any, **kwargs) -> Plan:
+    """`plan(loss_fn, example_batch, params=params, **kwargs)`: the function path under its earlier name."""
+    return plan(loss_fn, example_batch, params=params, **kwargs)

@@ -795,7 +795,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if missing:
             print(f"note: {len(missing)} parameter(s) of the plan are not in model {model}: {', '.join(missing[:5])}"
                   + (" ..." if len(missing) > 5 else ""))
-    elif model is None:
+    elif model is None and not explain.recorded_params(plan):
         print("note: the plan's provenance names no model: pass --model to see parameter shapes")
     return 0
 

@@ -358,6 +358,15 @@ def alternatives_table(plan: Plan, *, limit: int | None = None, width: int = WID
                  right=(3, 4, 5, 6), width=width)
 
 
+def recorded_params(plan: Plan) -> dict[str, tuple]:
+    """path -> (shape, logical axes) as `autoshard.plan` recorded them in the plan's provenance (empty if absent)."""
+    recorded = plan.provenance.get("params")
+    if not isinstance(recorded, Mapping):
+        return {}
+    return {p: (tuple(v[0]), tuple(v[1]) if v[1] else None) for p, v in recorded.items()
+            if isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[0], (list, tuple))}
+
+
 def param_rows(plan: Plan, params: Mapping[str, ParamInfo] | None = None) -> list[list[str]]:
     rows = []
     params = params or {}
@@ -416,8 +425,12 @@ def breakdown_tables(plan: Plan, *, width: int = WIDTH) -> list[str]:
 
 def explain(plan: Plan, params: Mapping[str, ParamInfo] | None = None, *, source: str = "",
             width: int = WIDTH) -> str:
-    """The full report of `autoshard explain`: header, parameter strategies, predicted breakdowns, runners-up."""
+    """The full report of `autoshard explain`: header, parameter strategies, predicted breakdowns, runners-up.
+
+    `params` (path -> shape, logical axes) defaults to the table the planner recorded in the plan's provenance.
+    """
     prov = plan.provenance
+    params = params or recorded_params(plan)
     lines = ([f"file: {source}"] if source else []) + [
              f"plan: {headline(plan)}",
              f"mesh {plan.mesh_string()} ({plan.num_devices} devices), remat {plan.remat}, batch split "

@@ -15,9 +15,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from autoshard import emit, ops
 from autoshard.pipeline import Pipeline
-from planner.errors import PlanError
+from autoshard.functional import FunctionModel
+from planner.errors import AutoshardError, PlanError
 from planner.params import param_table
 from planner.plan import Plan
+from planner.search import key_path
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -46,14 +48,34 @@ def _default_loss(model: nnx.Module, batch: dict[str, jax.Array]):
 class Trainer:
     """Parameters and optimizer state laid out by a Plan, and the jitted (donating) train step over them."""
 
-    def __init__(self, model: nnx.Module | Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
-                 plan: Plan, *, loss_fn: LossFn | None = None, devices: list | None = None):
+    def __init__(self, model: nnx.Module | Callable, optimizer: optax.GradientTransformation, plan: Plan, *,
+                 loss_fn: LossFn | None = None, devices: list | None = None, params: Any = None,
+                 rng: jax.Array | None = None):
         plan.validate()
         emit.check_supported(plan)
         self.plan = plan
         self.optimizer = optimizer
-        self.loss_fn = loss_fn or _default_loss
         self.mesh = emit.make_mesh(plan, devices)
+        self.pipeline: Pipeline | None = None
+        self.function: FunctionModel | None = None
+        """The plain loss function and its variables, on the function path (`params=`)."""
+        if params is not None:
+            self._init_function(model, loss_fn, params, rng)
+        else:
+            self._init_module(model, loss_fn)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        abstract_opt = jax.eval_shape(optimizer.init, self.params)
+        self.opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
+                                                   transform_non_params=lambda _: replicated)
+        self.opt_state = jax.jit(optimizer.init, out_shardings=self.opt_shardings)(self.params)
+        self.ops_context = emit.ops_context(plan, self.mesh)
+        self._by_batch: dict[Any, _Programs] = {}
+        self.steps_done = 0
+
+    def _init_module(self, model: nnx.Module | Callable[[], nnx.Module], loss_fn: LossFn | None) -> None:
+        """Parameters (`self.params`) and non-parameter state (`self.rest`) of an NNX model, laid out by the plan."""
+        plan = self.plan
+        self.loss_fn = loss_fn or _default_loss
         built = isinstance(model, nnx.Module)
         abstract = model if built else nnx.eval_shape(model)
         self.abstract = abstract
@@ -75,23 +97,46 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         if built:
             _, params, rest = nnx.split(model, nnx.Param, ...)
-            devices = set(self.mesh.devices.flat)
-            # arrays committed elsewhere (a restored checkpoint on one device) come in through the host
-            params = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array)
-                                  and x.sharding.device_set != devices else x, params)
-            self.params = jax.jit(to_stored, out_shardings=self.param_shardings)(params)
+            self.params = jax.jit(to_stored, out_shardings=self.param_shardings)(self._onto_mesh(params))
             self.rest = jax.device_put(rest, replicated)
         else:  # initialise under jit: weights are born sharded, never whole on one device
             self.params = jax.jit(lambda: to_stored(nnx.state(model(), nnx.Param)),
                                   out_shardings=self.param_shardings)()
             self.rest = jax.jit(lambda: nnx.split(model(), nnx.Param, ...)[2], out_shardings=replicated)()
-        abstract_opt = jax.eval_shape(optimizer.init, self.params)
-        self.opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
-                                                   transform_non_params=lambda _: replicated)
-        self.opt_state = jax.jit(optimizer.init, out_shardings=self.opt_shardings)(self.params)
-        self.ops_context = emit.ops_context(plan, self.mesh)
-        self._by_batch: dict[Any, _Programs] = {}
-        self.steps_done = 0
+
+    def _init_function(self, loss_fn: Callable, unused: Any, variables: Any, rng: jax.Array | None) -> None:
+        """Trained parameters and carried state (other collections, the dropout key) of a plain loss function."""
+        if unused is not None or isinstance(loss_fn, nnx.Module):
+            raise AutoshardError("with params=, pass the loss function itself in the model's place: "
+                                 "autoshard.parallelize(loss_fn, optimizer, plan, params=variables)")
+        if self.plan.pipeline is not None:
+            raise PlanError("pipelines run NNX models with a scanned layer stack for now: plan a plain loss "
+                            "function with pipe=1")
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables)):
+            raise AutoshardError("params= holds shapes only: pass the initialised variables (model.init(...))")
+        self.function = FunctionModel(loss_fn, variables, rng)
+        self.abstract, self.loss_fn = loss_fn, None
+        self.specs = emit.check_plan_against_model(self.plan, self.function.table())
+        params, state = self.function.split()
+        self.param_shardings = jax.tree_util.tree_map_with_path(
+            lambda kp, _: NamedSharding(self.mesh, emit.partition_spec(self.specs[key_path(kp)])), params)
+        copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (the step donates: never the caller's arrays)
+        self.params = jax.jit(copy, out_shardings=self.param_shardings)(self._onto_mesh(params))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.rest = jax.jit(copy, out_shardings=replicated)(self._onto_mesh({"state": state, "rng": rng}))
+
+    def _onto_mesh(self, tree: Any) -> Any:
+        """Arrays committed to other devices (a checkpoint restored on one device) come in through the host."""
+        devices = set(self.mesh.devices.flat)
+
+        def via_host(x):
+            if not isinstance(x, jax.Array) or x.sharding.device_set == devices:
+                return x
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(np.asarray(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+            return np.asarray(x)
+
+        return jax.tree.map(via_host, tree)
 
     def _programs(self, batch: Any) -> "_Programs":
         """The jitted step, step-with-gradients and gradients for batches of this structure and these leaf ranks
@@ -119,6 +164,10 @@ class Trainer:
     def _loss(self, params, rest, batch):
         """Loss, metrics and the model's non-parameter state after the call (RNG counters, statistics)."""
         with ops.context(self.ops_context):
+            if self.function is not None:
+                key, sub = jax.random.split(rest["rng"]) if rest["rng"] is not None else (None, None)
+                loss, metrics, state = self.function.call(params, rest["state"], batch, sub)
+                return loss, (metrics, {"state": state, "rng": key})
             model = nnx.merge(self.graphdef, params, rest, copy=True)
             loss, metrics = self.loss_fn(model, batch)
             return loss, (metrics, nnx.split(model, nnx.Param, ...)[2])
@@ -191,9 +240,20 @@ class Trainer:
 
     def model(self) -> nnx.Module:
         """The model with the current (sharded) parameters."""
+        if self.function is not None:
+            raise AutoshardError("this trainer runs a plain loss function: its trained values are "
+                                 "trainer.variables()")
         if self.pipeline is not None:
             return nnx.merge(self.graphdef, jax.jit(self.pipeline.from_staged)(self.params), self.rest)
         return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+    def variables(self) -> Any:
+        """On the function path: the trained variables in the structure `params=` had (Linen boxes included),
+        state collections as the last step left them."""
+        if self.function is None:
+            raise AutoshardError("this trainer runs an NNX model: its trained values are trainer.model()")
+        return self.function.rebox(self.params, self.rest["state"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,12 +274,23 @@ def _floats(metrics: dict[str, jax.Array]) -> dict[str, Any]:
     return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in jax.device_get(metrics).items()}
 
 
-def parallelize(model: nnx.Module | Callable[[], nnx.Module], optimizer: optax.GradientTransformation, plan: Plan,
-                *, loss_fn: LossFn | None = None, devices: list | None = None) -> Trainer:
+def parallelize(model: nnx.Module | Callable, optimizer: optax.GradientTransformation, plan: Plan, *,
+                loss_fn: LossFn | None = None, devices: list | None = None, params: Any = None,
+                rng: jax.Array | None = None) -> Trainer:
     """Lay out `model` and `optimizer` state by `plan` and build the sharded train step.
 
-    `model` is a built NNX module, or a zero-argument function that builds one (then it is initialised under jit
-    directly into its shardings, so models larger than one device fit). `loss_fn(model, batch) -> (loss, metrics)`
-    defaults to `model.loss(batch)`.
+    Args:
+      model: a built NNX module, or a zero-argument function that builds one (then it is initialised under jit
+        directly into its shardings, so models larger than one device fit); or, with `params`, a plain
+        `loss_fn(variables, batch[, rng]) -> loss | (loss, aux)` (see `autoshard.functional`).
+      optimizer: any optax transformation; its state is laid out like the parameters.
+      plan: from `autoshard.plan` or `rule_plan` for this model.
+      loss_fn: for an NNX model, `loss_fn(model, batch) -> (loss, metrics)`; default `model.loss(batch)`.
+      devices: the devices of the mesh (default: all).
+      params: the variables a plain loss function takes, as `model.init` returns them (boxes kept).
+      rng: a dropout key for a plain loss function: each step passes a fresh split of it.
+
+    Returns:
+      A `Trainer`: `step(batch)` -> metrics; `model()` (NNX) or `variables()` (function path) the trained values.
     """
-    return Trainer(model, optimizer, plan, loss_fn=loss_fn, devices=devices)
+    return Trainer(model, optimizer, plan, loss_fn=loss_fn, devices=devices, params=params, rng=rng)

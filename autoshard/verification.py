@@ -82,6 +82,8 @@ def verify(trainer: Any, example_batch: Any, *, cluster: Any = None,
     plan = trainer.plan
     if predicted is None:
         cluster = cluster or local_cluster(plan.num_devices)
-        predicted = predict(plan, trainer.abstract, example_batch, cluster=cluster, loss_fn=trainer.loss_fn)
+        fn = trainer.function  # a plain loss function is traced with its variables, an NNX model with its loss
+        model = dict(params=fn.variables, rng=fn.rng) if fn is not None else dict(loss_fn=trainer.loss_fn)
+        predicted = predict(plan, trainer.abstract, example_batch, cluster=cluster, **model)
     compiled = analyze(trainer.compile(example_batch), trainer.mesh)
     return Verification(compare_compiled(plan, predicted, compiled), compiled, dict(predicted))

@@ -72,7 +72,8 @@ def param_spec(path: str, info: ParamInfo, mesh: dict[str, int]) -> list[SpecEnt
         if name == "experts" and mesh["expert"] > 1:
             _require_divisible(path, info.shape[i], mesh["expert"], "expert", "experts")
             spec[i] = "expert"
-        if name in TENSOR_AXES and mesh["tensor"] > 1:
+        if name in TENSOR_AXES and mesh["tensor"] > 1 and "tensor" not in spec:  # one split per parameter: a
+            # [mlp, vocab] head is row-parallel over mlp (names from a Linen model need not follow Megatron's pairs)
             if info.shape[i] % mesh["tensor"] == 0:
                 spec[i] = "tensor"
             elif name in STRICT_TENSOR_AXES:
