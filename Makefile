@@ -44,7 +44,7 @@ test: test-full test-oldest
 PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 test-full: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) $(ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) --durations=15 $(ARGS)
 
 test-oldest: $(OLD_STAMP)
 	$(OLD)/bin/python -m pytest -q $(PYTEST_WORKERS) -m smoke $(ARGS)
