@@ -118,7 +118,7 @@ class FunctionModel:
 
 def trace(model: FunctionModel, batch: Any):
     """The planner's dataflow graph of `model`'s loss on batches like `batch` (shapes only)."""
-    from planner.trace import matmul_flops, trace as trace_fn
+    from planner.trace import trace as trace_fn
 
     model = model.abstract()
     params, state = model.split()
@@ -130,9 +130,7 @@ def trace(model: FunctionModel, batch: Any):
     inputs = {"batch": jax.tree.map(_shape, batch), "state": state, "rng": model.rng}
     batch_dims = {"batch": jax.tree.map(lambda _: 0, batch), "state": jax.tree.map(lambda _: -1, state),
                   "rng": None if model.rng is None else -1}
-    graph = trace_fn(loss, params, inputs, paths, model.table(), batch_dims)
-    graph.step_flops = matmul_flops(jax.make_jaxpr(jax.value_and_grad(loss))(params, inputs))
-    return graph
+    return trace_fn(loss, params, inputs, paths, model.table(), batch_dims)
 
 
 def compute_dtype(graph) -> str:

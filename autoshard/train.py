@@ -19,7 +19,9 @@ from autoshard.functional import FunctionModel
 from planner.errors import AutoshardError, PlanError
 from planner.params import param_table
 from planner.plan import Plan
-from planner.search import key_path
+from planner import jax_internals as jint
+from planner.search import activation_specs, key_path
+from planner.trace import trace
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -70,6 +72,7 @@ class Trainer:
         self.opt_state = jax.jit(optimizer.init, out_shardings=self.opt_shardings)(self.params)
         self.ops_context = emit.ops_context(plan, self.mesh)
         self._by_batch: dict[Any, _Programs] = {}
+        self._activation_specs: dict[Any, dict] = {}
         self.steps_done = 0
 
     def _init_module(self, model: nnx.Module | Callable[[], nnx.Module], loss_fn: LossFn | None) -> None:
@@ -141,9 +144,10 @@ class Trainer:
     def _programs(self, batch: Any) -> "_Programs":
         """The jitted step, step-with-gradients and gradients for batches of this structure and these leaf ranks
         (each leaf laid out by `emit.batch_spec`), built on first use."""
-        key = (jax.tree.structure(batch), tuple(len(np.shape(x)) for x in jax.tree.leaves(batch)))
+        key = _batch_key(batch)
         if key in self._by_batch:
             return self._by_batch[key]
+        self._activation_specs[key] = self._specs_for(batch)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         data = jax.tree.map(lambda s: NamedSharding(self.mesh, s), emit.batch_specs(self.plan, batch))
         grads = None if self.pipeline else self.param_shardings
@@ -162,6 +166,38 @@ class Trainer:
 
     # -- traced functions ---------------------------------------------------------------------------------------
     def _loss(self, params, rest, batch):
+        """`_plain_loss`, re-run equation by equation with every activation the plan lays out constrained to its
+        layout (`planner.search.activation_specs`), so XLA compiles the program the planner priced."""
+        specs = self._activation_specs.get(_batch_key(batch))
+        if not specs:
+            return self._plain_loss(params, rest, batch)
+        closed, shapes = jax.make_jaxpr(self._plain_loss, return_shape=True)(params, rest, batch)
+
+        def constrain(key, eqn, outs):
+            want = specs.get(key, {})
+            return [jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, emit.partition_spec(want[k])))
+                    if k in want and len(want[k]) == np.ndim(x) else x for k, x in enumerate(outs)]
+
+        outs = jint.eval_jaxpr_hooked(jint.open_jaxpr(closed), jax.tree.leaves((params, rest, batch)), constrain)
+        return jax.tree.unflatten(jax.tree.structure(shapes), outs)
+
+    def _specs_for(self, batch: Any) -> dict:
+        """The activation constraints for batches like `batch` (none where the runtime leaves layouts to XLA:
+        pipelines, sequence and expert parallelism, a scanned layer stack that places its own boundary)."""
+        mesh = self.plan.mesh
+        if self.pipeline is not None or mesh["seq"] > 1 or mesh["expert"] > 1 or self.plan.num_devices == 1:
+            return {}
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), self.params)
+        rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), self.rest)
+        data = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), _dtype(x)), batch)
+        paths = [key_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        table = self.function.table() if self.function is not None else param_table(self.abstract)
+        dims = {"rest": jax.tree.map(lambda _: -1, rest), "batch": jax.tree.map(lambda _: 0, data)}
+        graph = trace(lambda p, inputs: self._plain_loss(p, inputs["rest"], inputs["batch"]), params,
+                      {"rest": rest, "batch": data}, paths, table, dims)
+        return {} if graph.stack == "scan" else activation_specs(self.plan, graph)
+
+    def _plain_loss(self, params, rest, batch):
         """Loss, metrics and the model's non-parameter state after the call (RNG counters, statistics)."""
         with ops.context(self.ops_context):
             if self.function is not None:
@@ -185,6 +221,9 @@ class Trainer:
 
     def _train_step(self, params, opt_state, rest, batch, with_grads: bool = False):
         (loss, (metrics, rest)), grads = self._value_and_grad(params, rest, batch)
+        if self._activation_specs.get(_batch_key(batch)):  # gradients synced into their parameters' layout, where
+            # the planner prices the sync, and the optimizer's update runs in that layout too
+            grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         out = new_params, opt_state, rest, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -264,6 +303,11 @@ class _Programs:
     step: Callable
     step_and_grads: Callable
     grads: Callable
+
+
+def _batch_key(batch: Any) -> tuple:
+    """What a step program depends on in a batch: its structure and each leaf's rank."""
+    return jax.tree.structure(batch), tuple(len(np.shape(x)) for x in jax.tree.leaves(batch))
 
 
 def _dtype(x: Any) -> Any:

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from ortools.sat.python import cp_model
 
@@ -336,9 +336,9 @@ class Problem:
         (collective, axes), which XLA's combiner pays once for all parameters that sync the same way."""
         own: float = 0.0
         shared: dict[tuple, float] = {}
-        for kind, axes, b, n in self.param_sync(path, c):
+        for (kind, axes, b, n), copies in Counter(self.param_sync(path, c)).items():  # (a loop's blocks: alike)
             fixed = self._comm(kind, 0.0, axes) if self.objective == "bytes" else self._comm(kind, 1.0, axes)
-            own += n * (self._comm(kind, b, axes) - fixed)
+            own += copies * n * (self._comm(kind, b, axes) - fixed)
             shared[(kind, axes, n)] = n * fixed
         return own, shared
 
@@ -641,11 +641,12 @@ class Problem:
         shared_paid: dict[tuple, tuple[str, float]] = {}
         for path, c in params.items():
             own, shared = self.param_cost(path, c)
-            for kind, axes, nb, n in self.param_sync(path, c):
+            for (kind, axes, nb, n), copies in Counter(self.param_sync(path, c)).items():
                 key = "gradient sync" if kind != "all-gather" else "fsdp gathers"
                 shared_paid[(kind, axes, n)] = (key, shared[(kind, axes, n)])
-                times[key] += n * (self._comm(kind, nb, axes) - shared[(kind, axes, n)] / n)
-                comm_bytes[f"{'+'.join(axes)}/{kind}"] += n * bytes_sent(kind, nb, math.prod(self.mesh[a] for a in axes))
+                times[key] += copies * n * (self._comm(kind, nb, axes) - shared[(kind, axes, n)] / n)
+                comm_bytes[f"{'+'.join(axes)}/{kind}"] += copies * n * bytes_sent(
+                    kind, nb, math.prod(self.mesh[a] for a in axes))
         for key, seconds in shared_paid.values():
             times[key] += seconds
         paid = set()

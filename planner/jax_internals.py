@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -160,6 +160,37 @@ def name_stack(eqn: Any) -> str:
 def eval_jaxpr(body: Body, *args: Any) -> list[Any]:
     """Run an open jaxpr on `args` (traceable: jit it to compile one layer body on its own)."""
     return jax.core.eval_jaxpr(body.jaxpr, list(body.consts), *args)
+
+
+INLINE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "call"})
+"""Calls whose body can run equation by equation in the caller without changing the program: no custom derivative
+(`custom_jvp_call`, `custom_vjp_call`) and no rematerialisation policy (`remat2`) to lose."""
+
+
+def eval_jaxpr_hooked(body: Body, args: list[Any], hook: Callable[[tuple[int, ...], Any, list[Any]], list[Any]],
+                      path: tuple[int, ...] = ()) -> list[Any]:
+    """Run an open jaxpr on `args` as `jax.core.eval_jaxpr` does, the bodies of `INLINE_CALLS` inlined, passing
+    every equation's outputs through `hook(path, eqn, outputs)`; `path` is the equation's index at each level of
+    inlined calls (`planner.trace.Op.eqns` names equations the same way)."""
+    from jax._src import source_info_util
+
+    env: dict[Any, Any] = {}
+    read = lambda v: v.val if is_literal(v) else env[v]  # noqa: E731
+    for v, x in zip([*body.jaxpr.constvars, *body.jaxpr.invars], [*body.consts, *args]):
+        env[v] = x
+    for i, eqn in enumerate(body.jaxpr.eqns):
+        key, ins = (*path, i), [read(v) for v in eqn.invars]
+        inner = call_body(eqn) if eqn.primitive.name in INLINE_CALLS else None
+        if inner is not None:
+            outs = eval_jaxpr_hooked(inner, ins[len(ins) - len(inner.jaxpr.invars):], hook, key)
+        else:
+            name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+            with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
+                out = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+            outs = list(out) if eqn.primitive.multiple_results else [out]
+        for v, x in zip(eqn.outvars, hook(key, eqn, outs)):
+            env[v] = x
+    return [read(v) for v in body.jaxpr.outvars]
 
 
 # -- shard_map types ------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from planner.params import param_table, path_str
 from planner.plan import AXES, BATCH_AXES, Plan, SpecEntry
 from planner import jax_internals as jint
 from planner import seq_expert
-from planner.trace import Graph, matmul_flops, trace
+from planner.layouts import PARTIAL
+from planner.trace import Graph, dtype_kind, matmul_flops, trace
 
 SEARCH_AXES = ("data", "fsdp", "tensor")
 LOOP_PIPELINE = ("pipelines need a scanned layer stack (lax.scan over stacked weights) for now; this model's blocks "
@@ -57,12 +58,7 @@ def trace_model(model: nnx.Module, batch: dict[str, Any], loss_fn: Callable | No
     abstract = jax.tree.map(shape, params)
     inputs = {"batch": jax.tree.map(shape, batch), "rest": jax.tree.map(shape, rest)}
     batch_dims = {"batch": jax.tree.map(lambda _: 0, batch), "rest": jax.tree.map(lambda _: -1, rest)}
-    graph = trace(loss, abstract, inputs, paths, param_table(model), batch_dims, fold=fold)
-    # the whole step, backward included, for the work it does (the ILP solves the forward and mirrors it)
-    graph.step_flops = matmul_flops(jax.make_jaxpr(jax.value_and_grad(loss))(abstract, inputs))
-    if graph.unfolded is not None:
-        graph.unfolded.step_flops = graph.step_flops
-    return graph
+    return trace(loss, abstract, inputs, paths, param_table(model), batch_dims, fold=fold)
 
 
 def layer_bodies(model: nnx.Module, batches: list[dict[str, Any]], loss_fn: Callable | None = None,
@@ -231,8 +227,6 @@ def graph_for(graph: Graph, specs: dict[str, list[SpecEntry]] | None = None, rem
     if graph.stack != "loop" or graph.unfolded is None:
         return graph
     if remat not in (None, "none") or (specs and folded_specs(graph, specs) is None):
-        if graph.unfolded.step_flops is None:  # set on the folded graph after tracing (`trace_model`)
-            graph.unfolded.step_flops = graph.step_flops
         return graph.unfolded
     return graph
 
@@ -256,6 +250,7 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
     budget = default_budget(cluster) if memory_budget is None else memory_budget
     remats = [remat] if remat else remat_options(graph)
     out: list[Candidate] = []
+    idle: list[Candidate] = []
     unplanned: set[str] = set()
     shapes = seq_expert.op_shapes(graph)
     all_meshes = candidate_meshes(graph, cluster, batch, fixed, pipeline, sequence)
@@ -291,14 +286,29 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
                     best = sol
             if sol is not None and r == "none":
                 break  # remat only costs time; try it when the plan does not fit without
+        if best is not None and "tensor" not in fixed and idle_tensor(best, m):
+            if progress:
+                progress(_mesh_str(m) + ": tensor idle (nothing worth splitting over it): set aside")
+            idle.append(Candidate(m, best))
+            continue
         if progress:
             progress(_mesh_str(m) + (f": {best.step_seconds * 1e3:.2f} ms" if best else ": does not fit"))
         out.append(Candidate(m, best))
     if unplanned:
         warnings.warn(f"the planner has no sharding rule for {', '.join(sorted(unplanned))}: such ops are planned "
                       f"replicated", stacklevel=2)
+    if not any(c.solution is not None for c in out):  # only when every other mesh fails
+        out += idle
     out.sort(key=lambda c: (c.solution is None, c.seconds if c.solution else 0.0))
     return out
+
+
+def idle_tensor(sol: Solution, mesh: dict[str, int]) -> bool:
+    """Whether a solution leaves a tensor axis of size > 1 idle: no op split over it, no parameter. Such a plan
+    is not what runs: XLA's partitioner puts the idle devices to work its own way (gathering weights and
+    splitting weight-gradient work over the axis), so its predictions do not hold; the search sets it aside."""
+    return (mesh["tensor"] > 1 and not any(s.split for s in sol.ops.values())
+            and all(c.layout is None for c in sol.params.values()))
 
 
 def candidate_meshes(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[str, int],
@@ -710,7 +720,50 @@ def choices_from_plan(plan: Plan, graph: Graph) -> dict[str, ParamChoice]:
 
 
 def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype: str = "float32") -> dict[str, Any]:
-    """Predictions for a given plan: its parameter layouts fixed, op strategies as the partitioner would pick."""
+    """Predictions for a given plan: its parameter layouts fixed, op strategies as the partitioner would pick (and
+    as the runtime constrains them where it can: `activation_specs`)."""
+    graph, timed, sol, method = _plan_solution(plan, graph, cluster, compute_dtype)
+    cluster = load_cluster(cluster) if not isinstance(cluster, ClusterSpec) else cluster
+    if plan.pipeline is not None and plan.mesh["pipe"] > 1:
+        return _predict_pipeline(plan, graph, cluster, timed, sol, method)
+    if plan.mesh["seq"] > 1 or plan.mesh["expert"] > 1:
+        shapes = seq_expert.op_shapes(graph)
+        batch = next((graph.values[i].shape[0] for i in graph.inputs if graph.values[i].batch_dim == 0), 1)
+        seq_expert.check_fixed(shapes, {a: plan.mesh[a] for a in ("seq", "expert", "tensor")}, method, batch)
+        sol = seq_expert.apply(sol, seq_expert.extras(shapes, plan.mesh, batch, method, cluster, plan.remat))
+    return predicted(sol)
+
+
+def activation_specs(plan: Plan, graph: Graph) -> dict[tuple[int, ...], dict[int, list[SpecEntry]]]:
+    """The layout `predict` gives each activation the runtime can constrain, so the compiled program is the one
+    predicted: jaxpr equation (`Op.eqns`) -> output position -> spec (the batch dimension over the batch axes, the
+    tensor split where the solution puts one). Parameters and their casts keep their own specs (a constraint
+    there would gather a ZeRO-3 weight's gradient whole), partial sums and integer values are left to XLA."""
+    graph, problem, sol, _ = _plan_solution(plan, graph, f"cpu:{plan.num_devices}")  # byte-optimal: any cluster
+    used = [a for a in BATCH_AXES if plan.mesh[a] > 1]
+    batch: SpecEntry = None if not used else used[0] if len(used) == 1 else used
+    out: dict[tuple[int, ...], dict[int, list[SpecEntry]]] = {}
+    for op in graph.ops:
+        for pos, vid in enumerate(op.outputs):
+            v = graph.values[vid]
+            if not op.eqns or not v.shape or v.param is not None or dtype_kind(v.dtype) != "float":
+                continue
+            layout = problem.layout_of(vid, sol.ops, sol.params)
+            if layout == PARTIAL:
+                continue
+            spec: list[SpecEntry] = [None] * len(v.shape)
+            if v.batch_dim is not None:
+                spec[v.batch_dim] = batch
+            if isinstance(layout, int) and spec[layout] is None:
+                spec[layout] = "tensor"
+            for key in op.eqns:
+                out.setdefault(key, {})[pos] = spec
+    return out
+
+
+def _plan_solution(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype: str = "float32"
+                   ) -> tuple[Graph, Problem, Solution, str | None]:
+    """(the graph that can express the plan, its timed problem, the solution `predict` reports, sequence method)."""
     cluster = load_cluster(cluster) if not isinstance(cluster, ClusterSpec) else cluster
     if graph.stack == "loop" and plan.mesh["pipe"] > 1:
         raise AutoshardError(LOOP_PIPELINE)
@@ -733,14 +786,7 @@ def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype:
         sol = timed.evaluate(sol.ops, sol.params)
     if sol is None:
         raise AutoshardError("the plan's parameter layouts admit no consistent strategy: check its specs")
-    if plan.pipeline is not None and plan.mesh["pipe"] > 1:
-        return _predict_pipeline(plan, graph, cluster, timed, sol, method)
-    if plan.mesh["seq"] > 1 or plan.mesh["expert"] > 1:
-        shapes = seq_expert.op_shapes(graph)
-        batch = next((graph.values[i].shape[0] for i in graph.inputs if graph.values[i].batch_dim == 0), 1)
-        seq_expert.check_fixed(shapes, {a: plan.mesh[a] for a in ("seq", "expert", "tensor")}, method, batch)
-        sol = seq_expert.apply(sol, seq_expert.extras(shapes, plan.mesh, batch, method, cluster, plan.remat))
-    return predicted(sol)
+    return graph, timed, sol, method
 
 
 def _predict_pipeline(plan: Plan, graph: Graph, cluster: ClusterSpec, problem: Problem, sol: Solution,

@@ -82,6 +82,10 @@ class Op:
     """Executions per step (the layer-stack trip count inside the scan body)."""
     in_layer: bool
     flops: float
+    eqns: tuple[tuple[int, ...], ...] = ()
+    """The jaxpr equations this op is, each by its index at every level of inlined calls (`jax_internals.
+    eval_jaxpr_hooked` names them the same way): one, or one per block of a folded loop; none inside a body the
+    runtime runs whole (a scan, a remat, a custom derivative)."""
 
 
 @dataclasses.dataclass
@@ -98,8 +102,6 @@ class Graph:
     carries: list[tuple[int, int]]
     """(carry-out value, carry-in value) pairs of the layer scan: their layouts must agree."""
     warnings: list[str] = dataclasses.field(default_factory=list)
-    step_flops: float | None = None
-    """Matmul FLOPs of the whole training step (forward and backward, traced), when known."""
     stack: str | None = None
     """How the layer stack is written: "scan" (a `lax.scan` over stacked parameters), "loop" (a Python loop over
     identical blocks, folded by `fold_blocks`) or None (no stack)."""
@@ -109,9 +111,23 @@ class Graph:
     """For a folded loop: the graph op by op, for what the fold cannot express (blocks with different specs)."""
 
     def passes(self) -> float:
-        """Training work over forward work: measured on the traced step, else the usual 3 (backward ~ 2x)."""
+        """Training work over forward work (`training_flops`; 3 when the model has no contraction)."""
         fwd = sum(op.flops * op.count for op in self.ops if op.primitive in CONTRACTIONS)
-        return self.step_flops / fwd if self.step_flops and fwd else 3.0
+        return self.training_flops() / fwd if fwd else 3.0
+
+    def training_flops(self) -> float:
+        """Contraction FLOPs of a training step, from the forward graph: each matmul or convolution once forward,
+        and once more for each operand that needs a gradient (a floating value computed from a parameter), which
+        is what reverse-mode differentiation adds; a layer stack's carries pass the need from layer to layer."""
+        needs = {vid for vid, v in self.values.items() if v.param is not None}
+        carried = dict((cin, cout) for cout, cin in self.carries)
+        for _ in range(2):  # a second sweep for what reaches a layer's input only through the previous layer
+            needs |= {cin for cin, cout in carried.items() if cout in needs}
+            for op in self.ops:
+                if op.primitive != "stop_gradient" and any(i in needs for i in op.inputs if i is not None):
+                    needs |= {o for o in op.outputs if dtype_kind(self.values[o].dtype) == "float"}
+        return sum(op.flops * op.count * (1 + sum(i in needs for i in op.inputs[:2]))
+                   for op in self.ops if op.primitive in CONTRACTIONS)
 
 
 
@@ -128,17 +144,19 @@ class _Tracer:
         self.values[vid] = Value(vid, tuple(int(d) for d in aval.shape), str(aval.dtype), **kw)
         return vid
 
-    def walk(self, jaxpr, env: dict, count: int, in_layer: bool) -> None:
-        for eqn in jaxpr.eqns:
+    def walk(self, jaxpr, env: dict, count: int, in_layer: bool, path: tuple[int, ...] | None = ()) -> None:
+        """Flatten `jaxpr`'s equations into ops; `path` names them as the runtime does (None: it cannot)."""
+        for i, eqn in enumerate(jaxpr.eqns):
             ins = [None if jint.is_literal(v) else env[v] for v in eqn.invars]
             name = eqn.primitive.name
+            key = None if path is None else (*path, i)
             body = jint.call_body(eqn)
             if body is not None:
                 sub = body.jaxpr
                 inner = dict(zip(sub.invars, ins[len(ins) - len(sub.invars):]))
                 for v in sub.constvars:
                     inner[v] = self.new_value(v.aval)
-                self.walk(sub, inner, count, in_layer)
+                self.walk(sub, inner, count, in_layer, key if name in jint.INLINE_CALLS else None)
                 for out, sv in zip(eqn.outvars, sub.outvars):
                     env[out] = self._lookup(inner, sv)
             elif name == "scan":
@@ -146,14 +164,14 @@ class _Tracer:
             else:
                 if name in ("while", "cond"):
                     self.notes.append(f"{name} at {jint.name_stack(eqn)}: planned as one replicated op")
-                self._op(eqn, ins, env, count, in_layer)
+                self._op(eqn, ins, env, count, in_layer, key)
 
     def _lookup(self, env, var) -> int:
         if jint.is_literal(var):
             return self.new_value(var.aval)
         return env[var]
 
-    def _op(self, eqn, ins, env, count, in_layer) -> None:
+    def _op(self, eqn, ins, env, count, in_layer, key: tuple[int, ...] | None = None) -> None:
         index = len(self.ops)
         outs = []
         for v in eqn.outvars:
@@ -162,7 +180,7 @@ class _Tracer:
             outs.append(vid)
         params = jint.op_params(eqn)
         op = Op(index, eqn.primitive.name, params, ins, outs, jint.name_stack(eqn), count, in_layer,
-                _flops(eqn))
+                _flops(eqn), () if key is None else (key,))
         src = self.values[ins[0]] if len(ins) == 1 and ins[0] is not None else None
         if src is not None and src.param is not None and op.primitive in PARAM_VIEWS:
             # a cast or transpose of a weight is that weight, laid out the same way (a bf16 copy, a tied head)
@@ -208,7 +226,7 @@ class _Tracer:
             inner[v] = self.new_value(v.aval, **kw)
         for v, c in zip(sub.constvars, body.consts):
             inner[v] = self.new_value(v.aval)
-        self.walk(sub, inner, count * length, in_layer or is_layers)
+        self.walk(sub, inner, count * length, in_layer or is_layers, None)
         outs = [self._lookup(inner, v) for v in sub.outvars]
         for k, (out, vid) in enumerate(zip(eqn.outvars, outs)):
             if k < ncarry:
@@ -419,6 +437,8 @@ def _find_cut(g: Graph, family: _Family, sigs: list[tuple]) -> _Match | None:
         match = _match_blocks(g, family, start, period)
         if match is not None and (best is None or len(match.carries) <= len(best.carries)):
             best = match
+            if len(best.carries) == 1:  # one residual stream: no cut can cross fewer values
+                break
     return best
 
 
@@ -496,7 +516,8 @@ def _fold(g: Graph, family: _Family, match: _Match) -> Graph:
     for r, op in enumerate(g.ops[start:start + period]):
         ins = [boundary[_carry_key(g, g.ops[start + period + r].inputs[pos], start)] if (r, pos) in match.carry_uses
                else vid for pos, vid in enumerate(op.inputs)]
-        ops.append(dataclasses.replace(op, index=len(ops), inputs=ins, count=op.count * n, in_layer=True))
+        ops.append(dataclasses.replace(op, index=len(ops), inputs=ins, count=op.count * n, in_layer=True,
+                                       eqns=tuple(e for j in range(n) for e in g.ops[start + j * period + r].eqns)))
     last = {g.ops[start + (n - 1) * period + r].outputs[o]: g.ops[start + r].outputs[o] for r, o in match.carries}
     for op in g.ops[end:]:
         ops.append(dataclasses.replace(op, index=len(ops), inputs=[last.get(i, i) for i in op.inputs]))
@@ -510,7 +531,7 @@ def _fold(g: Graph, family: _Family, match: _Match) -> Graph:
     params, param_values = _stack_params(g, family, values, next_id)
     carries = [(g.ops[start + r].outputs[o], boundary[(r, o)]) for r, o in match.carries]
     return Graph(values, ops, params, param_values, list(g.inputs), last.get(g.output, g.output), n, carries,
-                 list(g.warnings), g.step_flops, stack="loop", unfolded=g,
+                 list(g.warnings), stack="loop", unfolded=g,
                  blocks={family.virtual(s): [b[s] for b in family.blocks] for s in family.blocks[0]})
 
 

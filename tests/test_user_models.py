@@ -1,5 +1,5 @@
-"""Models written the way users write them: small NNX CNN classifiers with [B] integer labels (one with BatchNorm
-and dropout).
+"""Models written the way users write them: a small NNX CNN classifier with [B] integer labels (the model zoo,
+`tests/test_zoo.py`, has one with BatchNorm and dropout).
 
 Batches are pytrees whose leaves all lead with the batch (images [B, H, W, C], labels [B]); every plan trains like
 a plain single-device optax loop (float32, rtol 1e-5), and a batch the plan cannot split is one clear error.
@@ -156,52 +156,3 @@ def test_verify_judges_a_user_model_plan_against_its_compiled_step(data8, images
     assert sync.ok and abs(sync.error) <= sync.tolerance
     assert str(result).splitlines()[-1].startswith("PASS" if result.ok else "FAIL")
 
-
-class NormCNN(nnx.Module):
-    """conv 3x3 (8) -> BatchNorm -> relu -> global mean -> dropout -> linear: state the step must carry."""
-
-    def __init__(self, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
-        self.norm = nnx.BatchNorm(8, rngs=rngs)
-        self.drop = nnx.Dropout(0.25, rngs=rngs)
-        self.head = nnx.Linear(8, 10, rngs=rngs)
-
-    def loss(self, batch):
-        x = nnx.relu(self.norm(self.conv(batch["image"]))).mean(axis=(1, 2))
-        logits = self.head(self.drop(x))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), {}
-
-
-def norm_cnn():
-    return NormCNN(nnx.Rngs(params=0, dropout=1))
-
-
-@pytest.mark.parametrize("mesh", ["data=8", "data=2,fsdp=2,tensor=2"])
-def test_batchnorm_statistics_and_dropout_keys_are_carried_like_one_device(images, mesh):
-    with jax.default_device(jax.devices()[0]):  # plain single-device optax: statistics and RNG counters in `rest`
-        graphdef, params, rest = nnx.split(norm_cnn(), nnx.Param, ...)
-        opt = optax.sgd(LR)
-        state = opt.init(params)
-
-        @jax.jit
-        def step(params, state, rest, batch):
-            def loss(p):
-                model = nnx.merge(graphdef, p, rest, copy=True)
-                return model.loss(batch)[0], nnx.split(model, nnx.Param, ...)[2]
-
-            (loss, rest), grads = jax.value_and_grad(loss, has_aux=True)(params)
-            updates, state = opt.update(grads, state, params)
-            return optax.apply_updates(params, updates), state, rest, loss
-
-        want = []
-        for _ in range(STEPS):
-            params, state, rest, loss = step(params, state, rest, images)
-            want.append(float(loss))
-    trainer = parallelize(norm_cnn, optax.sgd(LR), api.rule_plan(nnx.eval_shape(norm_cnn), mesh))
-    got = [trainer.step(images)["loss"] for _ in range(STEPS)]
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    model = trainer.model()
-    np.testing.assert_allclose(np.asarray(model.norm.mean.get_value()), np.asarray(rest["norm"]["mean"].get_value()),
-                               rtol=1e-5, atol=1e-7)  # the running statistics the steps left
-    for path, value in _flat(params).items():
-        np.testing.assert_allclose(_flat(trainer.params)[path], value, rtol=1e-5, atol=1e-6, err_msg=path)

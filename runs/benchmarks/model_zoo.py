@@ -1,0 +1,184 @@
+"""Plans for the model zoo (issue 11, items 7 and 8): planning time, and predicted vs compiled memory and
+communication per device, for four small models written the way users write them (`tests/zoo.py`).
+
+Reproduce (from the repository root; a few minutes on 2 CPU cores):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python runs/benchmarks/model_zoo.py
+
+Writes runs/benchmarks/model_zoo.json and runs/benchmarks/model_zoo.md next to this file.
+
+Per model, four plans on `cluster="cpu:8"`: free (the whole search), tensor (`mesh={"tensor": 2}`, the rest
+searched), fsdp (`mesh="data=2,fsdp=4"`) and tight (`memory_budget=` a fraction of the free plan's predicted
+memory per device: 0.6, or where no plan fits that, the model's `ZooModel.tight`). Planning time is
+`time.perf_counter` around `autoshard.plan` (tracing included). Each plan's trainer is compiled for the model's
+example batch and judged by `autoshard.verify(trainer, batch)`: one row per figure (name, predicted, compiled,
+relative error, tolerance, ok; tolerance None = shown, not judged).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import jax  # noqa: E402
+
+import autoshard  # noqa: E402
+import zoo  # noqa: E402
+from planner.errors import AutoshardError  # noqa: E402
+
+FIRST_TRY = 0.6
+"""The tight budget tried first, as a fraction of the free plan's predicted memory."""
+
+
+def run_model(name: str) -> dict:
+    """Plan, compile and verify every plan of one zoo model."""
+    model = zoo.MODELS[name]
+    batch = model.batch()
+    out = {"model": name, "parameters": zoo.n_params(model), "plans": {}}
+    free = None
+    for plan_name in zoo.PLANS:
+        kwargs = zoo.plan_kwargs(model, plan_name, free)
+        record: dict = {}
+        if plan_name == "tight":
+            record["fraction"] = model.tight
+            if model.tight != FIRST_TRY:  # say why: the first try's error names the smallest plan
+                try:
+                    model.plan(batch, **zoo.plan_kwargs(model, plan_name, free, FIRST_TRY))
+                    record["first_try"] = f"{FIRST_TRY} fits"
+                except AutoshardError as e:
+                    record["first_try"] = f"{FIRST_TRY}: {e}"
+            record["memory_budget"] = kwargs["memory_budget"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = time.perf_counter()
+            try:
+                plan = model.plan(batch, **kwargs)
+            except AutoshardError as e:
+                out["plans"][plan_name] = {**record, "error": str(e)}
+                print(f"{name}/{plan_name}: {e}", flush=True)
+                continue
+            seconds = time.perf_counter() - t
+        free = plan if plan_name == "free" else free
+        trainer = model.parallelize(plan)
+        result = autoshard.verify(trainer, batch)
+        tensor_params = sorted(p for p, spec in plan.params.items() if "tensor" in spec)
+        out["plans"][plan_name] = {
+            **record, "plan_seconds": seconds, "mesh": plan.mesh_string(), "remat": plan.remat,
+            "predicted_step_seconds": plan.predicted.get("step_seconds"),
+            "params_over_tensor": len(tensor_params), "activation_specs": len(plan.activations),
+            "warnings": sorted({str(w.message) for w in caught}),
+            "verify_ok": result.ok,
+            "rows": [dataclasses.asdict(r) for r in result.rows]}
+        print(f"{name}/{plan_name}: {plan.mesh_string()} in {seconds:.2f} s, verify "
+              f"{'PASS' if result.ok else 'FAIL'}", flush=True)
+    return out
+
+
+def _bytes(x: float) -> str:
+    return f"{x / 1024:.1f} KiB"
+
+
+def write_markdown(results: list[dict], meta: dict) -> str:
+    lines = ["# Model zoo: plans, planning time, predicted vs compiled", "",
+             f"Command: `{meta['command']}`", "",
+             f"Machine: {meta['machine']}; jax {meta['jax']}, flax {meta['flax']}; {meta['date']}.", "",
+             "Models (`tests/zoo.py`): `encoder` (NNX, nnx.MultiHeadAttention, 2 Python-loop blocks, [B] labels), "
+             "`gqa` (NNX, tied embedding, einsum GQA with 2 KV heads for 4, local/global layers), `linen_lm` "
+             "(Linen with logical partitioning names, function path), `cnn` (NNX, BatchNorm + dropout). Batch 16; "
+             "sequences 16; images 16x16x3.", "",
+             "Plans: free (`cluster=\"cpu:8\"`), tensor (`mesh={\"tensor\": 2}`), fsdp (`mesh=\"data=2,fsdp=4\"`), "
+             "tight (`memory_budget=` fraction x the free plan's predicted memory).", "",
+             "## Plans", "",
+             "| model | params | plan | mesh | params over tensor | plan s | memory pred | memory compiled | error "
+             "| comm total pred | comm total compiled | error | verify |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    off = []
+    for r in results:
+        for name, p in r["plans"].items():
+            if "error" in p:
+                lines.append(f"| {r['model']} | {r['parameters']} | {name} | error: {p['error']} |"
+                             + " |" * 9)
+                continue
+            rows = {row["name"]: row for row in p["rows"]}
+            mem, tot = rows["memory/device"], rows["communication total"]
+            err = lambda row: "n/a" if row["error"] is None else f"{row['error']:+.1%}"  # noqa: E731
+            lines.append(f"| {r['model']} | {r['parameters']} | {name} | {p['mesh']} | {p['params_over_tensor']} "
+                         f"| {p['plan_seconds']:.2f} | {_bytes(mem['predicted'])} | {_bytes(mem['compiled'])} "
+                         f"| {err(mem)} | {_bytes(tot['predicted'])} | {_bytes(tot['compiled'])} | {err(tot)} "
+                         f"| {'PASS' if p['verify_ok'] else 'FAIL'} |")
+            off += [(r["model"], name, row) for row in p["rows"] if row["tolerance"] is not None and not row["ok"]]
+    lines += ["", "## Judged figures outside tolerance", "",
+              "Memory tolerance 15%, communication 10% (keys with at least 5% of the total); error = (predicted - "
+              "compiled) / compiled.", "",
+              "| model | plan | key | predicted | compiled | error |", "|---|---|---|---|---|---|"]
+    for model, plan, row in off:
+        err = "n/a" if row["error"] is None else f"{row['error']:+.1%}"
+        lines.append(f"| {model} | {plan} | {row['name']} | {row['predicted']:.0f} | {row['compiled']:.0f} "
+                     f"| {err} |")
+    lines += ["", "## Tight budgets", ""]
+    for r in results:
+        p = r["plans"]["tight"]
+        lines.append(f"- {r['model']}: fraction {p['fraction']} of the free plan's memory "
+                     f"({_bytes(p['memory_budget'])})" + (f"; first try {p['first_try']}" if "first_try" in p else ""))
+    lines += ["", "## Notes (at the time of writing)", "",
+              "- Every tensor=2 plan, and the CNN's free plan, leaves the tensor axis idle: no parameter or activation "
+              "spec names it (column \"params over tensor\"), the planner trading replicated compute for a smaller "
+              "gradient all-reduce group. With nothing pinning it, XLA's sharding propagation splits activations "
+              "over the idle axis on its own (tensor all-gathers, fsdp+tensor collective-permutes), so no "
+              "communication figure of those plans matches the prediction.",
+              "- `gqa`'s tied embedding (looked up by `embed(...)` and reused by `embed.attend`) has its gradient "
+              "all-reduced once per use in the compiled step; the prediction counts one all-reduce per parameter "
+              "(2048 floats short).",
+              "- Memory is over-predicted by 30-85% for the NNX attention models outside fsdp=8; the Linen LM is "
+              "within tolerance except under tensor=2.", ""]
+    lines += ["", "## All rows", ""]
+    for r in results:
+        for name, p in r["plans"].items():
+            if "error" in p:
+                continue
+            lines += [f"### {r['model']} / {name}: {p['mesh']}", "",
+                      "| key | predicted | compiled | error | tolerance | ok |", "|---|---|---|---|---|---|"]
+            for row in p["rows"]:
+                err = "n/a" if row["error"] is None else f"{row['error']:+.1%}"
+                tol = "shown" if row["tolerance"] is None else f"{row['tolerance']:.0%}"
+                lines.append(f"| {row['name']} | {row['predicted']:.0f} | {row['compiled']:.0f} | {err} | {tol} "
+                             f"| {row['ok']} |")
+            if p["warnings"]:
+                lines += ["", "Warnings: " + "; ".join(p["warnings"])]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import flax
+
+    assert len(jax.devices()) == 8, "needs 8 emulated devices: set XLA_FLAGS before jax is imported"
+    t = time.perf_counter()
+    results = [run_model(name) for name in zoo.MODELS]
+    meta = {"command": "XLA_FLAGS=--xla_force_host_platform_device_count=8 python "
+                       "runs/benchmarks/model_zoo.py",
+            "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), 8 emulated devices",
+            "jax": jax.__version__, "flax": flax.__version__, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat(), "total_seconds": time.perf_counter() - t}
+    (HERE / "model_zoo.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    (HERE / "model_zoo.md").write_text(write_markdown(results, meta))
+    print(f"wrote {HERE / 'model_zoo.json'} and {HERE / 'model_zoo.md'} in {meta['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The model zoo (`tests/zoo.py`): four small models written the way users write them, each planned four ways
+(the free search, tensor=2, data=2 x fsdp=4, a tight memory budget), trained like a plain single-device optax loop
+(float32, rtol 1e-5), and judged by `autoshard.verify` on the communication XLA compiled.
+
+One trainer per (model, plan), shared by the tests through a module-scoped cache; two plans that come out the same
+share one trainer (each compiles its step once). Memory rows of `verify` are recorded (`record_property`), not
+asserted: on these small models the memory figure is off (see `runs/benchmarks/model_zoo.md`); so are the
+communication keys in KNOWN_OFF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax.core import meta
+
+import autoshard
+from zoo import MODELS, PLANS, ZooModel, plan_kwargs
+
+STEPS = 3
+
+# plans that leave the tensor axis idle (no parameter or activation spec names it): XLA's sharding propagation
+# then splits activations over it on its own, so every communication figure differs from the prediction
+_IDLE_TENSOR = {"communication total", "data/all-reduce", "data+fsdp/all-reduce", "fsdp/all-gather",
+                "fsdp/reduce-scatter", "fsdp+tensor/collective-permute", "tensor/all-gather"}
+KNOWN_OFF: dict[tuple[str, str], set[str]] = {
+    ("encoder", "tensor"): _IDLE_TENSOR,
+    ("linen_lm", "tensor"): _IDLE_TENSOR,
+    ("cnn", "free"): _IDLE_TENSOR,
+    ("cnn", "tensor"): _IDLE_TENSOR,
+    # the tied embedding's gradient (gather + attend) is all-reduced once per use: compiled +2048 floats x ring
+    ("gqa", "free"): {"data/all-reduce"},
+    ("gqa", "tensor"): {"data/all-reduce", "communication total"},
+    ("gqa", "fsdp"): {"data+fsdp/all-reduce", "communication total"},
+    # fsdp=4 x tensor=2 under the tight budget: XLA gathers the fsdp-sharded convolution weights again in the
+    # backward and reduces small gradients (BatchNorm, biases) in an all-reduce of their own
+    ("cnn", "tight"): {"fsdp/all-gather", "fsdp/reduce-scatter", "fsdp/all-reduce", "communication total"},
+}
+"""Judged communication keys outside tolerance today, by (model, plan): recorded, not asserted (figures in
+`runs/benchmarks/model_zoo.md`)."""
+
+
+@dataclasses.dataclass
+class Run:
+    plan: autoshard.Plan
+    trainer: object
+    losses: list[float]
+    trained: dict[str, np.ndarray]
+    verified: object = None
+
+
+class Zoo:
+    """Lazily built references, plans and trainers, each once per module."""
+
+    def __init__(self):
+        self.references: dict[str, tuple[list[float], dict[str, np.ndarray]]] = {}
+        self.plans: dict[tuple[str, str], autoshard.Plan] = {}
+        self.runs: dict[tuple[str, str], Run] = {}
+        self.by_plan: dict[tuple[str, str], Run] = {}
+
+    def reference(self, name: str):
+        if name not in self.references:
+            model = MODELS[name]
+            self.references[name] = model.reference(model.batch(), STEPS)
+        return self.references[name]
+
+    def plan(self, name: str, plan_name: str) -> autoshard.Plan:
+        if (name, plan_name) not in self.plans:
+            model = MODELS[name]
+            free = self.plan(name, "free") if plan_name == "tight" else None
+            self.plans[name, plan_name] = model.plan(model.batch(), **plan_kwargs(model, plan_name, free))
+        return self.plans[name, plan_name]
+
+    def run(self, name: str, plan_name: str) -> Run:
+        if (name, plan_name) not in self.runs:
+            model, plan = MODELS[name], self.plan(name, plan_name)
+            same = (name, json.dumps({k: v for k, v in plan.to_dict().items() if k not in ("predicted", "alternatives",
+                                                                                          "provenance")},
+                                     sort_keys=True, default=str))
+            if same not in self.by_plan:
+                trainer = model.parallelize(plan)
+                batch = model.batch()
+                losses = [trainer.step(batch)["loss"] for _ in range(STEPS)]
+                self.by_plan[same] = Run(plan, trainer, losses, model.trained(trainer))
+            self.runs[name, plan_name] = self.by_plan[same]
+        return self.runs[name, plan_name]
+
+    def verify(self, name: str, plan_name: str):
+        run = self.run(name, plan_name)
+        if run.verified is None:
+            run.verified = autoshard.verify(run.trainer, MODELS[name].batch())
+        return run.verified
+
+
+@pytest.fixture(scope="module")
+def zoo() -> Zoo:
+    return Zoo()
+
+
+CASES = [(m, p) for m in MODELS for p in PLANS]
+
+
+@pytest.mark.parametrize("name, plan_name", CASES)
+def test_every_plan_trains_like_one_device(zoo, name, plan_name):
+    run, (want_losses, want) = zoo.run(name, plan_name), zoo.reference(name)
+    np.testing.assert_allclose(run.losses, want_losses, rtol=1e-5)
+    assert set(run.trained) == set(want)
+    for path, value in want.items():
+        np.testing.assert_allclose(run.trained[path], value, rtol=1e-5, atol=1e-6, err_msg=f"{plan_name}: {path}")
+
+
+@pytest.mark.parametrize("name, plan_name", CASES)
+def test_verify_communication_matches_the_compiled_step(zoo, name, plan_name, record_property):
+    rows = zoo.verify(name, plan_name).rows
+    for row in rows:
+        record_property(row.name, {"predicted": row.predicted, "compiled": row.compiled, "error": row.error,
+                                   "ok": row.ok})
+    judged = [r for r in rows if r.name != "memory/device" and r.tolerance is not None]
+    known = KNOWN_OFF.get((name, plan_name), set())
+    bad = [(r.name, r.predicted, r.compiled, r.error) for r in judged if not r.ok and r.name not in known]
+    assert not bad, (zoo.plan(name, plan_name).mesh_string(), bad)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_plans_keep_the_axes_they_were_given_and_the_budget(zoo, name):
+    assert zoo.plan(name, "tensor").mesh["tensor"] == 2
+    fsdp = zoo.plan(name, "fsdp").mesh
+    assert (fsdp["data"], fsdp["fsdp"]) == (2, 4), fsdp
+    free, tight = zoo.plan(name, "free"), zoo.plan(name, "tight")
+    budget = MODELS[name].tight * free.predicted["memory_bytes_per_device"]
+    assert tight.predicted["memory_bytes_per_device"] <= budget < free.predicted["memory_bytes_per_device"]
+
+
+def test_linen_variables_come_back_in_the_users_structure(zoo):
+    model: ZooModel = MODELS["linen_lm"]
+    trained = zoo.run("linen_lm", "tensor").trainer.variables()
+    is_box = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
+    variables = model.variables()
+    assert jax.tree.structure(trained, is_leaf=is_box) == jax.tree.structure(variables, is_leaf=is_box)
+    assert trained["params"]["layers_1"]["up"]["kernel"].names == ("embed", "mlp")
+    batch = model.batch()
+    assert float(model.loss_fn(nn.unbox(trained), batch)) < zoo.reference("linen_lm")[0][0]
