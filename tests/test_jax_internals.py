@@ -115,6 +115,29 @@ def test_sub_jaxprs_and_trip_counts_give_the_flops_of_a_loop():
     assert flops == 5 * 2 * 2 * 4 * 4
 
 
+def test_eval_jaxpr_hooked_names_equations_as_the_tracer_does():
+    """The runtime re-runs a loss equation by equation: plain calls inlined (their equations named by their path),
+    a custom derivative run whole, the result and the gradient the same as jax's own."""
+    @jax.jit
+    def inner(x, w):
+        return jnp.tanh(x @ w)
+
+    def f(w, x):
+        return jnp.sum(jax.nn.relu(inner(x, w)) ** 2)  # relu: a custom_jvp
+
+    w, x = jnp.linspace(-1, 1, 12).reshape(4, 3), jnp.linspace(0, 2, 8).reshape(2, 4)
+    closed = jax.make_jaxpr(f)(w, x)
+    seen = []
+    hooked = lambda w, x: jint.eval_jaxpr_hooked(  # noqa: E731
+        jint.open_jaxpr(closed), [w, x], lambda key, eqn, outs: seen.append((key, eqn.primitive.name)) or outs)[0]
+    np.testing.assert_allclose(jax.grad(hooked)(w, x), jax.grad(f)(w, x), rtol=1e-6)
+    names = dict(seen)
+    assert "dot_general" in [n for k, n in seen if len(k) == 2]  # inside the inlined jit: (call index, own index)
+    assert any(n in jint.CALLS for n in names.values())  # the custom_jvp call itself, run whole
+    graph = trace(lambda p, b: f(p["w"], b["x"]), {"w": w}, {"x": x}, ["w"], {})
+    assert {e for op in graph.ops for e in op.eqns} <= set(names)  # the tracer names the same equations
+
+
 def test_eval_jaxpr_runs_a_scan_body_on_its_own():
     w, x = jnp.arange(48.0).reshape(3, 4, 4) / 48, jnp.ones((2, 4))
     f = lambda w, x: jax.lax.scan(lambda a, wi: (jnp.tanh(a @ wi), None), x, w)[0]  # noqa: E731

@@ -420,3 +420,34 @@ def test_a_pinned_parameter_keeps_its_spec_and_the_rest_is_searched(token_batch)
     assert plan.params["blocks/mlp/w_down"][1] == "tensor"  # the search pairs it row-parallel
     with pytest.raises(AutoshardError, match="no such parameter"):
         api.plan(model, token_batch, cluster=CPU8, pin={"blocks/nope": [None]})
+
+
+def _conv_classifier(params, batch):
+    """A first layer that reads the batch: its input needs no gradient, so its backward is one product, not two."""
+    x = jax.lax.conv_general_dilated(batch["x"], params["conv"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.mean((jnp.tanh(x).mean(axis=(1, 2)) @ params["head"]) ** 2)
+
+
+@pytest.mark.parametrize("which", ["gpt-tiny", "moe-tiny:layers=2", "conv"])
+def test_training_flops_equal_the_traced_backward(which):
+    """`Graph.training_flops` (from the forward alone) is what jax's own value_and_grad would do."""
+    from planner.trace import matmul_flops
+
+    if which == "conv":
+        params = {"conv": jnp.ones((3, 3, 3, 8)), "head": jnp.ones((8, 4))}
+        batch = {"x": jnp.ones((4, 8, 8, 3))}
+        graph, fn = trace(_conv_classifier, params, batch, ["conv", "head"], {}), _conv_classifier
+        args = (params, batch)
+    else:
+        model = models.abstract(which)
+        toks = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+        batch = {"inputs": toks, "targets": toks}
+        graph = trace_model(model, batch)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        fn = lambda p, b: nnx.merge(graphdef, p, rest, copy=True).loss(b)[0]  # noqa: E731
+        args = (params, batch)
+    traced = matmul_flops(jax.make_jaxpr(jax.value_and_grad(fn))(*args))
+    assert graph.training_flops() == pytest.approx(traced, rel=1e-9)
+    if which != "moe-tiny:layers=2":  # (MoE: not every dispatch product has two differentiable operands)
+        assert graph.passes() < 3.0 if which == "conv" else graph.passes() == pytest.approx(3.0, rel=0.01)

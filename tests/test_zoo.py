@@ -145,3 +145,22 @@ def test_linen_variables_come_back_in_the_users_structure(zoo):
     assert trained["params"]["layers_1"]["up"]["kernel"].names == ("embed", "mlp")
     batch = model.batch()
     assert float(model.loss_fn(nn.unbox(trained), batch)) < zoo.reference("linen_lm")[0][0]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_free_plans_leave_no_tensor_axis_idle(zoo, name):
+    """An idle tensor axis is not what runs (XLA routes weight gathers through it): the search sets it aside."""
+    plan = zoo.plan(name, "free")
+    assert plan.mesh["tensor"] == 1 or any("tensor" in str(spec) for spec in plan.params.values()), plan.mesh
+
+
+def test_constrained_activations_leave_no_stray_collectives():
+    """The Linen model under the Megatron rules: with its activations constrained to the solved layouts, XLA
+    compiles the predicted tensor collectives and nothing else over tensor (unconstrained, it added a 768 B
+    collective-permute over fsdp x tensor and tripled the tensor all-gather)."""
+    model = MODELS["linen_lm"]
+    plan = autoshard.rule_plan(model.loss_fn, "data=2,fsdp=2,tensor=2", params=model.variables())
+    rows = {r.name: r for r in autoshard.verify(model.parallelize(plan), model.batch()).rows}
+    assert rows["tensor/all-reduce"].ok and rows["communication total"].ok, rows
+    assert rows["tensor/all-gather"].compiled == rows["tensor/all-gather"].predicted > 0
+    assert "fsdp+tensor/collective-permute" not in rows, rows
