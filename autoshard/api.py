@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from autoshard.emit import batch_size
@@ -81,7 +84,7 @@ def local_cluster(num_devices: int | None = None) -> ClusterSpec:
 
 
 def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None, rng: jax.Array | None = None,
-         mesh: jax.sharding.Mesh | dict[str, int] | str | None = None, cluster: ClusterSpec | str | None = None,
+         optimizer: optax.GradientTransformation | None = None, mesh: jax.sharding.Mesh | dict[str, int] | str | None = None, cluster: ClusterSpec | str | None = None,
          memory_budget: float | None = None, remat: str | None = None, loss_fn: Callable | None = None,
          pin: dict[str, list] | None = None, progress: Callable[[str], None] | None = None,
          provenance: dict | None = None, schedule: str | None = None, microbatches: int | None = None,
@@ -91,7 +94,8 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
     `model` is an NNX module (or a function building one) whose `loss_fn(model, batch) -> (loss, metrics)` defaults
     to `model.loss(batch)`; or, with `params=`, a plain `loss_fn(variables, batch) -> loss | (loss, aux)` over
     `params` (Linen `init` output with its boxes, or any pytree of arrays: see `autoshard.functional`), taking a
-    dropout key as third argument when `rng` is given.
+    dropout key as third argument when `rng` is given. `optimizer` sizes its state in the memory prediction
+    (default: AdamW's two moments, what `autoshard train` runs).
 
     Pipelines are considered for models with a layer stack (pipe > 1 in the mesh); `schedule` ("gpipe", "1f1b",
     "interleaved"), `microbatches` and `virtual` fix pipeline choices (and restrict the search to pipelines unless
@@ -112,31 +116,52 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
         fixed = {}
     cluster = load_cluster(cluster) if cluster is not None and not isinstance(cluster, ClusterSpec) else cluster
     cluster = cluster or local_cluster()
-    graph, dtype = _trace(model, example_batch, loss_fn, params, rng)
+    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer)
     provenance = _recorded((graph.unfolded or graph).params, provenance)  # real names, not a folded loop's
     return plan_graph(graph, cluster, batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
                       remat=remat, progress=progress, provenance=provenance, compute_dtype=dtype, pin=pin,
                       schedule=schedule, microbatches=microbatches, virtual=virtual, sequence=sequence)
 
 
-def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any, rng: Any) -> tuple[Graph, str]:
-    """The traced graph of an NNX model or (with `params`) a plain loss function, and its compute dtype."""
+def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any, rng: Any,
+           optimizer: optax.GradientTransformation | None = None) -> tuple[Graph, str]:
+    """The traced graph of an NNX model or (with `params`) a plain loss function, priced for `optimizer`'s state
+    (default: AdamW's), and its compute dtype."""
     if params is not None:
         from autoshard.functional import FunctionModel, compute_dtype, trace
 
         if loss_fn is not None or isinstance(model, nnx.Module):
             raise AutoshardError("with params=, pass the loss function itself as the model: "
                                  "autoshard.plan(loss_fn, batch, params=variables)")
-        graph = trace(FunctionModel(model, params, rng), example_batch)
-        return graph, compute_dtype(graph)
-    return trace_model(_abstract(model), example_batch, loss_fn), _compute_dtype(model)
+        function = FunctionModel(model, params, rng)
+        graph = trace(function, example_batch)
+        dtype = compute_dtype(graph)
+        trained = function.abstract().split()[0]
+    else:
+        abstract = _abstract(model)
+        graph, dtype = trace_model(abstract, example_batch, loss_fn), _compute_dtype(model)
+        trained = nnx.state(abstract, nnx.Param)
+    if optimizer is not None:
+        graph.with_optimizer(optimizer_copies(optimizer, trained))
+    return graph, dtype
+
+
+def optimizer_copies(optimizer: optax.GradientTransformation, params: Any) -> float:
+    """How many copies of the parameters `optimizer` keeps as state (Adam 2, momentum 1, SGD 0): its state's array
+    bytes over the parameters' (scalars such as step counts do not count)."""
+    nbytes = lambda tree: sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize  # noqa: E731
+                              for x in jax.tree.leaves(tree) if hasattr(x, "shape") and x.shape)
+    state = jax.eval_shape(optimizer.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params))
+    total = nbytes(params)
+    return nbytes(state) / total if total else 0.0
 
 
 def predict(plan: Plan, model: nnx.Module | Callable, example_batch: Any, cluster: ClusterSpec | str | None = None,
-            loss_fn: Callable | None = None, *, params: Any = None, rng: jax.Array | None = None) -> dict[str, Any]:
+            loss_fn: Callable | None = None, *, params: Any = None, rng: jax.Array | None = None,
+            optimizer: optax.GradientTransformation | None = None) -> dict[str, Any]:
     """The planner's predictions (time, memory, communication) for a given plan, e.g. a hand-written one; `model`,
-    `loss_fn`, `params` and `rng` as for `plan`."""
-    graph, dtype = _trace(model, example_batch, loss_fn, params, rng)
+    `loss_fn`, `params`, `rng` and `optimizer` as for `plan`."""
+    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer)
     cluster = load_cluster(cluster) if isinstance(cluster, str) else (cluster or local_cluster(plan.num_devices))
     return _predict(plan, graph, cluster, dtype)
 

@@ -84,6 +84,7 @@ def verify(trainer: Any, example_batch: Any, *, cluster: Any = None,
         cluster = cluster or local_cluster(plan.num_devices)
         fn = trainer.function  # a plain loss function is traced with its variables, an NNX model with its loss
         model = dict(params=fn.variables, rng=fn.rng) if fn is not None else dict(loss_fn=trainer.loss_fn)
-        predicted = predict(plan, trainer.abstract, example_batch, cluster=cluster, **model)
+        predicted = predict(plan, trainer.abstract, example_batch, cluster=cluster, optimizer=trainer.optimizer,
+                            **model)
     compiled = analyze(trainer.compile(example_batch), trainer.mesh)
     return Verification(compare_compiled(plan, predicted, compiled), compiled, dict(predicted))

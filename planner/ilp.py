@@ -27,6 +27,14 @@ from planner.trace import BOUNDARY, CONTRACTIONS, Graph, Value, dtype_kind, item
 PRODUCT_OPS = CONTRACTIONS | {"mul", "div", "integer_pow", "pow"}
 SAVES_OUTPUT = {"exp", "tanh", "logistic", "rsqrt", "sqrt", "log", "log1p", "expm1", "erf"}
 OPT_STATE_COPIES = 2  # Adam: first and second moments
+"""Optimizer state per parameter, in copies of it, when the plan is not told the optimizer (AdamW, what
+`autoshard train` runs); `Graph.optimizer_copies` holds the real one's (`autoshard.api.optimizer_copies`)."""
+
+
+def optimizer_copies(graph: Graph) -> float:
+    """The optimizer state a graph's training step keeps per parameter, in copies of it."""
+    return OPT_STATE_COPIES if graph.optimizer_copies is None else graph.optimizer_copies
+
 WORKING_SET = 1.3
 """The backward of one layer holds the cotangent of each of its matmul outputs at once, plus the layout copies
 XLA makes of some: 1.3 x the layer's matmul output bytes, fitted on the compiled cases of
@@ -328,6 +336,24 @@ class Problem:
             out.append(("all-reduce", rep, nbytes / f, 1))
         return out + seq
 
+    def batch_reductions(self) -> list[tuple[tuple[str, ...], int, int]]:
+        """(axes, value, executions) of the all-reduces over the batch axes that reductions across the batch need
+        (BatchNorm's statistics, a mean over examples): one in the forward, and one more in the backward when the
+        result needs a gradient (its broadcast back over the batch transposes to a sum over it); each moves the
+        result as its layout leaves it on a device."""
+        axes = tuple(a for a in ("data", "fsdp", "expert") if self.mesh.get(a, 1) > 1)
+        if not axes:
+            return []
+        out = []
+        for op in self.g.ops:
+            src = self.values[op.inputs[0]] if op.inputs and op.inputs[0] is not None else None
+            if (src is None or src.batch_dim is None or not op.primitive.startswith("reduce_")
+                    or src.batch_dim not in tuple(op.params.get("axes", ()))):
+                continue
+            out += [(axes, vid, self._count(op.index) * (2 if vid in self.needs_grad else 1)) for vid in op.outputs
+                    if vid in self._live and dtype_kind(self.values[vid].dtype) == "float"]
+        return out
+
     def _expert_split(self, path: str) -> int:
         return self.mesh.get("expert", 1) if path in self.expert_params else 1
 
@@ -346,7 +372,7 @@ class Problem:
         info = self.g.params[path]
         shards = (self.t if c.layout is not None else 1) * (self.mesh["fsdp"] if c.fsdp_dim is not None else 1)
         shards *= self._expert_split(path)
-        return info.size * itemsize(info.dtype) / shards * (2 + OPT_STATE_COPIES)
+        return info.size * itemsize(info.dtype) / shards * (2 + optimizer_copies(self.g))
 
     def residuals(self) -> dict[int, int]:
         """Values stored for the backward pass -> how many copies (the layer count inside the stack)."""
@@ -649,6 +675,14 @@ class Problem:
                     kind, nb, math.prod(self.mesh[a] for a in axes))
         for key, seconds in shared_paid.values():
             times[key] += seconds
+        for axes, vid, n in self.batch_reductions():  # (not in the solver's objective: small, priced here)
+            nb = self.value_memory(vid, layout(vid))
+            # their bandwidth only: XLA combines small all-reduces, so their latency is not charged one by one
+            # (unmeasured; charged, three scalar means outweighed a whole CPU step and turned plans around)
+            latency = self._comm("all-reduce", 1.0, axes)
+            times["batch reductions"] += n * max(0.0, self._comm("all-reduce", nb, axes) - latency)
+            comm_bytes[f"{'+'.join(axes)}/all-reduce"] += n * bytes_sent(
+                "all-reduce", nb, math.prod(self.mesh[a] for a in axes))
         paid = set()
 
         def pay(key, kind, nb, count):

@@ -35,7 +35,7 @@ import numpy as np
 from planner.cluster import ClusterSpec
 from planner.errors import PlanError
 from planner.collectives import axis_collective_time, axis_span, bytes_sent, collective_time
-from planner.ilp import OPT_STATE_COPIES, ParamChoice, Problem, Solution
+from planner.ilp import ParamChoice, Problem, Solution, optimizer_copies
 from planner.layouts import PARTIAL, local_nbytes
 from planner.plan import PipelineSpec
 from planner.schedule import IDLE, Schedule, check, make_schedule
@@ -81,6 +81,8 @@ class MeshCosts:
     """MoE layers: the executor runs a forward-only sweep over the schedule first (whole-batch expert counts)."""
     layer_expert_share: float = 0.0
     """Fraction of `layer_bytes` in weights split over `expert` (their gradients are not summed over it)."""
+    optimizer_copies: float = 2.0
+    """Optimizer state per parameter, in copies of it (`planner.ilp.optimizer_copies`)."""
 
 
 @dataclasses.dataclass
@@ -152,7 +154,8 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
     return MeshCosts(dict(problem.mesh), L, problem.passes, dict(work), dict(tensor_bytes), layer_bytes, other_bytes,
                      layer_f / layer_bytes if layer_bytes else 0.0, other_f / other_bytes if other_bytes else 0.0,
                      dict(residuals), local_nbytes(carry, problem.b), sol,
-                     layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0)
+                     layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0,
+                     optimizer_copies=optimizer_copies(g))
 
 
 def with_extras(costs: MeshCosts, extras: Any, layers: int, moe: bool) -> MeshCosts:
@@ -246,7 +249,7 @@ def stage_memory(costs: MeshCosts, counts: list[int], sched: Schedule, remat: st
     lmax = max(counts)
 
     def state(nb: float, sharded: float) -> float:  # weights + 2 Adam moments at rest, gathered copy, grad copies
-        at_rest = nb * (sharded / f + (1 - sharded)) * (1 + OPT_STATE_COPIES)
+        at_rest = nb * (sharded / f + (1 - sharded)) * (1 + costs.optimizer_copies)
         return at_rest + (nb * sharded if f > 1 else 0.0) + GRAD_COPIES * nb
 
     weights = state(V * lmax * costs.layer_bytes, costs.layer_fsdp) + state(costs.other_bytes, costs.other_fsdp)

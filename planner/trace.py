@@ -109,6 +109,16 @@ class Graph:
     """For a folded loop: virtual stacked parameter -> the model's real parameters it stands for, in block order."""
     unfolded: Graph | None = dataclasses.field(default=None, repr=False)
     """For a folded loop: the graph op by op, for what the fold cannot express (blocks with different specs)."""
+    optimizer_copies: float | None = None
+    """The optimizer's state per parameter, in copies of it (Adam: 2, SGD: 0); None: the planner's default,
+    `planner.ilp.OPT_STATE_COPIES` (AdamW, what `autoshard train` runs). Set with `with_optimizer`."""
+
+    def with_optimizer(self, copies: float) -> "Graph":
+        """This graph (and the op-by-op one behind a folded loop) priced for an optimizer keeping `copies`."""
+        for g in (self, self.unfolded):
+            if g is not None:
+                g.optimizer_copies = copies
+        return self
 
     def passes(self) -> float:
         """Training work over forward work (`training_flops`; 3 when the model has no contraction)."""

@@ -176,3 +176,17 @@ def test_bad_function_path_input_is_one_clear_error(regression, call, match):
     params, batch = regression
     with pytest.raises((AutoshardError, PlanError), match=match):
         call(params, batch)
+
+
+@pytest.mark.parametrize("optimizer, copies", [(optax.sgd(0.1), 0.0), (optax.sgd(0.1, momentum=0.9), 1.0),
+                                               (optax.adamw(1e-3), 2.0)])
+def test_memory_is_priced_for_the_optimizer_that_trains(regression, optimizer, copies):
+    """The weights' share of memory: parameters, gradients and the optimizer's own state (none for plain SGD)."""
+    from autoshard.api import optimizer_copies
+
+    params, batch = regression
+    assert optimizer_copies(optimizer, params) == copies
+    plan = autoshard.rule_plan(mlp_loss, "data=8", params=params)
+    weights = sum(x.size * 4 for x in jax.tree.leaves(params))
+    predicted = autoshard.predict(plan, mlp_loss, batch, params=params, optimizer=optimizer)
+    assert predicted["memory_breakdown"]["parameters and optimizer state"] == (2 + copies) * weights
