@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -193,9 +194,17 @@ class Trainer:
         paths = [key_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         table = self.function.table() if self.function is not None else param_table(self.abstract)
         dims = {"rest": jax.tree.map(lambda _: -1, rest), "batch": jax.tree.map(lambda _: 0, data)}
-        graph = trace(lambda p, inputs: self._plain_loss(p, inputs["rest"], inputs["batch"]), params,
-                      {"rest": rest, "batch": data}, paths, table, dims)
-        return {} if graph.stack == "scan" else activation_specs(self.plan, graph)
+        with warnings.catch_warnings():  # (what the planner would warn of, it said when it planned)
+            warnings.simplefilter("ignore")
+            graph = trace(lambda p, inputs: self._plain_loss(p, inputs["rest"], inputs["batch"]), params,
+                          {"rest": rest, "batch": data}, paths, table, dims)
+        if graph.stack == "scan":
+            return {}
+        try:
+            return activation_specs(self.plan, graph)
+        except AutoshardError as e:  # a hand-written plan the planner cannot price still trains, as XLA lays it out
+            warnings.warn(f"activations left to XLA's layout: {e}", stacklevel=2)
+            return {}
 
     def _plain_loss(self, params, rest, batch):
         """Loss, metrics and the model's non-parameter state after the call (RNG counters, statistics)."""

@@ -156,3 +156,16 @@ def test_verify_judges_a_user_model_plan_against_its_compiled_step(data8, images
     assert sync.ok and abs(sync.error) <= sync.tolerance
     assert str(result).splitlines()[-1].startswith("PASS" if result.ok else "FAIL")
 
+
+
+def test_a_plan_the_planner_cannot_price_still_trains_with_xla_layouts(images, reference, monkeypatch):
+    """Constraining activations needs the planner's solution; without one the step trains as XLA lays it out."""
+    import autoshard.train as train
+
+    def cannot(plan, graph):
+        raise AutoshardError("no consistent strategy")
+
+    monkeypatch.setattr(train, "activation_specs", cannot)
+    with pytest.warns(UserWarning, match="activations left to XLA's layout: no consistent strategy"):
+        got = _train(api.rule_plan(nnx.eval_shape(cnn), "data=2,fsdp=4"), images)
+    _assert_same(got[:2], reference)
