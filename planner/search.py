@@ -119,6 +119,8 @@ class Candidate:
     """For pipe > 1: the `planner.stages.PipelineChoice` (stages, schedule, microbatches and its predictions)."""
     sequence: str | None = None
     """For seq > 1: the sequence method ("ulysses" or "ring") the candidate's attention runs."""
+    idle: bool = False
+    """Whether the solution leaves the mesh's tensor axis idle (`idle_tensor`)."""
 
     @property
     def seconds(self) -> float:
@@ -286,14 +288,14 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
                     best = sol
             if sol is not None and r == "none":
                 break  # remat only costs time; try it when the plan does not fit without
-        if best is not None and "tensor" not in fixed and idle_tensor(best, m):
+        if best is not None and idle_tensor(best, m) and "tensor" not in fixed:  # (the user's own degree stays)
             if progress:
                 progress(_mesh_str(m) + ": tensor idle (nothing worth splitting over it): set aside")
-            idle.append(Candidate(m, best))
+            idle.append(Candidate(m, best, idle=True))
             continue
         if progress:
             progress(_mesh_str(m) + (f": {best.step_seconds * 1e3:.2f} ms" if best else ": does not fit"))
-        out.append(Candidate(m, best))
+        out.append(Candidate(m, best, idle=best is not None and idle_tensor(best, m)))
     if unplanned:
         warnings.warn(f"the planner has no sharding rule for {', '.join(sorted(unplanned))}: such ops are planned "
                       f"replicated", stacklevel=2)
@@ -621,6 +623,10 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
                           "predicted": p.predicted} for p in rest]
     best.provenance["pipeline_choice"] = _why(best, cands, graph, cluster, compute_dtype)
     best.provenance["seq_expert_choice"] = _why_seq_expert(best, cands)
+    if any(c.idle and all(c.mesh[a] == best.mesh[a] for a in AXES) for c in cands):
+        warnings.warn(f"tensor={best.mesh['tensor']} is idle in the plan for {best.mesh_string()}: nothing in this "
+                      f"model is worth splitting over it at this size, and XLA puts idle devices to work its own "
+                      f"way, so the predictions for this mesh will not hold: use data or fsdp instead", stacklevel=2)
     return best
 
 

@@ -165,3 +165,11 @@ def test_constrained_activations_leave_no_stray_collectives():
     assert rows["tensor/all-reduce"].ok and rows["communication total"].ok, rows
     assert rows["tensor/all-gather"].compiled == rows["tensor/all-gather"].predicted > 0
     assert "fsdp+tensor/collective-permute" not in rows, rows
+
+
+def test_a_fixed_tensor_degree_left_idle_is_said():
+    """The user's tensor=2 is kept, but a plan with nothing over it says its predictions will not hold."""
+    model = MODELS["cnn"]
+    with pytest.warns(UserWarning, match="tensor=2 is idle in the plan for data=2,fsdp=2,tensor=2"):
+        plan = model.plan(model.batch(), cluster="cpu:8", mesh={"tensor": 2})
+    assert plan.mesh["tensor"] == 2
