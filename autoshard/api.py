@@ -84,7 +84,8 @@ def local_cluster(num_devices: int | None = None) -> ClusterSpec:
 
 
 def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None, rng: jax.Array | None = None,
-         optimizer: optax.GradientTransformation | None = None, mesh: jax.sharding.Mesh | dict[str, int] | str | None = None, cluster: ClusterSpec | str | None = None,
+         optimizer: optax.GradientTransformation | None = None,
+         mesh: jax.sharding.Mesh | dict[str, int] | str | None = None, cluster: ClusterSpec | str | None = None,
          memory_budget: float | None = None, remat: str | None = None, loss_fn: Callable | None = None,
          pin: dict[str, list] | None = None, progress: Callable[[str], None] | None = None,
          provenance: dict | None = None, schedule: str | None = None, microbatches: int | None = None,

@@ -728,8 +728,8 @@ def choices_from_plan(plan: Plan, graph: Graph) -> dict[str, ParamChoice]:
 def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype: str = "float32") -> dict[str, Any]:
     """Predictions for a given plan: its parameter layouts fixed, op strategies as the partitioner would pick (and
     as the runtime constrains them where it can: `activation_specs`)."""
-    graph, timed, sol, method = _plan_solution(plan, graph, cluster, compute_dtype)
     cluster = load_cluster(cluster) if not isinstance(cluster, ClusterSpec) else cluster
+    graph, timed, sol, method = _plan_solution(plan, graph, cluster, compute_dtype)
     if plan.pipeline is not None and plan.mesh["pipe"] > 1:
         return _predict_pipeline(plan, graph, cluster, timed, sol, method)
     if plan.mesh["seq"] > 1 or plan.mesh["expert"] > 1:
