@@ -72,7 +72,7 @@ class Problem:
     def __init__(self, graph: Graph, mesh: dict[str, int], cluster: ClusterSpec, *, remat: str = "none",
                  compute_dtype: str = "float32", fixed_params: dict[str, ParamChoice] | None = None,
                  fixed_layouts: dict[int, Layout] | None = None, objective: str = "time",
-                 attention_residuals: bool = True):
+                 attention_residuals: bool = True, tensor_weights: bool = False):
         self.g, self.mesh, self.cluster, self.remat, self.dtype = graph, mesh, cluster, remat, compute_dtype
         self._comm_costs: dict[tuple, float] = {}
         self.objective = objective
@@ -84,6 +84,9 @@ class Problem:
         q, k, v, out and the log-sum-exp, priced by `planner.seq_expert`): nothing the traced dense attention's ops
         (scope `autoshard.attention`) would save is counted."""
         """Values whose layout is given (a plan's activation constraints)."""
+        self.tensor_weights = tensor_weights
+        """Every weight a contraction reads is split over tensor (the solver picks the dimension): asked for when
+        the user fixes a tensor degree that the free solution would leave idle."""
         self.t = mesh["tensor"]
         self.passes = graph.passes()
         self.batch_shards = mesh["data"] * mesh["fsdp"] * mesh.get("expert", 1)
@@ -106,9 +109,10 @@ class Problem:
                 self.op_strats[op.index] = self.op_strats[op.index][:1]
         self.needs_grad = self._grad_values()
         self.followers = {op.index: k for op in graph.ops if (k := self._follower_operand(op, live)) is not None}
-        self.param_choices = {path: self._param_choices(path) for path in graph.param_values}
         self._lookups = self._lookup_tables()
+        self.param_choices = {path: self._param_choices(path) for path in graph.param_values}
         self._uses = {path: self._count_uses(path) for path in graph.param_values}
+        self._reductions = {path: self._gradient_reductions(path) for path in graph.param_values}
         for path, choice in (fixed_params or {}).items():  # a given plan: its layouts, whatever the rules allow
             self.param_choices[path] = [choice]
         self._stacked = {path for path in graph.param_values
@@ -129,6 +133,14 @@ class Problem:
         ops = {c for v in self.values.values() if v.param == path for c, _ in v.consumers
                if not all(self.values[o].param == path for o in self.g.ops[c].outputs)}
         return max(1, len(ops))
+
+    def _gradient_reductions(self, path: str) -> int:
+        """How many all-reduces over the batch axes a parameter's gradient takes: two for a table both looked up
+        and computed with (a tied embedding: XLA reduces the lookups' scatter-added gradient apart from the dense
+        use's, then adds them), else one (dense uses' gradients are summed first)."""
+        kinds = {self.g.ops[c].primitive == "gather" and pos == 0 for v in self.values.values() if v.param == path
+                 for c, pos in v.consumers if not all(self.values[o].param == path for o in self.g.ops[c].outputs)}
+        return 2 if kinds == {True, False} else 1
 
     def _lookup_tables(self) -> dict[str, tuple[list[int], set[int]]]:
         """Parameters used only as the table of gathers -> the gathers' outputs, and the indexed dimensions."""
@@ -193,16 +205,26 @@ class Problem:
         # vectors (norm scales, biases) stay whole over tensor: splitting them saves nothing worth a collective
         t_opts: list[Layout] = [None] + [d for d in dims if self.t > 1 and info.shape[d] % self.t == 0
                                          and len(dims) >= 2]
+        if self.tensor_weights and len(t_opts) > 1 and self._contracted(path):
+            t_opts = t_opts[1:]
         f = self.mesh["fsdp"]
         out = []
         for lay in t_opts:
             out.append(ParamChoice(lay, None))
             if f > 1:
-                free = sorted((d for d in dims if d != lay and info.shape[d] % f == 0),
+                free = sorted((d for d in dims if d != lay and info.shape[d] % f == 0 and not (
+                    # measured: with tensor > 1, XLA re-lays a table sharded along its looked-up rows (permutes
+                    # and all-reduces); along a row's length it exchanges the lookups (all-to-all), as priced
+                    self.t > 1 and path in self._lookups and d in self._lookups[path][1])),
                               key=lambda d: (-(info.shape[d] // (self.t if d == lay else 1)), d))
                 if free:
                     out.append(ParamChoice(lay, free[0]))
         return out
+
+    def _contracted(self, path: str) -> bool:
+        """Whether a contraction (matmul, convolution) reads the parameter, through casts and transposes of it."""
+        return any(self.g.ops[c].primitive in CONTRACTIONS for v in self.values.values() if v.param == path
+                   for c, _ in v.consumers)
 
     def value_layout_options(self, vid: int) -> list[Layout]:
         v = self.values[vid]
@@ -318,7 +340,7 @@ class Problem:
         if not batch_axes:
             return seq
         if c.fsdp_dim is None:
-            return [("all-reduce", batch_axes, nbytes, 1)] + seq
+            return [("all-reduce", batch_axes, nbytes, self._reductions[path])] + seq
         rep = tuple(a for a in rep if self.mesh.get(a, 1) > 1)
         f = self.mesh["fsdp"]
         out = []
@@ -333,7 +355,7 @@ class Problem:
         out += [("all-gather", ("fsdp",), nbytes / f, uses * (2 if path in self._stacked else 1)),
                 ("reduce-scatter", ("fsdp",), nbytes, uses)]
         if rep:
-            out.append(("all-reduce", rep, nbytes / f, 1))
+            out.append(("all-reduce", rep, nbytes / f, self._reductions[path]))
         return out + seq
 
     def batch_reductions(self) -> list[tuple[tuple[str, ...], int, int]]:
@@ -373,6 +395,19 @@ class Problem:
         shards = (self.t if c.layout is not None else 1) * (self.mesh["fsdp"] if c.fsdp_dim is not None else 1)
         shards *= self._expert_split(path)
         return info.size * itemsize(info.dtype) / shards * (2 + optimizer_copies(self.g))
+
+    def grad_memory(self, path: str, c: ParamChoice) -> float:
+        """The gradient's share of `param_memory` (one copy of the parameter's shard)."""
+        return self.param_memory(path, c) / (2 + optimizer_copies(self.g))
+
+    @property
+    def grads_reuse_activations(self) -> bool:
+        """Whether gradients are written into memory the backward has freed. Straight-line code (no layer scan)
+        produces each gradient as its layer's backward runs, while the residuals that layer read are freed: the
+        peak holds at most max(activations, gradients) of the two, not both (measured on the zoo's unrolled
+        models). A scan's backward keeps its stacked gradient accumulator and its stacked residuals for the
+        whole loop: both at once."""
+        return self.g.stack != "scan"
 
     def residuals(self) -> dict[int, int]:
         """Values stored for the backward pass -> how many copies (the layer count inside the stack)."""
@@ -447,6 +482,10 @@ class Problem:
         return [o for op in body if op.primitive in CONTRACTIONS for o in op.outputs
                 if o in self._live and dtype_kind(self.values[o].dtype) == "float"]
 
+    def batch_memory(self) -> float:
+        """The device's share of the batch the step reads (an argument of the compiled step, like the weights)."""
+        return sum(local_nbytes(self.values[vid], self.b) for vid in self.g.inputs if self.values[vid].shape)
+
     def value_memory(self, vid: int, layout: Layout) -> float:
         return local_nbytes(self.values[vid], self.b) / (self.t if isinstance(layout, int) else 1)
 
@@ -511,15 +550,25 @@ class Problem:
         memory: list[tuple[float, object]] = []
         for idx, strats in self.op_strats.items():
             cost += [(self.op_cost(idx, s), lit) for s, lit in zip(strats, x[idx])]
+        grads: list[tuple[float, object]] = []
         for path, choices in self.param_choices.items():
             memory += [(self.param_memory(path, c), lit) for c, lit in zip(choices, p[path])]
-
+            grads += [(self.grad_memory(path, c), lit) for c, lit in zip(choices, p[path])]
+        acts: list[tuple[float, object]] = []
         for vid, n in self.residuals().items():
             lay_of[vid] = lay_of.get(vid) or layout_lits(vid)
-            memory += [(n * self.value_memory(vid, lay), lit) for lay, lit in lay_of[vid].items()]
+            acts += [(n * self.value_memory(vid, lay), lit) for lay, lit in lay_of[vid].items()]
+        memory += acts
+        memory.append((self.batch_memory(), true))
         for vid in self.working_set():
             lay_of[vid] = lay_of.get(vid) or layout_lits(vid)
             memory += [(WORKING_SET * self.value_memory(vid, lay), lit) for lay, lit in lay_of[vid].items()]
+        reused = 0
+        if self.grads_reuse_activations:  # reused = min(activations, gradients): the solver takes the most it may
+            total = lambda terms: sum(int(b) * lit for b, lit in terms if b > 0)  # noqa: E731
+            reused = m.NewIntVar(0, int(sum(b for b, _ in grads if b > 0)) + 1, "reused")
+            m.Add(reused <= total(acts))
+            m.Add(reused <= total(grads))
         indicators: dict[tuple, object] = {}
         arrives: dict[tuple[int, int], list] = defaultdict(list)
 
@@ -609,17 +658,17 @@ class Problem:
             m.Add(lays[want] == 1)
         scale = 1e9 if self.objective == "time" else 1.0  # CP-SAT wants integers: nanoseconds, or bytes
         if self.objective == "memory":
-            m.Minimize(sum(int(math.ceil(b)) * lit for b, lit in memory if b > 0))
+            m.Minimize(sum(int(math.ceil(b)) * lit for b, lit in memory if b > 0) - reused)
         elif self.objective == "bytes":  # between plans that move the same bytes, the partitioner splits more
             # CP-SAT needs the objective's range within int64: in bytes x 1000 a 175B model's terms overflow it,
             # so large models count in coarser units (exact for everything below ~2^50 bytes in total)
             unit = max(1.0, (1000 * sum(c for c, _ in cost if c > 0) + sum(b for b, _ in memory if b > 0)) / 2**50)
             m.Minimize(sum(1000 * int(round(c / unit)) * lit for c, lit in cost if c > 0)
-                       + sum(int(math.ceil(b / unit)) * lit for b, lit in memory if b > 0))
+                       + sum(int(math.ceil(b / unit)) * lit for b, lit in memory if b > 0) - (reused if unit == 1.0 else 0))
         else:
             m.Minimize(sum(int(round(c * scale)) * lit for c, lit in cost if c > 0))
         if memory_budget is not None:
-            m.Add(sum(int(math.ceil(b)) * lit for b, lit in memory if b > 0) <= int(memory_budget))
+            m.Add(sum(int(math.ceil(b)) * lit for b, lit in memory if b > 0) - reused <= int(memory_budget))
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = time_limit
         solver.parameters.num_workers = workers
@@ -716,6 +765,10 @@ class Problem:
                "activations": sum(n * self.value_memory(vid, layout(vid)) for vid, n in self.residuals().items()),
                "backward working set": sum(WORKING_SET * self.value_memory(vid, layout(vid))
                                            for vid in self.working_set())}
+        mem["batch"] = self.batch_memory()
+        if self.grads_reuse_activations:
+            grads = sum(self.grad_memory(p_, c) for p_, c in params.items())
+            mem["gradients written over freed activations"] = -min(mem["activations"], grads)
         return Solution(ops=ops, params=params, step_seconds=sum(times.values()), memory_bytes=sum(mem.values()),
                         breakdown=dict(times), comm_bytes=dict(comm_bytes), memory=mem, solver={})
 

@@ -274,20 +274,12 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
                              + (f": {cand.seconds * 1e3:.2f} ms" if cand.pipeline else ": does not fit"))
                 out.append(cand)
             continue
-        best: Solution | None = None
-        for r in remats:
-            # the residual stream stays whole over tensor between layers (Megatron): the layout XLA realises
-            # faithfully from a plan's `layer_input` spec
-            problem = new_problem(graph, m, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
-                              fixed_layouts=carry_layouts(graph))
-            unplanned.update(problem.unplanned)
-            sol = problem.solve(budget)
-            if sol is not None:
-                sol.solver["remat"] = r
-                if best is None or sol.step_seconds < best.step_seconds:
-                    best = sol
-            if sol is not None and r == "none":
-                break  # remat only costs time; try it when the plan does not fit without
+        best = _solve_mesh(graph, m, cluster, remats, budget, pinned, compute_dtype, unplanned)
+        if best is not None and idle_tensor(best, m) and "tensor" in fixed:
+            # the user asked for tensor parallelism: every matmul weight split over it (the solver picks how),
+            # rather than an idle axis that XLA would put to work its own way
+            best = _solve_mesh(graph, m, cluster, remats, budget, pinned, compute_dtype, unplanned,
+                               tensor_weights=True) or best
         if best is not None and idle_tensor(best, m) and "tensor" not in fixed:  # (the user's own degree stays)
             if progress:
                 progress(_mesh_str(m) + ": tensor idle (nothing worth splitting over it): set aside")
@@ -303,6 +295,27 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
         out += idle
     out.sort(key=lambda c: (c.solution is None, c.seconds if c.solution else 0.0))
     return out
+
+
+def _solve_mesh(graph: Graph, mesh: dict[str, int], cluster: ClusterSpec, remats: list[str], budget: float,
+                pinned: dict | None, compute_dtype: str, unplanned: set[str], **problem_kw) -> Solution | None:
+    """The fastest solution for one mesh without pipe, seq or expert: no remat first, then the remat options
+    (remat only costs time) until one fits."""
+    best: Solution | None = None
+    for r in remats:
+        # the residual stream stays whole over tensor between layers (Megatron): the layout XLA realises
+        # faithfully from a plan's `layer_input` spec
+        problem = new_problem(graph, mesh, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
+                              fixed_layouts=carry_layouts(graph), **problem_kw)
+        unplanned.update(problem.unplanned)
+        sol = problem.solve(budget)
+        if sol is not None:
+            sol.solver["remat"] = r
+            if best is None or sol.step_seconds < best.step_seconds:
+                best = sol
+        if sol is not None and r == "none":
+            break
+    return best
 
 
 def idle_tensor(sol: Solution, mesh: dict[str, int]) -> bool:

@@ -116,7 +116,7 @@ def pressure_budget(graph, mesh: dict[str, int], must_split: list[str]) -> float
     """A budget at which every parameter in `must_split` has to be at its smallest layout, and activations are free.
 
     It is the least memory of the parameters (each at its smallest layout) plus the activations all replicated (the
-    most any layout needs). Replicating one of `must_split` costs more than that activation allowance (checked), so
+    most any layout needs) plus the batch. Replicating one of `must_split` costs more than that activation allowance (checked), so
     no plan that fits leaves one of them whole, while any layout of the activations fits.
     """
     problem = Problem(graph, full_mesh(**mesh), CPU8)
@@ -124,7 +124,7 @@ def pressure_budget(graph, mesh: dict[str, int], must_split: list[str]) -> float
     acts = sum(n * problem.value_memory(v, None) for v, n in problem.residuals().items())
     for path in must_split:
         assert max(mems[path]) - min(mems[path]) > acts, f"{path} is too small to force a split: grow the case"
-    return sum(min(m) for m in mems.values()) + acts
+    return sum(min(m) for m in mems.values()) + acts + problem.batch_memory()
 
 
 def test_mlp_under_memory_pressure_is_megatron(graphs):

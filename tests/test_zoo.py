@@ -1,11 +1,10 @@
 """The model zoo (`tests/zoo.py`): four small models written the way users write them, each planned four ways
 (the free search, tensor=2, data=2 x fsdp=4, a tight memory budget), trained like a plain single-device optax loop
-(float32, rtol 1e-5), and judged by `autoshard.verify` on the communication XLA compiled.
+(float32, rtol 1e-5), and judged by `autoshard.verify` on the memory and communication XLA compiled.
 
 One trainer per (model, plan), shared by the tests through a module-scoped cache; two plans that come out the same
-share one trainer (each compiles its step once). Memory rows of `verify` are recorded (`record_property`), not
-asserted: on these small models the memory figure is off (see `runs/benchmarks/model_zoo.md`); so are the
-communication keys in KNOWN_OFF.
+share one trainer (each compiles its step once). Every judged row of `verify` must be within its tolerance but
+those in KNOWN_OFF, which are recorded (`record_property`), not asserted (`runs/benchmarks/model_zoo.md`).
 """
 
 from __future__ import annotations
@@ -24,25 +23,23 @@ from zoo import MODELS, PLANS, ZooModel, plan_kwargs
 
 STEPS = 3
 
-# plans that leave the tensor axis idle (no parameter or activation spec names it): XLA's sharding propagation
-# then splits activations over it on its own, so every communication figure differs from the prediction
-_IDLE_TENSOR = {"communication total", "data/all-reduce", "data+fsdp/all-reduce", "fsdp/all-gather",
-                "fsdp/reduce-scatter", "fsdp+tensor/collective-permute", "tensor/all-gather"}
+# XLA:CPU keeps layout copies around convolutions and pooling (a transposed input for the kernel gradient, a
+# materialised broadcast for the average pool) that the planner does not count: memory 18-23% under
+_CNN_MEMORY = "memory/device"
 KNOWN_OFF: dict[tuple[str, str], set[str]] = {
-    ("encoder", "tensor"): _IDLE_TENSOR,
-    ("linen_lm", "tensor"): _IDLE_TENSOR,
     # data=4,fsdp=2: XLA:CPU gathers the second convolution's ZeRO-3 kernel again for its input gradient
-    ("cnn", "free"): {"fsdp/all-gather", "communication total"},
-    ("cnn", "tensor"): _IDLE_TENSOR,
-    # the tied embedding's gradient (gather + attend) is all-reduced once per use: compiled +2048 floats x ring
-    ("gqa", "free"): {"data/all-reduce"},
-    ("gqa", "tensor"): {"data/all-reduce", "communication total"},
-    ("gqa", "fsdp"): {"data+fsdp/all-reduce", "communication total"},
-    # fsdp=4 x tensor=2 under the tight budget: the same second gather, and small gradients (BatchNorm, biases)
-    # reduced in an all-reduce of their own
-    ("cnn", "tight"): {"fsdp/all-gather", "fsdp/reduce-scatter", "fsdp/all-reduce", "communication total"},
+    ("cnn", "free"): {_CNN_MEMORY, "fsdp/all-gather", "communication total"},
+    ("cnn", "fsdp"): {_CNN_MEMORY},
+    ("cnn", "tight"): {_CNN_MEMORY, "fsdp/all-gather", "communication total"},
+    # channel-split convolutions: XLA gathers fewer activations over tensor than priced
+    ("cnn", "tensor"): {_CNN_MEMORY, "tensor/all-gather", "communication total"},
+    # the tied embedding split over tensor (its lookup and `attend` want different layouts): XLA trades part of
+    # the priced all-reduces for all-gathers
+    ("gqa", "tensor"): {"tensor/all-reduce", "tensor/all-gather"},
+    # every weight replicated over fsdp and split over tensor: memory over-predicted (+17%, the safe side)
+    ("encoder", "tensor"): {"memory/device"},
 }
-"""Judged communication keys outside tolerance today, by (model, plan): recorded, not asserted (figures in
+"""Judged keys (memory included) outside tolerance today, by (model, plan): recorded, not asserted (figures in
 `runs/benchmarks/model_zoo.md`)."""
 
 
@@ -116,12 +113,12 @@ def test_every_plan_trains_like_one_device(zoo, name, plan_name):
 
 
 @pytest.mark.parametrize("name, plan_name", CASES)
-def test_verify_communication_matches_the_compiled_step(zoo, name, plan_name, record_property):
+def test_verify_matches_the_compiled_step(zoo, name, plan_name, record_property):
     rows = zoo.verify(name, plan_name).rows
     for row in rows:
         record_property(row.name, {"predicted": row.predicted, "compiled": row.compiled, "error": row.error,
                                    "ok": row.ok})
-    judged = [r for r in rows if r.name != "memory/device" and r.tolerance is not None]
+    judged = [r for r in rows if r.tolerance is not None]
     known = KNOWN_OFF.get((name, plan_name), set())
     bad = [(r.name, r.predicted, r.compiled, r.error) for r in judged if not r.ok and r.name not in known]
     assert not bad, (zoo.plan(name, plan_name).mesh_string(), bad)
@@ -167,9 +164,11 @@ def test_constrained_activations_leave_no_stray_collectives():
     assert "fsdp+tensor/collective-permute" not in rows, rows
 
 
-def test_a_fixed_tensor_degree_left_idle_is_said():
-    """The user's tensor=2 is kept, but a plan with nothing over it says its predictions will not hold."""
-    model = MODELS["cnn"]
-    with pytest.warns(UserWarning, match="tensor=2 is idle in the plan for data=2,fsdp=2,tensor=2"):
-        plan = model.plan(model.batch(), cluster="cpu:8", mesh={"tensor": 2})
-    assert plan.mesh["tensor"] == 2
+@pytest.mark.parametrize("name", MODELS)
+def test_a_fixed_tensor_degree_splits_the_weights(zoo, name):
+    """The user's tensor=2 is put to work (every matmul or convolution weight split over it, the solver choosing
+    the dimension) even where the free search would leave it idle and replicate the work."""
+    plan = zoo.plan(name, "tensor")
+    over_tensor = [p for p, spec in plan.params.items() if "tensor" in str(spec)]
+    kernels = [p for p in plan.params if p.endswith(("kernel", "wq", "wk", "wv", "wo"))]
+    assert kernels and set(kernels) <= set(over_tensor), (plan.mesh_string(), set(kernels) - set(over_tensor))

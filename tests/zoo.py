@@ -321,11 +321,11 @@ MODELS: dict[str, ZooModel] = {
     "encoder": ZooModel("encoder", encoder_batch, lambda: optax.sgd(0.1),
                         factory=lambda: EncoderClassifier(nnx.Rngs(0)), tight=0.8),
     "gqa": ZooModel("gqa", lambda: token_batch(17), lambda: optax.sgd(0.1), factory=lambda: GQADecoder(nnx.Rngs(0)),
-                    tight=0.8),
+                    tight=0.95),
     "linen_lm": ZooModel("linen_lm", lambda: token_batch(19), lambda: optax.adam(1e-2), loss_fn=linen_loss,
-                         variables=linen_variables, tight=0.9),
+                         variables=linen_variables, tight=0.95),
     "cnn": ZooModel("cnn", image_batch, lambda: optax.sgd(0.1),
-                    factory=lambda: BatchNormCNN(nnx.Rngs(params=0, dropout=1)), tight=0.9),
+                    factory=lambda: BatchNormCNN(nnx.Rngs(params=0, dropout=1)), tight=0.95),
 }
 
 PLANS: dict[str, dict[str, Any]] = {
