@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.extend import core as jcore
 
 SUPPORTED_JAX = ((0, 10, 2), (0, 13))
@@ -89,9 +90,13 @@ class Scan:
     body: Body
 
 
+Literal = jcore.Literal
+"""The type of a jaxpr's inline literal operands (`is_literal`, for loops that test many operands)."""
+
+
 def is_literal(var: Any) -> bool:
     """Whether a jaxpr operand is an inline literal (it has no binding in an environment)."""
-    return isinstance(var, jcore.Literal)
+    return isinstance(var, Literal)
 
 
 def open_jaxpr(jaxpr: Any) -> Body:
@@ -131,6 +136,104 @@ def scan(eqn: Any) -> Scan:
     return Scan(int(p["length"]), nc, ncarry, open_jaxpr(p["jaxpr"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class Cond:
+    """A `lax.cond` / `lax.switch` equation: operand 0 is the branch index (int32), the rest are every branch's
+    operands; branch k runs when the index is k."""
+
+    branches: tuple[Body, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class While:
+    """A `lax.while_loop` equation: operands are the predicate's consts, then the body's consts, then the carries
+    (the predicate and the body both read the carries after their consts)."""
+
+    cond: Body
+    body: Body
+    cond_nconsts: int
+    body_nconsts: int
+
+
+def cond(eqn: Any) -> Cond:
+    """The branches of a `cond` equation (`branches`: a tuple of `ClosedJaxpr`s on jax 0.10 and 0.12)."""
+    branches = eqn.params.get("branches")
+    if not isinstance(branches, (tuple, list)) or not branches:
+        raise JaxInternalsError("the `cond` primitive", f"no tuple parameter 'branches'; it has {sorted(eqn.params)}")
+    return Cond(tuple(open_jaxpr(b) for b in branches))
+
+
+def while_loop(eqn: Any) -> While:
+    """The structure of a `while` equation (`cond_jaxpr`, `body_jaxpr`, `cond_nconsts`, `body_nconsts`)."""
+    p = eqn.params
+    missing = [k for k in ("cond_jaxpr", "body_jaxpr", "cond_nconsts", "body_nconsts") if k not in p]
+    if missing:
+        raise JaxInternalsError("the `while` primitive", f"no parameter(s) {missing}; it has {sorted(p)}")
+    return While(open_jaxpr(p["cond_jaxpr"]), open_jaxpr(p["body_jaxpr"]), int(p["cond_nconsts"]),
+                 int(p["body_nconsts"]))
+
+
+def int_literal(var: Any) -> int | None:
+    """The value of an integer scalar literal operand, None for anything else."""
+    if not is_literal(var):
+        return None
+    val = getattr(var, "val", None)
+    try:
+        arr = np.asarray(val)
+    except Exception:  # noqa: BLE001 (an extended dtype's literal: not a count)
+        return None
+    return int(arr) if arr.shape == () and np.issubdtype(arr.dtype, np.integer) else None
+
+
+def while_trip_count(eqn: Any) -> int | None:
+    """How often a `while` equation runs its body, when the jaxpr fixes it: the loop `i < n` (or `n > i`) on an
+    integer carry `i` that starts at a literal and that the body steps by a positive literal, `n` a literal (or a
+    predicate const, or a carry the body passes through, that is a literal where the loop starts), as
+    `lax.while_loop(lambda c: c[0] < 3, ...)` writes it; None when the count depends on values (a `fori_loop` with
+    traced bounds, a convergence test)."""
+    info = while_loop(eqn)
+    cj, bj = info.cond.jaxpr, info.body.jaxpr
+    carries = eqn.invars[info.cond_nconsts + info.body_nconsts:]
+    if len(cj.outvars) != 1 or len(cj.eqns) != 1:
+        return None
+    test = cj.eqns[0]
+    if test.primitive.name not in ("lt", "gt") or test.outvars[0] is not cj.outvars[0]:
+        return None
+    i_var, n_var = test.invars if test.primitive.name == "lt" else test.invars[::-1]
+
+    def carry_index(var) -> int | None:  # which carry a predicate operand is
+        k = next((k for k, v in enumerate(cj.invars) if v is var), None)
+        return None if k is None or k < info.cond_nconsts else k - info.cond_nconsts
+
+    def start(var) -> int | None:  # the value a predicate operand has throughout the loop, if fixed
+        if is_literal(var):
+            return int_literal(var)
+        k = next((k for k, v in enumerate(cj.invars) if v is var), None)
+        if k is None:
+            return None
+        if k < info.cond_nconsts:
+            return int_literal(eqn.invars[k])
+        c = k - info.cond_nconsts
+        passes = bj.outvars[c] is bj.invars[info.body_nconsts + c]
+        return int_literal(carries[c]) if passes else None
+
+    k = carry_index(i_var)
+    n = start(n_var)
+    if k is None or n is None:
+        return None
+    i0 = int_literal(carries[k])
+    out = bj.outvars[k]
+    step_eqn = next((e for e in bj.eqns if out in e.outvars), None)
+    if i0 is None or step_eqn is None or step_eqn.primitive.name != "add":
+        return None
+    a, b = step_eqn.invars
+    own = bj.invars[info.body_nconsts + k]
+    step = int_literal(b) if a is own else int_literal(a) if b is own else None
+    if not step or step <= 0:
+        return None
+    return max(0, -(-(n - i0) // step))
+
+
 def sub_jaxprs(eqn: Any) -> Iterator[Any]:
     """Every jaxpr held in an equation's parameters (bodies of calls, loops, branches)."""
     for sub in jcore.jaxprs_in_params(eqn.params):
@@ -138,8 +241,14 @@ def sub_jaxprs(eqn: Any) -> Iterator[Any]:
 
 
 def trip_count(eqn: Any) -> int:
-    """How often an equation's sub-jaxprs run per execution of it: a scan's length, else 1."""
-    return int(eqn.params["length"]) if eqn.primitive.name == "scan" else 1
+    """How often an equation's sub-jaxprs run per execution of it: a scan's length, a while loop's count where the
+    jaxpr fixes it (`while_trip_count`), else 1."""
+    if eqn.primitive.name == "scan":
+        return int(eqn.params["length"])
+    if eqn.primitive.name == "while":
+        count = while_trip_count(eqn)
+        return 1 if count is None else count
+    return 1
 
 
 def op_params(eqn: Any) -> dict[str, Any]:
@@ -148,13 +257,36 @@ def op_params(eqn: Any) -> dict[str, Any]:
     missing = [k for k in PARAM_KEYS.get(name, ()) if k not in eqn.params]
     if missing:
         raise JaxInternalsError(f"the `{name}` primitive", f"no parameter(s) {missing}; it has {sorted(eqn.params)}")
-    return {k: v for k, v in eqn.params.items() if not hasattr(v, "eqns") and not hasattr(v, "jaxpr")}
+    return {k: v for k, v in eqn.params.items()
+            if type(v) in _PLAIN or not (hasattr(v, "eqns") or hasattr(v, "jaxpr"))}
+
+
+_PLAIN = frozenset({type(None), bool, int, float, str, tuple})
+"""Parameter types that cannot hold a jaxpr attribute (no instance dict): `op_params` keeps them unasked."""
 
 
 def name_stack(eqn: Any) -> str:
     """The transformation/scope path of an equation (`jit(f)/transpose(...)`), '' where jax records none."""
     info = getattr(eqn, "source_info", None)
     return str(getattr(info, "name_stack", "")) if info is not None else ""
+
+
+class NameStacks:
+    """`name_stack` for many equations: jax gives the equations of one scope the same name stack object, so each
+    is printed once (the object is kept, so its id is not reused while it is remembered)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, eqn: Any) -> str:
+        info = getattr(eqn, "source_info", None)
+        if info is None:
+            return ""
+        stack = getattr(info, "name_stack", "")
+        hit = self._seen.get(id(stack))
+        if hit is None or hit[0] is not stack:
+            hit = self._seen[id(stack)] = (stack, str(stack))
+        return hit[1]
 
 
 def eval_jaxpr(body: Body, *args: Any) -> list[Any]:

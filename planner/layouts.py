@@ -227,6 +227,20 @@ def map_dim(op: Op, values: dict[int, Value], pos: int, dim: int, out: int = 0) 
     return None
 
 
+def out_dims(op: Op, values: dict[int, Value]) -> list[dict[tuple[int, int], int]]:
+    """`map_dim` for every operand dimension at once: per output, (operand position, operand dimension) -> the
+    output dimension it becomes (missing where it is summed away or lost)."""
+    corr, _ = _correspondence(op, values)
+    out = []
+    for per_dim in corr:
+        found: dict[tuple[int, int], int] = {}
+        for j, maps in enumerate(per_dim):
+            for pos, d in maps.items():
+                found.setdefault((pos, d), j)
+        out.append(found)
+    return out
+
+
 def conversion(src: Layout, dst: Layout, nbytes: float, n: int) -> tuple[str | None, float]:
     """The collective that turns layout `src` into `dst` for a value of `nbytes` (whole over this axis of `n`),
     and the bytes each device sends (ring algorithms)."""

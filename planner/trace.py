@@ -1,18 +1,22 @@
 """Trace a loss function to a dataflow graph the planner can reason about.
 
-The forward loss is traced with `jax.make_jaxpr` on abstract inputs (shapes only) and flattened into one list of
-ops over SSA values. Calls (`jit`, `remat`, `custom_jvp`/`custom_vjp`) are inlined; a `scan` over stacked parameters
-(the layer stack) is inlined once with a trip count, so a repeated layer is solved once. A Python loop over identical
-blocks (`for b in self.blocks: x = b(x)`) is folded into the same form (`fold_blocks`): its per-block parameters
-become one virtual stacked parameter per family. Each value knows which of its dimensions is the global batch (split
-over the batch mesh axes) and, if it is a parameter or a layer slice of one, which parameter dimension each of its
-dimensions is.
+The forward loss is traced with `jax.make_jaxpr` on abstract inputs (shapes only) and flattened into one list of ops
+over SSA values. Calls (`jit`, `remat`, `custom_jvp`/`custom_vjp`) are inlined; a `scan` over stacked parameters
+(the layer stack) is inlined once with a trip count, so a repeated layer is solved once; any other loop body (a
+`scan`, a `while` loop) is inlined once with its trip count (a `while` loop's where the jaxpr fixes it, else one,
+with a warning), and a `cond`'s branches are all inlined, their results joined by a `select_n`. A Python loop over
+identical blocks (`for b in self.blocks: x = b(x)`) is folded into the same form (`fold_blocks`): its per-block
+parameters become one virtual stacked parameter per family. Each value knows which of its dimensions is the global
+batch (split over the batch mesh axes) and, if it is a parameter or a layer slice of one, which parameter dimension
+each of its dimensions is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import math
 import re
 import warnings
@@ -141,6 +145,12 @@ class Graph:
 
 
 
+@functools.lru_cache(maxsize=None)
+def _aval_shape_dtype(shape: tuple, dtype: Any) -> tuple[tuple[int, ...], str]:
+    """(shape as ints, dtype name) of an abstract value: avals repeat, and numpy's dtype names are slow to print."""
+    return tuple(int(d) for d in shape), str(dtype)
+
+
 class _Tracer:
     def __init__(self) -> None:
         self.values: dict[int, Value] = {}
@@ -148,19 +158,25 @@ class _Tracer:
         self.layers = 1
         self.carries: list[tuple[int, int]] = []
         self.notes: list[str] = []
+        self.scope = jint.NameStacks()
 
     def new_value(self, aval, **kw) -> int:
         vid = len(self.values)
-        self.values[vid] = Value(vid, tuple(int(d) for d in aval.shape), str(aval.dtype), **kw)
+        try:
+            shape, dtype = _aval_shape_dtype(aval.shape, aval.dtype)
+        except TypeError:  # an unhashable shape or dtype
+            shape, dtype = tuple(int(d) for d in aval.shape), str(aval.dtype)
+        self.values[vid] = Value(vid, shape, dtype, **kw)
         return vid
 
     def walk(self, jaxpr, env: dict, count: int, in_layer: bool, path: tuple[int, ...] | None = ()) -> None:
         """Flatten `jaxpr`'s equations into ops; `path` names them as the runtime does (None: it cannot)."""
+        literal = jint.Literal
         for i, eqn in enumerate(jaxpr.eqns):
-            ins = [None if jint.is_literal(v) else env[v] for v in eqn.invars]
+            ins = [None if isinstance(v, literal) else env[v] for v in eqn.invars]
             name = eqn.primitive.name
             key = None if path is None else (*path, i)
-            body = jint.call_body(eqn)
+            body = jint.call_body(eqn) if name in jint.CALLS else None
             if body is not None:
                 sub = body.jaxpr
                 inner = dict(zip(sub.invars, ins[len(ins) - len(sub.invars):]))
@@ -171,9 +187,11 @@ class _Tracer:
                     env[out] = self._lookup(inner, sv)
             elif name == "scan":
                 self._scan(eqn, ins, env, count, in_layer)
+            elif name == "cond":
+                self._cond(eqn, ins, env, count, in_layer)
+            elif name == "while":
+                self._while(eqn, ins, env, count, in_layer)
             else:
-                if name in ("while", "cond"):
-                    self.notes.append(f"{name} at {jint.name_stack(eqn)}: planned as one replicated op")
                 self._op(eqn, ins, env, count, in_layer, key)
 
     def _lookup(self, env, var) -> int:
@@ -183,30 +201,32 @@ class _Tracer:
 
     def _op(self, eqn, ins, env, count, in_layer, key: tuple[int, ...] | None = None) -> None:
         index = len(self.ops)
+        params = jint.op_params(eqn)
         outs = []
         for v in eqn.outvars:
             vid = self.new_value(v.aval, producer=index)
             env[v] = vid
             outs.append(vid)
-        params = jint.op_params(eqn)
-        op = Op(index, eqn.primitive.name, params, ins, outs, jint.name_stack(eqn), count, in_layer,
-                _flops(eqn), () if key is None else (key,))
+        op = Op(index, eqn.primitive.name, params, ins, outs, self.scope(eqn), count, in_layer, _flops(eqn),
+                () if key is None else (key,))
         src = self.values[ins[0]] if len(ins) == 1 and ins[0] is not None else None
         if src is not None and src.param is not None and op.primitive in PARAM_VIEWS:
             # a cast or transpose of a weight is that weight, laid out the same way (a bf16 copy, a tied head)
             perm = params.get("permutation", range(len(src.param_dims)))
             self.values[outs[0]].param = src.param
             self.values[outs[0]].param_dims = tuple(src.param_dims[i] for i in perm)
+        self._append(op)
+
+    def _append(self, op: Op) -> None:
         self.ops.append(op)
-        for pos, vid in enumerate(ins):
+        for pos, vid in enumerate(op.inputs):
             if vid is not None:
-                self.values[vid].consumers.append((index, pos))
+                self.values[vid].consumers.append((op.index, pos))
 
     def _boundary(self, vid: int, aval, count: int) -> int:
         index = len(self.ops)
         out = self.new_value(aval, producer=index)
-        self.ops.append(Op(index, BOUNDARY, {}, [vid], [out], "layer_input", count, False, 0.0))
-        self.values[vid].consumers.append((index, 0))
+        self._append(Op(index, BOUNDARY, {}, [vid], [out], "layer_input", count, False, 0.0))
         return out
 
     def _scan(self, eqn, ins, env, count, in_layer) -> None:
@@ -245,6 +265,71 @@ class _Tracer:
             else:  # stacked per-iteration outputs: a fresh value with the leading trip-count dimension
                 env[out] = self.new_value(out.aval)
 
+    def _cond(self, eqn, ins, env, count, in_layer) -> None:
+        """A `lax.cond` / `lax.switch`: every branch's ops, each at the cond's count, and per output a `select_n`
+        of the branches' results by the index (what the cond returns). The branch a literal index picks is the
+        only one planned; otherwise the union is, each branch priced as if it ran: an upper bound on the work
+        (one branch runs), and the residuals JAX keeps for the backward (every branch's, zeros for those not taken)."""
+        info = jint.cond(eqn)
+        index, operands = ins[0], ins[1:]
+        picked = jint.int_literal(eqn.invars[0])
+        branches = info.branches
+        if picked is not None:
+            branches = (branches[min(max(picked, 0), len(branches) - 1)],)
+        results = []
+        for branch in branches:
+            sub = branch.jaxpr
+            inner = dict(zip(sub.invars, operands[len(operands) - len(sub.invars):]))
+            for v in sub.constvars:
+                inner[v] = self.new_value(v.aval)
+            self.walk(sub, inner, count, in_layer, None)
+            results.append([self._lookup(inner, v) for v in sub.outvars])
+        scope = self.scope(eqn)
+        for k, out in enumerate(eqn.outvars):
+            picks = [r[k] for r in results]
+            if all(p == picks[0] for p in picks):  # one branch, or every branch passes the same value through
+                env[out] = picks[0]
+                continue
+            index_op = len(self.ops)
+            vid = self.new_value(out.aval, producer=index_op)
+            self._append(Op(index_op, "select_n", {}, [index, *picks], [vid], scope, count, in_layer, 0.0))
+            env[out] = vid
+
+    def _while(self, eqn, ins, env, count, in_layer) -> None:
+        """A `lax.while_loop`: its body (and predicate) walked once, at the loop's trip count where the jaxpr fixes
+        it (`jax_internals.while_trip_count`), else once with a warning; carries as a scan's."""
+        info = jint.while_loop(eqn)
+        trips = jint.while_trip_count(eqn)
+        if trips is None:
+            self.notes.append(f"while at {self.scope(eqn) or 'the top level'}: its trip count depends on "
+                              f"values; planned as if its body ran once")
+            trips = 1
+        ncc, nbc = info.cond_nconsts, info.body_nconsts
+        init = ins[ncc + nbc:]
+        sub = info.body.jaxpr
+        inner: dict = {}
+        for v, vid in zip(sub.invars[:nbc], ins[ncc:ncc + nbc]):
+            inner[v] = vid if vid is not None else self.new_value(v.aval)
+        carries_in = []
+        for v, vid in zip(sub.invars[nbc:], init):
+            inner[v] = self._boundary(vid, v.aval, count) if vid is not None else self.new_value(v.aval)
+            carries_in.append(inner[v])
+        for v in sub.constvars:
+            inner[v] = self.new_value(v.aval)
+        n = count * max(trips, 1)
+        self.walk(sub, inner, n, in_layer, None)
+        outs = [self._lookup(inner, v) for v in sub.outvars]
+        pred = info.cond.jaxpr  # the test, on the consts it reads and the carries of each iteration
+        penv: dict = {}
+        for v, vid in zip(pred.invars, [*ins[:ncc], *carries_in]):
+            penv[v] = vid if vid is not None else self.new_value(v.aval)
+        for v in pred.constvars:
+            penv[v] = self.new_value(v.aval)
+        self.walk(pred, penv, n, in_layer, None)
+        for out, vid, cin in zip(eqn.outvars, outs, carries_in):
+            env[out] = vid
+            self.carries.append((vid, cin))
+
 
 def _flops(eqn) -> float:
     name = eqn.primitive.name
@@ -273,6 +358,26 @@ def trace(fn: Callable, params: Any, batch: Any, param_paths: list[str],
     `batch_dims`: the batch dimension of each batch leaf (an int for all leaves, or a matching pytree; -1 for an
     input without one). `fold`: fold a Python loop over identical blocks into a layer stack (`fold_blocks`).
     """
+    with _gc_paused():
+        return _trace(fn, params, batch, param_paths, param_infos, batch_dims, fold)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic garbage collection while tracing. A trace allocates tens of thousands of objects that outlive
+    CPython's young generations (the jaxpr, the graph), so collections over the whole heap (jax, flax, the user's
+    model) keep running mid-trace and find nothing to free: a sixth of a 48-block model's trace. What the trace
+    leaves behind is collected as usual afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _trace(fn, params, batch, param_paths, param_infos, batch_dims, fold) -> Graph:
     closed = jax.make_jaxpr(fn)(params, batch)
     jaxpr = closed.jaxpr
     t = _Tracer()
@@ -300,12 +405,14 @@ def trace(fn: Callable, params: Any, batch: Any, param_paths: list[str],
         env[var] = t.new_value(var.aval)
     t.walk(jaxpr, env, 1, False)
     out = t._lookup(env, jaxpr.outvars[0])
-    _propagate_batch_dims(t)
+    reprs: dict[int, tuple[Any, str]] = {}
+    sigs = [_signature(op, t.values, reprs) for op in t.ops]
+    _propagate_batch_dims(t, sigs)
     for note in t.notes:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, stacklevel=3)  # (at the caller of `trace`)
     graph = Graph(t.values, t.ops, dict(param_infos), param_values, inputs, out, t.layers, t.carries, t.notes,
                   stack="scan" if t.layers > 1 else None)
-    return fold_blocks(graph) if fold else graph
+    return fold_blocks(graph, sigs) if fold else graph
 
 
 def matmul_flops(jaxpr) -> float:
@@ -321,24 +428,43 @@ def matmul_flops(jaxpr) -> float:
     return total
 
 
-def _propagate_batch_dims(t: _Tracer) -> None:
-    """Forward pass: which output dimension carries the batch, from the operands' batch dimensions."""
-    from planner.layouts import map_dim  # shared dimension-mapping rules
+def _propagate_batch_dims(t: _Tracer, sigs: list[tuple] | None = None) -> None:
+    """Forward pass: which output dimension carries the batch, from the operands' batch dimensions. `sigs`: the
+    ops' `_signature`s; ops alike (every block of a loop) with operands alike map their dimensions alike, so each
+    such kind of op is worked out once."""
+    values = t.values
+    seen: dict[tuple, list[tuple[int | None, tuple[int, ...]]]] = {}
+    for k_op, op in enumerate(t.ops):
+        ins = [values[i] if i is not None else None for i in op.inputs]
+        dims_in = tuple(None if v is None else (v.batch_dim, v.token_dims) for v in ins)
+        key = None if sigs is None else (sigs[k_op], dims_in)
+        result = seen.get(key) if key is not None else None
+        if result is None:
+            result = _output_dims(op, values, ins)
+            if key is not None:
+                seen[key] = result
+        for out, (batch_dim, tokens) in zip(op.outputs, result):
+            if batch_dim is not None:
+                values[out].batch_dim = batch_dim
+            values[out].token_dims = tokens
 
-    for op in t.ops:
-        ins = [t.values[i] if i is not None else None for i in op.inputs]
-        for k, out in enumerate(op.outputs):
-            dims = []
-            for pos, v in enumerate(ins):
-                if v is not None and v.batch_dim is not None:
-                    d = map_dim(op, t.values, pos, v.batch_dim, k)
-                    if d is not None:
-                        dims.append(d)
-            if dims:
-                t.values[out].batch_dim = dims[0]
-            tokens = {map_dim(op, t.values, pos, d, k) for pos, v in enumerate(ins) if v is not None
-                      for d in v.token_dims}
-            t.values[out].token_dims = tuple(sorted(d for d in tokens if d is not None))
+
+def _output_dims(op: Op, values: dict[int, Value], ins: list[Value | None]
+                 ) -> list[tuple[int | None, tuple[int, ...]]]:
+    """Per output of `op`: the dimension its operands' batch becomes (None: none does) and its token dimensions."""
+    from planner.layouts import out_dims  # shared dimension-mapping rules (`map_dim`)
+
+    if not any(v is not None and (v.batch_dim is not None or v.token_dims) for v in ins):
+        return [(None, ())] * len(op.outputs)
+    maps = out_dims(op, values)
+    result = []
+    for k in range(len(op.outputs)):
+        found = maps[k] if k < len(maps) else {}
+        dims = [found[(pos, v.batch_dim)] for pos, v in enumerate(ins)
+                if v is not None and v.batch_dim is not None and (pos, v.batch_dim) in found]
+        tokens = {found.get((pos, d)) for pos, v in enumerate(ins) if v is not None for d in v.token_dims}
+        result.append((dims[0] if dims else None, tuple(sorted(d for d in tokens if d is not None))))
+    return result
 
 
 # -- a Python loop over identical blocks, folded into a layer stack ---------------------------------------------------
@@ -362,7 +488,7 @@ class _Family:
 
 @dataclasses.dataclass
 class _Match:
-    """How one block's ops read their operands, the same for every block (see `_match_blocks`)."""
+    """How one block's ops read their operands, the same for every block (see `_match_head`)."""
 
     start: int
     period: int
@@ -398,20 +524,36 @@ def _alike(g: Graph, block: dict[str, str]) -> dict[str, tuple]:
     return {s: (g.params[p].shape, g.params[p].dtype, g.params[p].axes) for s, p in block.items()}
 
 
-def _signature(op: Op, values: dict[int, Value]) -> tuple:
-    """What must agree between an op and its counterpart in the next block (operands are compared separately)."""
-    shape = lambda i: None if i is None else (values[i].shape, values[i].dtype)  # noqa: E731
-    return (op.primitive, repr(sorted(op.params.items(), key=lambda kv: kv[0])), op.count, op.in_layer,
-            tuple(shape(i) for i in op.inputs), tuple(shape(o) for o in op.outputs))
+def _signature(op: Op, values: dict[int, Value], reprs: dict[int, tuple[Any, str]] | None = None) -> tuple:
+    """What must agree between an op and its counterpart in the next block (operands are compared separately).
+    `reprs`: parameter values printed, by identity (with the value, which keeps its id taken): ops share many
+    (dtypes, None), so `repr(sorted(op.params.items()))` is put together from them."""
+    items = sorted(op.params.items())  # (by key: keys differ, values are never compared)
+    if reprs is None:
+        printed = repr(items)
+    else:
+        parts = []
+        for k, v in items:
+            hit = reprs.get(id(v))
+            if hit is None or hit[0] is not v:
+                hit = reprs[id(v)] = (v, repr(v))
+            parts.append(f"({k!r}, {hit[1]})")
+        printed = f"[{', '.join(parts)}]"
+    ins = tuple(None if i is None else (values[i].shape, values[i].dtype) for i in op.inputs)
+    return (op.primitive, printed, op.count, op.in_layer, ins,
+            tuple((values[o].shape, values[o].dtype) for o in op.outputs))
 
 
-def fold_blocks(g: Graph) -> Graph:
+def fold_blocks(g: Graph, sigs: list[tuple] | None = None) -> Graph:
     """The graph with a Python loop over structurally identical blocks folded into a layer stack, as `_scan` builds
     for `lax.scan`, so the integer program does not grow with depth; `g` itself when there is no such loop (or it
-    cannot be folded exactly: blocks that differ, values that skip a block)."""
+    cannot be folded exactly: blocks that differ, values that skip a block). `sigs`: the ops' `_signature`s, if
+    already worked out."""
     if g.layers > 1 or not g.ops:
         return g
-    sigs = [_signature(op, g.values) for op in g.ops]
+    if sigs is None:
+        reprs: dict[int, tuple[Any, str]] = {}
+        sigs = [_signature(op, g.values, reprs) for op in g.ops]
     for family in _families(g):
         match = _find_cut(g, family, sigs)
         if match is not None:
@@ -423,7 +565,9 @@ def _find_cut(g: Graph, family: _Family, sigs: list[tuple]) -> _Match | None:
     """Where blocks start: they are a period apart (the distance between their first parameter reads); the cut
     is any offset before that read at which every block's ops match the next block's. A LayerNorm computes its
     statistics before it reads its scale, so the cut may lie before the first read; the ops after the last block
-    (a final norm) may look like a block's start, which gives extra carries: the cut with the fewest carries wins."""
+    (a final norm) may look like a block's start, which gives extra carries: the cut with the fewest carries wins
+    (of those with one carry, the earliest; else the latest). Each cut's first two blocks are compared first
+    (`_match_head`), which gives its carries; the others (`_match_rest`) only for the cut that would win."""
     firsts = []
     for block in family.blocks:
         reads = [c for p in block.values() for c, _ in g.values[g.param_values[p]].consumers]
@@ -436,7 +580,8 @@ def _find_cut(g: Graph, family: _Family, sigs: list[tuple]) -> _Match | None:
     same = [0]  # prefix sums of "op k matches op k + period"
     for k in range(len(sigs)):
         same.append(same[-1] + (k + period < len(sigs) and sigs[k] == sigs[k + period]))
-    best: _Match | None = None
+    slots = {g.param_values[p]: (i, s) for i, b in enumerate(family.blocks) for s, p in b.items()}
+    heads: list[tuple[int, _Match, list]] = []
     for offset in range(period):
         start = firsts[0] - offset
         if start < 0:
@@ -444,12 +589,14 @@ def _find_cut(g: Graph, family: _Family, sigs: list[tuple]) -> _Match | None:
         end = start + (n - 1) * period
         if end + period > len(g.ops) or same[end] - same[start] != end - start:
             continue
-        match = _match_blocks(g, family, start, period)
-        if match is not None and (best is None or len(match.carries) <= len(best.carries)):
-            best = match
-            if len(best.carries) == 1:  # one residual stream: no cut can cross fewer values
-                break
-    return best
+        head = _match_head(g, start, period, slots)
+        if head is not None:
+            heads.append((offset, *head))
+    heads.sort(key=lambda h: (len(h[1].carries), h[0] if len(h[1].carries) == 1 else -h[0]))
+    for _, match, kinds in heads:
+        if _match_rest(g, family, match, kinds, slots):
+            return match
+    return None
 
 
 def _operand_kind(g: Graph, vid: int | None, block: int, start: int, period: int, slots: dict[int, tuple]):
@@ -468,39 +615,72 @@ def _operand_kind(g: Graph, vid: int | None, block: int, start: int, period: int
     return ("inner", *where) if j == block else ("carry", *where) if j == block - 1 else None
 
 
-def _match_blocks(g: Graph, family: _Family, start: int, period: int) -> _Match | None:
-    """Check that the blocks cut at `start` read their operands the same way (`_operand_kind`), that only carries
-    cross from one block to the next and that nothing but the last block's carries is used after the loop."""
-    n = len(family.blocks)
-    if any(op.count != 1 for op in g.ops[start:start + period]):  # a loop inside another loop: left op by op
-        return None
-    slots = {g.param_values[p]: (i, s) for i, b in enumerate(family.blocks) for s, p in b.items()}
+def _match_head(g: Graph, start: int, period: int, slots: dict[int, tuple]) -> tuple[_Match, list] | None:
+    """The blocks cut at `start`, as far as the first two show: how the second reads its operands (`_operand_kind`)
+    the first reads the same way, but for carries (the second reads the first's output where the first reads a
+    value from before the loop). The match (None: no such cut) and the second block's operand kinds."""
+    if any(op.count != 1 or op.primitive == BOUNDARY for op in g.ops[start:start + period]):
+        return None  # a loop inside another loop (a scan, a while loop, even one run once): left op by op
     carries: dict[tuple[int, int], int] = {}
     carry_uses: set[tuple[int, int]] = set()
+    kinds: list = []
     for r in range(period):
-        for pos in range(len(g.ops[start + r].inputs)):
-            kinds = [_operand_kind(g, g.ops[start + i * period + r].inputs[pos], i, start, period, slots)
-                     for i in range(n)]
-            if any(k is None or k != kinds[1] for k in kinds[2:]) or kinds[0] is None or kinds[1] is None:
+        first, second = g.ops[start + r].inputs, g.ops[start + period + r].inputs
+        for pos in range(len(first)):
+            k0 = _operand_kind(g, first[pos], 0, start, period, slots)
+            k1 = _operand_kind(g, second[pos], 1, start, period, slots)
+            if k0 is None or k1 is None:
                 return None
-            if kinds[1][0] != "carry":
-                if kinds[0] != kinds[1]:
+            kinds.append(k1)
+            if k1[0] != "carry":
+                if k0 != k1:
                     return None
                 continue
-            if kinds[0][0] != "outside" or carries.setdefault(kinds[1][1:], kinds[0][1]) != kinds[0][1]:
+            if k0[0] != "outside" or carries.setdefault(k1[1:], k0[1]) != k0[1]:
                 return None
             carry_uses.add((r, pos))
+    return (_Match(start, period, carries, carry_uses), kinds) if carries else None
+
+
+def _match_rest(g: Graph, family: _Family, match: _Match, kinds: list, slots: dict[int, tuple]) -> bool:
+    """The rest of the check `_match_head` begins: every later block reads its operands as the second does, and
+    nothing but the last block's carries is used after the loop; a block's weights are read in that block only."""
+    n, start, period, carries = len(family.blocks), match.start, match.period, match.carries
+    values, ops = g.values, g.ops
+    for i in range(2, n):  # `_operand_kind(g, vid, i, ...) == kinds[k]`, written out: this runs per operand
+        base = start + i * period
+        k = 0
+        for r in range(period):
+            for vid in ops[base + r].inputs:
+                want = kinds[k]
+                k += 1
+                tag = want[0]
+                if tag == "literal":
+                    ok = vid is None
+                elif tag == "param":
+                    ok = slots.get(vid) == (i, want[1])
+                elif tag == "outside":
+                    ok = vid == want[1]
+                else:  # a value of this block ("inner") or of the previous one ("carry"), by position
+                    p = start + (i if tag == "inner" else i - 1) * period + want[1]
+                    ok = (vid is not None and values[vid].producer == p and want[2] < len(ops[p].outputs)
+                          and ops[p].outputs[want[2]] == vid)
+                if not ok:
+                    return False
     end = start + n * period
-    for vid, v in g.values.items():
-        if v.producer is not None and start <= v.producer < end:
-            j, r = divmod(v.producer - start, period)
-            later = [c for c, _ in v.consumers if c >= end]
-            if vid == g.output or (later and (j != n - 1 or (r, g.ops[v.producer].outputs.index(vid)) not in carries)):
-                return None
+    inside = lambda vid: vid is not None and (p := values[vid].producer) is not None and start <= p < end  # noqa: E731
+    if inside(g.output):
+        return False
+    for op in ops[end:]:  # what the ops after the loop read of it: the last block's carries only
+        for vid in op.inputs:
+            if inside(vid):
+                j, r = divmod(values[vid].producer - start, period)
+                if j != n - 1 or (r, ops[values[vid].producer].outputs.index(vid)) not in carries:
+                    return False
     for vid, (i, _) in slots.items():  # a block's weights are read in that block only (no tied weights)
         if any(not start + i * period <= c < start + (i + 1) * period for c, _ in g.values[vid].consumers):
-            return None
-    return _Match(start, period, carries, carry_uses) if carries else None
+            return False
+    return True
 
 
 def _fold(g: Graph, family: _Family, match: _Match) -> Graph:

@@ -115,6 +115,29 @@ def test_sub_jaxprs_and_trip_counts_give_the_flops_of_a_loop():
     assert flops == 5 * 2 * 2 * 4 * 4
 
 
+def test_cond_and_while_structure_and_a_fixed_trip_count():
+    def f(w, x, n):
+        y = jax.lax.cond(x.sum() > 0, lambda a: a @ w, lambda a: jnp.tanh(a) @ w, x)
+        z = jax.lax.while_loop(lambda c: c[0] < 5, lambda c: (c[0] + 2, c[1] @ w), (1, y))[1]  # i = 1, 3
+        return jax.lax.fori_loop(0, n, lambda i, c: c @ w, z).sum()  # traced bounds: a while of unknown count
+
+    closed = jax.make_jaxpr(f)(jnp.ones((4, 4)), jnp.ones((2, 4)), 3)
+    cond = jint.cond(_one(closed.jaxpr.eqns, "cond"))
+    assert len(cond.branches) == 2 and all(len(b.jaxpr.invars) == 2 for b in cond.branches)
+    fixed, traced = [e for e in closed.jaxpr.eqns if e.primitive.name == "while"]
+    info = jint.while_loop(fixed)
+    assert (info.cond_nconsts, info.body_nconsts) == (0, 1)
+    assert len(info.body.jaxpr.invars) == 3 and len(info.cond.jaxpr.invars) == 2
+    assert (jint.while_trip_count(fixed), jint.while_trip_count(traced)) == (2, None)
+    assert (jint.trip_count(fixed), jint.trip_count(traced)) == (2, 1)
+    one = 2 * 2 * 4 * 4  # one [2, 4] @ [4, 4]
+    assert matmul_flops(closed) == 2 * one + 2 * one + one  # both branches, the while twice, the unknown once
+    with pytest.raises(jint.JaxInternalsError, match="the `cond` primitive changed"):
+        jint.cond(_one(closed.jaxpr.eqns, "cond").replace(params={}))
+    with pytest.raises(jint.JaxInternalsError, match="the `while` primitive changed"):
+        jint.while_loop(fixed.replace(params={k: v for k, v in fixed.params.items() if k != "body_nconsts"}))
+
+
 def test_eval_jaxpr_hooked_names_equations_as_the_tracer_does():
     """The runtime re-runs a loss equation by equation: plain calls inlined (their equations named by their path),
     a custom derivative run whole, the result and the gradient the same as jax's own."""
@@ -200,7 +223,10 @@ def test_name_stack_carries_the_scope():
         with jax.named_scope("block7"):
             return jnp.sin(x)
 
-    assert "block7" in jint.name_stack(_one(_eqns(f, jnp.ones(2)), "sin"))
+    eqn = _one(_eqns(f, jnp.ones(2)), "sin")
+    assert "block7" in jint.name_stack(eqn)
+    stacks = jint.NameStacks()
+    assert stacks(eqn) == stacks(eqn) == jint.name_stack(eqn)
 
 
 @pytest.mark.parametrize("name", ["gpt-tiny", "moe-tiny"])

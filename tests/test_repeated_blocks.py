@@ -3,6 +3,7 @@
 with depth, and its plans still name the model's real parameters and predict what the op-by-op graph predicts.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -114,6 +115,45 @@ def test_folded_and_op_by_op_graphs_give_the_same_plan(batch):
         assert a.params == b.params and list(a.params) == list(b.params)
         assert a.activations == b.activations
         assert_same_predictions(a.predicted, b.predicted)
+
+
+class GatedBlock(nnx.Module):
+    """A block whose MLP is one of two, picked by a `lax.cond` on the batch (the tracer walks both branches)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.ln = nnx.LayerNorm(D, rngs=rngs)
+        self.up = nnx.Linear(D, F, rngs=rngs)
+        self.alt = nnx.Linear(D, F, rngs=rngs)
+        self.down = nnx.Linear(F, D, rngs=rngs)
+
+    def __call__(self, x, gate):
+        h = jax.lax.cond(gate, lambda h: self.up(h), lambda h: self.alt(jnp.tanh(h)), self.ln(x))
+        return x + self.down(nnx.gelu(h))
+
+
+class GatedLM(nnx.Module):
+    def __init__(self, n: int, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+        self.blocks = nnx.List([GatedBlock(rngs) for _ in range(n)])
+        self.head = nnx.Linear(D, VOCAB, rngs=rngs)
+
+    def __call__(self, tokens):
+        x, gate = self.embed(tokens), jnp.sum(tokens) % 2 == 0
+        for block in self.blocks:
+            x = block(x, gate)
+        return self.head(x)
+
+
+def test_blocks_with_a_cond_fold_and_plan_as_op_by_op(batch):
+    model = nnx.eval_shape(lambda: GatedLM(3))
+    folded, unfolded = (trace_model(model, batch, token_loss, fold=fold) for fold in (True, False))
+    assert folded.stack == "loop" and folded.layers == 3
+    assert {"blocks/*/up/kernel", "blocks/*/alt/kernel"} <= set(folded.params)
+    mesh = {"data": 4, "fsdp": 1, "tensor": 2}
+    a, b = plan_graph(folded, CPU8, 8, mesh=mesh), plan_graph(unfolded, CPU8, 8, mesh=mesh)
+    assert a.params == b.params and a.activations == b.activations
+    assert_same_predictions(a.predicted, b.predicted)
 
 
 def test_the_plan_names_the_models_real_parameters(batch):
