@@ -9,12 +9,13 @@ from __future__ import annotations
 import glob
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from planner.checks import check_seed
 from planner.errors import AutoshardError
 
 VOCAB = 256
@@ -112,27 +113,84 @@ class TextData:
 
     Window starts come from `np.random.default_rng(seed)`, so a seed gives the same batches in the same order on any
     mesh or device count (the batch is global; the trainer splits it).
+
+    In a multi-process run each process reads only its share: `rows` (`Trainer.process_rows(batch)`, the global
+    rows this process's devices hold) are read from the text, the other rows stay zero. Every process still draws
+    every window start (a few integers), so the global batch is the one-process run's, and the batch keeps its
+    global shape, so the trainer, the loop and its metrics see the same batch structure everywhere.
     """
 
-    def __init__(self, tokens: np.ndarray | Corpus, batch: int, seq: int, seed: int = 0):
+    def __init__(self, tokens: np.ndarray | Corpus, batch: int, seq: int, seed: int = 0,
+                 rows: Sequence[int] | None = None):
         self.tokens = np.asarray(tokens.tokens if isinstance(tokens, Corpus) else tokens, dtype=np.uint8)
         if batch < 1 or seq < 1:
             raise AutoshardError(f"batch and seq must be positive, got batch={batch} seq={seq}")
         if self.tokens.size < seq + 1:
             raise AutoshardError(f"data has {self.tokens.size} bytes, fewer than seq+1={seq + 1}: use a smaller "
                                  f"--seq or more text")
-        self.batch, self.seq, self.seed = batch, seq, seed
+        self.batch, self.seq, self.seed = batch, seq, check_seed(seed)
         self.rng = np.random.default_rng(seed)
+        self.drawn = 0
+        """Batches drawn so far."""
         self._offsets = np.arange(seq + 1)
+        self.rows: np.ndarray | None = None
+        """The global rows read from the text (None: all)."""
+        self.select_rows(rows)
+
+    def select_rows(self, rows: Sequence[int] | None) -> None:
+        """Read only these rows of each global batch from now on (None: all); see the class docstring."""
+        if rows is None:
+            self.rows = None
+            return
+        picked = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if picked.size and (picked.min() < 0 or picked.max() >= self.batch or np.any(np.diff(picked) <= 0)):
+            raise AutoshardError(f"rows must be increasing indices into the batch of {self.batch}, got "
+                                 f"{picked.tolist()[:8]}")
+        self.rows = None if picked.size == self.batch else picked
 
     def next(self) -> dict[str, np.ndarray]:
         starts = self.rng.integers(0, self.tokens.size - self.seq, size=self.batch)  # last start: size - seq - 1
-        windows = self.tokens[starts[:, None] + self._offsets].astype(np.int32)
+        self.drawn += 1
+        if self.rows is None:
+            windows = self.tokens[starts[:, None] + self._offsets].astype(np.int32)
+        else:
+            windows = np.zeros((self.batch, self.seq + 1), np.int32)  # calloc'd: untouched rows cost no memory
+            windows[self.rows] = self.tokens[starts[self.rows, None] + self._offsets]
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+    def state(self) -> dict:
+        """Where the stream stands, as JSON-able data: a checkpoint keeps it so that a resumed run draws the batches
+        the uninterrupted run would have drawn."""
+        return {"seed": self.seed, "batch": self.batch, "seq": self.seq, "tokens": int(self.tokens.size),
+                "drawn": self.drawn, "rng": self.rng.bit_generator.state}
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state()` of a stream over the same text, batch, sequence length and seed."""
+        mine = {"seed": self.seed, "batch": self.batch, "seq": self.seq, "tokens": int(self.tokens.size)}
+        differ = [f"{k} {state.get(k)} there, {v} here" for k, v in mine.items() if state.get(k) != v]
+        if differ:
+            raise AutoshardError(f"the checkpoint's data stream does not continue this one ({'; '.join(differ)}): "
+                                 f"resume with the same --data, --batch, --seq and --seed")
+        try:
+            self.rng.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise AutoshardError(f"the checkpoint's data position is damaged: {e}") from None
+        self.drawn = int(state.get("drawn", 0))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         while True:
             yield self.next()
+
+
+def holdout(tokens: np.ndarray | Corpus, fraction: float = 0.05, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(training tokens, held-out tokens): the last `fraction` of the stream (at least seq+1 tokens) is kept out of
+    training, for the eval loss."""
+    tokens = np.asarray(tokens.tokens if isinstance(tokens, Corpus) else tokens, dtype=np.uint8)
+    n = max(int(tokens.size * fraction), seq + 1)
+    if tokens.size - n < seq + 1:
+        raise AutoshardError(f"data has {tokens.size} bytes: too few to hold out {n} for evaluation and still train "
+                             f"on windows of seq+1={seq + 1}: use more text, a smaller --seq, or drop --eval-every")
+    return tokens[:-n], tokens[-n:]
 
 
 def check_vocab(vocab: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -17,17 +18,78 @@ from planner.rules import ParamInfo
 
 
 def make_mesh(plan: Plan, devices: list | None = None) -> Mesh:
-    """A mesh over all six vocabulary axes (size 1 where unused); `tensor` is innermost, on neighbouring devices."""
+    """A mesh over all six vocabulary axes (size 1 where unused); `tensor` is innermost, on neighbouring devices.
+
+    Devices of several processes (hosts) are laid out by `device_grid`: the fastest axes inside a host."""
     devices = list(jax.devices() if devices is None else devices)
     need = plan.num_devices
     if need != len(devices):
         raise PlanError(f"mesh {plan.mesh_string()} needs {need} devices but {len(devices)} are available: "
                         f"make the mesh sizes multiply to {len(devices)}")
     shape = tuple(plan.mesh[a] for a in AXES)
+    auto = (AxisType.Auto,) * len(AXES)
+    grid = device_grid(shape, devices)
+    if grid is not None:
+        return Mesh(grid, AXES, axis_types=auto)
     try:
-        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+        return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
     except (ValueError, NotImplementedError):  # a device set the topology-aware layout does not handle
-        return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+        return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
+
+
+def device_grid(shape: tuple[int, ...], devices: list) -> np.ndarray | None:
+    """Devices of several processes arranged as `shape` (axes slowest first) so that each process holds one block
+    of the mesh, filled from the fastest axis out: `tensor`, then `seq`, `expert`, `fsdp`, `data`, `pipe`. The
+    collectives of the inner axes (tensor's, every layer) then stay on a host's links (NVLink, a TPU host's ICI),
+    the outer axes' (data's gradient reduction, pipe's sends) cross hosts. None for one process (or one TPU slice,
+    whose interconnect spans its hosts: jax's topology-aware layout knows it better).
+
+    Inside a block, a TPU host's devices follow jax's topology-aware layout, others the order given. Process
+    blocks follow process index, the block grid laid out like the mesh (slowest axis first).
+    """
+    groups: dict[int, list] = {}
+    for d in devices:
+        groups.setdefault(int(d.process_index), []).append(d)
+    if len(groups) == 1 or (devices[0].platform == "tpu" and len({getattr(d, "slice_index", 0) for d in devices}) == 1):
+        return None
+    sizes = {len(g) for g in groups.values()}
+    if len(sizes) > 1:
+        raise PlanError(f"the processes hold different numbers of devices ({sorted(sizes)}): give every process "
+                        f"as many devices")
+    local = sizes.pop()
+    block = host_block(shape, local)
+    if block is None:  # the host's devices cannot be one block: processes in order, row-major
+        warnings.warn(f"mesh {shape} cannot give each process a block of its {local} devices: laid out in process "
+                      f"order, an axis may cross hosts unevenly", stacklevel=3)
+        ordered = [d for p in sorted(groups) for d in groups[p]]
+        return np.asarray(ordered, dtype=object).reshape(shape)
+    grid = tuple(n // b for n, b in zip(shape, block))
+    out = np.empty(shape, dtype=object)
+    for k, process in enumerate(sorted(groups)):
+        at = np.unravel_index(k, grid)
+        out[tuple(slice(i * b, (i + 1) * b) for i, b in zip(at, block))] = _host_devices(block, groups[process])
+    return out
+
+
+def host_block(shape: tuple[int, ...], local: int) -> tuple[int, ...] | None:
+    """The block of `shape` one process's `local` devices hold, filled from the fastest axis out (as much of each
+    axis as divides what is left); None if that leaves devices over."""
+    block, left = [1] * len(shape), local
+    for i in reversed(range(len(shape))):
+        f = math.gcd(left, shape[i])
+        block[i], left = f, left // f
+    return tuple(block) if left == 1 else None
+
+
+def _host_devices(block: tuple[int, ...], devices: list) -> np.ndarray:
+    if devices[0].platform == "tpu":
+        from jax.experimental import mesh_utils
+
+        try:
+            return mesh_utils.create_device_mesh(block, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            pass
+    return np.asarray(devices, dtype=object).reshape(block)
 
 
 def partition_spec(spec: list[SpecEntry]) -> PartitionSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from autoshard import emit, ops
+from autoshard import distributed, emit, ops
 from autoshard.pipeline import Pipeline
 from autoshard.functional import FunctionModel
 from planner.errors import AutoshardError, PlanError
@@ -56,6 +57,8 @@ class Trainer:
                  rng: jax.Array | None = None):
         plan.validate()
         emit.check_supported(plan)
+        if jax.process_count() > 1:  # every process must run the same program: a plan that differs would hang
+            distributed.check_same(_layout_json(plan), "plan")
         self.plan = plan
         self.optimizer = optimizer
         self.mesh = emit.make_mesh(plan, devices)
@@ -102,7 +105,7 @@ class Trainer:
         if built:
             _, params, rest = nnx.split(model, nnx.Param, ...)
             self.params = jax.jit(to_stored, out_shardings=self.param_shardings)(self._onto_mesh(params))
-            self.rest = jax.device_put(rest, replicated)
+            self.rest = jax.device_put(self._onto_mesh(rest), replicated)
         else:  # initialise under jit: weights are born sharded, never whole on one device
             self.params = jax.jit(lambda: to_stored(nnx.state(model(), nnx.Param)),
                                   out_shardings=self.param_shardings)()
@@ -255,15 +258,56 @@ class Trainer:
                             f"{size // replicas} (batch {size} / expert x data x fsdp {replicas}): change "
                             f"--microbatches or --batch")
         programs = self._programs(batch)
-        return programs, jax.device_put(jax.tree.map(jnp.asarray, batch), programs.data)
+        if jax.process_count() == 1:
+            return programs, jax.device_put(jax.tree.map(jnp.asarray, batch), programs.data)
+        return programs, self._global_batch(batch, programs.data, size)
+
+    def process_rows(self, batch_size: int) -> np.ndarray:
+        """The rows of a global batch of `batch_size` that this process's devices hold, in order (every row in a
+        one-process run): what this process's data reader has to read (`autoshard.data.TextData(rows=...)`)."""
+        emit.check_batch(self.plan, jax.ShapeDtypeStruct((batch_size,), np.int32))
+        sharding = NamedSharding(self.mesh, emit.batch_spec(self.plan, 1))
+        held = sharding.addressable_devices_indices_map((batch_size,)).values()
+        return np.asarray(sorted({r for index in held for r in range(*index[0].indices(batch_size)[:2])}), np.int64)
+
+    def _global_batch(self, batch: Any, shardings: Any, size: int) -> Any:
+        """A multi-process run's global batch: each process hands over only the rows its devices hold
+        (`process_rows`; the others may be anything, e.g. the zeros of `TextData(rows=...)`), and
+        `jax.make_array_from_process_local_data` assembles the global arrays without moving data between hosts."""
+        rows = self.process_rows(size)
+
+        def place(x: Any, sharding: NamedSharding) -> jax.Array:
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already a global array
+                return jax.device_put(x, sharding)
+            local = np.asarray(x)
+            return jax.make_array_from_process_local_data(sharding, local[rows] if rows.size < size else local,
+                                                          local.shape)
+
+        return jax.tree.map(place, batch, shardings)
 
     def step(self, batch: Any) -> dict[str, Any]:
         """One optimizer step; returns metrics as Python floats (arrays as lists)."""
+        self._check_inputs(batch)
         programs, placed = self._place(batch)
         self.params, self.opt_state, self.rest, metrics = programs.step(self.params, self.opt_state, self.rest,
                                                                         placed)
         self.steps_done += 1
         return _floats(metrics)
+
+    def _check_inputs(self, batch: Any) -> None:
+        """The model's own check of a host batch (`Decoder.check_batch`: token ids inside the vocabulary), if it
+        has one: a bad batch is a one-line error, not NaN weights."""
+        check = getattr(self.abstract, "check_batch", None) if self.function is None else None
+        if callable(check):
+            check(batch)
+
+    def fit(self, data: Any, *, steps: int, **options: Any):
+        """Train until step `steps` on batches from `data` (`data.next()`, or any iterator): the loop
+        `autoshard train` runs, with checkpoints, resume, preemption and metrics (see `autoshard.loop.fit` for the
+        options). Returns a `FitResult`."""
+        from autoshard.loop import fit
+
+        return fit(self, data, steps=steps, **options)
 
     def step_with_grads(self, batch: Any) -> tuple[dict[str, Any], nnx.State]:
         """`step`, also returning the gradients it applied (model layout): one compiled program for checks."""
@@ -312,6 +356,13 @@ class _Programs:
     step: Callable
     step_and_grads: Callable
     grads: Callable
+
+
+def _layout_json(plan: Plan) -> str:
+    """What a plan lays out (its predictions and provenance may differ between processes that planned alone)."""
+    d = plan.to_dict()
+    return json.dumps({k: v for k, v in d.items() if k not in ("predicted", "alternatives", "provenance")},
+                      sort_keys=True, default=str)
 
 
 def _batch_key(batch: Any) -> tuple:
