@@ -12,6 +12,7 @@ from planner.plan import AXES, PipelineSpec, Plan
 
 _LAZY = {
     "parallelize": ("autoshard.train", "parallelize"),
+    "fit": ("autoshard.loop", "fit"),
     "Trainer": ("autoshard.train", "Trainer"),
     "make_optimizer": ("autoshard.train", "make_optimizer"),
     "make_mesh": ("autoshard.emit", "make_mesh"),

@@ -14,9 +14,9 @@ from flax import nnx
 
 from autoshard.emit import batch_size
 from planner.cluster import ClusterSpec, load_cluster
-from planner.errors import AutoshardError
+from planner.errors import AutoshardError, PlanError
 from planner.params import param_table
-from planner.plan import AXES, PipelineSpec, Plan, normalize_mesh
+from planner.plan import AXES, REMAT, PipelineSpec, Plan, normalize_mesh
 from planner.rules import ParamInfo, rule_plan as _rule_plan
 from planner.search import plan_graph, predict as _predict, trace_model
 from planner.trace import Graph
@@ -106,6 +106,8 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
     describes the hardware (a preset like `"a100-80g:64"`, a file, or a ClusterSpec; default: the local devices);
     `pin` fixes some parameters' specs (`{"blocks/mlp/w_up": [None, None, "tensor"]}`) and searches the rest.
     """
+    if remat is not None and remat not in REMAT:
+        raise PlanError(f"remat={remat!r}: use None (the planner decides) or one of {', '.join(map(repr, REMAT))}")
     if isinstance(mesh, jax.sharding.Mesh):
         fixed = {a: int(n) for a, n in mesh.shape.items()}
         fixed = {a: n for a, n in normalize_mesh({a: n for a, n in fixed.items() if a in AXES}).items()}

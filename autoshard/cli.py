@@ -11,14 +11,13 @@ count) before anything imports jax; each subcommand imports the heavy modules it
 (`AutoshardError`) print one `error: ...` line on stderr and exit with status 2, never a traceback.
 
 Adding a subcommand: write `add_<name>(sub)` that builds its parser, and `cmd_<name>(args) -> int`, then list it in
-`COMMANDS`. `add_model_args` / `add_layout_args` give the shared --model / --mesh / --plan / --seed flags, and
+`COMMANDS` (a large one in a module of its own, as `autoshard.commands.train` is). `add_model_args` / `add_layout_args` give the shared --model / --mesh / --plan / --seed flags, and
 `setup_devices(args)` / `load_plan(args, ...)` the device list and Plan they imply.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -26,13 +25,16 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from autoshard import distributed
 from planner.errors import AutoshardError
 
 DEFAULT_DEVICES = 8
 """Emulated CPU devices when --devices is not given (on GPU / TPU: all the real devices)."""
+MAX_EMULATED_DEVICES = 1024
+"""At most this many emulated CPU devices: jax takes seconds and hundreds of MB per thousand to start them, and a
+hundred thousand hang it (uninterruptibly) before any check could run."""
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -67,6 +69,17 @@ def _positive_float(text: str) -> float:
     return x
 
 
+def _seed(text: str) -> int:
+    from planner.checks import check_seed
+
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    except AutoshardError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -99,7 +112,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model preset, optionally with overrides: gpt-tiny, gpt-small:layers=4, "
                         "gpt:hidden=256,heads=8 (default: the model a --plan file was made for, else gpt-tiny)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the initial weights and the data order (default 0)")
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:
@@ -151,40 +164,6 @@ def pipeline_section(args: argparse.Namespace, abstract_model, mesh: dict[str, i
             raise AutoshardError(f"--stages {args.stages!r}: give layer counts per stage, e.g. 3,3,2") from None
     return pipeline_spec(abstract_model, pipe, schedule=schedule, microbatches=micro, virtual=virtual,
                          stage_layers=stage_layers)
-
-
-def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model on text, laid out by a plan",
-                       description="Train a byte-level language model on text (default: the Python standard "
-                                   "library's sources) with the given parallel layout (--mesh or --plan; default: "
-                                   "plan for the local devices first, as `autoshard plan` would, and print the "
-                                   "plan), and write a run folder (plan.json, config.json, metrics.jsonl).")
-    add_model_args(p)
-    add_layout_args(p)
-    add_device_args(p)
-    p.add_argument("--data", metavar="PATH_OR_GLOB",
-                   help="training text: a file, a directory or a glob ('**' recursive); tokens are bytes "
-                        "(default: the Python standard library's .py files, first 8 MiB)")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps (default 1000)")
-    p.add_argument("--batch", type=_positive_int, default=16, help="global batch size in sequences (default 16)")
-    p.add_argument("--seq", type=_positive_int, default=128, help="sequence length in tokens (default 128)")
-    p.add_argument("--lr", type=_positive_float, default=1e-2,
-                   help="peak learning rate of AdamW with warmup and cosine decay to 10%% (default 1e-2)")
-    p.add_argument("--warmup", type=_positive_int, default=None,
-                   help="warmup steps (default: steps/10, at most 100)")
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="run folder (default runs/local/train-<timestamp>)")
-    p.add_argument("--log-every", type=_positive_int, default=None, metavar="K",
-                   help="print 'step N loss X' on stdout every K steps, plus the first and last "
-                        "(default: steps/20, at least 1)")
-    add_pipeline_args(p)
-    p.add_argument("--checkpoint", metavar="DIR", default=None,
-                   help="save the trained weights here (orbax) at the end, and on Ctrl-C")
-    p.add_argument("--restore", metavar="DIR", default=None,
-                   help="start from the weights of this checkpoint (any plan; same --model)")
-    p.add_argument("--sequence", choices=("ring", "ulysses"), default=None,
-                   help="sequence-parallel attention with seq > 1 in --mesh: ring (K/V blocks passed around, any "
-                        "head count) or ulysses (all-to-all to heads; heads divisible by seq) (default ring)")
 
 
 COMMANDS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace], int]]] = {}
@@ -243,7 +222,9 @@ def setup_devices(args: argparse.Namespace) -> list:
     if want is None:
         return devices
     if want > len(devices):
-        where = ("jax had already started with fewer" if devices[0].platform == "cpu"
+        where = (f"at most {MAX_EMULATED_DEVICES} CPU devices can be emulated" if devices[0].platform == "cpu"
+                 and want > MAX_EMULATED_DEVICES else "jax had already started with fewer"
+                 if devices[0].platform == "cpu"
                  else f"this {devices[0].platform.upper()} machine has {len(devices)}")
         raise AutoshardError(f"--devices {want} asks for more devices than the {len(devices)} available ({where})")
     return devices[:want]
@@ -255,14 +236,15 @@ def setup_devices(args: argparse.Namespace) -> list:
 
 def load_plan(args: argparse.Namespace, abstract_model, num_devices: int):
     """The Plan that --plan FILE or --mesh give, else the default for the device count; with where it came from."""
-    from planner.plan import Plan, parse_mesh
+    from planner.plan import Plan, check_activations, parse_mesh
 
     if args.plan:
         if pipeline_flags(args):
             raise AutoshardError("--schedule / --microbatches / --virtual-stages / --stages go with --mesh; a "
                                  "--plan file carries its own pipeline section")
         plan, source = Plan.load(args.plan), f"file {args.plan}"
-    elif args.mesh:
+        check_activations(plan)  # (the shipped models)
+    elif args.mesh is not None:
         from autoshard.api import rule_plan
         from planner.plan import normalize_mesh
 
@@ -356,224 +338,6 @@ class SearchProgress:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# train
-
-
-class Progress:
-    """Progress on stderr: one updating line on a terminal, else a plain line every `every_s` seconds."""
-
-    def __init__(self, total: int, stream=None, every_s: float = 10.0):
-        self.total, self.stream, self.every_s = total, stream or sys.stderr, every_s
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.last_plain = time.monotonic()
-        self.shown = False
-
-    def update(self, step: int, loss: float, tokens_per_s: float, elapsed: float, eta: float | None,
-               final: bool = False) -> None:
-        line = (f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
-                f"{_duration(elapsed)} elapsed" + ("" if final or eta is None else f", {_duration(eta)} left"))
-        if self.tty:
-            self.stream.write(f"\r{line}\x1b[K")
-            self.shown = True
-            if final:
-                self.stream.write("\n")
-                self.shown = False
-            self.stream.flush()
-        elif final or time.monotonic() - self.last_plain >= self.every_s:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self.last_plain = time.monotonic()
-
-    def clear(self) -> None:
-        """Blank the updating line (before other output goes to the same terminal)."""
-        if self.tty and self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.shown = False
-
-
-def _duration(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def make_run_dir(out: str | None) -> Path:
-    if out is not None:
-        path = Path(out)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise AutoshardError(f"cannot create run folder {out}: {e.strerror or e}") from None
-        return path
-    base = Path("runs", "local", "train-" + time.strftime("%Y%m%d-%H%M%S"))
-    for i in range(1, 1000):
-        path = base if i == 1 else base.with_name(f"{base.name}-{i}")
-        try:
-            path.mkdir(parents=True, exist_ok=False)
-            return path
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise AutoshardError(f"cannot create run folder {path}: {e.strerror or e}") from None
-    raise AutoshardError(f"cannot create a fresh run folder next to {base}: pass --out")
-
-
-def lr_schedule(args: argparse.Namespace):
-    """Learning rate at each step, for the metrics (the schedule `make_optimizer` builds)."""
-    from autoshard.train import make_schedule
-
-    return make_schedule(args.lr, args.steps, args.warmup)
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, list):
-        return [_json_value(x) for x in v]
-    return v
-
-
-def _apply_plan_placement(args: argparse.Namespace, plan, abstract, params, meta):
-    """A plan from `plan --checkpoint`: reorder the restored experts as it places them (the model's function is
-    unchanged), then drop the placement from the plan the runtime sees (it is applied, and recorded as such)."""
-    from autoshard import place
-
-    place.check_planned_from(args.restore, plan.experts)
-    section = dict(plan.experts)
-    placement = section.pop("placement")
-    params = place.placed(params, placement, plan.mesh["expert"], abstract)
-    plan.experts = {**section, "placement_applied": True}
-    print(f"experts placed on {plan.mesh['expert']} ranks as the plan says (from the routing of "
-          f"{(section.get('routing') or {}).get('checkpoint', 'a checkpoint')})", file=sys.stderr)
-    return params
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from autoshard import data
-
-    corpus = data.load(args.data)  # cheap, and a bad --data fails before jax starts
-    import jax
-
-    import models
-    from autoshard import emit
-    from autoshard.train import make_optimizer, parallelize
-
-    if args.model is None:  # a plan file names the model it was made for
-        from planner.plan import Plan
-
-        args.model = (Plan.load(args.plan).provenance.get("model") if args.plan else None) or "gpt-tiny"
-    cfg = models.config_from_name(args.model)
-    data.check_vocab(cfg.vocab)
-    devices = setup_devices(args)
-    abstract = models.abstract(cfg)
-    plan, plan_source = load_plan(args, abstract, len(devices))
-    if not plan.provenance:  # a rule plan (--mesh): record what `autoshard verify` needs to rebuild the model
-        plan.provenance = {"model": args.model, "batch": args.batch, "seq": args.seq, "source": plan_source}
-    if not (args.mesh or args.plan):
-        from autoshard import explain
-
-        print(explain.summary(plan), file=sys.stderr)
-    emit.check_batch(plan, token_batch(args.batch, args.seq))
-    if args.warmup is not None and args.warmup > args.steps:
-        raise AutoshardError(f"--warmup {args.warmup} is longer than --steps {args.steps}")
-    batches = data.TextData(corpus, args.batch, args.seq, seed=args.seed)
-    log_every = args.log_every or max(1, args.steps // 20)
-
-    optimizer = make_optimizer(args.lr, args.steps, warmup=args.warmup)
-    if args.restore:
-        from flax import nnx
-
-        from autoshard import checkpoint
-
-        params, meta = checkpoint.restore(args.restore, abstract)
-        if plan.experts and plan.experts.get("placement") is not None:
-            params = _apply_plan_placement(args, plan, abstract, params, meta)
-        start = nnx.merge(nnx.graphdef(abstract), params, nnx.split(abstract, nnx.Param, ...)[2])
-        trainer = parallelize(start, optimizer, plan, devices=devices)
-    else:
-        trainer = parallelize(models.factory(cfg, args.seed), optimizer, plan, devices=devices)
-    schedule = lr_schedule(args)
-
-    run = make_run_dir(args.out)
-    plan.save(run / "plan.json")
-    config = {
-        "command": "train",
-        "model": dataclasses.asdict(cfg),
-        "params": cfg.param_count(),
-        "args": {k: v for k, v in vars(args).items() if k != "func"},
-        "plan_source": plan_source,
-        "mesh": plan.mesh,
-        "devices": len(devices),
-        "platform": devices[0].platform,
-        "device_kind": devices[0].device_kind,
-        "jax_version": jax.__version__,
-        "versions": _package_versions(),
-        "data": corpus.describe(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (run / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
-    print(f"autoshard train: {cfg.name} ({cfg.param_count():,} params) on {len(devices)} "
-          f"{devices[0].platform} device(s), mesh {plan.mesh_string()} ({plan_source}); "
-          f"{corpus.tokens.size:,} bytes of text; run folder {run}", file=sys.stderr)
-
-    progress = Progress(args.steps)
-    tokens_per_step = args.batch * args.seq
-    start = time.perf_counter()
-    step = saved = 0
-    metrics: dict[str, Any] = {}
-    try:
-        with open(run / "metrics.jsonl", "w") as log:
-            for step in range(1, args.steps + 1):
-                t0 = time.perf_counter()
-                metrics = trainer.step(batches.next())
-                dt = time.perf_counter() - t0
-                elapsed = time.perf_counter() - start
-                record = {"step": step, "loss": metrics["loss"], **{k: v for k, v in metrics.items() if k != "loss"},
-                          "lr": float(schedule(step - 1)), "tokens_per_s": tokens_per_step / dt,
-                          "step_time_s": dt, "elapsed_s": elapsed}
-                log.write(json.dumps({k: _json_value(v) for k, v in record.items()}) + "\n")
-                log.flush()
-                saved = step
-                loss = metrics["loss"]
-                last = step == args.steps
-                if step == 1 or step % log_every == 0 or last or not math.isfinite(loss):
-                    progress.clear()
-                    print(f"step {step} loss {loss:.6f}", flush=True)
-                if step == 1:
-                    after_first = time.perf_counter()  # step 1 includes compilation: average the speed after it
-                per_step = (time.perf_counter() - after_first) / (step - 1) if step > 1 else dt
-                eta = per_step * (args.steps - step) if step > 1 else None
-                progress.update(step, loss, tokens_per_step / per_step, elapsed, eta, final=last)
-                if not math.isfinite(loss):
-                    raise AutoshardError(f"loss became {loss} at step {step}: try a lower --lr (now {args.lr:g})")
-    except KeyboardInterrupt:
-        progress.clear()
-        print(f"interrupted at step {step}/{args.steps}; metrics of {saved} steps are in {run}", file=sys.stderr)
-        save_checkpoint(args, trainer, plan, saved)
-        return 130
-    save_checkpoint(args, trainer, plan, args.steps)
-    print(f"done: {args.steps} steps in {_duration(time.perf_counter() - start)}, final loss "
-          f"{metrics['loss']:.4f}; run folder {run}", file=sys.stderr)
-    return 0
-
-
-def save_checkpoint(args: argparse.Namespace, trainer, plan, step: int) -> None:
-    """--checkpoint DIR: the trained weights in the model's layout (restorable under any plan)."""
-    if not args.checkpoint:
-        return
-    from flax import nnx
-
-    from autoshard import checkpoint
-
-    where = checkpoint.save(args.checkpoint, nnx.state(trainer.model(), nnx.Param), model=args.model, step=step,
-                            plan=plan.to_dict())
-    print(f"checkpoint of step {step} saved in {where}", file=sys.stderr)
-
-
-COMMANDS["train"] = (add_train, cmd_train)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # plan
 
 
@@ -622,6 +386,7 @@ def add_plan(sub) -> None:
                    help="with --checkpoint: batches of --batch x --seq tokens to record (default 4)")
     e.add_argument("--data", metavar="PATH_OR_GLOB", default=None,
                    help="with --checkpoint: text to record the routing on (default: stdlib sources)")
+    distributed.add_args(p)
 
 
 def _pipeline_fixes(args: argparse.Namespace) -> dict[str, Any]:
@@ -967,7 +732,11 @@ COMMANDS["profile"] = (add_profile, cmd_profile)
 
 from autoshard.place import add_place, cmd_place  # noqa: E402
 COMMANDS["place"] = (add_place, cmd_place)
-for _name in ("plan", "explain", "verify", "profile", "train", "place"):  # the order `autoshard --help` lists them
+from autoshard.commands.train import add_train, cmd_train  # noqa: E402
+COMMANDS["train"] = (add_train, cmd_train)
+from autoshard.launch import add_launch, cmd_launch  # noqa: E402
+COMMANDS["launch"] = (add_launch, cmd_launch)
+for _name in ("plan", "explain", "verify", "profile", "train", "place", "launch"):  # the order `--help` lists them
     COMMANDS[_name] = COMMANDS.pop(_name)
 
 
@@ -984,19 +753,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if "jax" not in sys.modules:  # once jax has started, its device count is fixed; leave the environment alone
-        set_device_flag(getattr(args, "devices", None) or DEFAULT_DEVICES)
     _, run = COMMANDS[args.command]
     try:
+        # one process of a multi-process run keeps the device count it was started with (autoshard launch's or the
+        # host's) and joins the others before anything starts jax's backend
+        multi = distributed.requested(args)
+        if "jax" not in sys.modules and not multi:  # once jax has started, its device count is fixed
+            set_device_flag(min(getattr(args, "devices", None) or DEFAULT_DEVICES, MAX_EMULATED_DEVICES))
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            return run(args)
+            if multi:
+                distributed.initialize_from_args(args)
+            status = run(args)
     except AutoshardError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        status = 130
+    except Exception:
+        if distributed.joined() is None:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        status = 1
+    if status != 0 and distributed.joined() is not None:
+        distributed.abandon(status)  # never returns: the peers may never reach jax's exit barrier
+    return status
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -47,10 +47,28 @@ class ModelConfig:
         self.check()
 
     def check(self) -> None:
+        """Every field's type and range: a nonsense config is a one-line error here, not NaN losses later."""
         positive = ("vocab", "hidden", "layers", "heads", "kv_heads", "head_dim", "mlp")
+        for f in (*positive, "experts", "top_k"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise AutoshardError(f"model {self.name}: {f} must be an integer, got {v!r}")
         for f in positive:
             if getattr(self, f) < 1:
                 raise AutoshardError(f"model {self.name}: {f} must be positive, got {getattr(self, f)}")
+        if self.experts < 0:
+            raise AutoshardError(f"model {self.name}: experts must be 0 (dense) or positive, got {self.experts}")
+        ranges = {"rope_theta": "a positive", "norm_eps": "a positive", "init_std": "a positive",
+                  "capacity_factor": "a positive", "aux_loss_weight": "a non-negative"}
+        for f, need in ranges.items():
+            v = getattr(self, f)
+            ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+                  and (v >= 0 if need == "a non-negative" else v > 0))
+            if not ok:
+                raise AutoshardError(f"model {self.name}: {f} must be {need} finite number, got {v!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise AutoshardError(f"model {self.name}: tie_embeddings must be true or false, got "
+                                 f"{self.tie_embeddings!r}")
         if self.heads % self.kv_heads:
             raise AutoshardError(f"model {self.name}: kv_heads={self.kv_heads} must divide heads={self.heads}")
         if self.head_dim % 2:

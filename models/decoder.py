@@ -8,12 +8,16 @@ axis. Every parameter carries logical axis names (`axes=` metadata) that shardin
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from autoshard import ops
 from models.config import ModelConfig
+from planner.errors import AutoshardError
 
 Array = jax.Array
 
@@ -176,6 +180,22 @@ class Decoder(nnx.Module):
             return {}
         return {"moe_aux_loss": jnp.mean(stats.aux_loss), "dropped_tokens": jnp.sum(stats.dropped),
                 "expert_load": stats.load}
+
+    def check_batch(self, batch: dict[str, Any]) -> None:
+        """A one-line error for token ids outside [0, vocab) in a host batch: the embedding lookup would read
+        garbage rows (NaN loss, and weights that stay NaN) instead of failing."""
+        for key in ("inputs", "targets"):
+            ids = batch.get(key) if isinstance(batch, dict) else None
+            if ids is None or isinstance(ids, jax.Array) or not np.size(ids):
+                continue  # device arrays are the caller's own (checking them would wait for the device)
+            ids = np.asarray(ids)
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise AutoshardError(f"batch[{key!r}] holds {ids.dtype} values: token ids must be integers")
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.cfg.vocab:
+                bad = high if high >= self.cfg.vocab else low
+                raise AutoshardError(f"batch[{key!r}] holds token id {bad}, outside the model's vocabulary [0, "
+                                     f"{self.cfg.vocab}): use a model with vocab > {max(high, 0)}, or fix the data")
 
     def loss(self, batch: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
         """Mean next-token cross-entropy (plus the weighted MoE balancing loss) and metrics."""

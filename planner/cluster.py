@@ -76,20 +76,20 @@ class ClusterSpec:
         if self.num_devices > self.devices_per_node and self.num_devices % self.devices_per_node:
             raise AutoshardError(f"{where}: {self.num_devices} devices do not fill whole nodes of "
                                  f"{self.devices_per_node}; use at most {self.devices_per_node} or a multiple of it")
-        if not self.memory_bytes > 0:
-            raise AutoshardError(f"{where}: memory_bytes must be positive, got {self.memory_bytes!r}")
-        if not self.peak_flops or any(not v > 0 for v in self.peak_flops.values()):
+        if not _finite(self.memory_bytes) or not self.memory_bytes > 0:
+            raise AutoshardError(f"{where}: memory_bytes must be a positive finite number, got {self.memory_bytes!r}")
+        if not self.peak_flops or any(not _finite(v) or not v > 0 for v in self.peak_flops.values()):
             raise AutoshardError(f"{where}: peak_flops needs a positive FLOP/s per dtype, got {self.peak_flops!r}")
         if "float32" not in self.peak_flops:
             raise AutoshardError(f"{where}: peak_flops must include 'float32' (the fallback for other dtypes)")
-        if not self.hbm_bandwidth > 0:
-            raise AutoshardError(f"{where}: hbm_bandwidth must be positive, got {self.hbm_bandwidth!r}")
-        if not 0 < self.matmul_efficiency <= 1:
+        if not _finite(self.hbm_bandwidth) or not self.hbm_bandwidth > 0:
+            raise AutoshardError(f"{where}: hbm_bandwidth must be a positive finite number, got {self.hbm_bandwidth!r}")
+        if not _finite(self.matmul_efficiency) or not 0 < self.matmul_efficiency <= 1:
             raise AutoshardError(f"{where}: matmul_efficiency must be in (0, 1], got {self.matmul_efficiency!r}")
         for key in ("intra", "inter"):
             link = getattr(self, key)
-            if (not isinstance(link, Link) or not link.bandwidth > 0 or not link.latency >= 0
-                    or not link.overhead >= 0):
+            if (not isinstance(link, Link) or not all(map(_finite, (link.bandwidth, link.latency, link.overhead)))
+                    or not link.bandwidth > 0 or not link.latency >= 0 or not link.overhead >= 0):
                 raise AutoshardError(f"{where}: {key} link needs bandwidth > 0, latency >= 0 and overhead >= 0, "
                                      f"got {link!r}")
 
@@ -176,16 +176,17 @@ class ClusterSpec:
                 "num_devices": _int(d["num_devices"], "num_devices"),
                 "devices_per_node": _int(d["devices_per_node"], "devices_per_node"),
                 "memory_bytes": _int(d["memory_bytes"], "memory_bytes"),
-                "peak_flops": {str(k): float(v) for k, v in _mapping(d["peak_flops"], "peak_flops").items()},
-                "hbm_bandwidth": float(d["hbm_bandwidth"]),
+                "peak_flops": {str(k): _num(v, f"peak_flops.{k}") for k, v in
+                               _mapping(d["peak_flops"], "peak_flops").items()},
+                "hbm_bandwidth": _num(d["hbm_bandwidth"], "hbm_bandwidth"),
                 "intra": _link_from(d["intra"], f"{where}: intra"),
                 "inter": _link_from(d["inter"], f"{where}: inter"),
             }
             if "matmul_efficiency" in d:
-                kw["matmul_efficiency"] = float(d["matmul_efficiency"])
+                kw["matmul_efficiency"] = _num(d["matmul_efficiency"], "matmul_efficiency")
             if "calibrated_from" in d:
                 kw["calibrated_from"] = str(d["calibrated_from"])
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise AutoshardError(f"{where}: {_one_line(e)}") from None
         return cls(**kw)
 
@@ -199,9 +200,22 @@ def dtype_name(dtype: Any) -> str:
 
 
 def _int(v: Any, field: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
         raise ValueError(f"{field} must be an integer, got {v!r}")
     return int(v)
+
+
+def _num(v: Any, field: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{field} must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{field} must be finite, got {v!r}")
+    return float(v)
+
+
+def _finite(v: Any) -> bool:
+    """A real, finite number (an infinite memory or bandwidth would make every plan fit, or cost nothing)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _mapping(v: Any, field: str) -> Mapping:
@@ -217,8 +231,8 @@ def _link_from(v: Any, where: str) -> Link:
         raise AutoshardError(f"{where}: a link is a table with 'bandwidth', 'latency' and optionally 'overhead', "
                              f"got {v!r}")
     try:
-        return Link(bandwidth=float(v["bandwidth"]), latency=float(v["latency"]),
-                    overhead=float(v.get("overhead", 0.0)))
+        return Link(bandwidth=_num(v["bandwidth"], "bandwidth"), latency=_num(v["latency"], "latency"),
+                    overhead=_num(v.get("overhead", 0.0), "overhead"))
     except (TypeError, ValueError) as e:
         raise AutoshardError(f"{where}: {_one_line(e)}") from None
 

@@ -28,6 +28,21 @@ the experts, and its shard_map takes contiguous batch blocks per expert device, 
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")
 SEQUENCE_METHODS: tuple[str, ...] = ("ulysses", "ring")
 REMAT: tuple[str, ...] = ("none", "full", "dots")
+ACTIVATIONS: tuple[str, ...] = ("layer_input",)
+"""The activations the shipped models mark with `autoshard.ops.boundary` (a user's model may mark others)."""
+
+
+def check_activations(plan: "Plan", known: tuple[str, ...] = ACTIVATIONS) -> None:
+    """A plan for a model that marks only `known` activations must not name others (a typo would lay out nothing)."""
+    unknown = sorted(set(plan.activations) - set(known))
+    if unknown:
+        raise PlanError(f"plan lays out unknown activation {unknown[0]!r}: the model marks {', '.join(known)}")
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "mesh": (dict,), "params": (dict,), "activations": (dict,), "pipeline": (dict, type(None)),
+    "sequence": (dict, type(None)), "experts": (dict, type(None)), "remat": (str,), "predicted": (dict,),
+    "alternatives": (list,), "provenance": (dict,), "version": (int,)}
+"""The JSON type of each plan field (null allowed where a section is optional)."""
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", type(None): "null"}
 
 SpecEntry = str | list[str] | None
 """One dimension of a spec: unsharded (None), one mesh axis, or several mesh axes (major to minor)."""
@@ -42,6 +57,14 @@ class PipelineSpec:
     virtual: int = 1
 
     def validate(self, pipe: int) -> None:
+        for name in ("microbatches", "virtual"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise PlanError(f"pipeline {name} must be an integer, got {v!r}")
+        if not isinstance(self.stages, (list, tuple)) or not all(
+                isinstance(s, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in s)
+                for s in self.stages):
+            raise PlanError(f"pipeline stages must be a list of [start, end] integer pairs, got {self.stages!r}")
         if self.schedule not in SCHEDULES:
             raise PlanError(f"unknown pipeline schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.microbatches < 1:
@@ -109,6 +132,10 @@ class Plan:
                         used.append(ax)
         if self.remat not in REMAT:
             raise PlanError(f"unknown remat {self.remat!r}: use one of {', '.join(REMAT)}")
+        for name in self.activations:
+            if not isinstance(name, str) or not name:
+                raise PlanError(f"plan lays out activation {name!r}: name it as the model's autoshard.ops.boundary "
+                                f"call does (the shipped models mark {', '.join(ACTIVATIONS)})")
         if self.pipeline is not None:
             self.pipeline.validate(self.mesh["pipe"])
         elif self.mesh["pipe"] > 1:
@@ -139,6 +166,19 @@ class Plan:
         unknown = sorted(set(d) - known)
         if unknown:
             raise PlanError(f"plan has unknown field(s) {', '.join(unknown)}: remove them")
+        for name, types in _FIELD_TYPES.items():
+            v = d.get(name)
+            if name in d and (not isinstance(v, types) or isinstance(v, bool)):
+                want = " or ".join(_JSON_NAMES[t] for t in types)
+                raise PlanError(f"plan field {name!r} must be {want}, got {json.dumps(v)[:60]}")
+        for name in ("params", "activations"):
+            for path, spec in (d.get(name) or {}).items():
+                if not isinstance(spec, list):
+                    raise PlanError(f"plan {name}[{path!r}] must be a list (one entry per dimension), got "
+                                    f"{json.dumps(spec)[:60]}")
+        if isinstance(d.get("sequence"), dict) and not isinstance(d["sequence"].get("method"), str):
+            raise PlanError(f"plan sequence section needs \"method\": \"ring\" or \"ulysses\", got "
+                            f"{json.dumps(d['sequence'])[:60]}")
         try:
             plan = cls(**d)
         except (TypeError, ValueError) as e:

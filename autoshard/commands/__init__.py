@@ -1,0 +1,1 @@
+"""The `autoshard` subcommands that stand in modules of their own (`autoshard.cli` registers them)."""
