@@ -30,10 +30,15 @@ def ring_all_reduce(n: int, s: float) -> float:
     return 2 * (n - 1) / n * s
 
 
-def compile_plan(mesh: str, batch) -> dict:
+@pytest.fixture(scope="module")
+def built():
+    """MODEL built once, eagerly (seed 0): the trainers below lay its weights out and compile no initialiser."""
+    return models.create(MODEL, 0)
+
+
+def compile_plan(mesh: str, batch, built) -> dict:
     plan = rule_plan(models.abstract(MODEL), mesh)
-    trainer = parallelize(models.factory(MODEL, 0), make_optimizer(1e-3, steps=10), plan,
-                          devices=jax.devices()[: plan.num_devices])
+    trainer = parallelize(built, make_optimizer(1e-3, steps=10), plan, devices=jax.devices()[: plan.num_devices])
     stats = analyze(trainer.compile(batch), trainer.mesh)
     params = dict(nnx.to_flat_state(trainer.params))
     full = {path_str(k): v.get_value().nbytes for k, v in params.items()}
@@ -42,23 +47,23 @@ def compile_plan(mesh: str, batch) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dp(token_batch):
-    return compile_plan("data=8", token_batch)
+def dp(token_batch, built):
+    return compile_plan("data=8", token_batch, built)
 
 
 @pytest.fixture(scope="module")
-def tp(token_batch):
-    return compile_plan("data=2,tensor=4", token_batch)
+def tp(token_batch, built):
+    return compile_plan("data=2,tensor=4", token_batch, built)
 
 
 @pytest.fixture(scope="module")
-def fsdp(token_batch):
-    return compile_plan("fsdp=8", token_batch)
+def fsdp(token_batch, built):
+    return compile_plan("fsdp=8", token_batch, built)
 
 
 @pytest.fixture(scope="module")
-def mesh3d(token_batch):
-    return compile_plan("data=2,fsdp=2,tensor=2", token_batch)
+def mesh3d(token_batch, built):
+    return compile_plan("data=2,fsdp=2,tensor=2", token_batch, built)
 
 
 def loop_ops(stats: dict, key: str, direction: str | None = None) -> list[dict]:

@@ -18,9 +18,12 @@ MESHES = ["data=8", "fsdp=8", "tensor=8", pytest.param("data=2,fsdp=2,tensor=2",
 STEPS = 3
 
 
-def run(model: str, mesh: str, batch) -> dict:
+def run(model: str, mesh: str, batch, built=None) -> dict:
+    """3 steps of `model` (seed 0) under `mesh`: from `built` (the model built once, eagerly: its trainers compile
+    no initialiser), else initialised under jit with weights born sharded, as `autoshard train` does."""
     plan = rule_plan(models.abstract(model), mesh)
-    trainer = parallelize(models.factory(model, seed=0), make_optimizer(1e-4, steps=10, warmup=1), plan,
+    source = models.factory(model, seed=0) if built is None else built
+    trainer = parallelize(source, make_optimizer(1e-4, steps=10, warmup=1), plan,
                           devices=jax.devices()[: plan.num_devices])
     losses = []
     for _ in range(STEPS):  # the gradients of the last step come out of the same compiled program
@@ -29,9 +32,18 @@ def run(model: str, mesh: str, batch) -> dict:
     return dict(plan=plan, trainer=trainer, losses=losses, grads=jax.device_get(grads))
 
 
+MOE = "moe-tiny:capacity_factor=4"
+FACTORY_CASE = "data=2,fsdp=2,tensor=2"  # initialised under jit (weights born sharded): the built model's weights
+
+
 @pytest.fixture(scope="module")
-def reference(token_batch):
-    return {m: run(m, "data=1", token_batch) for m in (MODEL, "moe-tiny:capacity_factor=4")}
+def built():
+    return {m: models.create(m, seed=0) for m in (MODEL, MOE)}
+
+
+@pytest.fixture(scope="module")
+def reference(token_batch, built):
+    return {m: run(m, "data=1", token_batch, built[m]) for m in (MODEL, MOE)}
 
 
 def assert_same_numerics(got: dict, ref: dict) -> None:
@@ -67,16 +79,15 @@ def assert_planned_shardings(trainer) -> None:
 
 
 @pytest.mark.parametrize("mesh", MESHES)
-def test_dense_plan_matches_single_device(mesh, reference, token_batch):
-    got = run(MODEL, mesh, token_batch)
+def test_dense_plan_matches_single_device(mesh, reference, token_batch, built):
+    got = run(MODEL, mesh, token_batch, None if mesh == FACTORY_CASE else built[MODEL])
     assert_same_numerics(got, reference[MODEL])
     assert_planned_shardings(got["trainer"])
 
 
-def test_moe_plan_matches_single_device(reference, token_batch):
-    model = "moe-tiny:capacity_factor=4"
-    got = run(model, "data=2,fsdp=2,tensor=2", token_batch)
-    assert_same_numerics(got, reference[model])
+def test_moe_plan_matches_single_device(reference, token_batch, built):
+    got = run(MOE, "data=2,fsdp=2,tensor=2", token_batch, built[MOE])
+    assert_same_numerics(got, reference[MOE])
     assert_planned_shardings(got["trainer"])
 
 

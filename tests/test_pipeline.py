@@ -85,10 +85,25 @@ def _flat(state) -> dict[str, np.ndarray]:
     return {path_str(k): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(state)}
 
 
-def _run(plan: Plan, batch, devices=None) -> tuple[list[float], dict[str, np.ndarray], object]:
+@pytest.fixture(scope="module")
+def built():
+    """MODEL built once, eagerly (seed 0), for the trainers of this file: `parallelize` lays a built model's weights
+    out by the plan, so no trainer compiles an initialiser of its own (on XLA:CPU seconds each, about what its train
+    step takes to compile). FACTORY_CASE initialises under jit instead, as `autoshard train` does."""
+    return models.create(MODEL)
+
+
+@pytest.fixture(scope="module")
+def built_moe():
+    return models.create("moe-tiny")
+
+
+FACTORY_CASE = "pipe=2,data=2,tensor=2"  # weights born sharded under jit: the same weights as the built model's
+
+
+def _run(plan: Plan, batch, model, devices=None) -> tuple[list[float], dict[str, np.ndarray], object]:
     """Losses of 3 steps and the gradients of the third (one compiled program)."""
-    trainer = parallelize(models.factory(MODEL), make_optimizer(lr=LR), plan,
-                          devices=devices or jax.devices()[:plan.num_devices])
+    trainer = parallelize(model, make_optimizer(lr=LR), plan, devices=devices or jax.devices()[:plan.num_devices])
     losses = []
     for _ in range(3):
         metrics, grads = trainer.step_with_grads(batch)
@@ -97,9 +112,9 @@ def _run(plan: Plan, batch, devices=None) -> tuple[list[float], dict[str, np.nda
 
 
 @pytest.fixture(scope="module")
-def reference(token_batch):
+def reference(token_batch, built):
     abstract = models.abstract(MODEL)
-    losses, grads, _ = _run(rule_plan(abstract, "data=1"), token_batch, jax.devices()[:1])
+    losses, grads, _ = _run(rule_plan(abstract, "data=1"), token_batch, built, jax.devices()[:1])
     return losses, grads
 
 
@@ -114,12 +129,14 @@ CASES = [  # (mesh, schedule, microbatches, virtual, layers per stage or None fo
 
 
 @pytest.mark.parametrize("mesh, schedule, micro, virtual, stage_layers", CASES)
-def test_pipeline_matches_single_device(mesh, schedule, micro, virtual, stage_layers, reference, token_batch):
+def test_pipeline_matches_single_device(mesh, schedule, micro, virtual, stage_layers, reference, token_batch,
+                                        built):
     abstract = models.abstract(MODEL)
     pipe = int(mesh.split("pipe=")[1].split(",")[0])
     spec = pipeline_spec(abstract, pipe, schedule=schedule, microbatches=micro, virtual=virtual,
                          stage_layers=stage_layers)
-    losses, grads, _ = _run(rule_plan(abstract, mesh, pipeline=spec), token_batch)
+    model = models.factory(MODEL) if mesh == FACTORY_CASE else built
+    losses, grads, _ = _run(rule_plan(abstract, mesh, pipeline=spec), token_batch, model)
     ref_losses, ref_grads = reference
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert set(grads) == set(ref_grads)
@@ -135,10 +152,11 @@ SEQ_CASES = [  # (mesh, sequence method, schedule): the executor makes seq manua
 
 
 @pytest.mark.parametrize("mesh, method, schedule", SEQ_CASES)
-def test_pipeline_with_sequence_parallelism(mesh, method, schedule, reference, token_batch):
+def test_pipeline_with_sequence_parallelism(mesh, method, schedule, reference, token_batch, built):
     abstract = models.abstract(MODEL)
     spec = pipeline_spec(abstract, 2, schedule=schedule, microbatches=4)
-    losses, grads, _ = _run(rule_plan(abstract, mesh, pipeline=spec, sequence={"method": method}), token_batch)
+    losses, grads, _ = _run(rule_plan(abstract, mesh, pipeline=spec, sequence={"method": method}), token_batch,
+                            built)
     ref_losses, ref_grads = reference
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for path, g in grads.items():
@@ -146,7 +164,7 @@ def test_pipeline_with_sequence_parallelism(mesh, method, schedule, reference, t
         assert np.max(np.abs(g - ref_grads[path])) <= 1e-5 * scale, path
 
 
-def test_pipeline_with_moe_layers(token_batch):
+def test_pipeline_with_moe_layers(token_batch, built_moe):
     """Expert parallelism inside the stages (expert manual in the executor), and the balancing loss of the whole
     batch (not a mean over microbatches), with the MoE metrics of the unpipelined step."""
     model = "moe-tiny"
@@ -155,8 +173,7 @@ def test_pipeline_with_moe_layers(token_batch):
     for mesh in ("data=1", "pipe=2,data=2,expert=2"):
         spec = pipeline_spec(abstract, 2, microbatches=2) if "pipe" in mesh else None
         plan = rule_plan(abstract, mesh, pipeline=spec)
-        trainer = parallelize(models.factory(model), make_optimizer(lr=LR), plan,
-                              devices=jax.devices()[:plan.num_devices])
+        trainer = parallelize(built_moe, make_optimizer(lr=LR), plan, devices=jax.devices()[:plan.num_devices])
         runs[mesh] = [trainer.step_with_grads(token_batch) for _ in range(3)]
     (ref, ref_grads), (got, grads) = runs["data=1"][-1], runs["pipe=2,data=2,expert=2"][-1]
     np.testing.assert_allclose([m["loss"] for m, _ in runs["pipe=2,data=2,expert=2"]],
@@ -170,42 +187,47 @@ def test_pipeline_with_moe_layers(token_batch):
         assert np.max(np.abs(g - ref_grads[path])) <= 1e-5 * scale, path
 
 
-def _compiled(schedule: str, micro: int, mesh: str = "pipe=2,data=2,tensor=2"):
+MICRO = 8  # 1F1B holds 2 stage inputs per device where GPipe holds all 8
+
+
+@pytest.fixture(scope="module")
+def compiled(token_batch, built):
+    """The compiled-program reports of MODEL on pipe=2 x data=2 x tensor=2, MICRO microbatches, under GPipe and
+    under 1F1B (shared by the point-to-point and the memory tests)."""
     abstract = models.abstract(MODEL)
-    spec = pipeline_spec(abstract, 2, schedule=schedule, microbatches=micro)
-    plan = rule_plan(abstract, mesh, pipeline=spec)
-    trainer = parallelize(models.factory(MODEL), make_optimizer(), plan, devices=jax.devices()[:plan.num_devices])
-    return plan, trainer
+    out = {}
+    for schedule in ("gpipe", "1f1b"):
+        plan = rule_plan(abstract, "pipe=2,data=2,tensor=2",
+                         pipeline=pipeline_spec(abstract, 2, schedule=schedule, microbatches=MICRO))
+        trainer = parallelize(built, make_optimizer(), plan, devices=jax.devices()[:plan.num_devices])
+        out[schedule] = analyze(trainer.compile(token_batch), trainer.mesh)
+    return out
 
 
-def test_collective_permutes_match_the_table(token_batch):
-    plan, trainer = _compiled("1f1b", 4)
-    report = analyze(trainer.compile(token_batch), trainer.mesh)
-    sched = make_schedule("1f1b", 2, 4)
-    cfg = models.abstract(MODEL).cfg
-    seq = token_batch["inputs"].shape[1]
-    micro_bytes = token_batch["inputs"].shape[0] // 2 // 4 * seq * cfg.hidden * 4   # [mbs/data, S, D] float32
+def _stage_input_bytes(batch) -> int:
+    """One microbatch's activations between stages: [batch / data / MICRO, S, D] float32 (whole over tensor)."""
+    return batch["inputs"].shape[0] // 2 // MICRO * batch["inputs"].shape[1] * models.abstract(MODEL).cfg.hidden * 4
+
+
+def test_collective_permutes_match_the_table(compiled, token_batch):
+    report = compiled["1f1b"]
+    sched = make_schedule("1f1b", 2, MICRO)
+    micro_bytes = _stage_input_bytes(token_batch)
     assert report["comm_counts"]["pipe/collective-permute"] == 2 * sched.ticks
     assert report["comm_bytes"]["pipe/collective-permute"] == 2 * sched.ticks * micro_bytes
     # the gradient reduction over data is one all-reduce per step for the layer weights and one for the rest
     assert report["comm_counts"].get("data/all-reduce", 0) + report["comm_counts"].get("pipe+data/all-reduce", 0) <= 3
 
 
-def test_1f1b_uses_less_memory_than_gpipe(token_batch):
-    micro = 8
-    memory = {}
-    for schedule in ("gpipe", "1f1b"):
-        plan, trainer = _compiled(schedule, micro, "pipe=2,data=2")
-        memory[schedule] = analyze(trainer.compile(token_batch), trainer.mesh)["memory_bytes_per_device"]
-    cfg = models.abstract(MODEL).cfg
-    buffer = token_batch["inputs"].shape[0] // 2 // micro * token_batch["inputs"].shape[1] * cfg.hidden * 4
-    slots = make_schedule("gpipe", 2, micro).act_slots - make_schedule("1f1b", 2, micro).act_slots
+def test_1f1b_uses_less_memory_than_gpipe(compiled, token_batch):
+    memory = {schedule: compiled[schedule]["memory_bytes_per_device"] for schedule in ("gpipe", "1f1b")}
+    slots = make_schedule("gpipe", 2, MICRO).act_slots - make_schedule("1f1b", 2, MICRO).act_slots
     saved = memory["gpipe"] - memory["1f1b"]
-    assert slots > 0 and saved == pytest.approx(slots * buffer, rel=0.1)
+    assert slots > 0 and saved == pytest.approx(slots * _stage_input_bytes(token_batch), rel=0.1)
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------
-def test_pipeline_bad_input(token_batch):
+def test_pipeline_bad_input(token_batch, built, built_moe):
     abstract = models.abstract(MODEL)
     with pytest.raises(PlanError, match="only 8 layers"):
         pipeline_spec(abstract, 4, schedule="interleaved", microbatches=4, virtual=4)
@@ -218,11 +240,11 @@ def test_pipeline_bad_input(token_batch):
     with pytest.raises(PlanError, match="pipeline has 3 stages"):
         Plan(mesh={"pipe": 2}, pipeline=PipelineSpec(stages=[[0, 2], [2, 4], [4, 8]])).validate()
     plan = rule_plan(abstract, "pipe=2,data=4", pipeline=pipeline_spec(abstract, 2, microbatches=3))
-    trainer = parallelize(models.factory(MODEL), make_optimizer(), plan)
+    trainer = parallelize(built, make_optimizer(), plan)
     with pytest.raises(PlanError, match="3 microbatches do not divide the per-replica batch of 4"):
         trainer.step(token_batch)
     moe = models.abstract("moe-tiny")
     plan = rule_plan(moe, "pipe=2,seq=2,data=2", pipeline=pipeline_spec(moe, 2, microbatches=2))
-    trainer = parallelize(models.factory("moe-tiny"), make_optimizer(), plan)
+    trainer = parallelize(built_moe, make_optimizer(), plan)
     with pytest.raises(PlanError, match="cannot run MoE layers"):  # routing groups are whole sequences
         trainer.step(token_batch)

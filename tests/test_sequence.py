@@ -167,8 +167,8 @@ def test_ring_train_step_memory():
 
     name, batch, length, n = "gpt-tiny:heads=2", 2, 1024, 4
     plan = rule_plan(models.abstract(name), dict(seq=n), sequence={"method": "ring"})
-    trainer = parallelize(models.factory(name, seed=0), make_optimizer(1e-4, steps=10, warmup=1), plan,
-                          devices=jax.devices()[:n])
+    trainer = parallelize(models.create(name, seed=0), make_optimizer(1e-4, steps=10, warmup=1), plan,
+                          devices=jax.devices()[:n])  # built: no initialiser to compile
     tokens = np.zeros((batch, length), np.int32)
     stats = analyze(trainer.compile({"inputs": tokens, "targets": tokens}), trainer.mesh)
     cfg = models.abstract(name).cfg
