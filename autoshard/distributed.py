@@ -32,6 +32,7 @@ import sys
 import threading
 from typing import Any, TextIO
 
+from autoshard import argtypes
 from planner.errors import AutoshardError
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -76,45 +77,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
                              "launch or JAX_COORDINATOR_ADDRESS make it one process of several.")
     g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
                    help="address of process 0, which serves the coordinator; every process gives the same")
-    g.add_argument("--num-processes", type=_count, default=None, metavar="N", help="processes in the run")
-    g.add_argument("--process-id", type=_index, default=None, metavar="I", help="this process's index, 0..N-1")
+    g.add_argument("--num-processes", type=argtypes.positive_int, default=None, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=argtypes.index, default=None, metavar="I", help="this process's index, 0..N-1")
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process run that jax detects by itself (Cloud TPU pods, SLURM, Open MPI, "
                         "Kubernetes); each process then uses all its local devices (--devices does not apply)")
-    g.add_argument("--coordinator-timeout", type=_seconds, default=None, metavar="S",
+    g.add_argument("--coordinator-timeout", type=argtypes.seconds, default=None, metavar="S",
                    help=f"seconds to wait for the coordinator and every process to join (default "
                         f"{DEFAULT_TIMEOUT_S:g}, or ${ENV_TIMEOUT})")
-
-
-def _count(text: str) -> int:
-    n = _int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
-
-
-def _index(text: str) -> int:
-    n = _int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer 0 or more, got {text!r}")
-    return n
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < x < 1e6:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return x
 
 
 def requested(args: argparse.Namespace) -> bool:
@@ -231,7 +201,7 @@ def _env_timeout() -> float:
     if not text:
         return DEFAULT_TIMEOUT_S
     try:
-        return _seconds(text)
+        return argtypes.seconds(text)
     except argparse.ArgumentTypeError as e:
         raise AutoshardError(f"{ENV_TIMEOUT}: {e}") from None
 

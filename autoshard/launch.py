@@ -31,6 +31,7 @@ import time
 from typing import IO, Any
 
 from autoshard.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from autoshard import argtypes
 from planner.errors import AutoshardError
 
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -74,42 +75,15 @@ def add_launch(sub) -> None:
                                    "SIGTERM, and exits with the first failing process's status.",
                        usage="autoshard launch [--processes N] [--devices-per-process D] [--port P] [--grace S] "
                              "-- COMMAND ...")
-    p.add_argument("--processes", type=_positive_int, default=2, metavar="N", help="processes (default 2)")
-    p.add_argument("--devices-per-process", type=_positive_int, default=4, metavar="D",
+    p.add_argument("--processes", type=argtypes.positive_int, default=2, metavar="N", help="processes (default 2)")
+    p.add_argument("--devices-per-process", type=argtypes.positive_int, default=4, metavar="D",
                    help="emulated CPU devices of each process (default 4)")
-    p.add_argument("--port", type=_port, default=None, metavar="P", help="coordinator port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE_S, metavar="S",
+    p.add_argument("--port", type=argtypes.port, default=None, metavar="P", help="coordinator port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--grace", type=lambda t: argtypes.seconds(t, zero=True), default=DEFAULT_GRACE_S, metavar="S",
                    help=f"seconds the processes get to stop after a forwarded SIGINT / SIGTERM before SIGKILL "
                         f"(default {DEFAULT_GRACE_S:g})")
     p.add_argument("child", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                    help="an autoshard subcommand and its arguments (train --mesh ...), or a program")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
-
-
-def _port(text: str) -> int:
-    n = _positive_int(text)
-    if n > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port 1-65535, got {text!r}")
-    return n
-
-
-def _seconds(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 <= x < 1e6:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
-    return x
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
