@@ -49,10 +49,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-_positive_int = argtypes.positive_int
-_positive_float = argtypes.positive_float
-
-
 def _seed(text: str) -> int:
     from planner.checks import check_seed
 
@@ -87,7 +83,7 @@ def parse_size(text: str) -> float:
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--devices", type=argtypes.positive_int, default=None, metavar="N",
                    help=f"number of devices: on CPU, emulate N devices (default {DEFAULT_DEVICES}); on GPU/TPU, "
                         f"use the first N real devices (default: all)")
 
@@ -110,10 +106,10 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline (with pipe > 1 in --mesh)")
     g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), default=None,
                    help="pipeline schedule (default 1f1b)")
-    g.add_argument("--microbatches", type=_positive_int, default=None, metavar="M",
+    g.add_argument("--microbatches", type=argtypes.positive_int, default=None, metavar="M",
                    help="microbatches per step; must divide the per-replica batch (default: the largest divisor "
                         "of it up to 4 x pipe)")
-    g.add_argument("--virtual-stages", type=_positive_int, default=None, metavar="V",
+    g.add_argument("--virtual-stages", type=argtypes.positive_int, default=None, metavar="V",
                    help="layer chunks per pipeline device, for --schedule interleaved (default 1)")
     g.add_argument("--stages", default=None, metavar="N,N,...",
                    help="layers in each pipeline stage, in order (default: as even as possible)")
@@ -337,8 +333,8 @@ def add_plan(sub) -> None:
     p.add_argument("--cluster", default=None, metavar="SPEC",
                    help="hardware: a preset kind:N (cpu, a100-80g, h100-80g, tpu-v5e, tpu-v5p; e.g. "
                         "a100-80g:1024) or a .json/.toml cluster file (default cpu:N for the N local devices)")
-    p.add_argument("--batch", type=_positive_int, default=16, help="global batch size in sequences (default 16)")
-    p.add_argument("--seq", type=_positive_int, default=128, help="sequence length in tokens (default 128)")
+    p.add_argument("--batch", type=argtypes.positive_int, default=16, help="global batch size in sequences (default 16)")
+    p.add_argument("--seq", type=argtypes.positive_int, default=128, help="sequence length in tokens (default 128)")
     p.add_argument("--mesh", default=None, help="fix some mesh axes, e.g. tensor=8 (the planner chooses the rest)")
     p.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
                    help="bytes per device the plan may use, e.g. 16GiB, 80GB, 1.5e9 (default: the cluster's "
@@ -349,15 +345,15 @@ def add_plan(sub) -> None:
                    help="calibrate the cluster with a profile written by `autoshard profile`")
     p.add_argument("-o", "--output", metavar="FILE", default=None,
                    help="write the plan JSON here ('-' for stdout); default: print the summary only")
-    p.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--devices", type=argtypes.positive_int, default=None, metavar="N",
                    help="without --cluster, plan for cpu:N (default: the number of local devices)")
     g = p.add_argument_group("pipeline (the planner considers pipe > 1 for models with a layer stack; fixing any "
                              "of these plans a pipeline)")
     g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved"), default=None,
                    help="fix the pipeline schedule (default: the planner chooses)")
-    g.add_argument("--microbatches", type=_positive_int, default=None, metavar="M",
+    g.add_argument("--microbatches", type=argtypes.positive_int, default=None, metavar="M",
                    help="fix the microbatches per step (must divide the per-replica batch)")
-    g.add_argument("--virtual-stages", type=_positive_int, default=None, metavar="V",
+    g.add_argument("--virtual-stages", type=argtypes.positive_int, default=None, metavar="V",
                    help="fix the layer chunks per pipeline device (implies --schedule interleaved when > 1)")
     p.add_argument("--sequence", choices=("ring", "ulysses"), default=None,
                    help="fix the sequence-parallel attention of meshes with seq > 1 (default: the planner chooses)")
@@ -366,7 +362,7 @@ def add_plan(sub) -> None:
     e.add_argument("--checkpoint", metavar="DIR", default=None,
                    help="record the routing of this checkpoint (autoshard train --checkpoint DIR) on the training "
                         "text and put the ILP placement in the plan; `train --plan P --restore DIR` applies it")
-    e.add_argument("--routing-batches", type=_positive_int, default=4, metavar="N",
+    e.add_argument("--routing-batches", type=argtypes.positive_int, default=4, metavar="N",
                    help="with --checkpoint: batches of --batch x --seq tokens to record (default 4)")
     e.add_argument("--data", metavar="PATH_OR_GLOB", default=None,
                    help="with --checkpoint: text to record the routing on (default: stdlib sources)")
@@ -494,7 +490,7 @@ def add_explain(sub) -> None:
     p.add_argument("plan", metavar="PLAN", help="a plan JSON file (from autoshard plan -o, or a train run folder)")
     p.add_argument("--model", default=None,
                    help="model the plan is for, when its provenance does not name one (for parameter shapes)")
-    p.add_argument("--width", type=_positive_int, default=None,
+    p.add_argument("--width", type=argtypes.positive_int, default=None,
                    help="wrap tables to this many columns (default: the terminal's width, at most 100)")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="for a pipeline plan, also draw its schedule (device x tick) as a PNG picture")
@@ -565,8 +561,8 @@ def add_verify(sub) -> None:
                                    "least 5%% of the total within 10%%. Exit status 0 on PASS, 1 on FAIL.")
     p.add_argument("plan", metavar="PLAN", help="a plan JSON file")
     p.add_argument("--model", default=None, help="override the model of the plan's provenance")
-    p.add_argument("--batch", type=_positive_int, default=None, help="override the provenance batch size")
-    p.add_argument("--seq", type=_positive_int, default=None, help="override the provenance sequence length")
+    p.add_argument("--batch", type=argtypes.positive_int, default=None, help="override the provenance batch size")
+    p.add_argument("--seq", type=argtypes.positive_int, default=None, help="override the provenance sequence length")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object on stdout")
     add_device_args(p)
 

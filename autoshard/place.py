@@ -25,7 +25,7 @@ from planner.errors import PlanError
 
 
 def add_place(sub) -> None:
-    from autoshard.cli import _positive_float, _positive_int
+    from autoshard import argtypes
 
     p = sub.add_parser("place", help="place MoE experts on expert-parallel ranks from a routing trace",
                        description="Read a routing trace (which experts each token picks in each MoE layer) and "
@@ -38,23 +38,23 @@ def add_place(sub) -> None:
                      help="npz with expert_ids: int [layers, tokens, k] (and optionally experts: the expert count)")
     src.add_argument("--checkpoint", metavar="DIR", help="record the trace from this checkpoint (autoshard train "
                                                           "--checkpoint DIR) on the training text")
-    p.add_argument("--routing-batches", type=_positive_int, default=4, metavar="N",
+    p.add_argument("--routing-batches", type=argtypes.positive_int, default=4, metavar="N",
                    help="with --checkpoint: batches of text to trace (default 4)")
-    p.add_argument("--batch", type=_positive_int, default=16, help="with --checkpoint: sequences per batch (16)")
-    p.add_argument("--seq", type=_positive_int, default=128, help="with --checkpoint: tokens per sequence (128)")
+    p.add_argument("--batch", type=argtypes.positive_int, default=16, help="with --checkpoint: sequences per batch (16)")
+    p.add_argument("--seq", type=argtypes.positive_int, default=128, help="with --checkpoint: tokens per sequence (128)")
     p.add_argument("--data", metavar="PATH_OR_GLOB", default=None,
                    help="with --checkpoint: text to trace on (default: the training default, stdlib sources)")
     p.add_argument("--apply", metavar="DIR", default=None,
                    help="with --checkpoint: write the checkpoint with experts reordered by the ILP placement here")
-    p.add_argument("--ep", type=_positive_int, required=True, metavar="N",
+    p.add_argument("--ep", type=argtypes.positive_int, required=True, metavar="N",
                    help="expert-parallel ranks (must divide the number of experts)")
-    p.add_argument("--nodes", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--nodes", type=argtypes.positive_int, default=1, metavar="N",
                    help="nodes the ranks are spread over, ep/nodes consecutive ranks each (default 1)")
-    p.add_argument("--experts", type=_positive_int, default=None, metavar="E",
+    p.add_argument("--experts", type=argtypes.positive_int, default=None, metavar="E",
                    help="the model's expert count (default: the trace's `experts`, else its largest id + 1)")
-    p.add_argument("--balance", type=_positive_float, default=None, metavar="F",
+    p.add_argument("--balance", type=argtypes.positive_float, default=None, metavar="F",
                    help="the ILP keeps every layer's busiest rank within F x the mean rank load (default 1.10)")
-    p.add_argument("--time-limit", type=_positive_float, default=10.0, metavar="SECONDS",
+    p.add_argument("--time-limit", type=argtypes.positive_float, default=10.0, metavar="SECONDS",
                    help="time limit of the ILP (default 10); the best placement found is used if it is hit")
     p.add_argument("-o", "--output", metavar="FILE", default=None, help="also write the JSON to this file")
 

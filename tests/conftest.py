@@ -20,3 +20,13 @@ def token_batch():
     rng = np.random.default_rng(0)
     toks = rng.integers(0, 256, size=(16, 65)).astype(np.int32)
     return {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> str:
+    """A small fixed corpus file (200 KB of the standard library's source) for the command-line tests."""
+    from autoshard import data
+
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_bytes(b"".join(f.read_bytes() for f in data.stdlib_files(200_000)))
+    return str(path)

@@ -35,14 +35,6 @@ def stdout_losses(out: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def tiny_text(tmp_path_factory):
-    """A small fixed corpus (the default stdlib text works too, but this keeps the tests independent of it)."""
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_bytes(b"".join(f.read_bytes() for f in data.stdlib_files(200_000)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def mesh_run(tiny_text, tmp_path_factory):
     """One 3-step run on data=2,fsdp=2,tensor=2, shared by the tests that inspect a run folder."""
     run = tmp_path_factory.mktemp("mesh_run")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from autoshard import cli, data, explain
+from autoshard import cli, explain
 from planner.plan import Plan
 
 SMALL = ["--batch", "16", "--seq", "64"]
@@ -253,13 +253,6 @@ def test_profile_writes_a_profile_that_plan_uses(tmp_path, capsys, monkeypatch):
 
 
 # -- train plans first ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_bytes(b"".join(f.read_bytes() for f in data.stdlib_files(200_000)))
-    return str(path)
-
 
 def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -88,13 +88,6 @@ def metrics(run: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def tiny_text(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_bytes(b"".join(f.read_bytes() for f in data.stdlib_files(200_000)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def one_device(tiny_text, tmp_path_factory) -> list[float]:
     """The reference: `autoshard train --devices 1` (in this process), its losses at full precision."""
     run = tmp_path_factory.mktemp("one") / "run"

@@ -35,17 +35,10 @@ def losses(run: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_bytes(b"".join(f.read_bytes() for f in data.stdlib_files(200_000)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def reference(text, tmp_path_factory):
+def reference(tiny_text, tmp_path_factory):
     """The uninterrupted run (its default checkpoint folder holds step 6)."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    assert cli.main(["train", *RUN, "--data", text, "--out", str(run)]) == 0
+    assert cli.main(["train", *RUN, "--data", tiny_text, "--out", str(run)]) == 0
     return run
 
 
@@ -64,10 +57,10 @@ def signal_at(monkeypatch, step: int, signum: int) -> None:
     monkeypatch.setattr(Trainer, "step", step_with_signal)
 
 
-def test_sigterm_saves_the_step_it_finished_and_resume_is_exact(reference, text, tmp_path, capsys, monkeypatch):
+def test_sigterm_saves_the_step_it_finished_and_resume_is_exact(reference, tiny_text, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     signal_at(monkeypatch, 3, signal.SIGTERM)
-    code, out, err = train(capsys, *RUN, "--data", text, "--out", str(run))
+    code, out, err = train(capsys, *RUN, "--data", tiny_text, "--out", str(run))
     monkeypatch.undo()
     assert code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM after step 3/6: checkpoint of step 3" in err and "Traceback" not in err
@@ -109,11 +102,11 @@ def test_sigterm_saves_the_step_it_finished_and_resume_is_exact(reference, text,
                                        atol=1e-6, err_msg=f"{table}/{key}")
 
 
-def test_sigint_after_planning_in_process_still_checkpoints(text, tmp_path, capsys, monkeypatch):
+def test_sigint_after_planning_in_process_still_checkpoints(tiny_text, tmp_path, capsys, monkeypatch):
     """The default `autoshard train` runs the planner (OR-Tools) in the same process: Ctrl-C still saves."""
     run = tmp_path / "run"
     signal_at(monkeypatch, 2, signal.SIGINT)
-    code, out, err = train(capsys, "--steps", "5", "--batch", "8", "--seq", "16", "--devices", "2", "--data", text,
+    code, out, err = train(capsys, "--steps", "5", "--batch", "8", "--seq", "16", "--devices", "2", "--data", tiny_text,
                            "--out", str(run), "--eval-every", "1")
     assert code == 130, err
     assert "planned for cpu:2" in err
@@ -155,9 +148,9 @@ def _wait_for_step(folder: Path, step: int, proc: subprocess.Popen, timeout: flo
         time.sleep(0.02)
 
 
-def test_kill_9_mid_run_then_resume_reproduces_the_run(reference, text, tmp_path, capsys):
+def test_kill_9_mid_run_then_resume_reproduces_the_run(reference, tiny_text, tmp_path, capsys):
     run = tmp_path / "run"
-    proc = _child(SLOW, *RUN, "--data", text, "--out", str(run), "--checkpoint-every", "2")
+    proc = _child(SLOW, *RUN, "--data", tiny_text, "--out", str(run), "--checkpoint-every", "2")
     _wait_for_step(run / "checkpoints", 4, proc)
     proc.kill()  # SIGKILL: no handler, no cleanup
     proc.wait(timeout=60)
@@ -182,9 +175,9 @@ sys.exit(cli.main(["train", *sys.argv[1:]]))
 """
 
 
-def test_kill_9_inside_a_save_keeps_the_previous_checkpoint(reference, text, tmp_path, capsys):
+def test_kill_9_inside_a_save_keeps_the_previous_checkpoint(reference, tiny_text, tmp_path, capsys):
     run = tmp_path / "run"
-    proc = _child(KILL_IN_SAVE, *RUN, "--data", text, "--out", str(run), "--checkpoint-every", "2")
+    proc = _child(KILL_IN_SAVE, *RUN, "--data", tiny_text, "--out", str(run), "--checkpoint-every", "2")
     proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
     names = os.listdir(run / "checkpoints")
@@ -196,16 +189,16 @@ def test_kill_9_inside_a_save_keeps_the_previous_checkpoint(reference, text, tmp
     assert losses(run) == losses(reference)
 
 
-def test_a_second_run_on_a_folder_in_use_is_refused(reference, text, tmp_path, capsys):
+def test_a_second_run_on_a_folder_in_use_is_refused(reference, tiny_text, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "ck").mkdir()
     lock = runs.Lock(tmp_path / "run").acquire()  # as another run holds it (flock: per open file, so this works
     try:                                            # in one process too)
-        code, out, err = train(capsys, *RUN, "--data", text, "--out", str(tmp_path / "run"), "--resume")
+        code, out, err = train(capsys, *RUN, "--data", tiny_text, "--out", str(tmp_path / "run"), "--resume")
         assert code == 2 and err.startswith("error: run folder") and "in use by another run (pid" in err, err
         ck = tmp_path / "ck"
         held = runs.Lock(ck, "checkpoint folder").acquire()
-        code, out, err = train(capsys, *RUN, "--data", text, "--out", str(tmp_path / "run2"), "--checkpoint",
+        code, out, err = train(capsys, *RUN, "--data", tiny_text, "--out", str(tmp_path / "run2"), "--checkpoint",
                                str(ck))
         held.release()
         assert code == 2 and "checkpoint folder" in err and "in use by another run" in err, err
@@ -214,9 +207,9 @@ def test_a_second_run_on_a_folder_in_use_is_refused(reference, text, tmp_path, c
     finally:
         lock.release()
     # an existing run folder without --resume, and a checkpoint folder of another run
-    code, out, err = train(capsys, *RUN, "--data", text, "--out", str(reference))
+    code, out, err = train(capsys, *RUN, "--data", tiny_text, "--out", str(reference))
     assert code == 2 and "already exists and holds files: pass --resume" in err, err
-    code, out, err = train(capsys, *RUN, "--data", text, "--out", str(tmp_path / "run3"), "--checkpoint",
+    code, out, err = train(capsys, *RUN, "--data", tiny_text, "--out", str(tmp_path / "run3"), "--checkpoint",
                            str(reference / "checkpoints"))
     assert code == 2 and "already holds step 6 of another run" in err, err
     assert not (tmp_path / "run3").exists()
@@ -225,12 +218,12 @@ def test_a_second_run_on_a_folder_in_use_is_refused(reference, text, tmp_path, c
     mine.mkdir()
     (mine / "params").mkdir()
     (mine / "notes.txt").write_text("keep me")
-    code, out, err = train(capsys, *RUN, "--data", text, "--out", str(tmp_path / "run4"), "--checkpoint", str(mine))
+    code, out, err = train(capsys, *RUN, "--data", tiny_text, "--out", str(tmp_path / "run4"), "--checkpoint", str(mine))
     assert code == 2 and "not an autoshard checkpoint folder" in err, err
     assert sorted(os.listdir(mine)) == ["notes.txt", "params"] and (mine / "notes.txt").read_text() == "keep me"
 
 
-def test_metrics_and_tensorboard(reference, text, tmp_path, capsys):
+def test_metrics_and_tensorboard(reference, tiny_text, tmp_path, capsys):
     rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         assert {"loss", "tokens_per_s", "step_time_s", "mfu", "predicted_step_s", "lr"} <= set(r)
@@ -254,7 +247,7 @@ def test_moe_dropped_tokens_reach_the_console(capsys):
 
 
 @pytest.mark.smoke
-def test_fit_in_python_resumes_too(reference, text, tmp_path):
+def test_fit_in_python_resumes_too(reference, tiny_text, tmp_path):
     """`trainer.fit` is the same loop: a script gets checkpoints and an exact resume (the reference's losses)."""
     import jax
 
@@ -265,7 +258,7 @@ def test_fit_in_python_resumes_too(reference, text, tmp_path):
     plan = rule_plan(models.abstract("gpt-tiny"), "data=2")
     trainer = parallelize(models.factory("gpt-tiny", seed=3), make_optimizer(1e-2, 6), plan,
                           devices=jax.devices()[:2])
-    corpus, want = data.load(text), losses(reference)
+    corpus, want = data.load(tiny_text), losses(reference)
     seen: list = []
     first = trainer.fit(data.TextData(corpus, 8, 32, seed=3), steps=3, checkpoint=tmp_path / "ck",
                         callbacks=[seen.append])

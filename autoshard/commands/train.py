@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autoshard import argtypes
 from planner.errors import AutoshardError
 
 DEFAULTS: dict[str, Any] = {"steps": 1000, "batch": 16, "seq": 128, "lr": 1e-2, "seed": 0}
@@ -50,20 +51,20 @@ def add_train(sub) -> None:
     p.add_argument("--data", metavar="PATH_OR_GLOB",
                    help="training text: a file, a directory or a glob ('**' recursive); tokens are bytes "
                         "(default: the Python standard library's .py files, first 8 MiB)")
-    p.add_argument("--steps", type=cli._positive_int, default=None,
+    p.add_argument("--steps", type=argtypes.positive_int, default=None,
                    help=f"optimizer steps (default {DEFAULTS['steps']})")
-    p.add_argument("--batch", type=cli._positive_int, default=None,
+    p.add_argument("--batch", type=argtypes.positive_int, default=None,
                    help=f"global batch size in sequences (default {DEFAULTS['batch']})")
-    p.add_argument("--seq", type=cli._positive_int, default=None,
+    p.add_argument("--seq", type=argtypes.positive_int, default=None,
                    help=f"sequence length in tokens (default {DEFAULTS['seq']})")
-    p.add_argument("--lr", type=cli._positive_float, default=None,
+    p.add_argument("--lr", type=argtypes.positive_float, default=None,
                    help="peak learning rate of AdamW with warmup and cosine decay to 10%% (default 1e-2)")
     p.add_argument("--warmup", type=_non_negative_int, default=None,
                    help="warmup steps (default: steps/10, at most 100)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="run folder, which must not hold files yet unless --resume (default "
                         "runs/local/train-<timestamp>)")
-    p.add_argument("--log-every", type=cli._positive_int, default=None, metavar="K",
+    p.add_argument("--log-every", type=argtypes.positive_int, default=None, metavar="K",
                    help="print 'step N loss X' on stdout every K steps, plus the first and last "
                         "(default: steps/20, at least 1)")
     cli.add_pipeline_args(p)
@@ -83,9 +84,9 @@ def add_train(sub) -> None:
                    help="save the whole training state here (weights, optimizer state, step, data position, plan): "
                         "every --checkpoint-every steps, at the end, and on SIGTERM / Ctrl-C "
                         "(default: <run folder>/checkpoints)")
-    c.add_argument("--checkpoint-every", type=cli._positive_int, default=None, metavar="N",
+    c.add_argument("--checkpoint-every", type=argtypes.positive_int, default=None, metavar="N",
                    help="also save every N steps (default: only at the end and when stopped)")
-    c.add_argument("--keep", type=cli._positive_int, default=None, metavar="K",
+    c.add_argument("--keep", type=argtypes.positive_int, default=None, metavar="K",
                    help="keep the newest K checkpoints (default 3)")
     c.add_argument("--no-checkpoint", action="store_true",
                    help="save no checkpoint at all (a stopped run then cannot resume)")
@@ -99,7 +100,7 @@ def add_train(sub) -> None:
                    help="start from the weights of this checkpoint (any plan; same --model), with a fresh "
                         "optimizer: for fine-tuning")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-every", type=cli._positive_int, default=None, metavar="N",
+    e.add_argument("--eval-every", type=argtypes.positive_int, default=None, metavar="N",
                    help=f"hold out the last {HOLDOUT * 100:.0f}%% of the text and record its loss every N steps and at the "
                         f"end ({EVAL_BATCHES} batches)")
     from autoshard import distributed
