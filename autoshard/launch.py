@@ -256,8 +256,12 @@ def _die_with_parent():
     except (OSError, AttributeError):
         return None
 
+    launcher = os.getpid()
+
     def set_death_signal() -> None:
         prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != launcher:  # the launcher died between fork and prctl: the signal will never come
+            os.kill(os.getpid(), signal.SIGKILL)
 
     return set_death_signal
 

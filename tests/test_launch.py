@@ -181,13 +181,14 @@ def test_sigterm_is_forwarded_then_killed_after_the_grace(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_children_die_with_a_killed_launcher(tmp_path):
     token = uuid.uuid4().hex
-    sleeper = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).touch(); time.sleep(120)"
-    proc = start_launch("--processes", "2", "--", sys.executable, "-c", sleeper, str(tmp_path / "up"), token=token)
+    sleeper = "import os, pathlib, sys, time; (pathlib.Path(sys.argv[1]) / str(os.getpid())).touch(); time.sleep(120)"
+    proc = start_launch("--processes", "2", "--", sys.executable, "-c", sleeper, str(tmp_path), token=token)
     try:
         deadline = time.monotonic() + 60
-        while len(survivors(token)) < 3:  # the launcher and its two children
+        while len(list(tmp_path.iterdir())) < 2:  # both children run the sleeper (past fork, prctl and exec)
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
+        assert len(survivors(token)) == 3  # the launcher and its two children
         proc.kill()  # SIGKILL: no handler of the launcher's runs
         proc.communicate(timeout=30)
         deadline = time.monotonic() + 10
@@ -394,3 +395,20 @@ def test_one_process_holds_every_row():
     assert trainer.process_rows(16).tolist() == list(range(16))
     with pytest.raises(PlanError, match="batch size 6 is not divisible by the 4 batch shards"):
         trainer.process_rows(6)
+
+
+@pytest.mark.smoke
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_child_whose_launcher_died_before_prctl_kills_itself():
+    # The death signal is armed in the child after fork; if the launcher died in between, no signal will come.
+    # Simulated: a process other than the launcher starts the child, so its parent is not the launcher.
+    code = """
+import os, subprocess, sys
+from autoshard.launch import _die_with_parent
+arm = _die_with_parent()
+assert subprocess.Popen([sys.executable, "-c", "pass"], preexec_fn=arm).wait() == 0  # the launcher's own child runs
+if os.fork() == 0:
+    os._exit(0 if subprocess.Popen([sys.executable, "-c", "pass"], preexec_fn=arm).wait() == -9 else 1)
+sys.exit(os.waitstatus_to_exitcode(os.wait()[1]))
+"""
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
