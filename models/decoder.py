@@ -8,6 +8,7 @@ axis. Every parameter carries logical axis names (`axes=` metadata) that shardin
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -23,7 +24,8 @@ Array = jax.Array
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float) -> nnx.Param:
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
+    # drawn flat and reshaped: the same numbers as drawing in `shape`, and XLA compiles one flat draw much faster
+    return nnx.Param(std * jax.random.normal(rngs.params(), (math.prod(shape),), jnp.float32).reshape(shape), axes=axes)
 
 
 def _ones(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
