@@ -175,7 +175,7 @@ def _tokens(batch: Any) -> int:
 
 def evaluate(trainer, batches: Sequence[Any]) -> float:
     """Mean loss over held-out batches (no update)."""
-    return float(np.mean([float(trainer.loss_and_grads(b)[0]) for b in batches]))
+    return float(np.mean([trainer.loss(b) for b in batches]))
 
 
 def checkpoint_meta(trainer, data, meta: dict[str, Any]) -> dict[str, Any]:

@@ -164,7 +164,9 @@ class Trainer:
                 lambda *a: self._train_step(*a, with_grads=True), donate_argnums=(0, 1),
                 in_shardings=state + (data,), out_shardings=state + (replicated, grads)),
             grads=jax.jit(self._loss_and_grads, in_shardings=(self.param_shardings, replicated, data),
-                          out_shardings=(replicated, grads)))
+                          out_shardings=(replicated, grads)),
+            loss=jax.jit(self._forward_loss, in_shardings=(self.param_shardings, replicated, data),
+                         out_shardings=replicated))
         self._by_batch[key] = programs
         return programs
 
@@ -226,6 +228,12 @@ class Trainer:
             loss, metrics, grads = self.pipeline.loss_and_grads(params, rest, batch, self.ops_context)
             return (loss, (metrics, rest)), grads
         return jax.value_and_grad(self._loss, has_aux=True)(params, rest, batch)
+
+    def _forward_loss(self, params, rest, batch):
+        """The loss alone; a pipeline has no forward-only schedule, so it runs its whole one."""
+        if self.pipeline is not None:
+            return self.pipeline.loss_and_grads(params, rest, batch, self.ops_context)[0]
+        return self._loss(params, rest, batch)[0]
 
     def _loss_and_grads(self, params, rest, batch):
         (loss, _), grads = self._value_and_grad(params, rest, batch)
@@ -317,6 +325,12 @@ class Trainer:
         self.steps_done += 1
         return _floats(metrics), grads
 
+    def loss(self, batch: Any) -> float:
+        """The loss of `batch` under the plan, updating nothing (no gradients computed, except in a pipeline)."""
+        self._check_inputs(batch)
+        programs, placed = self._place(batch)
+        return float(programs.loss(self.params, self.rest, placed))
+
     def loss_and_grads(self, batch: Any) -> tuple[jax.Array, nnx.State]:
         """Loss and gradients (in the model's layout) under the plan, without updating anything (for checks)."""
         programs, placed = self._place(batch)
@@ -356,6 +370,7 @@ class _Programs:
     step: Callable
     step_and_grads: Callable
     grads: Callable
+    loss: Callable
 
 
 def _layout_json(plan: Plan) -> str:

@@ -110,3 +110,12 @@ def test_same_seed_same_weights_whatever_the_mesh():
     a, b = init("fsdp=4,tensor=2"), init("data=1")
     for (path, va), (_, vb) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
         np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()), err_msg=str(path))
+
+
+def test_loss_alone_is_the_next_steps_loss_and_updates_nothing(reference, token_batch):
+    trainer = reference[MODEL]["trainer"]  # (trained 3 steps; this test trains it one more, as the last user)
+    before = jax.device_get(trainer.params)
+    loss = trainer.loss(token_batch)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trainer.params)))
+    metrics, _ = trainer.step_with_grads(token_batch)  # its loss is of the weights before its update
+    np.testing.assert_allclose(loss, metrics["loss"], rtol=1e-6)
