@@ -135,3 +135,72 @@ def test_plan_from_a_checkpoint_places_its_experts_and_train_applies_it(tmp_path
     assert cli.main(["train", "--model", name, "--plan", str(plan_file), "--steps", "1", "--batch", "16",
                      "--seq", "32", "--out", str(tmp_path / "run2")]) == 2
     assert "--restore DIR" in capsys.readouterr().err
+
+
+KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from orbax.checkpoint._src.handlers import json_checkpoint_handler
+from orbax.checkpoint._src.path import atomicity
+from autoshard import checkpoint
+
+folder, point = Path(sys.argv[1]), sys.argv[2]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if point == "writing":  # amid the step's files: the meta record is written beside the arrays
+    real_json = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+    async def save_json(self, x, directory):
+        if x.get("step") == 4:
+            die()
+        return await real_json(self, x, directory)
+    json_checkpoint_handler.JsonCheckpointHandler._save_fn = save_json
+elif point == "renaming":  # every file written, the rename into place not done
+    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    async def finalize(self):
+        if self._final_path.name == "4":
+            die()
+        return await real_finalize(self)
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+else:  # "deleting": step 4 in place, the third file of step 2 (beyond keep=1) being deleted
+    real_unlink, seen = os.unlink, []
+    def unlink(*args, **kwargs):
+        if (folder / "4").is_dir() and (folder / "2").is_dir():
+            seen.append(1)
+            if len(seen) == 3:
+                die()
+        return real_unlink(*args, **kwargs)
+    os.unlink = unlink
+ckpt = checkpoint.Checkpoints.create(folder, model="test", keep=1)
+for step in (2, 4):
+    ckpt.save(step, {"params": {"w": np.full((64, 64), step, np.float32), "b": np.arange(3 * step, dtype=np.float32)}}, {})
+    ckpt.wait()
+ckpt.close()
+"""
+
+
+@pytest.mark.parametrize("point, survivor", [("writing", 2), ("renaming", 2), ("deleting", 4)])
+def test_a_save_killed_at_any_point_leaves_a_restorable_step(tmp_path, point, survivor):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "ck"
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(folder), point], capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    names = sorted(p.name for p in folder.iterdir())  # what the kill left: step 4 half-written, or step 2 half-deleted
+    half_done = ("2" in names and "4" in names) if point == "deleting" else any(
+        n.startswith("4" + checkpoint.TMP) for n in names)
+    assert half_done, names
+    ckpt = checkpoint.Checkpoints.open(folder)
+    assert ckpt.latest() == survivor
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    targets = {"params": {"w": jax.ShapeDtypeStruct((64, 64), np.float32, sharding=cpu),
+                          "b": jax.ShapeDtypeStruct((3 * survivor,), np.float32, sharding=cpu)}}
+    got = ckpt.read(survivor, targets, items=["params"])["params"]
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.full((64, 64), survivor, np.float32))
+    # the folder takes the next save, whatever the kill left of a step being written or deleted
+    again = checkpoint.Checkpoints.create(folder, model="test", keep=1)
+    again.save(6, {"params": {"w": np.full((64, 64), 6, np.float32), "b": np.arange(18, dtype=np.float32)}}, {})
+    again.wait()
+    again.close()
+    assert checkpoint.Checkpoints.open(folder).steps() == [6]
