@@ -11,6 +11,7 @@ import pytest
 
 from autoshard import cli, data
 from planner.errors import AutoshardError
+from checks import assert_one_line_error
 
 TINY = ["--steps", "3", "--batch", "8", "--seq", "32"]
 
@@ -144,9 +145,8 @@ def test_bad_input_is_one_error_line_and_exit_2(case, files, tmp_path, capsys, m
         args += ["--out", str(tmp_path / "run")]
     code = cli.main(["train", *TINY, *args])
     out, err = capsys.readouterr()
-    lines = err.splitlines()
     assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert_one_line_error(err, message)
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()  # nothing left behind
     assert os.listdir(files / "users") == ["thesis.tex"]  # a user's folder is never written into
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from autoshard import cli, data
+from checks import assert_one_line_error
 
 TINY = ["--steps", "3", "--batch", "8", "--seq", "32"]
 
@@ -145,9 +146,7 @@ def test_bad_input_is_one_line_exit_2(case, bad_files, tmp_path, capsys):
     args = [a.format(bad=bad_files) for a in args]
     code, out, err = train(capsys, *TINY, "--out", str(tmp_path / "run"), *args)
     assert code == 2
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert_one_line_error(err, message)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from autoshard import cli, explain
 from planner.plan import Plan
+from checks import assert_one_line_error
 
 SMALL = ["--batch", "16", "--seq", "64"]
 
@@ -20,10 +21,6 @@ def run(capsys, *args):
     return code, out, err
 
 
-def one_line_error(err: str, words: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +76,7 @@ def test_plan_gpt_175b_fits_an_a100_cluster(capsys, tmp_path):
 def test_infeasible_memory_budget_is_one_line_exit_2(capsys):
     code, out, err = run(capsys, "plan", "--cluster", "cpu:8", *SMALL, "--memory-budget", "1MiB")
     assert code == 2
-    one_line_error(err, "no plan fits 1 MiB per device")
+    assert_one_line_error(err, "no plan fits 1 MiB per device")
 
 
 @pytest.mark.parametrize("args, words", [
@@ -94,7 +91,7 @@ def test_infeasible_memory_budget_is_one_line_exit_2(capsys):
 def test_plan_user_errors(capsys, args, words):
     code, out, err = run(capsys, "plan", "--cluster", "cpu:8", *SMALL, *args)
     assert code == 2
-    one_line_error(err, words)
+    assert_one_line_error(err, words)
 
 
 def test_parse_size():
@@ -216,12 +213,12 @@ def test_verify_needs_the_plan_devices(tmp_path, capsys):
     Plan(mesh={"data": 16}, provenance={"model": "gpt-tiny", "batch": 16, "seq": 64}).save(tmp_path / "p.json")
     code, out, err = run(capsys, "verify", str(tmp_path / "p.json"))
     assert code == 2
-    one_line_error(err, "verify needs as many devices as the plan's mesh")
+    assert_one_line_error(err, "verify needs as many devices as the plan's mesh")
     assert "--devices 16" in err
     Plan(mesh={"data": 8}).save(tmp_path / "bare.json")
     code, out, err = run(capsys, "verify", str(tmp_path / "bare.json"))
     assert code == 2
-    one_line_error(err, "pass --model --batch --seq")
+    assert_one_line_error(err, "pass --model --batch --seq")
 
 
 # -- profile -------------------------------------------------------------------------------------------------------
@@ -249,7 +246,7 @@ def test_profile_writes_a_profile_that_plan_uses(tmp_path, capsys, monkeypatch):
     code, out, err = run(capsys, "plan", *SMALL, "--profile", str(tmp_path / "prof.json"), "--cluster",
                          "a100-80g:8")
     assert code == 2
-    one_line_error(err, "measured on cpu")
+    assert_one_line_error(err, "measured on cpu")
 
 
 # -- train plans first ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from autoshard import cli
 from planner import placement as pl
 from planner.errors import PlanError
+from checks import assert_one_line_error
 
 
 def random_trace(layers, experts, tokens, k, seed):
@@ -220,6 +221,5 @@ def test_cli_place_bad_trace(tmp_path, capsys, content, args, match):
         np.savez(f, **content)
     assert cli.main(["place", "--trace", str(f), "--ep", "4", *args]) == 2
     captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], captured.err
+    assert_one_line_error(captured.err, match)
     assert captured.out == ""

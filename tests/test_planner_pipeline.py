@@ -17,6 +17,7 @@ from planner.cluster import load_cluster
 from planner.plan import PipelineSpec
 from planner.schedule import make_schedule, step_time
 from planner.search import _pipeline_costs, trace_model
+from checks import assert_one_line_error
 
 CPU8 = load_cluster("cpu:8")
 DEEP = "gpt-tiny:layers=8"
@@ -136,9 +137,6 @@ def test_moe_pipeline_predictions_match_the_compiled(token_batch):
             assert plan.predicted["comm_bytes"].get(k, 0.0) == pytest.approx(stats["comm_bytes"][k], rel=0.01), k
 
 
-def one_line_error(err: str, words: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
 
 
 @pytest.mark.parametrize("args, words", [
@@ -152,7 +150,7 @@ def test_plan_pipeline_user_errors(capsys, args, words):
     code = cli.main(["plan", "--model", "gpt-tiny", "--cluster", "cpu:16", "--batch", "16", "--seq", "64", *args])
     _, err = capsys.readouterr()
     assert code == 2
-    one_line_error(err, words)
+    assert_one_line_error(err, words)
 
 
 def test_plan_explain_plot_and_verify_a_pipeline(capsys, tmp_path):
@@ -166,8 +164,9 @@ def test_plan_explain_plot_and_verify_a_pipeline(capsys, tmp_path):
     assert "device 0: F0" in out and "device 1:" in out
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"IHDR" in data[:16] and data.endswith(b"IEND\xaeB`\x82")
-    code = cli.main(["verify", str(path), "--json"])
+    code = cli.main(["verify", str(path), "--json", "--plot", str(tmp_path / "verify.png")])
     report = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "verify.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["comm"]["pipe/collective-permute"]["ok"] and report["comm"]["pipe/collective-permute"]["judged"]
     assert all(not r["judged"] for k, r in report["comm"].items() if k.startswith("tensor/"))
     assert report["comm"]["data/all-reduce"]["ok"]

@@ -15,6 +15,7 @@ from autoshard.inspect import analyze
 from autoshard.train import make_optimizer, parallelize
 from planner.errors import AutoshardError
 from planner.search import plan_graph, predict, trace_model
+from checks import assert_one_line_error
 
 TOL = 0.10
 
@@ -85,9 +86,7 @@ def test_predict_handles_a_seq_plan():
 
 def one_line(capsys, args, words):
     assert cli.main(args) == 2
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+    assert_one_line_error(capsys.readouterr().err, words)
 
 
 def test_bad_seq_degree_is_a_one_line_error(capsys):

@@ -1,0 +1,14 @@
+"""Assertions several test files share."""
+
+import re
+
+PROGRESS = re.compile(r"planning .*: \d+ mesh")
+"""The planner's plain progress line (printed when a search runs longer than a few seconds, as under load)."""
+
+
+def assert_one_line_error(err: str, words: str) -> None:
+    """Bad input's contract: stderr holds one `error: ...` line naming `words` (progress lines aside), no
+    traceback."""
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+    assert "Traceback" not in err
