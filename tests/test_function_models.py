@@ -190,3 +190,17 @@ def test_memory_is_priced_for_the_optimizer_that_trains(regression, optimizer, c
     weights = sum(x.size * 4 for x in jax.tree.leaves(params))
     predicted = autoshard.predict(plan, mlp_loss, batch, params=params, optimizer=optimizer)
     assert predicted["memory_breakdown"]["parameters and optimizer state"] == (2 + copies) * weights
+
+
+def test_a_fixed_tensor_degree_with_nothing_to_split_warns_once():
+    """A model with no weight worth splitting (a per-feature scale and shift) on the user's tensor=2: the plan keeps
+    the degree, and one warning says the axis is idle and what to use instead."""
+    def loss(p, batch):
+        return jax.numpy.mean((batch["x"] * p["scale"] + p["shift"] - batch["y"]) ** 2)
+
+    params = {"scale": np.ones(4, np.float32), "shift": np.zeros(4, np.float32)}
+    batch = {"x": np.ones((16, 4), np.float32), "y": np.zeros((16, 4), np.float32)}
+    with pytest.warns(UserWarning, match=r"tensor=2 is idle in the plan for .*use data or fsdp instead") as record:
+        plan = autoshard.plan(loss, batch, params=params, cluster="cpu:8", mesh={"tensor": 2})
+    assert plan.mesh["tensor"] == 2
+    assert len([w for w in record if "is idle" in str(w.message)]) == 1
