@@ -6,7 +6,7 @@ find_python = $(firstword $(foreach v,$(1),$(shell for p in python$(v) $$(ls -d 
 PYTHON ?= $(or $(call find_python,3.13 3.12),python3)
 PYTHON_OLDEST ?= $(or $(call find_python,3.11),python3)
 # The oldest release of each dependency the project supports (pyproject.toml's lower bounds).
-OLDEST := jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8
+OLDEST := jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8 matplotlib==3.9.0
 
 VENV := .venv
 BIN := $(VENV)/bin

@@ -1,24 +1,26 @@
-"""The `autoshard` command line: plan, explain, verify, profile and train.
+"""The `autoshard` command line: plan, explain, verify, profile, train and report.
 
     autoshard plan --model gpt-175b --cluster a100-80g:1024 --batch 1536 --seq 2048 -o plan.json
     autoshard explain plan.json          # per-parameter strategies, predicted time / memory / communication
     autoshard verify plan.json           # compile it on the local (emulated) devices: predicted vs compiled
     autoshard profile -o prof.json       # measure the local devices; `plan --profile prof.json` calibrates
     autoshard train                      # plan for the local devices, then train (or --mesh / --plan)
+    autoshard report RUN_DIR             # a run's loss, tokens/s, MFU, step time as a picture (explain and
+                                         # verify draw theirs with --plot FILE.png)
 
 jax reads its flags when it starts, so `main` parses the arguments and sets `XLA_FLAGS` (the emulated CPU device
 count) before anything imports jax; each subcommand imports the heavy modules itself. User errors
 (`AutoshardError`) print one `error: ...` line on stderr and exit with status 2, never a traceback.
 
 Adding a subcommand: write `add_<name>(sub)` that builds its parser, and `cmd_<name>(args) -> int`, then list it in
-`COMMANDS` (a large one in a module of its own, as `autoshard.commands.train` is). `add_model_args` / `add_layout_args` give the shared --model / --mesh / --plan / --seed flags, and
+`COMMANDS` (a large one in a module of its own under `autoshard.commands`, as train, explain, verify and report
+are). `add_model_args` / `add_layout_args` give the shared --model / --mesh / --plan / --seed flags, and
 `setup_devices(args)` / `load_plan(args, ...)` the device list and Plan they imply.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -288,33 +290,77 @@ def make_plan(abstract_model, model_name: str, batch: int, seq: int, cluster, *,
 
 
 class SearchProgress:
-    """The planner's progress callback: one updating line on a terminal, else a plain line every `every_s` s."""
+    """The planner's progress callback: a rich spinner line on a terminal, else a plain line every `every_s` s.
+
+    The spinner keeps turning while the solver works on one mesh, so a slow search still looks alive; `clear()`
+    (which `make_plan` calls however the search ends) stops it and leaves the terminal as it was.
+    """
 
     def __init__(self, label: str, stream=None, every_s: float = 5.0):
         self.label, self.stream, self.every_s = label, stream or sys.stderr, every_s
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.console = self.terminal_console(self.stream)
+        self.tty = self.console is not None
         self.start = self.last = time.monotonic()
         self.count = 0
-        self.shown = False
+        self.live: Any = None
+        """The rich Live display while it is shown (started by the first mesh, stopped by `clear`)."""
+        self.spinner: Any = None
+        self.text = ""
+
+    @staticmethod
+    def terminal_console(stream) -> Any:
+        """A rich Console on `stream` when it is a terminal that can redraw a line, else None (plain lines):
+        rich is imported only then, so piped output neither pays for it nor changes."""
+        if not getattr(stream, "isatty", lambda: False)():
+            return None
+        from rich.console import Console
+
+        console = Console(file=stream, force_terminal=True)
+        return None if console.is_dumb_terminal else console
+
+    @property
+    def shown(self) -> bool:
+        return self.live is not None
 
     def __call__(self, line: str) -> None:
         self.count += 1
         text = f"planning {self.label}: {self.count} mesh{'es' if self.count > 1 else ''} considered, last {line}"
         now = time.monotonic()
         if self.tty:
-            self.stream.write(f"\r{text}\x1b[K")
-            self.stream.flush()
-            self.shown = True
+            self.show(text)
         elif now - self.last >= self.every_s:
             self.stream.write(text + "\n")
             self.stream.flush()
             self.last = now
 
+    def show(self, text: str) -> None:
+        """Put `text` beside the spinner, starting the live display on the first call."""
+        self.text = text
+        if self.live is None:
+            from rich.live import Live
+            from rich.spinner import Spinner
+
+            self.spinner = Spinner("dots")
+            # stderr written meanwhile (warnings) is printed above the line; stdout is left alone
+            self.live = Live(self, console=self.console, transient=True, redirect_stdout=False,
+                             redirect_stderr=True, refresh_per_second=10)
+            self.live.start(refresh=True)
+
+    def __rich__(self) -> Any:
+        """The spinner and the text on one line, however narrow the terminal (the text is cut short); built at each
+        refresh of the live display, from its thread, out of plain attributes."""
+        from rich.table import Table
+        from rich.text import Text
+
+        row = Table.grid(padding=(0, 1))
+        row.add_row(self.spinner, Text(self.text, no_wrap=True, overflow="ellipsis"))
+        return row
+
     def clear(self) -> None:
-        if self.tty and self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.shown = False
+        """Stop the spinner and erase its line (the cursor shown again)."""
+        if self.live is not None:
+            live, self.live = self.live, None
+            live.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,168 +525,6 @@ COMMANDS["plan"] = (add_plan, cmd_plan)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# explain
-
-
-def add_explain(sub) -> None:
-    p = sub.add_parser("explain", help="show a plan's per-parameter strategies and predicted costs",
-                       description="Print a plan file as tables: the strategy of every parameter (with shapes when "
-                                   "the model named in the plan's provenance is known), the predicted step time, "
-                                   "memory and communication by component, and the runners-up.")
-    p.add_argument("plan", metavar="PLAN", help="a plan JSON file (from autoshard plan -o, or a train run folder)")
-    p.add_argument("--model", default=None,
-                   help="model the plan is for, when its provenance does not name one (for parameter shapes)")
-    p.add_argument("--width", type=argtypes.positive_int, default=None,
-                   help="wrap tables to this many columns (default: the terminal's width, at most 100)")
-    p.add_argument("--plot", metavar="FILE.png", default=None,
-                   help="for a pipeline plan, also draw its schedule (device x tick) as a PNG picture")
-
-
-def _param_infos(model_name: str | None) -> dict | None:
-    """path -> (shape, logical axes) of a model preset, or None if the name is missing or unknown."""
-    if not model_name:
-        return None
-    import models
-    from planner.params import param_table
-
-    try:
-        table = param_table(models.abstract(models.config_from_name(model_name)))
-    except AutoshardError:
-        return None
-    return {path: (info.shape, info.axes) for path, info in table.items()}
-
-
-def cmd_explain(args: argparse.Namespace) -> int:
-    import shutil
-
-    from autoshard import explain
-    from planner.plan import Plan
-
-    plan = Plan.load(args.plan)
-    model = args.model or plan.provenance.get("model")
-    infos = _param_infos(model)
-    if args.model and infos is None:
-        import models
-
-        models.config_from_name(args.model)  # raises the one-line unknown-model error
-    width = args.width or min(explain.WIDTH, shutil.get_terminal_size((explain.WIDTH, 24)).columns)
-    print(explain.explain(plan, infos, source=args.plan, width=width))
-    if args.plot:
-        if plan.pipeline is None:
-            raise AutoshardError(f"--plot draws a pipeline schedule but {args.plan} has no pipeline (pipe=1): "
-                                 f"drop --plot")
-        try:
-            w, h = explain.schedule_png(plan, args.plot)
-        except OSError as e:
-            raise AutoshardError(f"cannot write {args.plot}: {e.strerror or e}") from None
-        print(f"wrote {args.plot} ({w} x {h} px: one row per pipe device, one column per tick; blue forward, red "
-              f"backward, pale blue the last stage's empty forward, grey idle)")
-    if infos is not None:
-        missing = sorted(set(plan.params) - set(infos))
-        if missing:
-            print(f"note: {len(missing)} parameter(s) of the plan are not in model {model}: {', '.join(missing[:5])}"
-                  + (" ..." if len(missing) > 5 else ""))
-    elif model is None and not explain.recorded_params(plan):
-        print("note: the plan's provenance names no model: pass --model to see parameter shapes")
-    return 0
-
-
-COMMANDS["explain"] = (add_explain, cmd_explain)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# verify
-
-
-def add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="compile a plan on the local devices and check the planner's predictions",
-                       description="Rebuild the model named in the plan's provenance, compile one train step laid out "
-                                   "by the plan on the local (emulated) devices, and compare the planner's predicted "
-                                   "per-device memory and communication bytes with the compiled program's. Judged: "
-                                   "memory within 15%%, total communication and every axes/collective key with at "
-                                   "least 5%% of the total within 10%%. Exit status 0 on PASS, 1 on FAIL.")
-    p.add_argument("plan", metavar="PLAN", help="a plan JSON file")
-    p.add_argument("--model", default=None, help="override the model of the plan's provenance")
-    p.add_argument("--batch", type=argtypes.positive_int, default=None, help="override the provenance batch size")
-    p.add_argument("--seq", type=argtypes.positive_int, default=None, help="override the provenance sequence length")
-    p.add_argument("--json", action="store_true", help="print the comparison as one JSON object on stdout")
-    add_device_args(p)
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    import models
-    from autoshard import emit, explain
-    from autoshard.api import local_cluster, predict
-    from autoshard.inspect import analyze
-    from autoshard.train import make_optimizer, parallelize
-    from autoshard.verification import compare_compiled
-    from planner.plan import Plan
-
-    plan = Plan.load(args.plan)
-    prov = plan.provenance
-    model, batch, seq = (args.model or prov.get("model"), args.batch or prov.get("batch"),
-                         args.seq or prov.get("seq"))
-    missing = [f"--{k}" for k, v in (("model", model), ("batch", batch), ("seq", seq)) if not v]
-    if missing:
-        raise AutoshardError(f"{args.plan}: the plan's provenance does not record its {', '.join(m[2:] for m in missing)}"
-                             f": pass {' '.join(missing)}")
-    cfg = models.config_from_name(str(model))
-    batch, seq = int(batch), int(seq)
-    devices = setup_devices(args)
-    if plan.num_devices > len(devices):
-        raise AutoshardError(f"verify needs as many devices as the plan's mesh: {plan.mesh_string()} has "
-                             f"{plan.num_devices} devices but {len(devices)} are available here; pass --devices "
-                             f"{plan.num_devices} (emulated CPU devices) or verify on a machine with that many")
-    devices = devices[:plan.num_devices]
-    example = token_batch(batch, seq)
-    emit.check_batch(plan, example)
-    abstract = models.abstract(cfg)
-    same_workload = (str(model), batch, seq) == (prov.get("model"), prov.get("batch"), prov.get("seq"))
-    if plan.predicted and same_workload:
-        predicted, predicted_source = plan.predicted, "the plan"
-    else:
-        cluster = local_cluster(len(devices))
-        predicted = predict(plan, abstract, example, cluster=cluster)
-        predicted_source = f"autoshard.api.predict for {cluster.label}"
-
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab, size=(batch, seq + 1)).astype(np.int32)
-    real = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    if not args.json:
-        print(f"verify {args.plan}: {cfg.name}, batch {batch} x seq {seq}\n"
-              f"mesh {plan.mesh_string()} (remat {plan.remat}) on {len(devices)} {devices[0].platform} device(s); "
-              f"predictions from {predicted_source}", flush=True)
-        print("compiling the train step ...", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    trainer = parallelize(models.factory(cfg), make_optimizer(), plan, devices=devices)
-    stats = analyze(trainer.compile(real), trainer.mesh)
-    seconds = time.perf_counter() - t0
-    result = compare_compiled(plan, predicted, stats)
-    report = {"plan": str(args.plan), "model": cfg.name, "batch": batch, "seq": seq,
-              "mesh": {a: n for a, n in plan.mesh.items() if n > 1}, "remat": plan.remat, "devices": len(devices),
-              "platform": devices[0].platform, "predicted_source": predicted_source, **result,
-              "compiled_memory": stats["memory"], "compile_seconds": round(seconds, 2)}
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        mem = stats["memory"]
-        print(f"compiled in {seconds:.1f} s; memory/device = argument {explain.format_bytes(mem['argument'])} + "
-              f"output {explain.format_bytes(mem['output'])}\n  + temp {explain.format_bytes(mem['temp'])} - "
-              f"alias {explain.format_bytes(mem['alias'])}")
-        print(explain.format_comparison(result))
-        if plan.pipeline is not None:
-            print("note: pipeline plan: tensor/*, seq/* and expert/* collectives run inside the executor's "
-                  "lax.switch branches and are counted once per branch by the compiled-program analysis, so they "
-                  "are shown, not judged")
-    return 0 if result["pass"] else 1
-
-
-COMMANDS["verify"] = (add_verify, cmd_verify)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # profile
 
 
@@ -710,13 +594,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
 COMMANDS["profile"] = (add_profile, cmd_profile)
 
 
+from autoshard.commands.explain import add_explain, cmd_explain  # noqa: E402
+COMMANDS["explain"] = (add_explain, cmd_explain)
+from autoshard.commands.verify import add_verify, cmd_verify  # noqa: E402
+COMMANDS["verify"] = (add_verify, cmd_verify)
+from autoshard.commands.report import add_report, cmd_report  # noqa: E402
+COMMANDS["report"] = (add_report, cmd_report)
 from autoshard.place import add_place, cmd_place  # noqa: E402
 COMMANDS["place"] = (add_place, cmd_place)
 from autoshard.commands.train import add_train, cmd_train  # noqa: E402
 COMMANDS["train"] = (add_train, cmd_train)
 from autoshard.launch import add_launch, cmd_launch  # noqa: E402
 COMMANDS["launch"] = (add_launch, cmd_launch)
-for _name in ("plan", "explain", "verify", "profile", "train", "place", "launch"):  # the order `--help` lists them
+for _name in ("plan", "explain", "verify", "profile", "train", "report", "place", "launch"):  # `--help` order
     COMMANDS[_name] = COMMANDS.pop(_name)
 
 

@@ -462,7 +462,7 @@ def explain(plan: Plan, params: Mapping[str, ParamInfo] | None = None, *, source
 
 
 
-# -- pipeline schedule pictures ----------------------------------------------------------------------------------
+# -- pipeline schedule as text (autoshard.figures draws it) ---------------------------------------------------------
 
 def _schedule(plan: Plan):
     from planner.schedule import make_schedule
@@ -487,52 +487,6 @@ def timeline(plan: Plan, *, width: int = WIDTH) -> list[str]:
         for h, row in zip(heads, cells):
             out.append("  " + h + "".join(c.ljust(cw) for c in row[start:start + per]).rstrip())
     return out
-
-
-COLOURS = {0: (235, 235, 235), 1: (66, 133, 244), 2: (234, 67, 53), 3: (160, 200, 250)}
-"""Cell colours: idle, forward, backward, and the last stage's empty forward (its backward recomputes it)."""
-
-
-def schedule_png(plan: Plan, path: str, *, cell: int = 12, gap: int = 1) -> tuple[int, int]:
-    """Draw the schedule (one row per pipe device, one column per tick) as a PNG; returns (width, height).
-
-    Blue: forward, red: backward, pale blue: the last stage's forward tick (no compute), grey: idle; darker
-    shades mark later virtual chunks.
-    """
-    from planner.schedule import IDLE
-
-    sched = _schedule(plan)
-    T, P = sched.ticks, sched.devices
-    w, h = T * (cell + gap) + gap, P * (cell + gap) + gap
-    img = bytearray([255, 255, 255] * (w * h))
-    for t in range(T):
-        for p in range(P):
-            ph = int(sched.phase[t, p])
-            key = 3 if ph == 1 and sched.code[t, p] == IDLE else ph
-            shade = 1.0 - 0.3 * (int(sched.chunk[t, p]) if ph else 0) / max(1, sched.virtual - 1)
-            colour = bytes(int(c * shade) for c in COLOURS[key])
-            x0, y0 = gap + t * (cell + gap), gap + p * (cell + gap)
-            for y in range(y0, y0 + cell):
-                row = (y * w + x0) * 3
-                img[row:row + 3 * cell] = colour * cell
-    write_png(path, w, h, bytes(img))
-    return w, h
-
-
-def write_png(path: str, width: int, height: int, rgb: bytes) -> None:
-    """A minimal RGB PNG (8 bits per channel, no interlace) with zlib and struct only."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    stride = 3 * width
-    raw = b"".join(b"\x00" + rgb[y * stride:(y + 1) * stride] for y in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                + chunk(b"IEND", b""))
 
 
 # -- verify: predicted vs compiled ---------------------------------------------------------------------------------
@@ -631,4 +585,4 @@ def format_comparison(result: Mapping[str, Any], *, width: int = WIDTH) -> str:
 __all__ = ["COMM_TOLERANCE", "MEMORY_TOLERANCE", "MIN_SHARE", "alternatives_table", "breakdown_tables", "compare",
            "describe_spec", "explain", "format_bytes", "format_comparison", "format_count", "format_percent",
            "format_seconds", "format_spec", "headline", "param_table", "pipeline_line", "relative_error",
-           "schedule_png", "shard_shape", "summary", "table", "timeline", "why_line", "write_png"]
+           "shard_shape", "summary", "table", "timeline", "why_line"]

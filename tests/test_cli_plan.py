@@ -270,25 +270,3 @@ def test_train_without_a_layout_plans_first(tiny_text, tmp_path, capsys):
     code, out, err = run(capsys, *args, "--devices", "1", "--out", str(tmp_path / "one"))
     assert code == 0, err
     np.testing.assert_allclose(losses(tmp_path / "planned"), losses(tmp_path / "one"), rtol=1e-4)
-
-
-def test_search_progress_updates_one_line_on_a_terminal():
-    import io
-
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    tty = Tty()
-    progress = cli.SearchProgress("gpt-tiny on cpu:8", tty)
-    progress("data=8: 6.85 ms")
-    progress("tensor=8: does not fit")
-    progress.clear()
-    text = tty.getvalue()
-    assert text.count("\r") == 3 and "\n" not in text
-    assert "planning gpt-tiny on cpu:8: 2 meshes considered, last tensor=8: does not fit" in text
-    plain = io.StringIO()
-    progress = cli.SearchProgress("x", plain, every_s=0.0)
-    progress("data=8: 1 ms")
-    progress.clear()
-    assert plain.getvalue() == "planning x: 1 mesh considered, last data=8: 1 ms\n"

@@ -123,18 +123,32 @@ def _non_negative_int(text: str) -> int:
 
 
 class Progress:
-    """A `fit` callback: `step N loss X` on stdout every `log_every` steps (and the first and last), and a progress
-    line on stderr: one updating line on a terminal, else a plain line every `every_s` seconds."""
+    """A `fit` callback: `step N loss X` on stdout every `log_every` steps (and the first and last), and progress on
+    stderr: a rich progress bar on a terminal, else a plain line every `every_s` seconds.
+
+    The stdout lines are what users and tests parse, so they stay plain print()s; on a terminal the bar is erased
+    before each (`clear`) and drawn again below it. `clear` also ends the display for good (interrupt, error, end).
+    """
 
     def __init__(self, total: int, log_every: int, start: int = 0, stream=None, every_s: float = 10.0):
         self.total, self.log_every, self.start = total, log_every, start
         self.stream, self.every_s = stream or sys.stderr, every_s
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.console = _terminal_console(self.stream)
+        self.tty = self.console is not None
         self.last_plain = time.monotonic()
-        self.shown = False
         self.step = start
         self.after_first: float | None = None
         self.began = time.perf_counter()
+        self.eta: tuple[float, float] | None = None
+        """(seconds left, perf_counter time of the estimate): the bar counts it down between steps."""
+        self.live: Any = None
+        """The rich live display while it is on the terminal (started by a step, stopped by `clear`)."""
+        self.drawn: tuple[int, list[str]] = (start, [])
+        """The step and fields the live display shows (one assignment, so its thread never sees them half-set)."""
+
+    @property
+    def shown(self) -> bool:
+        return self.live is not None
 
     def __call__(self, record: dict[str, Any]) -> None:
         step, loss = record["step"], record["loss"]
@@ -156,35 +170,72 @@ class Progress:
         self.update(record, per_step, eta, final=last)
 
     def update(self, record: dict[str, Any], per_step: float, eta: float | None, final: bool) -> None:
+        fields = self.fields(record, per_step)
+        self.eta = None if final or eta is None else (eta, time.perf_counter())
+        if self.tty:
+            self.draw(record["step"], fields, final)
+        elif final or time.monotonic() - self.last_plain >= self.every_s:
+            clock = _clock(time.perf_counter() - self.began, None if final else eta)
+            line = "  ".join([f"step {record['step']}/{self.total}", *fields, clock])
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.last_plain = time.monotonic()
+
+    def fields(self, record: dict[str, Any], per_step: float) -> list[str]:
+        """The record as display fields: loss, tokens/s, step time (and predicted), MFU, dropped tokens."""
         tokens = record["tokens_per_s"] * record["step_time_s"]
-        parts = [f"step {record['step']}/{self.total}", f"loss {record['loss']:.4f}", f"{tokens / per_step:,.0f} tok/s",
+        parts = [f"loss {record['loss']:.4f}", f"{tokens / per_step:,.0f} tok/s",
                  f"{_ms(record['step_time_s'])}/step"
                  + (f" (predicted {_ms(record['predicted_step_s'])})" if record.get("predicted_step_s") else "")]
         if record.get("mfu") is not None:
             parts.append(f"MFU {record['mfu']:.1%}")
         if record.get("dropped_tokens"):
             parts.append(f"{record['dropped_tokens']:,.0f} tokens dropped")
-        elapsed = time.perf_counter() - self.began
-        line = "  ".join(parts) + f"  {_duration(elapsed)} elapsed" + (
-            "" if final or eta is None else f", {_duration(eta)} left")
-        if self.tty:
-            self.stream.write(f"\r{line}\x1b[K")
-            self.shown = True
-            if final:
-                self.stream.write("\n")
-                self.shown = False
-            self.stream.flush()
-        elif final or time.monotonic() - self.last_plain >= self.every_s:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self.last_plain = time.monotonic()
+        return parts
+
+    def status(self, fields: list[str]) -> str:
+        """The text beside the bar: the step's fields, then the time since the start and the estimate of what is
+        left, counting down between steps."""
+        now = time.perf_counter()
+        eta = self.eta
+        left = None if eta is None else max(0.0, eta[0] - (now - eta[1]))
+        return "  ".join([*fields, _clock(now - self.began, left)])
+
+    def draw(self, step: int, fields: list[str], final: bool) -> None:
+        """Show the step on the terminal (starting the live display after a `clear`); the last step's bar stays."""
+        self.drawn = (step, fields)
+        if self.live is None:
+            from rich.live import Live
+
+            # stderr written meanwhile (a signal's notice, a warning) is printed above the bar; stdout is left alone
+            self.live = Live(self, console=self.console, transient=True, redirect_stdout=False, redirect_stderr=True,
+                             refresh_per_second=4)
+            self.live.start(refresh=True)
+        if final:
+            live, self.live = self.live, None
+            live.transient = False  # (the last step's bar sums the run up: it stays)
+            live.stop()
+
+    def __rich__(self) -> Any:
+        """What the live display shows, built again at each of its refreshes (so the clock ticks between steps):
+        step n/total, a progress bar, the fields and the clock, which wrap under themselves when the terminal is
+        narrow. Only plain attributes are read here, from the display's thread: no lock is shared with the loop."""
+        from rich.progress_bar import ProgressBar
+        from rich.table import Column, Table
+        from rich.text import Text
+
+        step, fields = self.drawn
+        row = Table.grid(Column(no_wrap=True), Column(no_wrap=True), Column(), padding=(0, 1))
+        row.add_row(Text(f"step {step}/{self.total}"), ProgressBar(total=self.total, completed=step, width=20),
+                    Text(self.status(fields)))
+        return row
 
     def clear(self) -> None:
-        """Blank the updating line (before other output goes to the same terminal)."""
-        if self.tty and self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.shown = False
+        """Erase the progress display (before other output goes to the same terminal, and at the end): the live
+        display stops and the cursor is shown again; the next step draws a new one."""
+        if self.live is not None:
+            live, self.live = self.live, None
+            live.stop()
 
 
 def _ms(s: float) -> str:
@@ -194,6 +245,19 @@ def _ms(s: float) -> str:
 def _duration(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _clock(elapsed: float, left: float | None) -> str:
+    """`1m30s elapsed, 3m30s left`: the end of the progress line (no estimate yet, or at the end: elapsed only)."""
+    return f"{_duration(elapsed)} elapsed" + ("" if left is None else f", {_duration(left)} left")
+
+
+def _terminal_console(stream) -> Any:
+    """A rich Console on `stream` when it is a terminal that can redraw a line, else None (plain lines): rich is
+    imported only then, so piped output neither pays for it nor changes."""
+    from autoshard.cli import SearchProgress
+
+    return SearchProgress.terminal_console(stream)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,12 +537,12 @@ def _train(args: argparse.Namespace, stop, attempt: _Attempt) -> int:
                      schedule=make_schedule(args.lr, args.steps, args.warmup), speed=speed, meta=meta, stop=stop,
                      start_step=start)
     finally:
+        progress.clear()  # (first: an error's message must not land inside a live display)
         if log is not None:
             log.close()
         if ckpt is not None:
             ckpt.wait()
             ckpt.close()
-    progress.clear()
     saved = (f"checkpoint of step {result.checkpoint} in {ckpt.directory}" if result.checkpoint is not None
              else "no checkpoint")
     if result.stopped:
