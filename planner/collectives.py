@@ -30,9 +30,10 @@ it is bounded by the slower of the two. A permute whose group spans nodes is as 
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from typing import Any, Mapping, NamedTuple, Protocol
+
+import numpy as np
 
 from planner.errors import AutoshardError
 from planner.plan import AXES
@@ -186,21 +187,15 @@ def _sizes(mesh: Mapping[str, int]) -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=4096)
 def _span(sizes: tuple[int, ...], group: tuple[int, ...], dpn: int) -> Span:
-    strides = [math.prod(sizes[i + 1:]) for i in range(len(sizes))]
+    """Span of the worst group: device ids numbered row-major over `sizes` (the last axis fastest), one group a row
+    of the id grid with the group's axes moved last; node = id // devices per node (all groups at once: a search
+    asks this of every mesh, and large clusters have thousands of devices)."""
     total = math.prod(sizes)
     n = math.prod(sizes[i] for i in group)
     if total <= dpn:
         return Span(n, 1)
     others = [i for i in range(len(sizes)) if i not in group]
-    offsets = [sum(c * strides[i] for c, i in zip(cs, group))
-               for cs in itertools.product(*(range(sizes[i]) for i in group))]
-    per_node, nodes = 1, 1
-    for cs in itertools.product(*(range(sizes[i]) for i in others)):
-        base = sum(c * strides[i] for c, i in zip(cs, others))
-        counts: dict[int, int] = {}
-        for off in offsets:
-            node = (base + off) // dpn
-            counts[node] = counts.get(node, 0) + 1
-        nodes = max(nodes, len(counts))
-        per_node = max(per_node, max(counts.values()))
-    return Span(per_node, nodes)
+    nodes = np.arange(total).reshape(sizes).transpose(others + list(group)).reshape(-1, n) // dpn
+    keys, counts = np.unique(np.arange(nodes.shape[0])[:, None] * (total // dpn + 1) + nodes, return_counts=True)
+    per_group = np.bincount(keys // (total // dpn + 1))
+    return Span(int(counts.max()), int(per_group.max()))

@@ -14,7 +14,10 @@ import dataclasses
 import functools
 import itertools
 import math
+import weakref
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
 
 from ortools.sat.python import cp_model
 
@@ -44,6 +47,35 @@ EXPENSIVE = SAVES_OUTPUT | {"div", "pow", "cbrt", "atan2", "tan", "layer_boundar
                             "optimization_barrier"}
 """Elementwise ops XLA will not duplicate into a second fusion (its `IsExpensive`), plus our barriers: their
 outputs are stored for the backward; a cheaper elementwise result is recomputed there from what they read."""
+
+
+_SHARED: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _shared(graph: Graph, key: tuple, make: Callable[[], Any]) -> Any:
+    """`make()`, computed once per graph and key: what a problem derives from the graph alone (or from the graph and
+    the tensor degree) is the same for every mesh, and the search builds a problem for each of hundreds of meshes.
+    Held as long as the graph lives; the tables are read-only."""
+    gid = id(graph)
+    entry = _SHARED.get(gid)
+    if entry is None or entry[0]() is not graph:
+        entry = (weakref.ref(graph, functools.partial(_forget, gid)), {})
+        _SHARED[gid] = entry
+    store = entry[1]
+    if key not in store:
+        store[key] = make()
+    return store[key]
+
+
+def _forget(gid: int, ref: weakref.ref) -> None:
+    if _SHARED.get(gid, (None,))[0] is ref:
+        del _SHARED[gid]
+
+
+def exceeds(floor: float, limit: float) -> bool:
+    """Whether a lower bound is above `limit` by more than the rounding of its sums (1e-12 of it): then so is
+    every figure it bounds."""
+    return floor * (1 - 1e-12) > limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,45 +111,69 @@ class Problem:
         """"time" (plan for speed), "bytes" (predict what XLA's partitioner does with a given plan: it follows the
         given shardings and moves as few bytes as it can, whatever the links) or "memory" (the least memory)."""
         self.fixed_layouts = dict(fixed_layouts or {})
+        """Values whose layout is given (a plan's activation constraints)."""
         self.attention_residuals = attention_residuals
         """False when the runtime's attention keeps its own residuals (ring attention's custom backward saves only
         q, k, v, out and the log-sum-exp, priced by `planner.seq_expert`): nothing the traced dense attention's ops
         (scope `autoshard.attention`) would save is counted."""
-        """Values whose layout is given (a plan's activation constraints)."""
         self.tensor_weights = tensor_weights
         """Every weight a contraction reads is split over tensor (the solver picks the dimension): asked for when
         the user fixes a tensor degree that the free solution would leave idle."""
         self.t = mesh["tensor"]
-        self.passes = graph.passes()
         self.batch_shards = mesh["data"] * mesh["fsdp"] * mesh.get("expert", 1)
         self.b = self.batch_shards * mesh.get("seq", 1)
         """Token split of every activation: the batch over data x fsdp x expert, the sequence over seq (sizes
         divide by it as floats; shapes keep their integer batch split)."""
-        self.expert_params = {p for p, info in graph.params.items() if info.axes and "experts" in info.axes}
-        """Parameters with an `experts` dimension: split over `expert`, their gradients not reduced over it."""
         self.values = graph.values
-        self.op_strats: dict[int, list[Strategy]] = {}
-        self.unplanned: list[str] = []
-        for op in graph.ops:
-            strats = strategies(op, self.values, self.t, self._local_shape)
-            if self.t > 1 and not has_rule(op, self.values) and op.primitive not in self.unplanned:
-                self.unplanned.append(op.primitive)
-            self.op_strats[op.index] = strats
-        live = self._live = self._live_values()
-        for op in graph.ops:  # ops on constants only (position tables, masks) are tiny: keep them replicated
-            if not any(o in live for o in op.outputs):
-                self.op_strats[op.index] = self.op_strats[op.index][:1]
-        self.needs_grad = self._grad_values()
-        self.followers = {op.index: k for op in graph.ops if (k := self._follower_operand(op, live)) is not None}
-        self._lookups = self._lookup_tables()
+        self._op_costs: dict[tuple[int, bool], float] = {}
+        self._convs: dict[tuple, tuple[str | None, float]] = {}
+        self._floors: dict[str, float] = {}
+        shared = lambda key, make: _shared(graph, key, make)  # noqa: E731
+        self.passes = shared(("passes",), graph.passes)
+        self.expert_params = shared(("expert params",), lambda: {
+            p for p, info in graph.params.items() if info.axes and "experts" in info.axes})
+        """Parameters with an `experts` dimension: split over `expert`, their gradients not reduced over it."""
+        self._live = shared(("live",), self._live_values)
+        degree = ("strategies", self.t, self.batch_shards if shared(("batch split",), self._batch_split_matters)
+                  else None)
+        self.op_strats, unplanned, self.followers = shared(degree, self._strategy_tables)
+        self.unplanned: list[str] = list(unplanned)
+        self.needs_grad = shared(("grad",), self._grad_values)
+        self._lookups = shared(("lookups",), self._lookup_tables)
         self.param_choices = {path: self._param_choices(path) for path in graph.param_values}
-        self._uses = {path: self._count_uses(path) for path in graph.param_values}
-        self._reductions = {path: self._gradient_reductions(path) for path in graph.param_values}
+        self._uses = shared(("uses",), lambda: {path: self._count_uses(path) for path in graph.param_values})
+        self._reductions = shared(("reductions",), lambda: {
+            path: self._gradient_reductions(path) for path in graph.param_values})
         for path, choice in (fixed_params or {}).items():  # a given plan: its layouts, whatever the rules allow
             self.param_choices[path] = [choice]
-        self._stacked = {path for path in graph.param_values
-                         if any(v.param == path and v.producer is None and v.id != graph.param_values[path]
-                                for v in self.values.values())}
+        self._stacked = shared(("stacked",), self._stacked_params)
+
+    def _batch_split_matters(self) -> bool:
+        """Whether a value's batch dimension is a model dimension (not a token one) somewhere: only then does the
+        batch split change which dimensions `strategies` finds divisible by the tensor degree."""
+        return any(v.batch_dim is not None and v.batch_dim not in v.token_dims for v in self.values.values())
+
+    def _strategy_tables(self) -> tuple[dict[int, list[Strategy]], tuple[str, ...], dict[int, int]]:
+        """(strategies per op, primitives without a rule, followers): what the tensor degree alone decides, shared
+        by every mesh with that degree."""
+        op_strats: dict[int, list[Strategy]] = {}
+        unplanned: list[str] = []
+        for op in self.g.ops:
+            strats = strategies(op, self.values, self.t, self._local_shape)
+            if self.t > 1 and not has_rule(op, self.values) and op.primitive not in unplanned:
+                unplanned.append(op.primitive)
+            # ops on constants only (position tables, masks) are tiny: keep them replicated
+            op_strats[op.index] = strats if any(o in self._live for o in op.outputs) else strats[:1]
+        self.op_strats = op_strats
+        followers = {op.index: k for op in self.g.ops if (k := self._follower_operand(op, self._live)) is not None}
+        return op_strats, tuple(unplanned), followers
+
+    def _stacked_params(self) -> set[str]:
+        """Parameters read per layer inside the stack (a slice of them enters the scan): ZeRO-3 gathers them in the
+        forward and again in the backward loop."""
+        return {path for path in self.g.param_values
+                if any(v.param == path and v.producer is None and v.id != self.g.param_values[path]
+                       for v in self.values.values())}
 
     def _live_values(self) -> set[int]:
         """Values that depend on a parameter or on the batch."""
@@ -269,6 +325,9 @@ class Problem:
     def _recomputed(self) -> set[int]:
         """Layer ops that full remat runs again in the backward: those the layer's saved values depend on (the
         layer's output is the next layer's stored input, not recomputed)."""
+        return _shared(self.g, ("recomputed", type(self), self.attention_residuals), self._recomputed_ops)
+
+    def _recomputed_ops(self) -> set[int]:
         outs = {cout for cout, _ in self.g.carries}
         ops, stack = set(), [vid for vid in self._saved() if self.values[vid].producer is not None and vid not in outs]
         while stack:
@@ -294,27 +353,40 @@ class Problem:
         return cost
 
     def _conv(self, src: Layout, dst: Layout, v: Value) -> tuple[str | None, float]:
-        """(collective, operand bytes) to turn layout src into dst over tensor."""
-        kind, _ = conversion(src, dst, 1.0, self.t)
-        if kind is None:
-            return None, 0.0
-        whole = local_nbytes(v, self.b)
-        operand = whole / self.t if kind in ("all-gather", "all-to-all") else whole
-        return kind, operand
+        """(collective, operand bytes) to turn layout src into dst over tensor (memoised: asked per use and
+        strategy)."""
+        key = (src, dst, v.id)
+        hit = self._convs.get(key)
+        if hit is None:
+            kind, _ = conversion(src, dst, 1.0, self.t)
+            if kind is None:
+                hit = None, 0.0
+            else:
+                whole = local_nbytes(v, self.b)
+                hit = kind, whole / self.t if kind in ("all-gather", "all-to-all") else whole
+            self._convs[key] = hit
+        return hit
 
     def op_cost(self, op_index: int, s: Strategy) -> float:
         """Forward + backward (about twice the forward) seconds of one op on one device.
 
         Matmuls by roofline; reductions, gathers and layout changes by memory traffic; elementwise ops are free,
-        as XLA fuses them into their neighbours.
+        as XLA fuses them into their neighbours. It depends on the strategy only through whether it splits the
+        work, so it is priced once per op and kind.
         """
-        op = self.g.ops[op_index]
+        key = (op_index, s.split)
+        cost = self._op_costs.get(key)
+        if cost is None:
+            cost = self._op_costs[key] = self._price_op(self.g.ops[op_index], s.split)
+        return cost
+
+    def _price_op(self, op, split: bool) -> float:
         if op.primitive in FUSED or op.primitive in SOURCES:
             return 0.0
         touches_batch = any(self.values[i].batch_dim is not None for i in op.inputs + op.outputs if i is not None)
-        div = (self.b if touches_batch else 1) * (self.t if s.split else 1)
+        div = (self.b if touches_batch else 1) * (self.t if split else 1)
         io = sum(local_nbytes(self.values[i], self.b) for i in op.inputs + op.outputs if i is not None)
-        io /= self.t if s.split else 1
+        io /= self.t if split else 1
         flops = op.flops / div if op.primitive in CONTRACTIONS else 0.0
         passes = self.passes + (1.0 if self.remat == "full" and op.in_layer else 0.0)  # remat: a 2nd forward
         if self.objective == "bytes":  # splitting work is still better than repeating it, all else equal
@@ -410,7 +482,11 @@ class Problem:
         return self.g.stack != "scan"
 
     def residuals(self) -> dict[int, int]:
-        """Values stored for the backward pass -> how many copies (the layer count inside the stack)."""
+        """Values stored for the backward pass -> how many copies (the layer count inside the stack); the table is
+        shared by every problem of the graph with the same remat (read-only)."""
+        return _shared(self.g, ("residuals", type(self), self.remat, self.attention_residuals), self._residuals)
+
+    def _residuals(self) -> dict[int, int]:
         keep = self._stored(self._saved())
         if self.remat == "full" and self.g.layers > 1:
             per_layer = {i: 1 for i, n in keep.items() if n >= self.g.layers}
@@ -475,7 +551,10 @@ class Problem:
 
     def working_set(self) -> list[int]:
         """Matmul outputs of one layer (of the whole graph when there is no layer stack): what the backward's
-        working set is made of, on top of the residuals (`WORKING_SET` bytes each)."""
+        working set is made of, on top of the residuals (`WORKING_SET` bytes each); shared, read-only."""
+        return _shared(self.g, ("working set", type(self), self.attention_residuals), self._working_set)
+
+    def _working_set(self) -> list[int]:
         body = [op for op in self.g.ops if op.in_layer] or self.g.ops
         if not self.attention_residuals:  # a sequence method's attention: its own transient (planner.seq_expert)
             body = [op for op in body if "autoshard.attention" not in op.scope]
@@ -489,201 +568,57 @@ class Problem:
     def value_memory(self, vid: int, layout: Layout) -> float:
         return local_nbytes(self.values[vid], self.b) / (self.t if isinstance(layout, int) else 1)
 
+    # -- lower bounds (what lets the search skip a mesh without solving it) ---------------------------------------
+    def compute_floor(self) -> float:
+        """A lower bound on the step time of every assignment (`evaluate`'s `step_seconds`): each op at its cheapest
+        strategy. The argument: `evaluate` adds to the chosen strategies' `op_cost` only terms that are not
+        negative (conversions, gradient sync and gathers, batch reductions), and no op costs less than its cheapest
+        strategy."""
+        if "compute" not in self._floors:
+            self._floors["compute"] = sum(min(self.op_cost(i, s) for s in strats)
+                                          for i, strats in self.op_strats.items())
+        return self._floors["compute"]
+
+    def sync_floor(self) -> float:
+        """A lower bound on the gradient sync and fsdp gathers of every assignment: each parameter at the choice
+        whose own part (`param_cost`) is cheapest; the fixed parts that XLA's combiner shares are not negative."""
+        return sum(min(self.param_cost(path, c)[0] for c in choices) for path, choices in self.param_choices.items())
+
+    def memory_floor(self) -> float:
+        """A lower bound on the memory of every assignment, as `evaluate` counts it and as the integer program's
+        constraint does (it rounds each term up): each parameter at its cheapest choice, each residual and
+        working-set value at its smallest layout (its fixed one, if fixed), and the batch. Where gradients are written over freed
+        activations (`grads_reuse_activations`) the total is P + A - min(A, G) = max(P, (P - G) + A), which is
+        smallest where P, P - G and A are: so it is bounded by the floors of each."""
+        if "memory" not in self._floors:
+            self._floors["memory"] = self._memory_floor()
+        return self._floors["memory"]
+
+    def _memory_floor(self) -> float:
+        def least(vid: int) -> float:  # (a fixed layout is the only one the program allows)
+            if vid in self.fixed_layouts:
+                return self.value_memory(vid, self.fixed_layouts[vid])
+            return min(self.value_memory(vid, lay) for lay in self.value_layout_options(vid))
+
+        choices = self.param_choices.items()
+        params = sum(min(self.param_memory(p, c) for c in ch) for p, ch in choices)
+        acts = sum(n * least(vid) for vid, n in self.residuals().items())
+        fixed = self.batch_memory() + sum(WORKING_SET * least(vid) for vid in self.working_set())
+        if not self.grads_reuse_activations:
+            return fixed + params + acts
+        kept = sum(min(self.param_memory(p, c) - self.grad_memory(p, c) for c in ch) for p, ch in choices)
+        return fixed + max(params, kept + acts)
+
     # -- the integer program ---------------------------------------------------------------------------------------
     def solve(self, memory_budget: float | None = None, time_limit: float = 20.0, workers: int = 2) -> Solution | None:
         """Optimal assignment under the budget (CP-SAT), or None when nothing fits."""
-        m = cp_model.CpModel()
-        true = m.NewConstant(1)
-
-        def one_hot(name: str, n: int) -> list:
-            if n == 1:
-                return [true]
-            lits = [m.NewBoolVar(f"{name}{k}") for k in range(n)]
-            m.AddExactlyOne(lits)
-            return lits
-
-        x: dict[int, list] = {}
-        p = {}
-        def source(vid: int) -> dict[Layout, list]:
-            v = self.values[vid]
-            out: dict[Layout, list] = defaultdict(list)
-            if v.param is not None:
-                for c, lit in zip(self.param_choices[v.param], p[v.param]):
-                    out[self._slice_layout(v, c.layout)].append(lit)
-            elif v.producer is None:
-                out[None].append(true)
-            else:
-                k = self.g.ops[v.producer].outputs.index(vid)
-                for st, lit in zip(self.op_strats[v.producer], x[v.producer]):
-                    out[st.outs[k]].append(lit)
-            return out
-
-        def layout_lits(vid: int) -> dict[Layout, object]:
-            """One literal per possible layout of the value."""
-            out = {}
-            for lay, lits in source(vid).items():
-                if len(lits) == 1:
-                    out[lay] = lits[0]
-                else:
-                    b = m.NewBoolVar(f"v{vid}")
-                    m.Add(sum(lits) == b)
-                    out[lay] = b
-            return out
-
-        for path, choices in self.param_choices.items():
-            p[path] = one_hot(f"p{path}_", len(choices))
-        lay_of: dict[int, dict] = {}
-        false = m.NewConstant(0)
-        followers = {}
-        for idx, strats in self.op_strats.items():  # program order: a follower's operand is decided before it
-            k = self.followers.get(idx)
-            if k is not None:
-                operand = self.g.ops[idx].inputs[k]
-                lays = lay_of.get(operand) or layout_lits(operand)
-                lay_of[operand] = lays
-                if set(lays) <= {st.ins[k] for st in strats}:
-                    x[idx] = [lays.get(st.ins[k], false) for st in strats]
-                    followers[idx] = k
-                    continue
-            x[idx] = one_hot(f"x{idx}_", len(strats))
-        cost: list[tuple[float, object]] = []
-        memory: list[tuple[float, object]] = []
-        for idx, strats in self.op_strats.items():
-            cost += [(self.op_cost(idx, s), lit) for s, lit in zip(strats, x[idx])]
-        grads: list[tuple[float, object]] = []
-        for path, choices in self.param_choices.items():
-            memory += [(self.param_memory(path, c), lit) for c, lit in zip(choices, p[path])]
-            grads += [(self.grad_memory(path, c), lit) for c, lit in zip(choices, p[path])]
-        acts: list[tuple[float, object]] = []
-        for vid, n in self.residuals().items():
-            lay_of[vid] = lay_of.get(vid) or layout_lits(vid)
-            acts += [(n * self.value_memory(vid, lay), lit) for lay, lit in lay_of[vid].items()]
-        memory += acts
-        memory.append((self.batch_memory(), true))
-        for vid in self.working_set():
-            lay_of[vid] = lay_of.get(vid) or layout_lits(vid)
-            memory += [(WORKING_SET * self.value_memory(vid, lay), lit) for lay, lit in lay_of[vid].items()]
-        reused = 0
-        if self.grads_reuse_activations:  # reused = min(activations, gradients): the solver takes the most it may
-            total = lambda terms: sum(int(b) * lit for b, lit in terms if b > 0)  # noqa: E731
-            reused = m.NewIntVar(0, int(sum(b for b, _ in grads if b > 0)) + 1, "reused")
-            m.Add(reused <= total(acts))
-            m.Add(reused <= total(grads))
-        indicators: dict[tuple, object] = {}
-        arrives: dict[tuple[int, int], list] = defaultdict(list)
-
-        def pay(key, seconds: float, lit) -> None:
-            if seconds <= 0:
-                return
-            if key not in indicators:
-                indicators[key] = m.NewBoolVar(f"y{len(indicators)}")
-                cost.append((seconds, indicators[key]))
-            m.AddImplication(lit, indicators[key])
-
-        for path, choices in self.param_choices.items():
-            for c, lit in zip(choices, p[path]):
-                own, shared = self.param_cost(path, c)
-                cost.append((own, lit))
-                for key, seconds in shared.items():
-                    pay(("sync",) + key, seconds, lit)
-
-        def link(a: dict[Layout, object], b: list[tuple[object, object]]):
-            """Pair variables e[(la, kb)] with row/column sums equal to the two one-hot sides (a tight linking)."""
-            if len(a) == 1 and len(b) == 1:
-                return {(next(iter(a)), 0): true}
-            e = {}
-            for la, lit_a in a.items():
-                for k, (_, lit_b) in enumerate(b):
-                    e[(la, k)] = m.NewBoolVar("e")
-            for la, lit_a in a.items():
-                m.Add(sum(e[(la, k)] for k in range(len(b))) == lit_a)
-            for k, (_, lit_b) in enumerate(b):
-                m.Add(sum(e[(la, k)] for la in a) == lit_b)
-            return e
-
-        for vid, v in self.values.items():
-            if not v.consumers:
-                continue
-            lays = lay_of.get(vid) or layout_lits(vid)
-            lay_of[vid] = lays
-            floating = vid in self.needs_grad
-            for cidx, pos in v.consumers:
-                if followers.get(cidx) == pos:
-                    continue
-                count, strats = self._count(cidx), self.op_strats[cidx]
-                pairs = link(lays, list(zip(strats, x[cidx])))
-                for (lay, k), lit in pairs.items():
-                    st = strats[k]
-                    if v.param is not None and st.ins[pos] != lay:
-                        m.Add(lit == 0)  # the partitioner computes where the weights are; it does not move them
-                        continue
-                    if lay is None and st.ins[pos] == PARTIAL:
-                        m.Add(lit == 0)  # a whole value cannot stand in for a partial sum (it would count n times)
-                        continue
-                    if lay is not None and st.ins[pos] == lay:
-                        arrives[(cidx, k)].append(lit)
-                    kind, nb = self._conv(lay, st.ins[pos], v)
-                    if kind:
-                        fc = self._forward_count(vid, cidx)
-                        pay(("f", vid, lay, st.ins[pos], fc), fc * self._comm(kind, nb, ("tensor",)), lit)
-                        if self._regathers(vid, cidx, kind):
-                            pay(("g", vid, lay, st.ins[pos], count), count * self._comm(kind, nb, ("tensor",)), lit)
-                    if not floating:
-                        continue
-                    kind, nb = self._conv(st.cots[pos], None if lay == PARTIAL else lay, v)
-                    if kind:
-                        bc = count * self._cotangent_uses(vid)
-                        pay(("b", vid, lay, st.cots[pos], count, cidx, pos), bc * self._comm(kind, nb, ("tensor",)), lit)
-        # the partitioner propagates shardings forward: an op is split only the way some operand already is,
-        # so that a plan (parameter specs and layer-boundary specs) determines every op's strategy
-        for idx, strats in self.op_strats.items():
-            if idx in followers or len(strats) == 1 or self.g.ops[idx].primitive == BOUNDARY:
-                continue
-            for k, st in enumerate(strats):
-                if st.name != "R" and not (st.outs and self._is_source(idx)):
-                    m.Add(x[idx][k] <= sum(arrives.get((idx, k), [])))
-        for cout, cin in self.g.carries:  # the layer's output feeds the next layer's input: layouts must agree
-            a = lay_of.get(cout) or layout_lits(cout)
-            b = lay_of.get(cin) or layout_lits(cin)
-            pairs = link(a, [(lb, lit) for lb, lit in b.items()])
-            blays = list(b)
-            for (la, k), lit in pairs.items():
-                lb = blays[k]
-                if la != lb:
-                    pay(("c", cout, la, lb), self._carry_cost(la, lb, self.values[cout]), lit)
-        for vid, want in self.fixed_layouts.items():
-            lays = lay_of.get(vid) or layout_lits(vid)
-            if want not in lays:
-                return None
-            m.Add(lays[want] == 1)
-        scale = 1e9 if self.objective == "time" else 1.0  # CP-SAT wants integers: nanoseconds, or bytes
-        if self.objective == "memory":
-            m.Minimize(sum(int(math.ceil(b)) * lit for b, lit in memory if b > 0) - reused)
-        elif self.objective == "bytes":  # between plans that move the same bytes, the partitioner splits more
-            # CP-SAT needs the objective's range within int64: in bytes x 1000 a 175B model's terms overflow it,
-            # so large models count in coarser units (exact for everything below ~2^50 bytes in total)
-            unit = max(1.0, (1000 * sum(c for c, _ in cost if c > 0) + sum(b for b, _ in memory if b > 0)) / 2**50)
-            m.Minimize(sum(1000 * int(round(c / unit)) * lit for c, lit in cost if c > 0)
-                       + sum(int(math.ceil(b / unit)) * lit for b, lit in memory if b > 0) - (reused if unit == 1.0 else 0))
-        else:
-            m.Minimize(sum(int(round(c * scale)) * lit for c, lit in cost if c > 0))
-        if memory_budget is not None:
-            m.Add(sum(int(math.ceil(b)) * lit for b, lit in memory if b > 0) - reused <= int(memory_budget))
-        solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = time_limit
-        solver.parameters.num_workers = workers
-        solver.parameters.random_seed = 0
-        status = solver.Solve(m)
-        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        model = _Model(self)
+        if not model.build():
             return None
-        pick = lambda lits: next(k for k, lit in enumerate(lits) if solver.Value(lit))  # noqa: E731
-        ops = {idx: strats[pick(x[idx])] for idx, strats in self.op_strats.items()}
-        params = {path: ch[pick(p[path])] for path, ch in self.param_choices.items()}
-        sol = self.evaluate(ops, params)
-        sol.solver = {"status": "optimal" if status == cp_model.OPTIMAL else "feasible",
-                      "variables": len(m.Proto().variables), "constraints": len(m.Proto().constraints),
-                      "wall_seconds": round(solver.WallTime(), 4)}
-        return sol
+        model.minimise()
+        if memory_budget is not None:
+            model.fit(memory_budget)
+        return model.solve(time_limit, workers)
 
     def _is_source(self, idx: int) -> bool:
         return not any(i is not None and i in self._live for i in self.g.ops[idx].inputs)
@@ -820,6 +755,256 @@ class Problem:
         return best
 
 
+class _Model:
+    """The CP-SAT encoding of one `Problem` (Alpa's form, see the module docstring): one-hot literals per
+    parameter and per op strategy (a follower reads its operand's layout literals), a literal per layout a value
+    can take, pair literals linking each edge's operand layout to the consumer's strategy, and an indicator per
+    conversion key, paid once whichever literals need it. Costs and memory are collected as (coefficient,
+    literal) arrays and handed to CP-SAT as weighted sums."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.pr = problem
+        self.m = cp_model.CpModel()
+        self.true = self.m.new_constant(1)
+        self.p = {path: self._one_hot(f"p{path}_", len(ch)) for path, ch in problem.param_choices.items()}
+        self.false = self.m.new_constant(0)
+        self.x: dict[int, list] = {}
+        self.followers: dict[int, int] = {}
+        self.lay_of: dict[int, dict[Layout, Any]] = {}
+        self.cost: list[tuple[float, Any]] = []
+        self.memory: list[tuple[float, Any]] = []
+        self.grads: list[tuple[float, Any]] = []
+        self.acts: list[tuple[float, Any]] = []
+        self.reused: Any = 0
+        self.indicators: dict[tuple, Any] = {}
+        self.arrives: dict[tuple[int, int], list] = defaultdict(list)
+
+    def build(self) -> bool:
+        """The constraints and cost terms; False when a fixed layout is impossible."""
+        self._strategies()
+        self._memory_terms()
+        self._sync()
+        self._edges()
+        self._propagation()
+        self._carries()
+        return self._fixed()
+
+    # -- variables -------------------------------------------------------------------------------------------------
+    def _one_hot(self, name: str, n: int) -> list:
+        if n == 1:
+            return [self.true]
+        lits = [self.m.new_bool_var(f"{name}{k}") for k in range(n)]
+        self.m.add_exactly_one(lits)
+        return lits
+
+    def _source(self, vid: int) -> dict[Layout, list]:
+        """Layout -> the literals (parameter choices or producer strategies) that give the value that layout."""
+        pr, v = self.pr, self.pr.values[vid]
+        out: dict[Layout, list] = defaultdict(list)
+        if v.param is not None:
+            for c, lit in zip(pr.param_choices[v.param], self.p[v.param]):
+                out[pr._slice_layout(v, c.layout)].append(lit)
+        elif v.producer is None:
+            out[None].append(self.true)
+        else:
+            k = pr.g.ops[v.producer].outputs.index(vid)
+            for st, lit in zip(pr.op_strats[v.producer], self.x[v.producer]):
+                out[st.outs[k]].append(lit)
+        return out
+
+    def layouts(self, vid: int) -> dict[Layout, Any]:
+        """One literal per possible layout of the value (made once)."""
+        lays = self.lay_of.get(vid)
+        if lays:
+            return lays
+        lays = {}
+        for lay, lits in self._source(vid).items():
+            if len(lits) == 1:
+                lays[lay] = lits[0]
+            else:
+                b = self.m.new_bool_var(f"v{vid}")
+                self.m.add(cp_model.LinearExpr.Sum(lits) == b)
+                lays[lay] = b
+        self.lay_of[vid] = lays
+        return lays
+
+    def _strategies(self) -> None:
+        """Strategy literals in program order (a follower's operand is decided before it), and their op costs."""
+        pr = self.pr
+        for idx, strats in pr.op_strats.items():
+            k = pr.followers.get(idx)
+            if k is not None:
+                lays = self.layouts(pr.g.ops[idx].inputs[k])
+                if set(lays) <= {st.ins[k] for st in strats}:
+                    self.x[idx] = [lays.get(st.ins[k], self.false) for st in strats]
+                    self.followers[idx] = k
+                    continue
+            self.x[idx] = self._one_hot(f"x{idx}_", len(strats))
+        for idx, strats in pr.op_strats.items():
+            self.cost += [(pr.op_cost(idx, s), lit) for s, lit in zip(strats, self.x[idx])]
+
+    def _memory_terms(self) -> None:
+        """Parameters with their optimizer state, residuals, the batch and the backward working set; with the
+        gradients written over freed activations, `reused` = min(activations, gradients) comes off."""
+        pr = self.pr
+        for path, choices in pr.param_choices.items():
+            self.memory += [(pr.param_memory(path, c), lit) for c, lit in zip(choices, self.p[path])]
+            self.grads += [(pr.grad_memory(path, c), lit) for c, lit in zip(choices, self.p[path])]
+        for vid, n in pr.residuals().items():
+            self.acts += [(n * pr.value_memory(vid, lay), lit) for lay, lit in self.layouts(vid).items()]
+        self.memory += self.acts
+        self.memory.append((pr.batch_memory(), self.true))
+        for vid in pr.working_set():
+            self.memory += [(WORKING_SET * pr.value_memory(vid, lay), lit) for lay, lit in self.layouts(vid).items()]
+        if pr.grads_reuse_activations:  # reused = min(activations, gradients): the solver takes the most it may
+            self.reused = self.m.new_int_var(0, int(sum(b for b, _ in self.grads if b > 0)) + 1, "reused")
+            self.m.add(self.reused <= _weighted([(int(b), lit) for b, lit in self.acts if b > 0]))
+            self.m.add(self.reused <= _weighted([(int(b), lit) for b, lit in self.grads if b > 0]))
+
+    def pay(self, key: tuple, seconds: float, lit) -> None:
+        """Charge `seconds` once if any literal paying under `key` is true."""
+        if seconds <= 0:
+            return
+        if key not in self.indicators:
+            self.indicators[key] = self.m.new_bool_var(f"y{len(self.indicators)}")
+            self.cost.append((seconds, self.indicators[key]))
+        self.m.add_implication(lit, self.indicators[key])
+
+    def _sync(self) -> None:
+        """Each parameter choice's own synchronisation, and the fixed parts shared by all that sync alike."""
+        pr = self.pr
+        for path, choices in pr.param_choices.items():
+            for c, lit in zip(choices, self.p[path]):
+                own, shared = pr.param_cost(path, c)
+                self.cost.append((own, lit))
+                for key, seconds in shared.items():
+                    self.pay(("sync",) + key, seconds, lit)
+
+    def link(self, a: dict[Layout, Any], b: list[tuple[Any, Any]]) -> dict[tuple[Layout, int], Any]:
+        """Pair variables e[(la, kb)] with row/column sums equal to the two one-hot sides (a tight linking)."""
+        if len(a) == 1 and len(b) == 1:
+            return {(next(iter(a)), 0): self.true}
+        e = {(la, k): self.m.new_bool_var("e") for la in a for k in range(len(b))}
+        for la, lit_a in a.items():
+            self.m.add(cp_model.LinearExpr.Sum([e[(la, k)] for k in range(len(b))]) == lit_a)
+        for k, (_, lit_b) in enumerate(b):
+            self.m.add(cp_model.LinearExpr.Sum([e[(la, k)] for la in a]) == lit_b)
+        return e
+
+    def _edges(self) -> None:
+        """Each use of a value: which operand layout meets which consumer strategy, and the conversions paid."""
+        pr = self.pr
+        for vid, v in pr.values.items():
+            if v.consumers:
+                lays = self.layouts(vid)
+                for cidx, pos in v.consumers:
+                    if self.followers.get(cidx) != pos:
+                        self._edge(vid, v, lays, cidx, pos)
+
+    def _edge(self, vid: int, v: Value, lays: dict[Layout, Any], cidx: int, pos: int) -> None:
+        pr, m = self.pr, self.m
+        count, strats = pr._count(cidx), pr.op_strats[cidx]
+        floating = vid in pr.needs_grad
+        for (lay, k), lit in self.link(lays, list(zip(strats, self.x[cidx]))).items():
+            want = strats[k].ins[pos]
+            if v.param is not None and want != lay:
+                m.add(lit == 0)  # the partitioner computes where the weights are; it does not move them
+                continue
+            if lay is None and want == PARTIAL:
+                m.add(lit == 0)  # a whole value cannot stand in for a partial sum (it would count n times)
+                continue
+            if lay is not None and want == lay:
+                self.arrives[(cidx, k)].append(lit)
+            kind, nb = pr._conv(lay, want, v)
+            if kind:
+                fc = pr._forward_count(vid, cidx)
+                self.pay(("f", vid, lay, want, fc), fc * pr._comm(kind, nb, ("tensor",)), lit)
+                if pr._regathers(vid, cidx, kind):
+                    self.pay(("g", vid, lay, want, count), count * pr._comm(kind, nb, ("tensor",)), lit)
+            if not floating:
+                continue
+            cot = strats[k].cots[pos]
+            kind, nb = pr._conv(cot, None if lay == PARTIAL else lay, v)
+            if kind:
+                bc = count * pr._cotangent_uses(vid)
+                self.pay(("b", vid, lay, cot, count, cidx, pos), bc * pr._comm(kind, nb, ("tensor",)), lit)
+
+    def _propagation(self) -> None:
+        """The partitioner propagates shardings forward: an op is split only the way some operand already is, so
+        that a plan (parameter specs and layer-boundary specs) determines every op's strategy."""
+        pr = self.pr
+        for idx, strats in pr.op_strats.items():
+            if idx in self.followers or len(strats) == 1 or pr.g.ops[idx].primitive == BOUNDARY:
+                continue
+            for k, st in enumerate(strats):
+                if st.name != "R" and not (st.outs and pr._is_source(idx)):
+                    self.m.add(self.x[idx][k] <= cp_model.LinearExpr.Sum(self.arrives.get((idx, k), [])))
+
+    def _carries(self) -> None:
+        """The layer's output feeds the next layer's input: a conversion between their layouts is paid per layer."""
+        pr = self.pr
+        for cout, cin in pr.g.carries:
+            a, b = self.layouts(cout), self.layouts(cin)
+            blays = list(b)
+            for (la, k), lit in self.link(a, list(b.items())).items():
+                lb = blays[k]
+                if la != lb:
+                    self.pay(("c", cout, la, lb), pr._carry_cost(la, lb, pr.values[cout]), lit)
+
+    def _fixed(self) -> bool:
+        for vid, want in self.pr.fixed_layouts.items():
+            lays = self.layouts(vid)
+            if want not in lays:
+                return False
+            self.m.add(lays[want] == 1)
+        return True
+
+    # -- objective, budget and solution -----------------------------------------------------------------------------
+    def minimise(self) -> None:
+        """The problem's objective: nanoseconds ("time"), bytes moved ("bytes") or bytes held ("memory")."""
+        pr, m, cost, memory = self.pr, self.m, self.cost, self.memory
+        if pr.objective == "memory":
+            m.minimize(_weighted([(int(math.ceil(b)), lit) for b, lit in memory if b > 0]) - self.reused)
+        elif pr.objective == "bytes":  # between plans that move the same bytes, the partitioner splits more
+            # CP-SAT needs the objective's range within int64: in bytes x 1000 a 175B model's terms overflow it,
+            # so large models count in coarser units (exact for everything below ~2^50 bytes in total)
+            unit = max(1.0, (1000 * sum(c for c, _ in cost if c > 0) + sum(b for b, _ in memory if b > 0)) / 2**50)
+            m.minimize(_weighted([(1000 * int(round(c / unit)), lit) for c, lit in cost if c > 0]
+                                 + [(int(math.ceil(b / unit)), lit) for b, lit in memory if b > 0])
+                       - (self.reused if unit == 1.0 else 0))
+        else:  # CP-SAT wants integers: nanoseconds
+            m.minimize(_weighted([(int(round(c * 1e9)), lit) for c, lit in cost if c > 0]))
+
+    def fit(self, budget: float) -> None:
+        """The per-device memory constraint (each term rounded up)."""
+        self.m.add(_weighted([(int(math.ceil(b)), lit) for b, lit in self.memory if b > 0]) - self.reused
+                   <= int(budget))
+
+    def solve(self, time_limit: float, workers: int) -> Solution | None:
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = time_limit
+        solver.parameters.num_workers = workers
+        solver.parameters.random_seed = 0
+        status = solver.solve(self.m)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return None
+        pick = lambda lits: next(k for k, lit in enumerate(lits) if solver.value(lit))  # noqa: E731
+        pr = self.pr
+        ops = {idx: strats[pick(self.x[idx])] for idx, strats in pr.op_strats.items()}
+        params = {path: ch[pick(self.p[path])] for path, ch in pr.param_choices.items()}
+        sol = pr.evaluate(ops, params)
+        proto = self.m.proto
+        sol.solver = {"status": "optimal" if status == cp_model.OPTIMAL else "feasible",
+                      "variables": len(proto.variables), "constraints": len(proto.constraints),
+                      "wall_seconds": round(solver.wall_time, 4)}
+        return sol
+
+
+def _weighted(terms: list[tuple[int, Any]]) -> Any:
+    """sum(coefficient x literal) as one CP-SAT expression (built at once, not term by term)."""
+    return cp_model.LinearExpr.weighted_sum([lit for _, lit in terms], [c for c, _ in terms])
+
+
 class LoopProblem(Problem):
     """The integer program of a folded Python loop, costed as the unrolled program XLA compiles for it: the same
     figures as the op-by-op graph, from one block's variables. Where `Problem` models a `lax.scan` stack it is
@@ -852,7 +1037,7 @@ class LoopProblem(Problem):
         finally:
             self.g = graph
 
-    def working_set(self) -> list[int]:
+    def _working_set(self) -> list[int]:
         body = [op for op in self.g.ops if self.attention_residuals or "autoshard.attention" not in op.scope]
         return [o for op in body if op.primitive in CONTRACTIONS for _ in range(self.g.layers if op.in_layer else 1)
                 for o in op.outputs if o in self._live and dtype_kind(self.values[o].dtype) == "float"]

@@ -6,6 +6,7 @@ predictions and the runners-up. Fixed axes (`mesh={"tensor": 8}`) and pinned par
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import math
@@ -20,7 +21,7 @@ from flax import nnx
 
 from planner.cluster import ClusterSpec, load_cluster
 from planner.errors import AutoshardError
-from planner.ilp import ParamChoice, Problem, Solution, new_problem
+from planner.ilp import ParamChoice, Problem, Solution, exceeds, new_problem
 from planner.params import param_table, path_str
 from planner.plan import AXES, BATCH_AXES, Plan, SpecEntry
 from planner import jax_internals as jint
@@ -121,6 +122,8 @@ class Candidate:
     """For seq > 1: the sequence method ("ulysses" or "ring") the candidate's attention runs."""
     idle: bool = False
     """Whether the solution leaves the mesh's tensor axis idle (`idle_tensor`)."""
+    pruned: bool = False
+    """Not solved: a lower bound on its step time showed it could not matter (`search`); solution is None."""
 
     @property
     def seconds(self) -> float:
@@ -236,11 +239,23 @@ def graph_for(graph: Graph, specs: dict[str, list[SpecEntry]] | None = None, rem
 def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, int] | None = None,
            memory_budget: float | None = None, remat: str | None = None, pinned: dict[str, ParamChoice] | None = None,
            compute_dtype: str = "float32", progress: Callable[[str], None] | None = None,
-           pipeline: dict[str, Any] | None = None, sequence: str | None = None) -> list[Candidate]:
-    """Solve every candidate mesh; candidates sorted fastest first (infeasible ones last, with a reason).
+           pipeline: dict[str, Any] | None = None, sequence: str | None = None, keep: int | None = None
+           ) -> list[Candidate]:
+    """Solve every candidate mesh; candidates sorted fastest first (infeasible and pruned ones last).
 
     `pipeline` fixes some of schedule / microbatches / virtual for the meshes with pipe > 1; `sequence` fixes the
     sequence method for the meshes with seq > 1.
+
+    Two shortcuts leave the result as it would be without them. A mesh, remat mode and sequence method whose
+    memory floor (`Problem.memory_floor`, `planner.stages.weights_floor`) exceeds the budget fits nothing, so it
+    is not solved. With `keep`, a pipeline or seq/expert mesh whose lower bound on step time is above what it must
+    beat (`_Bounds`) is pruned: it can neither be among the `keep` fastest (`plan_graph` re-predicts the first
+    `top` as the leaders and runners-up, and searches again with 3 x `top` kept in the rare case that it needs
+    more) nor the fastest with or without a pipeline, or with or without seq/expert (the plan's provenance).
+    Pruned meshes stay in the list (no solution, `pruned`), so the counts of meshes considered do not change.
+    Flat meshes are solved first (never pruned: see `_Search.flat`), then pipelines and seq/expert meshes, the
+    lowest bound first, so the bar falls early; the list keeps the enumeration order under its sort (ties keep
+    it).
     """
     fixed = dict(mesh or {})
     for ax in fixed:
@@ -250,65 +265,243 @@ def search(graph: Graph, cluster: ClusterSpec, batch: int, *, mesh: dict[str, in
         raise AutoshardError(f"fixed mesh {fixed} does not divide the {cluster.num_devices} devices of "
                              f"{cluster.label}")
     budget = default_budget(cluster) if memory_budget is None else memory_budget
-    remats = [remat] if remat else remat_options(graph)
-    out: list[Candidate] = []
-    idle: list[Candidate] = []
-    unplanned: set[str] = set()
-    shapes = seq_expert.op_shapes(graph)
-    all_meshes = candidate_meshes(graph, cluster, batch, fixed, pipeline, sequence)
-    solved: dict = {}
-    for m in all_meshes:
-        if (m["seq"] > 1 or m["expert"] > 1) and m["pipe"] == 1:
-            for cand in _seq_expert_candidates(graph, shapes, cluster, batch, m, budget, remats, pinned,
-                                               compute_dtype, sequence, unplanned):
-                if progress:
-                    progress(_mesh_str(m) + (f" ({cand.sequence})" if cand.sequence else "")
-                             + (f": {cand.seconds * 1e3:.2f} ms" if cand.solution else ": does not fit"))
-                out.append(cand)
-            continue
-        if m["pipe"] > 1:
-            for cand in _pipeline_candidates(graph, shapes, cluster, batch, m, budget, remat, pinned, compute_dtype,
-                                             pipeline or {}, solved, sequence):
-                if progress:
-                    progress(_mesh_str(m) + (f" ({cand.sequence})" if cand.sequence else "")
-                             + (f": {cand.seconds * 1e3:.2f} ms" if cand.pipeline else ": does not fit"))
-                out.append(cand)
-            continue
-        best = _solve_mesh(graph, m, cluster, remats, budget, pinned, compute_dtype, unplanned)
-        if best is not None and idle_tensor(best, m) and "tensor" in fixed:
+    run = _Search(graph, cluster, batch, budget, remat, pinned, compute_dtype, pipeline or {}, sequence, keep, fixed)
+    return run.all(candidate_meshes(graph, cluster, batch, fixed, pipeline, sequence), progress)
+
+
+class _Bounds:
+    """What an unsolved mesh must beat to matter: the `keep`-th fastest candidate so far (the first `keep` are the
+    leaders `plan_graph` re-predicts) and the fastest so far of each kind the mesh belongs to (with or without a
+    pipeline, with or without seq/expert: the plan's provenance reports the best of each). Both only fall as the
+    search goes on, so a mesh slower than both when it is reached is slower than both at the end."""
+
+    def __init__(self, keep: int | None) -> None:
+        self.keep = keep if keep is None or keep > 0 else None  # (keep 0 would leave no bar: no pruning)
+        self.times: list[float] = []
+        self.best: dict[tuple[str, bool], float] = {}
+
+    @staticmethod
+    def kinds(mesh: dict[str, int]) -> tuple[tuple[str, bool], ...]:
+        return ("pipe", mesh["pipe"] > 1), ("seq/expert", mesh["seq"] > 1 or mesh["expert"] > 1)
+
+    def add(self, cand: Candidate) -> None:
+        if cand.solution is None or self.keep is None:
+            return
+        bisect.insort(self.times, cand.seconds)
+        del self.times[self.keep:]
+        for kind in self.kinds(cand.mesh):
+            self.best[kind] = min(self.best.get(kind, math.inf), cand.seconds)
+
+    def bar(self, mesh: dict[str, int]) -> float:
+        """What a plan on `mesh` must beat to matter (infinite until `keep` candidates are in)."""
+        if self.keep is None or len(self.times) < self.keep:
+            return math.inf
+        return max([self.times[-1]] + [self.best.get(kind, math.inf) for kind in self.kinds(mesh)])
+
+    def beaten(self, floor: float, mesh: dict[str, int]) -> bool:
+        """Whether every plan on `mesh`, at least `floor` seconds, is slower than all it must beat (the floor shrunk
+        by 1e-9 first, far more than the rounding of its sums: a tie is never pruned)."""
+        return floor * (1 - 1e-9) > self.bar(mesh)
+
+
+class _MeshProblems:
+    """The integer programs of one mesh, each made once (by remat mode and attention residuals)."""
+
+    def __init__(self, graph: Graph, mesh: dict[str, int], cluster: ClusterSpec, compute_dtype: str,
+                 pinned: dict[str, ParamChoice] | None, unplanned: set[str]) -> None:
+        self.args = (graph, mesh, cluster)
+        self.kw = dict(compute_dtype=compute_dtype, fixed_params=pinned, fixed_layouts=carry_layouts(graph))
+        self.unplanned = unplanned
+        self.made: dict[tuple, Problem] = {}
+
+    def get(self, remat: str, dense: bool = True, **kw) -> Problem:
+        key = (remat, dense, tuple(sorted(kw.items())))
+        if key not in self.made:
+            self.made[key] = new_problem(*self.args, remat=remat, attention_residuals=dense, **self.kw, **kw)
+            self.unplanned.update(self.made[key].unplanned)
+        return self.made[key]
+
+
+def _within(problem: Problem, budget: float) -> Solution | None:
+    """`problem.solve(budget)`, or None without solving when its memory floor already exceeds the budget."""
+    return None if exceeds(problem.memory_floor(), budget) else problem.solve(budget)
+
+
+class _Search:
+    """One search: the candidates found so far (with their enumeration index), the bounds pruning must beat, and
+    the pipeline solves shared between meshes."""
+
+    def __init__(self, graph: Graph, cluster: ClusterSpec, batch: int, budget: float, remat: str | None,
+                 pinned: dict[str, ParamChoice] | None, compute_dtype: str, fixes: dict[str, Any],
+                 sequence: str | None, keep: int | None, fixed: dict[str, int]) -> None:
+        self.graph, self.cluster, self.batch, self.budget = graph, cluster, batch, budget
+        self.remat, self.remats = remat, [remat] if remat else remat_options(graph)
+        self.pinned, self.dtype, self.fixes, self.sequence, self.fixed = pinned, compute_dtype, fixes, sequence, fixed
+        self.shapes = seq_expert.op_shapes(graph)
+        self.bounds = _Bounds(keep)
+        self.solved: dict = {}
+        self.unplanned: set[str] = set()
+        self.found: list[tuple[tuple[int, int, int], Candidate]] = []
+        self.idle: list[Candidate] = []
+
+    def all(self, meshes: list[dict[str, int]], progress: Callable[[str], None] | None) -> list[Candidate]:
+        """Flat meshes in enumeration order, then pipelines, then seq/expert meshes, each lowest bound first."""
+        pipes, later = [], []
+        for k, m in enumerate(meshes):
+            if (m["seq"] > 1 or m["expert"] > 1) and m["pipe"] == 1:
+                problems = self.problems(m)
+                later.append((self.seq_expert_floor(m, problems), k, m, problems))
+            elif m["pipe"] > 1:
+                methods = self.methods(m) if m["seq"] > 1 else [None]
+                pipes += [(k, j, self.staged(m, x)) for j, x in enumerate(methods)]
+            else:
+                self.record((k, 0), [self.flat(m)], progress)
+        for k, j, staged in sorted(pipes, key=lambda e: (e[2].floor, e[0], e[1])):
+            self.record((k, j), [self.pipeline(staged)], progress)
+        for floor, k, m, problems in sorted(later, key=lambda e: (e[0], e[1])):
+            self.record((k, 0), self.seq_expert(m, problems, floor), progress)
+        if self.unplanned:
+            warnings.warn(f"the planner has no sharding rule for {', '.join(sorted(self.unplanned))}: such ops are "
+                          f"planned replicated", stacklevel=3)
+        out = [c for _, c in sorted(self.found, key=lambda e: e[0])]
+        if not any(c.solution is not None for c in out):  # only when every other mesh fails
+            out += self.idle
+        out.sort(key=lambda c: (c.solution is None, c.seconds if c.solution else 0.0))
+        return out
+
+    def record(self, key: tuple[int, int], cands: list[Candidate], progress: Callable[[str], None] | None) -> None:
+        """Candidates found for the mesh at enumeration position `key` (and method), in order."""
+        for j, cand in enumerate(cands):
+            aside = cand.idle and "tensor" not in self.fixed  # (the user's own degree stays)
+            if progress:
+                progress(_progress_line(cand, aside))
+            if aside:
+                self.idle.append(cand)
+                continue
+            self.bounds.add(cand)
+            self.found.append(((*key, j), cand))
+
+    def problems(self, m: dict[str, int]) -> _MeshProblems:
+        return _MeshProblems(self.graph, m, self.cluster, self.dtype, self.pinned, self.unplanned)
+
+    # -- one mesh of each kind -------------------------------------------------------------------------------------
+    def flat(self, m: dict[str, int]) -> Candidate:
+        """A mesh without pipe, seq or expert (never pruned: a mesh set aside as idle would be counted then)."""
+        problems = self.problems(m)
+        best = _solve_mesh(problems, self.remats, self.budget)
+        if best is not None and idle_tensor(best, m) and "tensor" in self.fixed:
             # the user asked for tensor parallelism: every matmul weight split over it (the solver picks how),
             # rather than an idle axis that XLA would put to work its own way
-            best = _solve_mesh(graph, m, cluster, remats, budget, pinned, compute_dtype, unplanned,
-                               tensor_weights=True) or best
-        if best is not None and idle_tensor(best, m) and "tensor" not in fixed:  # (the user's own degree stays)
-            if progress:
-                progress(_mesh_str(m) + ": tensor idle (nothing worth splitting over it): set aside")
-            idle.append(Candidate(m, best, idle=True))
-            continue
-        if progress:
-            progress(_mesh_str(m) + (f": {best.step_seconds * 1e3:.2f} ms" if best else ": does not fit"))
-        out.append(Candidate(m, best, idle=best is not None and idle_tensor(best, m)))
-    if unplanned:
-        warnings.warn(f"the planner has no sharding rule for {', '.join(sorted(unplanned))}: such ops are planned "
-                      f"replicated", stacklevel=2)
-    if not any(c.solution is not None for c in out):  # only when every other mesh fails
-        out += idle
-    out.sort(key=lambda c: (c.solution is None, c.seconds if c.solution else 0.0))
-    return out
+            best = _solve_mesh(problems, self.remats, self.budget, tensor_weights=True) or best
+        return Candidate(m, best, idle=best is not None and idle_tensor(best, m))
+
+    def methods(self, m: dict[str, int]) -> list[str | None]:
+        methods = seq_expert.sequence_methods(self.shapes, m["seq"], m["tensor"])
+        return [x for x in methods if x == self.sequence] if self.sequence and m["seq"] > 1 else methods
+
+    def seq_expert_floor(self, m: dict[str, int], problems: _MeshProblems) -> float:
+        """A lower bound on every candidate of a seq/expert mesh: for each method, the first remat mode whose memory
+        floor fits (remat only adds work; a later one is tried only when this one finds nothing) gives
+        `compute_floor` + `sync_floor` + the method's exchanges, which `seq_expert.apply` adds as they are;
+        infinite when no method fits at all."""
+        least = math.inf
+        for x in self.methods(m):
+            for r in self.remats:
+                problem = problems.get(r, seq_expert.dense_residuals(x))
+                ext = seq_expert.extras(self.shapes, m, self.batch, x, self.cluster, r)
+                if not exceeds(problem.memory_floor() + sum(ext.memory.values()), self.budget):
+                    least = min(least, problem.compute_floor() + problem.sync_floor() + sum(ext.seconds.values()))
+                    break
+        return least
+
+    def seq_expert(self, m: dict[str, int], problems: _MeshProblems, floor: float) -> list[Candidate]:
+        if floor == math.inf:  # no method fits under any remat mode
+            return [Candidate(m, None, sequence=x) for x in self.methods(m)]
+        if self.bounds.beaten(floor, m):
+            return [Candidate(m, None, sequence=x, pruned=True) for x in self.methods(m)]
+        return _seq_expert_candidates(self.shapes, self.cluster, self.batch, m, self.budget, self.remats,
+                                      self.methods(m), problems)
+
+    def staged(self, m: dict[str, int], method: str | None) -> _Staged:
+        """A pipe > 1 mesh and sequence method made ready to choose: the intra-stage ILP (time objective, no budget:
+        memory is the pipeline's to split; shared by the meshes that split the batch alike), its costs with the
+        sequence / expert exchanges and memory spread over the layers (`planner.stages.with_extras`) for each
+        remat mode, and the lower bound on any pipeline `planner.stages.choose` could pick (infinite when its
+        weights alone cannot fit)."""
+        from planner import stages
+
+        costs = _pipeline_costs(self.graph, self.cluster, m, self.pinned, self.dtype, self.solved,
+                                attention_residuals=seq_expert.dense_residuals(method), budget=self.budget)
+        local = self.batch // (m["expert"] * m["data"] * m["fsdp"])
+        fixes = dict(schedule=self.fixes.get("schedule"), microbatches=self.fixes.get("microbatches"),
+                     virtual=self.fixes.get("virtual"))
+        if costs is None or exceeds(stages.weights_floor(costs), self.budget):
+            return _Staged(m, method, costs, {}, local, fixes, math.inf)
+        staged = {r: stages.with_extras(costs, seq_expert.extras(self.shapes, m, self.batch, method, self.cluster, r),
+                                        self.graph.layers, self.shapes.is_moe)
+                  for r in ((self.remat,) if self.remat else ("none", "full"))}
+        floor = min(stages.floor(c, self.cluster, self.budget, local, remats=(r,), **fixes) for r, c in staged.items())
+        return _Staged(m, method, costs, staged, local, fixes, floor)
+
+    def pipeline(self, s: _Staged) -> Candidate:
+        """The fastest stage split / schedule / microbatch count that fits (remat only when nothing fits without);
+        pruned when its lower bound is beaten."""
+        from planner import stages
+
+        if self.slower(s):
+            return Candidate(s.mesh, None, sequence=s.method, pruned=True)
+        for r, c in s.staged.items():
+            choice = stages.choose(c, self.cluster, self.budget, s.local, remats=(r,), **s.fixes)
+            if choice is not None:
+                sol = dataclasses.replace(s.costs.solution, solver=dict(s.costs.solution.solver))
+                sol.solver["remat"] = choice.predicted.get("remat", "none")
+                return Candidate(s.mesh, sol, choice, sequence=s.method)
+        return Candidate(s.mesh, None, sequence=s.method)
+
+    def slower(self, s: _Staged) -> bool:
+        """Whether every pipeline `choose` could pick on this mesh is slower than the bar: its floor first, then
+        the floors near the bar raised (`planner.stages.floor_above`). (An infinite floor: nothing fits.)"""
+        from planner import stages
+
+        bar = self.bounds.bar(s.mesh)
+        if s.floor == math.inf or bar == math.inf:
+            return False
+        return self.bounds.beaten(s.floor, s.mesh) or all(
+            stages.floor_above(c, self.cluster, self.budget, s.local, bar, remats=(r,), **s.fixes)
+            for r, c in s.staged.items())
 
 
-def _solve_mesh(graph: Graph, mesh: dict[str, int], cluster: ClusterSpec, remats: list[str], budget: float,
-                pinned: dict | None, compute_dtype: str, unplanned: set[str], **problem_kw) -> Solution | None:
+@dataclasses.dataclass
+class _Staged:
+    """A pipeline mesh and sequence method ready for `planner.stages.choose` (`_Search.staged`)."""
+
+    mesh: dict[str, int]
+    method: str | None
+    costs: Any
+    staged: dict[str, Any]
+    """Remat mode -> costs with the sequence / expert terms; empty when nothing can fit."""
+    local: int
+    fixes: dict[str, Any]
+    floor: float
+
+
+def _progress_line(cand: Candidate, aside: bool = False) -> str:
+    line = _mesh_str(cand.mesh) + (f" ({cand.sequence})" if cand.sequence else "")
+    if cand.pruned:
+        return line + ": pruned (cannot beat the leaders)"
+    if aside:
+        return line + ": tensor idle (nothing worth splitting over it): set aside"
+    return line + (f": {cand.seconds * 1e3:.2f} ms" if cand.solution else ": does not fit")
+
+
+def _solve_mesh(problems: _MeshProblems, remats: list[str], budget: float, **problem_kw) -> Solution | None:
     """The fastest solution for one mesh without pipe, seq or expert: no remat first, then the remat options
     (remat only costs time) until one fits."""
     best: Solution | None = None
     for r in remats:
         # the residual stream stays whole over tensor between layers (Megatron): the layout XLA realises
         # faithfully from a plan's `layer_input` spec
-        problem = new_problem(graph, mesh, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
-                              fixed_layouts=carry_layouts(graph), **problem_kw)
-        unplanned.update(problem.unplanned)
-        sol = problem.solve(budget)
+        sol = _within(problems.get(r, **problem_kw), budget)
         if sol is not None:
             sol.solver["remat"] = r
             if best is None or sol.step_seconds < best.step_seconds:
@@ -371,16 +564,12 @@ def candidate_meshes(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict
     return out
 
 
-def _seq_expert_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: ClusterSpec, batch: int,
-                           m: dict[str, int], budget: float, remats: list[str],
-                           pinned: dict[str, ParamChoice] | None, compute_dtype: str, sequence: str | None,
-                           unplanned: set[str]) -> list[Candidate]:
+def _seq_expert_candidates(shapes: seq_expert.OpShapes, cluster: ClusterSpec, batch: int, m: dict[str, int],
+                           budget: float, remats: list[str], methods: list[str | None], problems: _MeshProblems
+                           ) -> list[Candidate]:
     """A mesh with seq or expert > 1: the integer program over the token-split graph for each sequence method the
     mesh admits, its budget reduced by the method's own memory (ring / Ulysses: their flash-style residuals and
     transient, with the traced dense attention's residuals left out), plus the op's exchanges."""
-    methods = seq_expert.sequence_methods(shapes, m["seq"], m["tensor"])
-    if sequence and m["seq"] > 1:
-        methods = [x for x in methods if x == sequence]
     best: dict[str | None, Solution | None] = {x: None for x in methods}
     done: set[str | None] = set()  # methods whose search stops (a fit without remat)
     for r in remats:
@@ -389,18 +578,16 @@ def _seq_expert_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: C
             if x not in done:
                 groups.setdefault(seq_expert.dense_residuals(x), []).append(x)
         for dense, group in groups.items():
-            problem = new_problem(graph, m, cluster, remat=r, compute_dtype=compute_dtype, fixed_params=pinned,
-                              fixed_layouts=carry_layouts(graph), attention_residuals=dense)
-            unplanned.update(problem.unplanned)
+            problem = problems.get(r, dense)
             ext = {x: seq_expert.extras(shapes, m, batch, x, cluster, r) for x in group}
             need = {x: sum(e.memory.values()) for x, e in ext.items()}
             # the optimum under the loosest of the methods' budgets is each method's optimum when it also fits that
             # method's budget: solve once, re-solve only for a method it does not fit
-            loose = problem.solve(budget - min(need.values()))
+            loose = _within(problem, budget - min(need.values()))
             for x in group:
                 sol = loose
                 if sol is not None and sol.memory_bytes + need[x] > budget:
-                    sol = problem.solve(budget - need[x])
+                    sol = _within(problem, budget - need[x])
                 if sol is not None:
                     sol = seq_expert.apply(sol, ext[x])
                     sol.solver["remat"] = r
@@ -411,49 +598,11 @@ def _seq_expert_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: C
     return [Candidate(m, best[x], sequence=x) for x in methods]
 
 
-def _pipeline_candidates(graph: Graph, shapes: seq_expert.OpShapes, cluster: ClusterSpec, batch: int,
-                         m: dict[str, int], budget: float, remat: str | None, pinned: dict[str, ParamChoice] | None,
-                         compute_dtype: str, fixes: dict[str, Any], cache: dict | None = None,
-                         sequence: str | None = None) -> list[Candidate]:
-    """A pipe > 1 mesh: the intra-stage ILP (time objective, no budget: memory is the pipeline's to split), then
-    the fastest stage split / schedule / microbatch count that fits; with seq > 1 one candidate per sequence
-    method, each with its exchanges and memory spread over the layers (`planner.stages.with_extras`)."""
-    from planner import stages
-
-    methods: list[str | None] = [None]
-    if m["seq"] > 1:
-        methods = [x for x in seq_expert.sequence_methods(shapes, m["seq"], m["tensor"])
-                   if sequence is None or x == sequence]
-    out = []
-    for method in methods:
-        costs = _pipeline_costs(graph, cluster, m, pinned, compute_dtype, cache,
-                                attention_residuals=seq_expert.dense_residuals(method))
-        if costs is None:
-            out.append(Candidate(m, None, sequence=method))
-            continue
-        local = batch // (m["expert"] * m["data"] * m["fsdp"])
-        choice = None
-        for r in (remat,) if remat else ("none", "full"):
-            ext = seq_expert.extras(shapes, m, batch, method, cluster, r)
-            staged = stages.with_extras(costs, ext, graph.layers, shapes.is_moe)
-            choice = stages.choose(staged, cluster, budget, local, schedule=fixes.get("schedule"),
-                                   microbatches=fixes.get("microbatches"), virtual=fixes.get("virtual"),
-                                   remats=(r,))
-            if choice is not None:
-                break
-        if choice is None:
-            out.append(Candidate(m, None, sequence=method))
-            continue
-        sol = dataclasses.replace(costs.solution, solver=dict(costs.solution.solver))
-        sol.solver["remat"] = choice.predicted.get("remat", "none")
-        out.append(Candidate(m, sol, choice, sequence=method))
-    return out
-
-
 def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[str, int] | None = None,
                     pipeline: dict[str, Any] | None = None, sequence: str | None = None) -> float:
     """The least per-device memory any candidate plan needs (for the infeasible-budget error): the same integer
-    program as the search, minimising memory instead of time; for pipelines, the lightest layout `choose` tries."""
+    program as the search, minimising memory instead of time; for pipelines, the lightest layout `choose` tries.
+    A program or pipeline whose memory floor is above the least found so far is not solved (it cannot lower it)."""
     from planner import stages
 
     least = math.inf
@@ -463,9 +612,9 @@ def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[
     for m in candidate_meshes(graph, cluster, batch, fixed, pipeline):
         if m["pipe"] > 1:
             costs = _pipeline_costs(graph, cluster, m, None, "float32", solved)
-            if costs is not None:
+            if costs is not None and not exceeds(stages.weights_floor(costs), least):
                 local = batch // (m["data"] * m["fsdp"])
-                least = min(least, stages.least_memory(costs, local, **(pipeline or {})))
+                least = min(least, stages.least_memory(costs, local, below=least, **(pipeline or {})))
             continue
         methods = seq_expert.sequence_methods(shapes, m["seq"], m["tensor"]) or [None]
         if sequence and m["seq"] > 1:
@@ -473,19 +622,23 @@ def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[
         for r in remat_options(graph):
             for dense in sorted({seq_expert.dense_residuals(x) for x in methods}):
                 pr = new_problem(graph, m, cluster, remat=r, objective="memory",
-                             fixed_layouts=carry_layouts(graph), attention_residuals=dense)
+                                 fixed_layouts=carry_layouts(graph), attention_residuals=dense)
+                extra = min(sum(seq_expert.extras(shapes, m, batch, x, cluster, r).memory.values())
+                            for x in methods if seq_expert.dense_residuals(x) == dense)
+                if exceeds(pr.memory_floor() + extra, least):
+                    continue
                 sol = pr.solve(None)
                 if sol is not None:
-                    extra = min(sum(seq_expert.extras(shapes, m, batch, x, cluster, r).memory.values())
-                                for x in methods if seq_expert.dense_residuals(x) == dense)
                     least = min(least, sol.memory_bytes + extra)
     return least
 
 
 def _pipeline_costs(graph: Graph, cluster: ClusterSpec, m: dict[str, int], pinned: dict[str, ParamChoice] | None,
-                    compute_dtype: str, cache: dict | None = None, attention_residuals: bool = True):
+                    compute_dtype: str, cache: dict | None = None, attention_residuals: bool = True,
+                    budget: float | None = None):
     """`planner.stages.MeshCosts` of a pipe > 1 mesh: the intra-stage ILP (time objective, no budget: memory is
-    the pipeline's to split), fsdp sharding every weight it can.
+    the pipeline's to split), fsdp sharding every weight it can. With a `budget`, None without solving when no
+    solution's weights could fit it on any layout (`planner.stages.unsolved_weights_floor`).
 
     With a `cache`, meshes with the same tensor degree and batch split (data x fsdp) share one solve: the solve
     decides tensor layouts, whose costs depend only on those two (its gradient-sync terms, which do depend on how
@@ -493,24 +646,37 @@ def _pipeline_costs(graph: Graph, cluster: ClusterSpec, m: dict[str, int], pinne
     """
     from planner import stages
 
-    key = (m["tensor"], m["data"] * m["fsdp"], m["expert"], m["seq"], attention_residuals)
-    if cache is None or key not in cache:
-        shape = {**m, "data": m["data"] * m["fsdp"], "fsdp": 1}
-        problem = new_problem(graph, shape, cluster, remat="none", compute_dtype=compute_dtype, fixed_params=pinned,
-                          fixed_layouts=carry_layouts(graph),
-                          attention_residuals=attention_residuals)
-        entry = (problem, problem.solve(None))
-        if cache is not None:
-            cache[key] = entry
-    else:
-        entry = cache[key]
-    problem, sol = entry
+    cache = {} if cache is None else cache
+    problem = _pipeline_problem(graph, cluster, m, pinned, compute_dtype, cache, attention_residuals)
+    if budget is not None and exceeds(stages.unsolved_weights_floor(problem, m), budget):
+        return None
+    entry = cache[_pipeline_key(m, attention_residuals)]
+    if len(entry) == 1:  # solved once, when a mesh first needs it
+        entry.append(problem.solve(None))
+    sol = entry[1]
     if sol is None:
         return None
     problem = copy.copy(problem)
     problem.mesh = m  # same batch split and tensor degree: only fsdp's parameter choices differ
     sol = dataclasses.replace(sol, params=stages.pipeline_params(problem, sol), solver=dict(sol.solver))
     return stages.mesh_costs(problem, sol)
+
+
+def _pipeline_key(m: dict[str, int], attention_residuals: bool) -> tuple:
+    return m["tensor"], m["data"] * m["fsdp"], m["expert"], m["seq"], attention_residuals
+
+
+def _pipeline_problem(graph: Graph, cluster: ClusterSpec, m: dict[str, int], pinned: dict[str, ParamChoice] | None,
+                      compute_dtype: str, cache: dict, attention_residuals: bool) -> Problem:
+    """The intra-stage program of a pipe > 1 mesh (data x fsdp as one batch split), made once per
+    `_pipeline_key` in `cache` (where its solution joins it)."""
+    key = _pipeline_key(m, attention_residuals)
+    if key not in cache:
+        shape = {**m, "data": m["data"] * m["fsdp"], "fsdp": 1}
+        cache[key] = [new_problem(graph, shape, cluster, remat="none", compute_dtype=compute_dtype,
+                                  fixed_params=pinned, fixed_layouts=carry_layouts(graph),
+                                  attention_residuals=attention_residuals)]
+    return cache[key][0]
 
 
 def to_plan(graph: Graph, cand: Candidate) -> Plan:
@@ -587,8 +753,9 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
         names = folded_specs(graph, pin) if graph.blocks else pin
         pinned = choices_from_plan(Plan(mesh={}, params=real_params(graph, names)), graph)
         pinned = {k: v for k, v in pinned.items() if k in names}
-    cands = search(graph, cluster, batch, mesh=mesh, memory_budget=memory_budget, remat=remat, progress=progress,
-                   compute_dtype=compute_dtype, pinned=pinned, pipeline=fixes, sequence=sequence)
+    search_kw = dict(mesh=mesh, memory_budget=memory_budget, remat=remat, compute_dtype=compute_dtype,
+                     pinned=pinned, pipeline=fixes, sequence=sequence)
+    cands = search(graph, cluster, batch, progress=progress, keep=top, **search_kw)
     if fixes and not any(c.mesh["pipe"] > 1 for c in cands):
         raise AutoshardError(f"no pipeline mesh over {cluster.num_devices} devices admits the fixed pipeline "
                              f"choices {fixes}: relax --schedule / --microbatches / --virtual-stages")
@@ -602,21 +769,11 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
                              f"{format_bytes(need * 1.0005)}; raise --memory-budget or use more devices")  # rounded up
     # re-predict the leaders as XLA's partitioner will realise each plan, and rank by that
     budget = default_budget(cluster) if memory_budget is None else memory_budget
-    plans = []
+    plans = _repredict(graph, cands, top, budget, cluster, compute_dtype, exact=top)
+    if plans is None:  # none of the first `top` fits as realised: search again, keeping the leaders further down
+        cands = search(graph, cluster, batch, keep=3 * top, **search_kw)
+        plans = _repredict(graph, cands, top, budget, cluster, compute_dtype, exact=3 * top)
     leaders = [c for c in cands if c.solution is not None]
-    for k, cand in enumerate(leaders[:3 * top]):  # the top ones, and further down until one fits as realised
-        if k >= top and any(p.predicted["memory_bytes_per_device"] <= budget for p in plans):
-            break
-        p = to_plan(graph, cand)
-        try:
-            p.predicted = {**predict(p, graph, cluster, compute_dtype), "search_objective_seconds": cand.seconds}
-        except AutoshardError:
-            if p.pipeline is None:
-                raise
-            # the bytes-objective program finds no assignment for these layouts (seen on gpt-175b with a per-replica
-            # batch of 768 and up, likely CP-SAT's integer range): keep the search's own figures
-            p.predicted = {**p.predicted, "search_objective_seconds": cand.seconds}
-        plans.append(p)
     order = {id(p): k for k, p in enumerate(plans)}
     # equal predicted times (to 6 digits): the simpler layout wins, less tensor, then less fsdp sharding
     rank = lambda p: (float(f"{p.predicted['step_seconds']:.6g}"), p.mesh["seq"], p.mesh["expert"],  # noqa: E731
@@ -641,6 +798,35 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
                       f"model is worth splitting over it at this size, and XLA puts idle devices to work its own "
                       f"way, so the predictions for this mesh will not hold: use data or fsdp instead", stacklevel=2)
     return best
+
+
+def _repredict(graph: Graph, cands: list[Candidate], top: int, budget: float, cluster: ClusterSpec,
+               compute_dtype: str, exact: int) -> list[Plan] | None:
+    """The `top` fastest candidates as plans predicted as XLA will realise them, and further down (to 3 x `top`)
+    until one fits as realised. None when that needs a candidate beyond the first `exact`, which are all a pruned
+    search guarantees (`search`'s `keep`)."""
+    fits = lambda plans: any(p.predicted["memory_bytes_per_device"] <= budget for p in plans)  # noqa: E731
+    pruned = any(c.pruned for c in cands)
+    leaders = [c for c in cands if c.solution is not None]
+    plans: list[Plan] = []
+    for k, cand in enumerate(leaders[:3 * top]):
+        if k >= top and fits(plans):
+            break
+        if k >= exact and pruned:
+            return None
+        p = to_plan(graph, cand)
+        try:
+            p.predicted = {**predict(p, graph, cluster, compute_dtype), "search_objective_seconds": cand.seconds}
+        except AutoshardError:
+            if p.pipeline is None:
+                raise
+            # the bytes-objective program finds no assignment for these layouts (seen on gpt-175b with a per-replica
+            # batch of 768 and up, likely CP-SAT's integer range): keep the search's own figures
+            p.predicted = {**p.predicted, "search_objective_seconds": cand.seconds}
+        plans.append(p)
+    if pruned and len(plans) == exact < 3 * top and not fits(plans):  # pruned ones might have come next
+        return None
+    return plans
 
 
 def _why_seq_expert(best: Plan, cands: list[Candidate]) -> dict[str, Any]:

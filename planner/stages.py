@@ -35,10 +35,10 @@ import numpy as np
 from planner.cluster import ClusterSpec
 from planner.errors import PlanError
 from planner.collectives import axis_collective_time, axis_span, bytes_sent, collective_time
-from planner.ilp import ParamChoice, Problem, Solution, optimizer_copies
+from planner.ilp import ParamChoice, Problem, Solution, exceeds, optimizer_copies
 from planner.layouts import PARTIAL, local_nbytes
 from planner.plan import PipelineSpec
-from planner.schedule import IDLE, Schedule, check, make_schedule
+from planner.schedule import B, IDLE, Schedule, check, device_orders, make_schedule
 from planner.trace import BOUNDARY, Graph, itemsize
 
 REGIONS = ("embed", "layer", "head")
@@ -127,11 +127,9 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
     L = g.layers
     work["layer"] /= L
     tensor_bytes["layer"] = {k: v / L for k, v in tensor_bytes["layer"].items()}
-    t = problem.t
     layer_bytes = other_bytes = layer_f = other_f = layer_e = 0.0
     for path, c in sol.params.items():
-        info = g.params[path]
-        nb = info.size * itemsize(info.dtype) / (t if c.layout is not None else 1) / problem._expert_split(path)
+        nb = param_bytes(problem, path, c)
         f_ok = c.fsdp_dim is not None
         if is_layer_param(g, path):
             layer_bytes += nb / L
@@ -156,6 +154,12 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
                      dict(residuals), local_nbytes(carry, problem.b), sol,
                      layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0,
                      optimizer_copies=optimizer_copies(g))
+
+
+def param_bytes(problem: Problem, path: str, c: ParamChoice) -> float:
+    """Bytes of a parameter per pipe device under choice `c`: split over tensor (and expert), whole over fsdp."""
+    info = problem.g.params[path]
+    return info.size * itemsize(info.dtype) / (problem.t if c.layout is not None else 1) / problem._expert_split(path)
 
 
 def with_extras(costs: MeshCosts, extras: Any, layers: int, moe: bool) -> MeshCosts:
@@ -241,30 +245,91 @@ def stage_ticks(costs: MeshCosts, counts: list[int], microbatches: int, remat: s
     return fwd, bwd
 
 
+def _state(nb: float, sharded: float, fsdp: int, copies: float) -> float:
+    """Bytes kept for `nb` bytes of weights of which a `sharded` share is split over fsdp: weights and optimizer
+    state at rest, the gathered copy, the full-size gradient copies."""
+    at_rest = nb * (sharded / fsdp + (1 - sharded)) * (1 + copies)
+    return at_rest + (nb * sharded if fsdp > 1 else 0.0) + GRAD_COPIES * nb
+
+
+def weights_memory(costs: MeshCosts, layer_slots: float) -> float:
+    """Bytes of weights, optimizer state and gradients on a pipe device that holds `layer_slots` layers (the staged
+    layout pads each of its V stages to the longest: V x Lmax), with the replicated non-layer weights."""
+    f, copies = costs.mesh["fsdp"], costs.optimizer_copies
+    return (_state(layer_slots * costs.layer_bytes, costs.layer_fsdp, f, copies)
+            + _state(costs.other_bytes, costs.other_fsdp, f, copies))
+
+
+def weights_floor(costs: MeshCosts) -> float:
+    """A lower bound on the memory of every pipe device under every layout: V x Lmax >= layers / pipe (the stages
+    cover the layers), `weights_memory` grows with the layers held, and buffers and working sets are not
+    negative."""
+    return weights_memory(costs, costs.layers / costs.mesh["pipe"])
+
+
+def unsolved_weights_floor(problem: Problem, mesh: dict[str, int]) -> float:
+    """`weights_floor` before the intra-stage program is solved, for whatever it chooses: `_state` is linear in
+    the bytes and in the sharded share, so the total is at least the sum over parameters of each one's least:
+    its smallest tensor layout, sharded over fsdp or not, whichever keeps less."""
+    g, f, copies = problem.g, mesh["fsdp"], optimizer_copies(problem.g)
+    total = 0.0
+    for path, choices in problem.param_choices.items():
+        share = 1 / mesh["pipe"] if is_layer_param(g, path) else 1.0
+        nb = share * min(param_bytes(problem, path, c) for c in choices)
+        total += min(_state(nb, 0.0, f, copies), _state(nb, 1.0, f, copies))
+    return total
+
+
 def stage_memory(costs: MeshCosts, counts: list[int], sched: Schedule, remat: str = "none") -> list[float]:
     """Bytes per pipe device: its weights, gradients and optimizer state (stages padded to the longest), the
     replicated non-layer weights, the schedule's buffers and one microbatch's backward working set."""
     P, V, M = sched.devices, sched.virtual, sched.microbatches
-    f = costs.mesh["fsdp"]
-    lmax = max(counts)
-
-    def state(nb: float, sharded: float) -> float:  # weights + 2 Adam moments at rest, gathered copy, grad copies
-        at_rest = nb * (sharded / f + (1 - sharded)) * (1 + costs.optimizer_copies)
-        return at_rest + (nb * sharded if f > 1 else 0.0) + GRAD_COPIES * nb
-
-    weights = state(V * lmax * costs.layer_bytes, costs.layer_fsdp) + state(costs.other_bytes, costs.other_fsdp)
+    weights = weights_memory(costs, V * max(counts))
     buffers = (sched.act_slots + sched.cot_slots) * costs.carry_bytes / M
     out = []
     for p in range(P):
         stages = [v * P + p for v in range(V)]
-        layer_ws = max(counts[s] for s in stages) * costs.residuals.get("layer", 0.0)
-        if remat == "full":
-            layer_ws = costs.residuals.get("layer", 0.0) + max(counts[s] for s in stages) * costs.carry_bytes \
-                / WORKING_SET_SHARE  # the layer inputs a remat stage keeps are all live
-        ends = (costs.residuals.get("embed", 0.0) if 0 in stages else 0.0) + \
-            (costs.residuals.get("head", 0.0) if P * V - 1 in stages else 0.0)
-        out.append(weights + buffers + WORKING_SET_SHARE * (layer_ws + ends) / M)
+        out.append(weights + buffers + _working_set(costs, max(counts[s] for s in stages), 0 in stages,
+                                                    P * V - 1 in stages, M, remat))
     return out
+
+
+def _working_set(costs: MeshCosts, longest: int, first: bool, last: bool, microbatches: int, remat: str) -> float:
+    """One microbatch's backward working set on a pipe device whose longest stage has `longest` layers (`first` /
+    `last`: it holds the embedding / the head)."""
+    layer_ws = longest * costs.residuals.get("layer", 0.0)
+    if remat == "full":
+        layer_ws = costs.residuals.get("layer", 0.0) + longest * costs.carry_bytes \
+            / WORKING_SET_SHARE  # the layer inputs a remat stage keeps are all live
+    ends = (costs.residuals.get("embed", 0.0) if first else 0.0) + (costs.residuals.get("head", 0.0) if last else 0.0)
+    return WORKING_SET_SHARE * (layer_ws + ends) / microbatches
+
+
+def layout_memory_floor(costs: MeshCosts, kind: str, virtual: int, microbatches: int, remat: str = "none") -> float:
+    """A lower bound on the largest `stage_memory` of every stage split of this layout, without its schedule table:
+    the device holding the longest stage (at least ceil(L / S) layers) keeps those weights and working set, and
+    every device the schedule's buffers, at least `held_inputs` activation slots and one cotangent slot."""
+    longest = math.ceil(costs.layers / (costs.mesh["pipe"] * virtual))
+    slots = max(held_inputs(kind, costs.mesh["pipe"], microbatches, virtual), 1) + 1
+    return (weights_memory(costs, virtual * longest) + slots * costs.carry_bytes / microbatches
+            + _working_set(costs, longest, False, False, microbatches, remat))
+
+
+@functools.lru_cache(maxsize=512)
+def held_inputs(kind: str, devices: int, microbatches: int, virtual: int = 1) -> int:
+    """A lower bound on a schedule's activation slots from its devices' op orders alone (the table is what costs):
+    at a device's first backward, the input of every forward it ran before (of a stage other than the first) is
+    held, each from its arrival, before its forward, to its own backward, at or after that tick; so no two of them
+    can share a slot in `make_schedule`'s colouring."""
+    most = 0
+    for p, order in enumerate(device_orders(kind, devices, microbatches, virtual)):
+        held = 0
+        for op, chunk, _ in order:
+            if op == B:
+                break
+            held += chunk * devices + p > 0
+        most = max(most, held)
+    return most
 
 
 def transfer_seconds(costs: MeshCosts, microbatches: int, cluster: ClusterSpec) -> float:
@@ -481,15 +546,32 @@ def microbatch_options(local_batch: int, pipe: int, limit: int = 4) -> list[int]
     return divs[-limit:]
 
 
+PROBE_MARGIN = 1e-6
+"""How far above the probe's step time a layout's floor must be for `choose` to skip it (see `_probe`)."""
+
+
 def choose(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: int, *,
            schedule: str | None = None, microbatches: int | None = None, virtual: int | None = None,
            remats: tuple[str, ...] = ("none", "full")) -> PipelineChoice | None:
-    """The fastest pipeline layout on this mesh that fits `budget` (None when nothing fits)."""
+    """The fastest pipeline layout on this mesh that fits `budget` (None when nothing fits): layouts in order, a
+    later one replacing the best so far when it is 1e-9 faster; remat only when nothing fits without.
+
+    Shortcuts that leave the answer as it is: a mesh whose weights alone exceed the budget (`weights_floor`) fits
+    nothing; a layout is not built (its schedule table is most of the cost of trying one) when its `layout_floor`
+    shows it cannot replace the best so far, or is clearly slower than the fastest layout the probe found
+    (`_probe`)."""
+    if exceeds(weights_floor(costs), budget):
+        return None
     best: PipelineChoice | None = None
     layouts = _layouts(costs, local_batch, schedule, microbatches, virtual)
     for remat in remats:
-        for kind, V, M in layouts:
-            c = _fit(costs, cluster, budget, kind, M, V, remat)
+        floors = [layout_floor(costs, cluster, kind, V, M, remat) for kind, V, M in layouts]
+        tried, probe = _probe(costs, cluster, budget, layouts, floors, remat)
+        for k in range(len(layouts)):
+            if k not in tried and (floors[k] >= probe * (1 + PROBE_MARGIN)
+                                   or (best is not None and not _may_beat(floors[k], best.step_seconds))):
+                continue
+            c = tried[k] if k in tried else _attempt(costs, cluster, budget, layouts[k], remat)
             if c is not None and (best is None or c.step_seconds < best.step_seconds * (1 - 1e-9)):
                 best = c
         if best is not None:
@@ -497,14 +579,222 @@ def choose(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: i
     return best
 
 
+def _attempt(costs: MeshCosts, cluster: ClusterSpec, budget: float, layout: tuple[str, int, int], remat: str
+             ) -> PipelineChoice | None:
+    """`_fit`, or None without building the schedule when the layout's memory floor exceeds the budget."""
+    kind, V, M = layout
+    if exceeds(layout_memory_floor(costs, kind, V, M, remat), budget):
+        return None
+    return _fit(costs, cluster, budget, kind, M, V, remat)
+
+
+def _probe(costs: MeshCosts, cluster: ClusterSpec, budget: float, layouts: list[tuple[str, int, int]],
+           floors: list[float], remat: str) -> tuple[dict[int, PipelineChoice | None], float]:
+    """(layouts tried, the least step time among those that fit) trying them lowest floor first, until the next
+    floor is above that time x (1 + PROBE_MARGIN): the probe. A floor near that bar is raised first
+    (`split_floor`, in `floors` for the caller).
+
+    Skipping the untried layouts leaves `choose`'s answer as it is. In order, once the probe's layout has been
+    seen the best is within 1e-9 of its time (at most time / (1 - 1e-9)), so no skipped layout could replace it
+    again. Before that, dropping a skipped layout z can only make the best differ from the one with z where both
+    are above the probe's time x (1 + 1e-6) x (1 - 1e-9)^n (n layouts: a layout taking over from one of them is
+    within 1e-9 of it), and the probe's layout replaces either, so the runs agree from there on."""
+    tried: dict[int, PipelineChoice | None] = {}
+    least = math.inf
+    # equal floors: GPipe first, which lockstep ticks favour whenever it fits (the order only saves work)
+    for k in sorted(range(len(layouts)), key=lambda k: (floors[k], layouts[k][0] != "gpipe", k)):
+        bar = least * (1 + PROBE_MARGIN)
+        if floors[k] >= bar:
+            break
+        kind, V, M = layouts[k]
+        floors[k] = split_floor(costs, cluster, kind, V, M, remat, floors[k], bar) if bar < math.inf else floors[k]
+        if floors[k] >= bar:  # (raised: later layouts may still be below)
+            continue
+        tried[k] = _attempt(costs, cluster, budget, layouts[k], remat)
+        if tried[k] is not None:
+            least = min(least, tried[k].step_seconds)
+    return tried, least
+
+
+def _may_beat(floor: float, best: float) -> bool:
+    """Whether a layout with this lower bound could replace `best` in `choose` (which asks for 1e-9 better); the
+    floor is shrunk by 1e-9 first, far more than the rounding of its sums."""
+    return floor * (1 - 1e-9) < best * (1 - 1e-9)
+
+
+def layout_floor(costs: MeshCosts, cluster: ClusterSpec, kind: str, virtual: int, microbatches: int,
+                 remat: str = "none") -> float:
+    """A lower bound on `evaluate`'s step time for every stage split of this layout, without its schedule table.
+
+    The argument holds for any table the schedule builds (one op per device per tick; a stage's forward after the
+    previous stage's, its backward after its forward and after the next stage's backward) under
+    `lockstep_seconds`, which charges each tick its slowest op. Let w_s be stage s's forward + backward per
+    microbatch (`stage_ticks`; the last stage's forward is recomputed in its backward, so it is 0).
+    - Device p runs M forwards and M backwards of each of its stages. Before its first op (a forward of its first
+      stage, p) the forwards of stages 0..p-1 of that microbatch run in distinct earlier ticks; after its last op
+      (a backward of stage p) the backwards of stages p-1..0. So the loop costs at least
+      B_p = sum(w_s, s < p) + M x (its stages' w).
+    - V = 1: with weights l_p = (g/M)(1 - 1/M)^(P-1-p), which sum to 1 for g = 1 / (1 - (1 - 1/M)^P),
+      sum(l_p B_p) = g sum(w_s), so max B_p >= g sum(w_s); and B_(P-1) = sum(w_s) + (M - 1) w_(S-1).
+      V > 1: the average of B_p is at least (M/P) sum(w_s) + (P-1)/2 x a one-layer stage's w, and
+      B_(P-1) >= (P-1) x that + M w_(S-1).
+    - Both depend on the split only through the last stage's layers n (sum(w_s) falls as n grows: fewer
+      forwards; w_(S-1) grows), affinely: the bound is the least over n in 1..L-S+1 of the larger of the two.
+    - Some stage has at least ceil(L / S) layers, so its device's B_p is at least M x (that stage's w, as the
+      last stage or any other, whichever is less, + a one-layer stage's w for each of its V - 1 other stages).
+    - Ticks >= 2 M V + 2 (P - 1) (the last device's ops, the first microbatch's way in and the last one's way
+      out), each with its transfer; the once-per-step sums grow with the layers a device holds, at least
+      ceil(L / S) per stage; the MoE statistics sweep only adds.
+    """
+    return _loop_floor(costs, virtual, microbatches, remat) + _ticks_and_step(costs, cluster, virtual, microbatches)
+
+
+def _ticks_and_step(costs: MeshCosts, cluster: ClusterSpec, virtual: int, microbatches: int) -> float:
+    """The rest of `layout_floor`: the transfers of at least 2 M V + 2 (P - 1) ticks, and the once-per-step sums
+    for at least ceil(L / S) layers a stage."""
+    P, M = costs.mesh["pipe"], microbatches
+    sync, _ = once_per_step(costs, [math.ceil(costs.layers / (P * virtual))], virtual, cluster)
+    return (2 * M * virtual + 2 * (P - 1)) * transfer_seconds(costs, M, cluster) + sum(sync.values())
+
+
+def _loop_floor(costs: MeshCosts, virtual: int, microbatches: int, remat: str) -> float:
+    """The compute part of `layout_floor`: a lower bound on the lockstep loop's slowest ops, for any split."""
+    P, L, V, M = costs.mesh["pipe"], costs.layers, virtual, microbatches
+    S = P * V
+    longest = L - S + 1
+    ends = [stage_ticks(costs, _even(L - n, S - 1) + [n], M, remat) for n in (1, longest)]
+    total = [float(fwd.sum() + bwd.sum()) for fwd, bwd in ends]
+    last = [float(bwd[-1]) for _, bwd in ends]
+    share = (np.arange(1, longest + 1) - 1) / max(longest - 1, 1)
+    total_n = total[0] + (total[1] - total[0]) * share
+    last_n = last[0] + (last[1] - last[0]) * share
+    fwd, bwd = ends[1]
+    one = float(fwd[1] + bwd[1]) if S > 2 else float(fwd[0] + bwd[0])  # a one-layer stage, not the last
+    if V == 1:
+        spread = total_n / (1.0 - (1.0 - 1.0 / M) ** P)
+        through = total_n + (M - 1) * last_n
+    else:
+        spread = M / P * total_n + (P - 1) / 2 * one
+        through = (P - 1) * one + M * last_n
+    return max(float(np.maximum(spread, through).min()), M * _longest_stage(costs, S, M, remat, min(one, last[0]), V))
+
+
+def split_floor(costs: MeshCosts, cluster: ClusterSpec, kind: str, virtual: int, microbatches: int, remat: str,
+                cheap: float, bar: float) -> float:
+    """`layout_floor` (= `cheap`) with its loop term raised, for V = 1, to the least over whole-layer stage splits
+    of max_p B_p (see `layout_floor`), as far as needed to tell whether it exceeds `bar` (that is costlier, so the
+    search asks only for the layouts near its bar).
+
+    w_s is affine in stage s's layers (`stage_ticks`; the same slope a for every stage but the last), so
+    B_p = a U_p + (the stages before p's fixed work) + M w_p(n_p), U_p the layers before p: for a bound tau, each
+    stage takes at most cap_p(U_p) layers, and the totals reachable after each stage form an interval whose top
+    grows with the top before (U + cap_p(U) never falls as U grows, because a <= M a). Bisection on tau keeps the
+    largest tau shown unreachable: a lower bound on every split's max_p B_p."""
+    if virtual != 1 or cheap * (1 - 1e-9) > bar:
+        return cheap
+    P, L, M = costs.mesh["pipe"], costs.layers, microbatches
+    rest = _ticks_and_step(costs, cluster, virtual, M)
+    f1, b1 = stage_ticks(costs, [1] * P, M, remat)
+    f2, b2 = stage_ticks(costs, [2] * P, M, remat)
+    slope, w1 = (f2 + b2) - (f1 + b1), f1 + b1
+    if slope[0] <= 0 or not np.allclose(slope[:-1], slope[0], rtol=1e-9, atol=0.0):
+        return cheap
+    fixed = w1 - slope
+    lo = cheap - rest
+    hi = max(_stage_bounds(costs, _even(L, P), M, remat))  # a split exists at this bound: reachable
+    for _ in range(24):
+        if rest + lo > bar or hi - lo <= 1e-9 * hi:
+            break
+        mid = (lo + hi) / 2
+        if _reachable(mid, L, M, float(slope[0]), float(slope[-1]), fixed):
+            hi = mid
+        else:
+            lo = mid
+    return max(cheap, rest + lo)
+
+
+def _reachable(tau: float, L: int, M: int, a: float, a_last: float, fixed: np.ndarray) -> bool:
+    """Whether some split of L layers over the stages (each at least one) keeps every B_p <= tau (`split_floor`);
+    tau is widened by 1e-12 so that rounding can only say yes."""
+    tau *= 1 + 1e-12
+    lo = hi = 0
+    before = 0.0
+    for p in range(len(fixed) - 1):
+        room = tau - before - M * fixed[p]
+        top = min(hi, math.floor((room - M * a) / a))  # the largest U with room for one layer here
+        if top < lo:
+            return False
+        lo, hi = lo + 1, top + math.floor((room - a * top) / (M * a))
+        before += fixed[p]
+    top = min(hi, L - 1)
+    last = lambda u: a * u + before + M * (a_last * (L - u) + fixed[-1])  # noqa: E731
+    return top >= lo and min(last(lo), last(top)) <= tau
+
+
+def _stage_bounds(costs: MeshCosts, counts: list[int], M: int, remat: str) -> list[float]:
+    """B_p of `layout_floor` for one split (V = 1)."""
+    fwd, bwd = stage_ticks(costs, counts, M, remat)
+    w = fwd + bwd
+    return [float(w[:p].sum() + M * w[p]) for p in range(len(counts))]
+
+
+def _longest_stage(costs: MeshCosts, S: int, M: int, remat: str, one: float, virtual: int) -> float:
+    """Per microbatch, the least work of a device holding a stage of ceil(L / S) layers (as the last stage or
+    another, whichever is less) and V - 1 other stages of at least `one` each (`layout_floor`)."""
+    L = costs.layers
+    n = math.ceil(L / S)
+    _, last = stage_ticks(costs, _even(L - n, S - 1) + [n], M, remat)
+    fwd, bwd = stage_ticks(costs, ([1, n] + _even(L - 1 - n, S - 2)) if S > 2 else [n, L - n], M, remat)
+    other = float(fwd[1] + bwd[1]) if S > 2 else float(fwd[0] + bwd[0])
+    return min(other, float(last[-1])) + (virtual - 1) * one
+
+
+def floor(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: int, *, schedule: str | None = None,
+          microbatches: int | None = None, virtual: int | None = None, remats: tuple[str, ...] = ("none", "full")
+          ) -> float:
+    """A lower bound on the step time of whatever `choose` returns for this mesh (infinite when nothing can fit):
+    the least `layout_floor` of the layouts and remat modes it tries, leaving out those whose
+    `layout_memory_floor` exceeds the budget (`choose` only returns a layout that fits)."""
+    return min((f for f, _, _ in _floors(costs, cluster, budget, local_batch, schedule, microbatches, virtual, remats)),
+               default=math.inf)
+
+
+def floor_above(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: int, bar: float, *,
+                schedule: str | None = None, microbatches: int | None = None, virtual: int | None = None,
+                remats: tuple[str, ...] = ("none", "full")) -> bool:
+    """Whether every layout `choose` could return is slower than `bar` (by 1e-9): `floor`, with the floors near the
+    bar raised (`split_floor`) until one stays below it."""
+    for cheap, layout, r in sorted(_floors(costs, cluster, budget, local_batch, schedule, microbatches, virtual,
+                                           remats), key=lambda e: e[0]):
+        if cheap * (1 - 1e-9) > bar:
+            return True
+        kind, V, M = layout
+        if split_floor(costs, cluster, kind, V, M, r, cheap, bar) * (1 - 1e-9) <= bar:
+            return False
+    return True
+
+
+def _floors(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: int, schedule: str | None,
+            microbatches: int | None, virtual: int | None, remats: tuple[str, ...]
+            ) -> list[tuple[float, tuple[str, int, int], str]]:
+    """(`layout_floor`, layout, remat) of each layout and remat mode `choose` tries whose memory floor fits."""
+    layouts = _layouts(costs, local_batch, schedule, microbatches, virtual)
+    return [(layout_floor(costs, cluster, kind, V, M, r), (kind, V, M), r) for r in remats for kind, V, M in layouts
+            if not exceeds(layout_memory_floor(costs, kind, V, M, r), budget)]
+
+
 def least_memory(costs: MeshCosts, local_batch: int, *, schedule: str | None = None,
-                 microbatches: int | None = None, virtual: int | None = None) -> float:
-    """The least per-device memory of the layouts `choose` tries on this mesh (even stages: the least padding)."""
-    best = math.inf
+                 microbatches: int | None = None, virtual: int | None = None, below: float = math.inf) -> float:
+    """The least per-device memory of the layouts `choose` tries on this mesh (even stages: the least padding), or
+    `below` if none needs less (a layout whose `layout_memory_floor` is above it is not built)."""
+    best = below
     for kind, V, M in _layouts(costs, local_batch, schedule, microbatches, virtual):
+        remats = [r for r in ("none", "full") if not exceeds(layout_memory_floor(costs, kind, V, M, r), best)]
+        if not remats:
+            continue
         counts = _even(costs.layers, costs.mesh["pipe"] * V)
         sched = make_schedule(kind, costs.mesh["pipe"], M, V)
-        for remat in ("none", "full"):
+        for remat in remats:
             best = min(best, max(stage_memory(costs, counts, sched, remat)))
     return best
 

@@ -451,3 +451,25 @@ def test_training_flops_equal_the_traced_backward(which):
     assert graph.training_flops() == pytest.approx(traced, rel=1e-9)
     if which != "moe-tiny:layers=2":  # (MoE: not every dispatch product has two differentiable operands)
         assert graph.passes() < 3.0 if which == "conv" else graph.passes() == pytest.approx(3.0, rel=0.01)
+
+
+def test_pruning_keeps_the_leaders_and_the_best_of_each_kind():
+    """Pruning (a mesh whose lower bound on step time cannot beat the `keep` fastest so far, nor the best of its
+    kind) changes nothing the plan reports: the same leaders, the same best with and without a pipeline and
+    seq/expert, the same count of meshes; and it does prune (every pruned mesh is slower, or does not fit)."""
+    from planner.search import search
+
+    toks = S((16, 256), jnp.int32)
+    graph = trace_model(models.abstract("gpt-tiny:layers=4"), {"inputs": toks, "targets": toks})
+    full, pruned = search(graph, CPU8, 16), search(graph, CPU8, 16, keep=3)
+    key = lambda c: (c.mesh, c.sequence, pytest.approx(c.seconds, rel=1e-9))  # noqa: E731
+    assert len(pruned) == len(full) and [key(c) for c in pruned[:3]] == [key(c) for c in full[:3]]
+    for kind in (lambda c: c.mesh["pipe"] > 1, lambda c: c.mesh["seq"] > 1 or c.mesh["expert"] > 1):
+        for want in (True, False):
+            best = [next((key(c) for c in cands if c.solution is not None and kind(c) == want), None)
+                    for cands in (full, pruned)]
+            assert best[0] == best[1]
+    skipped = {(tuple(c.mesh.items()), c.sequence) for c in pruned if c.pruned}
+    assert skipped and not any(c.pruned for c in full)
+    third = full[2].seconds
+    assert all(c.solution is None or c.seconds > third for c in full if (tuple(c.mesh.items()), c.sequence) in skipped)
