@@ -20,9 +20,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from autoshard.runs import METRICS
 from planner.cluster import ClusterSpec, load_cluster
 
-METRICS = "metrics.jsonl"
 TB_TAGS = {"loss": "train/loss", "eval_loss": "eval/loss", "lr": "train/lr", "tokens_per_s": "speed/tokens_per_s",
            "step_time_s": "speed/step_time_s", "mfu": "speed/mfu", "predicted_step_s": "speed/predicted_step_s"}
 """TensorBoard tag of each record field (others: `train/<field>`)."""

@@ -22,6 +22,8 @@ from pathlib import Path
 from planner.errors import AutoshardError
 
 LOCK = ".autoshard.lock"
+METRICS = "metrics.jsonl"
+"""The run folder's per-step records (`autoshard.metrics` writes them, `autoshard report` reads them)."""
 
 
 class Lock:

@@ -17,10 +17,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from autoshard.runs import METRICS
 from planner.errors import AutoshardError
 
-METRICS = "metrics.jsonl"
-"""(`autoshard.metrics.METRICS`, named here so the report starts without importing jax.)"""
 DEFAULT_NAME = "report.png"
 
 
