@@ -142,6 +142,8 @@ class Problem:
         self._lookups = shared(("lookups",), self._lookup_tables)
         self.param_choices = {path: self._param_choices(path) for path in graph.param_values}
         self._uses = shared(("uses",), lambda: {path: self._count_uses(path) for path in graph.param_values})
+        self._kernel_regathers = shared(("kernel regathers",), lambda: {
+            path: self._reversed_kernel_uses(path) for path in graph.param_values})
         self._reductions = shared(("reductions",), lambda: {
             path: self._gradient_reductions(path) for path in graph.param_values})
         for path, choice in (fixed_params or {}).items():  # a given plan: its layouts, whatever the rules allow
@@ -189,6 +191,15 @@ class Problem:
         ops = {c for v in self.values.values() if v.param == path for c, _ in v.consumers
                if not all(self.values[o].param == path for o in self.g.ops[c].outputs)}
         return max(1, len(ops))
+
+    def _reversed_kernel_uses(self, path: str) -> int:
+        """Convolutions whose input gradient a parameter's kernel computes: that gradient convolves with the kernel
+        reversed, and XLA reverses the ZeRO-3 shard before gathering it, so the forward's gather is not reused and
+        the kernel is gathered once more (as compiled on XLA:CPU: 2304 B more `fsdp/all-gather` for the zoo CNN's
+        second kernel under fsdp=2, `runs/benchmarks/model_zoo.md`)."""
+        return sum(1 for v in self.values.values() if v.param == path for c, pos in v.consumers
+                   if pos == 1 and self.g.ops[c].primitive == "conv_general_dilated"
+                   and self.g.ops[c].inputs[0] in self.needs_grad)
 
     def _gradient_reductions(self, path: str) -> int:
         """How many all-reduces over the batch axes a parameter's gradient takes: two for a table both looked up
@@ -308,9 +319,11 @@ class Problem:
 
     def _regathers(self, vid: int, op_index: int, kind: str | None) -> bool:
         """Whether the backward gathers this dot operand again: the weight gradient needs it in the layout the
-        forward gathered it to, and XLA keeps the ungathered value, not the gathered one."""
+        forward gathered it to, and XLA keeps the ungathered value, not the gathered one. Not a convolution's:
+        its kernel gradient reads a transposed copy (`conv_copies`) XLA makes of the gathered input, once (as
+        compiled on XLA:CPU: the zoo CNN's pooled activations gathered over tensor once, 4 KiB, not twice)."""
         op = self.g.ops[op_index]
-        return (kind == "all-gather" and op.primitive in CONTRACTIONS and vid in self.needs_grad
+        return (kind == "all-gather" and op.primitive == "dot_general" and vid in self.needs_grad
                 and any(i is not None and i != vid and self.values[i].param is not None for i in op.inputs))
 
     def _cotangent_uses(self, vid: int) -> int:
@@ -424,7 +437,8 @@ class Problem:
                 out.append(("all-reduce", tuple(sorted(rep + ("fsdp",), key=AXES.index)), nbytes / f, 1))
             return out + seq
         uses = self._uses[path]  # XLA gathers a weight for each use, and reduces each use's gradient
-        out += [("all-gather", ("fsdp",), nbytes / f, uses * (2 if path in self._stacked else 1)),
+        gathers = uses * 2 if path in self._stacked else uses + self._kernel_regathers[path]
+        out += [("all-gather", ("fsdp",), nbytes / f, gathers),
                 ("reduce-scatter", ("fsdp",), nbytes, uses)]
         if rep:
             out.append(("all-reduce", rep, nbytes / f, self._reductions[path]))
@@ -561,6 +575,22 @@ class Problem:
         return [o for op in body if op.primitive in CONTRACTIONS for o in op.outputs
                 if o in self._live and dtype_kind(self.values[o].dtype) == "float"]
 
+    def conv_copies(self) -> list[tuple[int, ...]]:
+        """Per convolution whose kernel trains, the values XLA lays out anew for the kernel's gradient: it computes
+        that gradient as a convolution over the batch, with a transposed copy of the convolution's input and one of
+        its output's cotangent (as measured on XLA:CPU: `f32[3,16,16,2]` beside `[2,16,16,3]` images,
+        `runs/benchmarks/model_zoo.md`). Each pair lives only while its own kernel gradient is computed, so the
+        step's memory holds the largest pair (`transient_memory`), not their sum. Shared, read-only."""
+        return _shared(self.g, ("conv copies",), self._conv_copies)
+
+    def _conv_copies(self) -> list[tuple[int, ...]]:
+        return [(op.inputs[0],) + tuple(op.outputs) for op in self.g.ops if op.primitive == "conv_general_dilated"
+                and op.inputs[1] in self.needs_grad and op.inputs[0] is not None]
+
+    def transient_memory(self, size: Callable[[int], float]) -> float:
+        """The largest of the convolutions' layout copies (`conv_copies`), each value of `size(value)` bytes."""
+        return max((sum(size(v) for v in group) for group in self.conv_copies()), default=0.0)
+
     def batch_memory(self) -> float:
         """The device's share of the batch the step reads (an argument of the compiled step, like the weights)."""
         return sum(local_nbytes(self.values[vid], self.b) for vid in self.g.inputs if self.values[vid].shape)
@@ -603,7 +633,8 @@ class Problem:
         choices = self.param_choices.items()
         params = sum(min(self.param_memory(p, c) for c in ch) for p, ch in choices)
         acts = sum(n * least(vid) for vid, n in self.residuals().items())
-        fixed = self.batch_memory() + sum(WORKING_SET * least(vid) for vid in self.working_set())
+        fixed = self.batch_memory() + sum(WORKING_SET * least(vid) for vid in self.working_set()) \
+            + self.transient_memory(least)
         if not self.grads_reuse_activations:
             return fixed + params + acts
         kept = sum(min(self.param_memory(p, c) - self.grad_memory(p, c) for c in ch) for p, ch in choices)
@@ -700,6 +731,9 @@ class Problem:
                "activations": sum(n * self.value_memory(vid, layout(vid)) for vid, n in self.residuals().items()),
                "backward working set": sum(WORKING_SET * self.value_memory(vid, layout(vid))
                                            for vid in self.working_set())}
+        copies = self.transient_memory(lambda vid: self.value_memory(vid, layout(vid)))
+        if copies:
+            mem["convolution layout copies"] = copies
         mem["batch"] = self.batch_memory()
         if self.grads_reuse_activations:
             grads = sum(self.grad_memory(p_, c) for p_, c in params.items())
@@ -776,6 +810,7 @@ class _Model:
         self.grads: list[tuple[float, Any]] = []
         self.acts: list[tuple[float, Any]] = []
         self.reused: Any = 0
+        self.transient: Any = 0
         self.indicators: dict[tuple, Any] = {}
         self.arrives: dict[tuple[int, int], list] = defaultdict(list)
 
@@ -856,6 +891,13 @@ class _Model:
         self.memory.append((pr.batch_memory(), self.true))
         for vid in pr.working_set():
             self.memory += [(WORKING_SET * pr.value_memory(vid, lay), lit) for lay, lit in self.layouts(vid).items()]
+        groups = [[(pr.value_memory(v, lay), lit) for v in group for lay, lit in self.layouts(v).items()]
+                  for group in pr.conv_copies()]
+        if groups:  # transient = the largest group (the solver takes the least it may)
+            top = int(math.ceil(max(sum(b for b, _ in g) for g in groups))) + 1
+            self.transient = self.m.new_int_var(0, top, "transient")
+            for g in groups:
+                self.m.add(self.transient >= _weighted([(int(math.ceil(b)), lit) for b, lit in g if b > 0]))
         if pr.grads_reuse_activations:  # reused = min(activations, gradients): the solver takes the most it may
             self.reused = self.m.new_int_var(0, int(sum(b for b, _ in self.grads if b > 0)) + 1, "reused")
             self.m.add(self.reused <= _weighted([(int(b), lit) for b, lit in self.acts if b > 0]))
@@ -964,21 +1006,22 @@ class _Model:
         """The problem's objective: nanoseconds ("time"), bytes moved ("bytes") or bytes held ("memory")."""
         pr, m, cost, memory = self.pr, self.m, self.cost, self.memory
         if pr.objective == "memory":
-            m.minimize(_weighted([(int(math.ceil(b)), lit) for b, lit in memory if b > 0]) - self.reused)
+            m.minimize(_weighted([(int(math.ceil(b)), lit) for b, lit in memory if b > 0]) - self.reused
+                       + self.transient)
         elif pr.objective == "bytes":  # between plans that move the same bytes, the partitioner splits more
             # CP-SAT needs the objective's range within int64: in bytes x 1000 a 175B model's terms overflow it,
             # so large models count in coarser units (exact for everything below ~2^50 bytes in total)
             unit = max(1.0, (1000 * sum(c for c, _ in cost if c > 0) + sum(b for b, _ in memory if b > 0)) / 2**50)
             m.minimize(_weighted([(1000 * int(round(c / unit)), lit) for c, lit in cost if c > 0]
                                  + [(int(math.ceil(b / unit)), lit) for b, lit in memory if b > 0])
-                       - (self.reused if unit == 1.0 else 0))
+                       + ((self.transient - self.reused) if unit == 1.0 else 0))
         else:  # CP-SAT wants integers: nanoseconds
             m.minimize(_weighted([(int(round(c * 1e9)), lit) for c, lit in cost if c > 0]))
 
     def fit(self, budget: float) -> None:
         """The per-device memory constraint (each term rounded up)."""
         self.m.add(_weighted([(int(math.ceil(b)), lit) for b, lit in self.memory if b > 0]) - self.reused
-                   <= int(budget))
+                   + self.transient                   <= int(budget))
 
     def solve(self, time_limit: float, workers: int) -> Solution | None:
         solver = cp_model.CpSolver()

@@ -23,16 +23,10 @@ from zoo import MODELS, PLANS, ZooModel, plan_kwargs
 
 STEPS = 3
 
-# XLA:CPU keeps layout copies around convolutions and pooling (a transposed input for the kernel gradient, a
-# materialised broadcast for the average pool) that the planner does not count: memory 18-23% under
-_CNN_MEMORY = "memory/device"
 KNOWN_OFF: dict[tuple[str, str], set[str]] = {
-    # data=4,fsdp=2: XLA:CPU gathers the second convolution's ZeRO-3 kernel again for its input gradient
-    ("cnn", "free"): {_CNN_MEMORY, "fsdp/all-gather", "communication total"},
-    ("cnn", "fsdp"): {_CNN_MEMORY},
-    ("cnn", "tight"): {_CNN_MEMORY, "fsdp/all-gather", "communication total"},
-    # channel-split convolutions: XLA gathers fewer activations over tensor than priced
-    ("cnn", "tensor"): {_CNN_MEMORY, "tensor/all-gather", "communication total"},
+    # data=4,tensor=2: XLA computes dropout's select unsplit (gathering both operands over tensor, then slicing)
+    # and so gathers the head's kernel for its input gradient: 576 B of tensor all-gathers not priced (-12%)
+    ("cnn", "tensor"): {"tensor/all-gather"},
     # the tied embedding split over tensor (its lookup and `attend` want different layouts): XLA trades part of
     # the priced all-reduces for all-gathers
     ("gqa", "tensor"): {"tensor/all-reduce", "tensor/all-gather"},
@@ -122,6 +116,8 @@ def test_verify_matches_the_compiled_step(zoo, name, plan_name, record_property)
     known = KNOWN_OFF.get((name, plan_name), set())
     bad = [(r.name, r.predicted, r.compiled, r.error) for r in judged if not r.ok and r.name not in known]
     assert not bad, (zoo.plan(name, plan_name).mesh_string(), bad)
+    fixed = {r.name for r in judged if r.ok} & known
+    assert not fixed, f"within tolerance now: take {sorted(fixed)} off KNOWN_OFF[{(name, plan_name)}]"
 
 
 @pytest.mark.parametrize("name", MODELS)
