@@ -72,6 +72,10 @@ def _forget(gid: int, ref: weakref.ref) -> None:
         del _SHARED[gid]
 
 
+TIGHTENINGS = 3
+"""How many times `_Model.solve` tightens the budget constraint after a plan that fitted only by rounding."""
+
+
 def exceeds(floor: float, limit: float) -> bool:
     """Whether a lower bound is above `limit` by more than the rounding of its sums (1e-12 of it): then so is
     every figure it bounds."""
@@ -811,6 +815,9 @@ class _Model:
         self.acts: list[tuple[float, Any]] = []
         self.reused: Any = 0
         self.transient: Any = 0
+        self.held: Any = None
+        self.slack = 0
+        self.budget: float | None = None
         self.indicators: dict[tuple, Any] = {}
         self.arrives: dict[tuple[int, int], list] = defaultdict(list)
 
@@ -900,8 +907,8 @@ class _Model:
                 self.m.add(self.transient >= _weighted([(int(math.ceil(b)), lit) for b, lit in g if b > 0]))
         if pr.grads_reuse_activations:  # reused = min(activations, gradients): the solver takes the most it may
             self.reused = self.m.new_int_var(0, int(sum(b for b, _ in self.grads if b > 0)) + 1, "reused")
-            self.m.add(self.reused <= _weighted([(int(b), lit) for b, lit in self.acts if b > 0]))
-            self.m.add(self.reused <= _weighted([(int(b), lit) for b, lit in self.grads if b > 0]))
+            self.m.add(self.reused <= _weighted([(int(round(b)), lit) for b, lit in self.acts if b > 0]))
+            self.m.add(self.reused <= _weighted([(int(round(b)), lit) for b, lit in self.grads if b > 0]))
 
     def pay(self, key: tuple, seconds: float, lit) -> None:
         """Charge `seconds` once if any literal paying under `key` is true."""
@@ -1019,23 +1026,39 @@ class _Model:
             m.minimize(_weighted([(int(round(c * 1e9)), lit) for c, lit in cost if c > 0]))
 
     def fit(self, budget: float) -> None:
-        """The per-device memory constraint (each term rounded up)."""
-        self.m.add(_weighted([(int(math.ceil(b)), lit) for b, lit in self.memory if b > 0]) - self.reused
-                   + self.transient                   <= int(budget))
+        """The per-device memory constraint. CP-SAT counts whole bytes: each term is rounded to the nearest, and
+        the bound allows the half byte per term that rounding may add, so a plan exactly at the budget is not
+        turned away; `solve` checks the exact figure and tightens the bound when a plan only fitted by rounding."""
+        terms = [(int(round(b)), lit) for b, lit in self.memory if b > 0]
+        self.held = _weighted(terms) - self.reused + self.transient
+        self.budget = budget
+        # (the reused and transient bytes are sums of rounded terms too)
+        self.slack = (len(terms) + len(self.acts) + len(self.grads) + 1) // 2 + 1
+        self.m.add(self.held <= int(budget) + self.slack)
 
     def solve(self, time_limit: float, workers: int) -> Solution | None:
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = time_limit
         solver.parameters.num_workers = workers
         solver.parameters.random_seed = 0
-        status = solver.solve(self.m)
-        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return None
         pick = lambda lits: next(k for k, lit in enumerate(lits) if solver.value(lit))  # noqa: E731
         pr = self.pr
-        ops = {idx: strats[pick(self.x[idx])] for idx, strats in pr.op_strats.items()}
-        params = {path: ch[pick(self.p[path])] for path, ch in pr.param_choices.items()}
-        sol = pr.evaluate(ops, params)
+        for attempt in range(TIGHTENINGS + 1):
+            status = solver.solve(self.m)
+            if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                return None
+            ops = {idx: strats[pick(self.x[idx])] for idx, strats in pr.op_strats.items()}
+            params = {path: ch[pick(self.p[path])] for path, ch in pr.param_choices.items()}
+            sol = pr.evaluate(ops, params)
+            if self.budget is None or not exceeds(sol.memory_bytes, self.budget):
+                break
+            # over the budget by less than the rounding allowed: exclude this figure and what is as large; the
+            # last time, leave the rounding no room at all
+            over = max(1, math.ceil(sol.memory_bytes - self.budget))
+            last = attempt == TIGHTENINGS - 1
+            self.m.add(self.held <= (int(self.budget) - self.slack if last else solver.value(self.held) - over))
+        else:
+            return None
         proto = self.m.proto
         sol.solver = {"status": "optimal" if status == cp_model.OPTIMAL else "feasible",
                       "variables": len(proto.variables), "constraints": len(proto.constraints),

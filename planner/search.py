@@ -30,12 +30,16 @@ from planner.layouts import PARTIAL
 from planner.trace import Graph, dtype_kind, matmul_flops, trace
 
 SEARCH_AXES = ("data", "fsdp", "tensor")
+"""Axes this planner searches; the others stay at the size the user fixes (1 by default)."""
 LOOP_PIPELINE = ("pipelines need a scanned layer stack (lax.scan over stacked weights) for now; this model's blocks "
                  "are a Python loop: drop pipe and the pipeline options")
 HEADROOM = 0.9
 """Without an explicit budget, plans may use this fraction of device memory: the rest is for what the model does
 not count (runtime and collective buffers, fragmentation)."""
-"""Axes this planner searches; the others stay at the size the user fixes (1 by default)."""
+NEAR_TIE = 0.01
+"""Plans whose predicted step times are within this fraction of the fastest one are a tie, settled by fewer bytes
+moved, then less memory: a gain this small is inside the cost model's error on measured steps, and bytes are what
+the compiled program is checked against."""
 
 
 def trace_model(model: nnx.Module, batch: dict[str, Any], loss_fn: Callable | None = None,
@@ -494,6 +498,15 @@ def _progress_line(cand: Candidate, aside: bool = False) -> str:
     return line + (f": {cand.seconds * 1e3:.2f} ms" if cand.solution else ": does not fit")
 
 
+def near_tie_winner(ranked: list[Plan]) -> Plan:
+    """Of plans ranked fastest first, the one that moves the fewest bytes (then holds the least memory) among those
+    within `NEAR_TIE` of the fastest's predicted step time; the ranking settles what is still equal."""
+    fastest = ranked[0].predicted["step_seconds"]
+    near = [p for p in ranked if p.predicted["step_seconds"] <= fastest * (1 + NEAR_TIE)]
+    moved = lambda p: float(f"{sum(p.predicted.get('comm_bytes', {}).values()):.6g}")  # noqa: E731
+    return min(near, key=lambda p: (moved(p), float(f"{p.predicted['memory_bytes_per_device']:.6g}")))
+
+
 def _solve_mesh(problems: _MeshProblems, remats: list[str], budget: float, **problem_kw) -> Solution | None:
     """The fastest solution for one mesh without pipe, seq or expert: no remat first, then the remat options
     (remat only costs time) until one fits."""
@@ -780,7 +793,7 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
                       p.mesh["tensor"], p.mesh["fsdp"], order[id(p)])
     fitting = sorted((p for p in plans if p.predicted["memory_bytes_per_device"] <= budget), key=rank)
     if fitting:
-        best = fitting[0]
+        best = near_tie_winner(fitting)
     else:  # as XLA would realise them none of the leaders fits; the search's own layouts do (XLA's choice is
         # ambiguous for this model): report the search's figures for its best plan
         best = to_plan(graph, leaders[0])
