@@ -275,9 +275,8 @@ def make_plan(abstract_model, model_name: str, batch: int, seq: int, cluster, *,
     from autoshard.api import plan as api_plan
 
     example = token_batch(batch, seq)
-    budget = memory_budget if memory_budget is not None else cluster.memory_bytes
     prov = {"model": model_name, "batch": batch, "seq": seq, "cluster": cluster.label,
-            "memory_budget": float(budget), "fixed_mesh": mesh, "remat": remat or "auto",
+            "fixed_mesh": mesh, "remat": remat or "auto",
             **({"calibrated_from": cluster.calibrated_from} if cluster.calibrated_from else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **({"fixed": fixes} if fixes else {}),
             **(provenance or {})}

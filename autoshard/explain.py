@@ -263,6 +263,9 @@ def summary(plan: Plan, *, top_comm: int = 3, runners_up: int = 4, width: int = 
     why = why_line(plan)
     if why:
         rows.append(["why", why])
+    remat = remat_line(plan)
+    if remat:
+        rows.append(["remat", remat])
     split = seq_expert_line(plan)
     if split:
         rows.append(["seq/expert", split])
@@ -274,7 +277,8 @@ def summary(plan: Plan, *, top_comm: int = 3, runners_up: int = 4, width: int = 
 
 
 def pipeline_line(plan: Plan) -> str:
-    """'4 stages, layers per stage 6 (x4), gpipe, 96 microbatches: bubble 13.5% (...), 111 ticks, 96+1 live buffers/device'."""
+    """'4 stages, layers per stage 6 (x4), gpipe, 96 microbatches: bubble 13.5% of the step, 111 ticks, 96+1 live
+    buffers/device'."""
     spec = plan.pipeline
     runs: list[list[int]] = []  # [layers, stages] runs: 3x32 for 32 stages of 3 layers
     for s, e in spec.stages:
@@ -287,8 +291,8 @@ def pipeline_line(plan: Plan) -> str:
             + (f" (virtual {spec.virtual})" if spec.virtual > 1 else "") + f", {spec.microbatches} microbatches")
     pl = plan.predicted.get("pipeline") or {}
     if pl:
-        text += (f": bubble {format_percent(pl['bubble'])} ({format_percent(pl.get('lockstep_bubble'))} of "
-                 f"predicted time), {pl['ticks']} ticks, {pl['act_slots']}+{pl['cot_slots']} live buffers/device")
+        text += (f": bubble {format_percent(pl['bubble'])} of the step, {pl['ticks']} ticks, "
+                 f"{pl['act_slots']}+{pl['cot_slots']} live buffers/device")
     return text
 
 
@@ -316,6 +320,28 @@ def why_line(plan: Plan) -> str:
     return f"the best plan {kind} is {_candidate_text(other)}: {format_percent(ratio, signed=True)} time"
 
 
+def remat_line(plan: Plan) -> str:
+    """Why this remat: the same plan under the other one, its predicted time and memory against the budget."""
+    why = plan.provenance.get("remat_choice") or {}
+    chosen = why.get("chosen", plan.remat)
+    if why.get("fixed"):
+        return f"{chosen}, as fixed"
+    if why.get("only"):
+        return f"{chosen}: the only remat this model's loop of blocks runs (remat needs a scanned layer stack)"
+    if "other" not in why:
+        return ""
+    step = plan.predicted.get("step_seconds")
+    mem = plan.predicted.get("memory_bytes_per_device")
+    time_ = format_percent(why["step_seconds"] / step - 1, signed=True) if step else "?"
+    held = format_bytes(why["memory_bytes_per_device"])
+    if chosen == "full":
+        if not why["fits"]:
+            return f"full: without it this plan would hold {held} per device, over the budget"
+        return f"full: without it {held} per device and {time_} time, yet the search found full faster"
+    saved = format_percent(1 - why["memory_bytes_per_device"] / mem) if mem else "?"
+    return f"none: the plan fits without it; full remat would hold {held} ({saved} less) for {time_} time"
+
+
 def seq_expert_line(plan: Plan) -> str:
     """The sequence method / expert degree and why: the best plan of the other kind (with or without seq/expert)."""
     why = plan.provenance.get("seq_expert_choice") or {}
@@ -340,7 +366,10 @@ def seq_expert_line(plan: Plan) -> str:
 
 
 def alternatives_table(plan: Plan, *, limit: int | None = None, width: int = WIDTH) -> list[str]:
+    """The chosen plan and its runners-up: time against the chosen one, memory (marked where it exceeds the
+    budget: such a plan may be faster, but it does not fit), bytes moved."""
     best = plan.predicted.get("step_seconds")
+    budget = _budget(plan)
     rows = []
     entries = [("chosen", plan.mesh, plan.remat, plan.predicted)] if plan.predicted else []
     entries += [(f"#{i + 2}", alt.get("mesh") or {}, alt.get("remat", "none"), alt.get("predicted") or {})
@@ -351,9 +380,11 @@ def alternatives_table(plan: Plan, *, limit: int | None = None, width: int = WID
         comm = sum((pred.get("comm_bytes") or {}).values())
         pl = pred.get("pipeline")
         where = mesh_string(mesh) + (f" {pl['schedule']} M={pl['microbatches']}" if pl else "")
+        mem = pred.get("memory_bytes_per_device")
+        over = budget is not None and mem is not None and mem > budget
         rows.append([rank, where, remat, format_seconds(step),
                      "" if rank == "chosen" else format_percent(slower, signed=True),
-                     format_bytes(pred.get("memory_bytes_per_device")), format_bytes(comm)])
+                     format_bytes(mem) + (" over budget" if over else ""), format_bytes(comm)])
     return table(rows, header=["", "mesh", "remat", "step", "vs best", "memory/dev", "comm/dev"],
                  right=(3, 4, 5, 6), width=width)
 
@@ -441,9 +472,9 @@ def explain(plan: Plan, params: Mapping[str, ParamInfo] | None = None, *, source
         lines += _wrap(f"pipeline: {pipeline_line(plan)}", width)
         lines += ["", "schedule (device x tick: F/B microbatch, chunk letter with virtual stages; . idle):"]
         lines += timeline(plan, width=width)
-    why = why_line(plan)
-    if why:
-        lines += _wrap(f"why: {why}", width)
+    for label, text in (("why", why_line(plan)), ("remat", remat_line(plan))):
+        if text:
+            lines += _wrap(f"{label}: {text}", width)
     lines += ["", "parameters:"] + param_table(plan, params, width=width)
     if params:
         known = [(params[p][0], s) for p, s in plan.params.items() if params.get(p, (None,))[0] is not None]
@@ -585,4 +616,4 @@ def format_comparison(result: Mapping[str, Any], *, width: int = WIDTH) -> str:
 __all__ = ["COMM_TOLERANCE", "MEMORY_TOLERANCE", "MIN_SHARE", "alternatives_table", "breakdown_tables", "compare",
            "describe_spec", "explain", "format_bytes", "format_comparison", "format_count", "format_percent",
            "format_seconds", "format_spec", "headline", "param_table", "pipeline_line", "relative_error",
-           "shard_shape", "summary", "table", "timeline", "why_line"]
+           "remat_line", "shard_shape", "summary", "table", "timeline", "why_line"]

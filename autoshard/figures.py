@@ -438,10 +438,10 @@ def _schedule_title(st: ScheduleTimes, plan: Plan, window: tuple[int, int] | Non
     if window is not None:
         where = "first" if window[0] == 0 else "last"
         return f"{TITLES['zoom']}: {where} {window[1] - window[0]} of {st.ticks} ticks"
-    bubble = _num(_field(plan.predicted or {}, "pipeline", dict).get("lockstep_bubble")) if st.predicted else None
+    bubble = _num(_field(plan.predicted or {}, "pipeline", dict).get("bubble")) if st.predicted else None
     return (f"{TITLES['schedule']}: {st.kind}" + (f", {st.virtual} chunks per device" if st.virtual > 1 else "")
             + f", {st.microbatches} microbatches, {st.ticks} ticks"
-            + (f", bubble {format_percent(bubble, digits=0)} of the time" if bubble is not None else ""))
+            + (f", bubble {format_percent(bubble, digits=0)} of the step" if bubble is not None else ""))
 
 
 def schedule_panel(ax: Axes, st: ScheduleTimes, plan: Plan, window: tuple[int, int] | None = None) -> None:

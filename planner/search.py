@@ -799,13 +799,14 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
         best = to_plan(graph, leaders[0])
     rest = sorted((p for p in plans if p is not best), key=rank)
     prov = dict(provenance or {})
-    prov.update(cluster=cluster.label, batch=batch, solver={
+    prov.update(cluster=cluster.label, batch=batch, memory_budget=float(budget), solver={
         "seconds": round(time.perf_counter() - start, 3), "meshes_considered": len(cands), **cands[0].solution.solver})
     best.provenance = prov
     best.alternatives = [{"mesh": {a: n for a, n in p.mesh.items() if n > 1} or {"data": 1}, "remat": p.remat,
                           "predicted": p.predicted} for p in rest]
     best.provenance["pipeline_choice"] = _why(best, cands, graph, cluster, compute_dtype)
     best.provenance["seq_expert_choice"] = _why_seq_expert(best, cands)
+    best.provenance["remat_choice"] = _why_remat(best, graph, cluster, compute_dtype, budget, remat)
     if any(c.idle and all(c.mesh[a] == best.mesh[a] for a in AXES) for c in cands):
         warnings.warn(f"tensor={best.mesh['tensor']} is idle in the plan for {best.mesh_string()}: nothing in this "
                       f"model is worth splitting over it at this size, and XLA puts idle devices to work its own "
@@ -908,6 +909,24 @@ def _why(best: Plan, cands: list[Candidate], graph: Graph, cluster: ClusterSpec,
                              bubble=pl["bubble"])
             out[key] = entry
     return out
+
+
+def _why_remat(best: Plan, graph: Graph, cluster: ClusterSpec, dtype: str, budget: float,
+               fixed: str | None) -> dict[str, Any]:
+    """The chosen remat and the same plan under the other one (its predicted time and memory, and whether it fits),
+    for the summary's account of the choice; a remat the user fixed, or the only one the model runs, says so."""
+    if fixed is not None:
+        return {"chosen": best.remat, "fixed": True}
+    if remat_options(graph) == ["none"]:
+        return {"chosen": best.remat, "only": True}
+    other = "none" if best.remat == "full" else "full"
+    try:
+        pred = predict(dataclasses.replace(best, remat=other), graph, cluster, dtype)
+    except AutoshardError:
+        return {"chosen": best.remat}
+    return {"chosen": best.remat, "other": other, "step_seconds": pred["step_seconds"],
+            "memory_bytes_per_device": pred["memory_bytes_per_device"],
+            "fits": not exceeds(pred["memory_bytes_per_device"], budget)}
 
 
 def format_bytes(n: float) -> str:

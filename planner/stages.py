@@ -427,11 +427,14 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
                 comm[k] = comm.get(k, 0.0) + b * share * 0.5
         comm["pipe/collective-permute"] += sweep_ticks(sched) * costs.carry_bytes / M
     step = loop + sum(sync_s.values())
+    # one bubble figure: the share of the predicted step the devices wait in the loop (the time breakdown's
+    # "pipeline bubble"); the table's own idle share under unit-time ops is kept apart as `table_idle`
     pipeline = {"schedule": spec.schedule, "microbatches": M, "virtual": V, "stages": spec.stages,
-                "ticks": sched.ticks, "bubble": sched.bubble, "act_slots": sched.act_slots,
+                "ticks": sched.ticks, "bubble": breakdown["pipeline bubble"] / max(step, 1e-30),
+                "table_idle": sched.bubble, "act_slots": sched.act_slots,
                 "cot_slots": sched.cot_slots, "peak_live_buffers": sched.act_slots + sched.cot_slots,
                 "stage_forward_seconds": [float(x) for x in fwd], "stage_backward_seconds": [float(x) for x in bwd],
-                "transfer_seconds_per_tick": transfer, "lockstep_bubble": 1.0 - busy * M / max(loop, 1e-30)}
+                "transfer_seconds_per_tick": transfer}
     predicted = {"step_seconds": step, "memory_bytes_per_device": max(memory),
                  "memory_per_stage_device": memory,
                  "comm_bytes": {k: v for k, v in sorted(comm.items()) if v > 0}, "time_breakdown": breakdown,

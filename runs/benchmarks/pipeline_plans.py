@@ -11,9 +11,9 @@ of 2048 tokens, at every cluster size (a fixed batch: the larger clusters must u
 data x fsdp can be at most 1536), on `a100-80g:N` with plan()'s default memory budget. Columns: the chosen mesh,
 the pipeline (schedule, microbatches M, virtual stages V, layers per stage), predicted step seconds, predicted
 TFLOP/s per device = model FLOPs per step (`cfg.flops_per_token(seq)` x tokens: forward + backward, the pipeline's
-recompute not counted) / step seconds / devices, the predicted bubble (idle fraction of device-ticks with unit
-ops, 1 - 2MV/T) and its lockstep share (the fraction of the predicted loop time that is not the mean device's
-work), predicted memory per device, the best plan without a pipeline (its step seconds), and planning wall time.
+recompute not counted) / step seconds / devices, the predicted bubble (the share of the predicted step the devices
+wait in the pipeline loop) and, in brackets, the schedule table's idle fraction of device-ticks with unit ops
+(1 - 2MV/T), predicted memory per device, the best plan without a pipeline (its step seconds), and planning wall time.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def run_case(name: str, n: int) -> dict:
         pl = pred["pipeline"]
         row.update(schedule=pl["schedule"], microbatches=pl["microbatches"], virtual=pl["virtual"],
                    stage_layers=[e - s for s, e in pl["stages"]], ticks=pl["ticks"], bubble=round(pl["bubble"], 3),
-                   lockstep_bubble=round(pl["lockstep_bubble"], 3),
+                   table_idle=round(pl["table_idle"], 3),
                    permute_gib=round(pred["comm_bytes"].get("pipe/collective-permute", 0) / GiB, 2))
     return row
 
@@ -90,7 +90,7 @@ def layers_text(counts: list[int]) -> str:
 
 def fmt_table(rows: list[dict]) -> str:
     head = ("| model | devices | mesh | pipeline (schedule, M, V, layers/stage) | step s | TFLOP/s/dev | bubble "
-            "(lockstep) | memory GiB | best without pipeline | plan s |")
+            "(table) | memory GiB | best without pipeline | plan s |")
     lines = [head, "|---|---:|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         if "error" in r:
@@ -99,7 +99,7 @@ def fmt_table(rows: list[dict]) -> str:
         mesh = ",".join(f"{a}={k}" for a, k in r["mesh"].items())
         pipe = (f"{r['schedule']}, M={r['microbatches']}, V={r['virtual']}, {layers_text(r['stage_layers'])}"
                 if r.get("schedule") else "none")
-        bubble = f"{r['bubble']:.1%} ({r['lockstep_bubble']:.1%})" if r.get("schedule") else "-"
+        bubble = f"{r['bubble']:.1%} ({r['table_idle']:.1%})" if r.get("schedule") else "-"
         without = (f"{','.join(f'{a}={k}' for a, k in (r['no_pipeline_mesh'] or {}).items())} "
                    f"{r['no_pipeline_step_s']} s" if r.get("no_pipeline_step_s") is not None else "does not fit")
         lines.append(f"| {r['model']} | {r['devices']} | {mesh} | {pipe} | {r['step_s']} | "
