@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from planner.errors import AutoshardError
+from planner.trace import itemsize
 
 GiB = 1 << 30
 
@@ -58,9 +59,14 @@ class ClusterSpec:
     """Fraction of peak that a large matmul achieves."""
     calibrated_from: str = ""
     """Empty for datasheet figures; else a description of the profile that replaced them."""
+    collective_dtypes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Dtypes whose collectives the backend runs in a wider one ({"bfloat16": "float32"} on XLA:CPU, which
+    computes and communicates bfloat16 in float32); a dtype not named moves its own bytes."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_flops", {str(k): float(v) for k, v in dict(self.peak_flops).items()})
+        object.__setattr__(self, "collective_dtypes", {dtype_name(k): dtype_name(v)
+                                                       for k, v in dict(self.collective_dtypes).items()})
         for key in ("intra", "inter"):
             link = getattr(self, key)
             if isinstance(link, Mapping):
@@ -116,6 +122,11 @@ class ClusterSpec:
         """Time of one op on one device: the larger of its compute time and its memory-traffic time."""
         return max(flops / self.matmul_flops(dtype), bytes_accessed / self.hbm_bandwidth)
 
+    def wire_itemsize(self, dtype: Any) -> int:
+        """Bytes per element a collective of `dtype` values moves on this backend (`collective_dtypes`)."""
+        name = dtype_name(dtype)
+        return itemsize(self.collective_dtypes.get(name, name))
+
     def link(self, level: str) -> Link:
         if level not in ("intra", "inter"):
             raise ValueError(f"link level must be 'intra' or 'inter', got {level!r}")
@@ -144,6 +155,7 @@ class ClusterSpec:
             "intra": self.intra.to_dict(),
             "inter": self.inter.to_dict(),
             "calibrated_from": self.calibrated_from,
+            "collective_dtypes": dict(self.collective_dtypes),
         }
 
     @classmethod
@@ -186,6 +198,9 @@ class ClusterSpec:
                 kw["matmul_efficiency"] = _num(d["matmul_efficiency"], "matmul_efficiency")
             if "calibrated_from" in d:
                 kw["calibrated_from"] = str(d["calibrated_from"])
+            if "collective_dtypes" in d:
+                kw["collective_dtypes"] = {str(k): str(v) for k, v in
+                                           _mapping(d["collective_dtypes"], "collective_dtypes").items()}
         except (TypeError, ValueError, OverflowError) as e:
             raise AutoshardError(f"{where}: {_one_line(e)}") from None
         return cls(**kw)
@@ -261,9 +276,11 @@ def _one_line(e: BaseException | str) -> str:
 def _cpu(n: int) -> ClusterSpec:
     # Emulated host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N): all share the host's cores and
     # memory, so the figures are modest placeholders meant to be replaced by `calibrate` with a local profile.
+    # XLA:CPU has no bfloat16 arithmetic: it computes in float32 and its collectives of bfloat16 values move float32
+    # (measured: gpt-tiny:dtype=bfloat16's tensor all-reduces, pipe and seq collective-permutes, 2x the bfloat16 bytes)
     return ClusterSpec(name="cpu", num_devices=n, devices_per_node=n, memory_bytes=4 * GiB,
                        peak_flops={"float32": 50e9, "bfloat16": 25e9}, matmul_efficiency=0.7, hbm_bandwidth=10e9,
-                       intra=Link(5e9, 20e-6), inter=Link(5e9, 20e-6))
+                       intra=Link(5e9, 20e-6), inter=Link(5e9, 20e-6), collective_dtypes={"bfloat16": "float32"})
 
 
 def _a100(n: int) -> ClusterSpec:

@@ -378,8 +378,8 @@ class Problem:
             kind, _ = conversion(src, dst, 1.0, self.t)
             if kind is None:
                 hit = None, 0.0
-            else:
-                whole = local_nbytes(v, self.b)
+            else:  # (in the backend's collective dtype: XLA:CPU moves bfloat16 activations as float32)
+                whole = local_nbytes(v, self.b) * self.cluster.wire_itemsize(v.dtype) / itemsize(v.dtype)
                 hit = kind, whole / self.t if kind in ("all-gather", "all-to-all") else whole
             self._convs[key] = hit
         return hit

@@ -142,6 +142,8 @@ class OpShapes:
     head_dim: int = 0
     attention_layers: int = 0
     itemsize: int = 4
+    dtype: str = "float32"
+    """The attention inputs' dtype (`itemsize` its bytes; what a collective moves is the cluster's to say)."""
     experts: int = 0
     capacity: int = 0
     hidden: int = 0
@@ -180,7 +182,8 @@ def op_shapes(graph: Any) -> OpShapes:
     out = dict(seq_len=seq_len, heads=sizes.get("heads", 0), kv_heads=sizes.get("kv_heads", sizes.get("heads", 0)),
                head_dim=sizes.get("head_dim", 0), expert_params=frozenset(expert_params))
     if attn:
-        out.update(attention_layers=attn[0].count, itemsize=itemsize(graph.values[attn[0].inputs[0]].dtype))
+        dtype = graph.values[attn[0].inputs[0]].dtype
+        out.update(attention_layers=attn[0].count, itemsize=itemsize(dtype), dtype=str(dtype))
     if moe and sizes.get("experts"):
         h = graph.values[next(i for i in moe[0].inputs if graph.values[i].param is None)]
         if len(h.shape) == 4:  # [E, B, C, D]
@@ -278,8 +281,9 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
         args = (local_batch, shapes.seq_len, h, hkv, shapes.head_dim, s)
         cpu_pipe = mesh["pipe"] > 1 and cluster.name.startswith("cpu")
         alone = _alone(mesh, "seq")
+        wire = cluster.wire_itemsize(shapes.dtype)
         if method == "ring":
-            nbytes = ring_bytes(*args, itemsize=shapes.itemsize)
+            nbytes = ring_bytes(*args, itemsize=wire)
             kind = "collective-permute"
             if cpu_pipe:
                 kind, nbytes = "all-to-all", nbytes * (s - 1)
@@ -290,7 +294,7 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
             out.memory["ring attention residuals"] = saved * layers
             out.memory["ring attention transient"] = transient
         else:
-            nbytes = ulysses_bytes(*args, itemsize=shapes.itemsize)
+            nbytes = ulysses_bytes(*args, itemsize=wire)
             kind = "all-to-all" if alone or cpu_pipe else "collective-permute"
             calls = 8 if kind == "all-to-all" else 8 * (s - 1)
             saved, transient = ulysses_memory(*args, itemsize=shapes.itemsize)
@@ -307,7 +311,7 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
         alone = _alone(mesh, "expert")
         kind = "all-to-all" if alone else "collective-permute"
         total = shapes.moe_layers * moe_all_to_all_bytes(shapes.experts, local_batch, shapes.capacity, shapes.hidden,
-                                                         e, itemsize=shapes.itemsize)
+                                                         e, itemsize=cluster.wire_itemsize(shapes.dtype))
         out.comm_bytes[f"expert/{kind}"] = total
         calls = 4 if alone else 4 * (e - 1)
         per_call = total / (calls * shapes.moe_layers)

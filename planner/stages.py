@@ -76,6 +76,8 @@ class MeshCosts:
     carry_bytes: float
     """One stage input [batch, seq, hidden] over the per-replica batch, per device: whole over `tensor`, the plan's
     `layer_input` layout, which the executor pins on what it buffers and sends."""
+    carry_wire_bytes: float
+    """`carry_bytes` as a collective-permute moves them (the backend's collective dtype: `ClusterSpec.wire_itemsize`)."""
     solution: Solution
     sweep: bool = False
     """MoE layers: the executor runs a forward-only sweep over the schedule first (whole-batch expert counts)."""
@@ -149,9 +151,11 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
         else:
             residuals["head" if r == "layer" else r] += nb * n
     carry = g.values[g.carries[0][1]]
+    carry_bytes = local_nbytes(carry, problem.b)
     return MeshCosts(dict(problem.mesh), L, problem.passes, dict(work), dict(tensor_bytes), layer_bytes, other_bytes,
                      layer_f / layer_bytes if layer_bytes else 0.0, other_f / other_bytes if other_bytes else 0.0,
-                     dict(residuals), local_nbytes(carry, problem.b), sol,
+                     dict(residuals), carry_bytes,
+                     carry_bytes * problem.cluster.wire_itemsize(carry.dtype) / itemsize(carry.dtype), sol,
                      layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0,
                      optimizer_copies=optimizer_copies(g))
 
@@ -335,7 +339,7 @@ def held_inputs(kind: str, devices: int, microbatches: int, virtual: int = 1) ->
 def transfer_seconds(costs: MeshCosts, microbatches: int, cluster: ClusterSpec) -> float:
     """One tick's two sends (activation and cotangent) of one microbatch's stage input between pipe neighbours."""
     span = axis_span(costs.mesh, ("pipe",), cluster.devices_per_node)
-    return 2 * collective_time("collective-permute", costs.carry_bytes / microbatches, (1, min(span.nodes, 2)),
+    return 2 * collective_time("collective-permute", costs.carry_wire_bytes / microbatches, (1, min(span.nodes, 2)),
                                cluster)
 
 
@@ -409,7 +413,7 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
     breakdown = {"compute": busy * M, "pipeline bubble": loop - busy * M - sched.ticks * transfer,
                  "pipe transfers": sched.ticks * transfer, **sync_s}
     comm = dict(sync_b)
-    comm["pipe/collective-permute"] = 2.0 * sched.ticks * costs.carry_bytes / M
+    comm["pipe/collective-permute"] = 2.0 * sched.ticks * costs.carry_wire_bytes / M
     # the ILP's bytes are a forward and a backward: about half are the forward's, which the backward tick repeats
     again = 1.5 + (0.5 if remat == "full" else 0.0)
     lmax = max(counts)
@@ -425,7 +429,7 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
         for r, share in (("layer", V * lmax), ("embed", 1.0)):
             for k, b in costs.tensor_bytes.get(r, {}).items():
                 comm[k] = comm.get(k, 0.0) + b * share * 0.5
-        comm["pipe/collective-permute"] += sweep_ticks(sched) * costs.carry_bytes / M
+        comm["pipe/collective-permute"] += sweep_ticks(sched) * costs.carry_wire_bytes / M
     step = loop + sum(sync_s.values())
     # one bubble figure: the share of the predicted step the devices wait in the loop (the time breakdown's
     # "pipeline bubble"); the table's own idle share under unit-time ops is kept apart as `table_idle`

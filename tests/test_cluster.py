@@ -43,6 +43,11 @@ def test_preset_figures():
     assert v5p.peak_flops["bfloat16"] == 459e12 and v5p.num_nodes == 1
     cpu = load_cluster("cpu:8")
     assert cpu.devices_per_node == 8 and cpu.num_nodes == 1
+    # XLA:CPU's collectives move bfloat16 as float32; GPUs and TPUs move bfloat16 as it is
+    assert cpu.wire_itemsize("bf16") == 4 and cpu.wire_itemsize("float32") == 4 and cpu.wire_itemsize("int8") == 1
+    assert a100.wire_itemsize("bfloat16") == 2 and v5p.wire_itemsize("bfloat16") == 2
+    odd = ClusterSpec.from_dict({"base": "a100-80g:8", "collective_dtypes": {"bf16": "f32"}})
+    assert odd.wire_itemsize("bfloat16") == 4 and ClusterSpec.from_dict(odd.to_dict()) == odd
     assert cpu.with_devices(4).devices_per_node == 4
     assert load_cluster(cpu) is cpu
 
