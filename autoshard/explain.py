@@ -550,8 +550,8 @@ def compare(predicted: Mapping[str, Any], compiled: Mapping[str, Any], *, comm_t
     Judged: memory_bytes_per_device (within `memory_tolerance`), total communication bytes and each
     `axes/collective` key holding at least `min_share` of the predicted or the compiled total (within
     `comm_tolerance`). Smaller keys are listed with `judged: False`, and so are keys starting with a prefix in
-    `not_judged` (for a pipeline plan, `tensor/`: `autoshard.inspect` counts the collectives of every branch of the
-    executor's `lax.switch`, so in-stage collectives are over-counted); the total is then judged without them.
+    `not_judged` (for a pipeline plan, the in-stage collectives: `autoshard.verification.PIPELINE_BRANCH_KEYS`); the
+    total is then judged without them.
     Errors are relative to the compiled figure.
     """
     pc = {k: float(v) for k, v in (predicted.get("comm_bytes") or {}).items()}

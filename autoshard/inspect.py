@@ -17,7 +17,11 @@ is reported as the reduce-scatter it is (`from_all_reduce: True`); `comm_bytes_r
 The slice offsets are evaluated for every partition, so an all-reduce over data+fsdp read as an fsdp shard becomes
 an fsdp reduce-scatter plus a data all-reduce of the shard, as ZeRO on GPU/TPU would compile it.
 
-`flops_per_device` counts matmul FLOPs through loop trip counts; XLA's `cost_analysis()` counts a while body once.
+`flops_per_device` counts matmul FLOPs through loop trip counts (XLA's `cost_analysis()` counts a while body once)
+and through the conditional branches actually taken: a branch index computed from constants, the enclosing loops'
+induction variables and partition-id (a pipeline's per-tick `lax.switch` over its schedule table) is evaluated for
+every iteration and partition, so each stage's FLOPs are its own (`flops_by_device`); where an index cannot be
+evaluated every branch counts (`branches_exact: False`, an upper bound). Collectives are counted the same way.
 """
 
 from __future__ import annotations
@@ -155,6 +159,20 @@ def parse_hlo(text: str) -> HloModule:
     return mod
 
 
+def _restore_constants(mod: HloModule, compiled: Any) -> None:
+    """Fill in the integer literals `as_text()` elided, when a conditional's branch index may need them."""
+    elided = {i.name for instrs in mod.comps.values() for i in instrs
+              if i.opcode == "constant" and "{...}" in i.args and _is_int(i.shape)}  # indices are integers
+    if not elided or not any(i.opcode == "conditional" for instrs in mod.comps.values() for i in instrs):
+        return
+    for line in (jax_internals.hlo_text_with_constants(compiled) or "").splitlines():
+        m = jax_internals.HLO_INSTRUCTION.match(line) if " constant(" in line else None
+        if m and m.group(2) in elided:
+            opcode, _, _, args = _split_call(_split_shape(m.group(3))[1])
+            if opcode == "constant":
+                mod.by_name[m.group(2)].args = args
+
+
 def _called(ins: Instr) -> list[tuple[str, str]]:
     """(how, computation) for every computation `ins` calls."""
     out = [(key, c) for key in _CALL_KEYS for c in re.findall(rf"\b{key}=%?([\w.\-]+)", ins.attrs)]
@@ -175,70 +193,110 @@ def _elements(shape: str) -> int:
     return sum(math.prod(int(d) for d in dims.split(",") if d) for _, dims in _ARRAY_RE.findall(shape))
 
 
-def multiplicities(mod: HloModule) -> dict[str, float]:
-    """How many times each computation runs per execution of the entry (while bodies x known_trip_count).
+def _trip_count(loop: Instr) -> float | None:
+    """A while loop's trip count as XLA annotated it (`known_trip_count`), None when XLA could not derive one."""
+    t = jax_internals.HLO_TRIP_COUNT.search(loop.attrs)
+    return float(t.group(1)) if t else None
 
-    A body without a known trip count counts once; both branches of a conditional count (an upper bound).
+
+def _call_edges(mod: HloModule) -> dict[str, list[tuple[str, float, Instr, str]]]:
+    """caller computation -> (callee, runs per run of the caller, calling instruction, how it calls).
+
+    The one place trip counts enter: a while body runs trip-count times (once when unknown), its condition once
+    more; everything else once per run of its caller (every branch of a conditional: the upper bound).
     """
-    edges: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    edges: dict[str, list[tuple[str, float, Instr, str]]] = defaultdict(list)
     for comp, instrs in mod.comps.items():
         for ins in instrs:
-            trip = 1.0
-            if ins.opcode == "while":
-                t = jax_internals.HLO_TRIP_COUNT.search(ins.attrs)
-                trip = float(t.group(1)) if t else 1.0
-            for key, child in _called(ins):
+            trip = (_trip_count(ins) or 1.0) if ins.opcode == "while" else 1.0
+            for how, child in _called(ins):
                 if child in mod.comps:
-                    edges[comp].append((child, trip if key == "body" else trip + 1 if key == "condition" else 1.0))
-    order: list[str] = []  # reverse post-order of the call DAG: every caller before its callees
-    seen: set[str] = set()
-
-    def visit(c: str) -> None:
-        stack = [(c, iter(edges[c]))]
-        seen.add(c)
-        while stack:
-            node, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                order.append(node)
-                stack.pop()
-            elif nxt[0] not in seen:
-                seen.add(nxt[0])
-                stack.append((nxt[0], iter(edges[nxt[0]])))
-
-    visit(mod.entry)
-    mult: dict[str, float] = defaultdict(float)
-    mult[mod.entry] = 1.0
-    for c in reversed(order):
-        for child, f in edges[c]:
-            mult[child] += mult[c] * f
-    return dict(mult)
+                    runs = trip if how == "body" else trip + 1 if how == "condition" else 1.0
+                    edges[comp].append((child, runs, ins, how))
+    return edges
 
 
-def dot_flops(mod: HloModule, mult: Mapping[str, float] | None = None) -> float:
-    """2 x output elements x contracted size of every dot and convolution, times how often its computation runs.
+def _callers_first(mod: HloModule, edges: Mapping[str, list[tuple[str, float, Instr, str]]]) -> list[str]:
+    """The computations reachable from the entry, every caller before its callees (reverse post-order)."""
+    order: list[str] = []
+    seen = {mod.entry}
+    stack = [(mod.entry, iter(edges.get(mod.entry, [])))]
+    while stack:
+        node, it = stack[-1]
+        nxt = next(it, None)
+        if nxt is None:
+            order.append(node)
+            stack.pop()
+        elif nxt[0] not in seen:
+            seen.add(nxt[0])
+            stack.append((nxt[0], iter(edges.get(nxt[0], []))))
+    return order[::-1]
+
+
+def device_multiplicities(mod: HloModule) -> tuple[dict[str, np.ndarray], bool]:
+    """How many times each computation runs on each partition per execution of the entry ([num_partitions] each),
+    and whether that is exact.
+
+    While bodies run their known trip count. A conditional's branch runs as often as it is taken, where its index
+    can be evaluated for every loop iteration and partition (`branch_shares`: a pipeline's per-tick `lax.switch`
+    over a schedule table); where it cannot, every branch counts as if it always ran (an upper bound) and the
+    second result is False.
+    """
+    edges = _call_edges(mod)
+    mult: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(mod.num_partitions))
+    mult[mod.entry] = np.ones(mod.num_partitions)
+    shares: dict[str, dict[str, np.ndarray] | None] = {}
+    exact = True
+    for comp in _callers_first(mod, edges):
+        for child, runs, ins, how in edges.get(comp, []):
+            factor: float | np.ndarray = runs
+            if how in _BRANCH_KEYS:
+                if ins.name not in shares:
+                    shares[ins.name] = branch_shares(mod, ins)
+                    exact = exact and (shares[ins.name] is not None or not mult[comp].any())
+                got = shares[ins.name]
+                factor = got[child] / _branches(ins).count(child) if got is not None else runs
+            mult[child] = mult[child] + mult[comp] * factor
+    return dict(mult), exact
+
+
+def multiplicities(mod: HloModule) -> dict[str, float]:
+    """How many times each computation runs per execution of the entry, averaged over partitions (while bodies x
+    known trip count; conditional branches as `device_multiplicities` counts them)."""
+    return {c: float(np.mean(m)) for c, m in device_multiplicities(mod)[0].items()}
+
+
+def computation_flops(mod: HloModule) -> dict[str, float]:
+    """Matmul FLOPs of one run of each computation: 2 x output elements x contracted size of every dot and
+    convolution in it (not in the computations it calls)."""
+    out: dict[str, float] = {}
+    for comp, instrs in mod.comps.items():
+        total = 0.0
+        for ins in instrs:
+            if ins.opcode == "convolution" and len(ins.operands) > 1 and ins.operands[1] in mod.by_name:
+                kernel = _dims(mod.by_name[ins.operands[1]].shape)
+                m = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
+                out_features = kernel[m.group(1).index("o")] if m and "o" in m.group(1) else 1
+                total += 2.0 * _elements(ins.shape) * math.prod(kernel) / max(out_features, 1)
+            elif ins.opcode == "dot" and ins.operands:
+                lhs = _dims(mod.by_name[ins.operands[0]].shape) if ins.operands[0] in mod.by_name else []
+                m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
+                contracted = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m and lhs else 1
+                total += 2.0 * _elements(ins.shape) * contracted
+        if total:
+            out[comp] = total
+    return out
+
+
+def dot_flops(mod: HloModule, mult: Mapping[str, Any] | None = None) -> Any:
+    """Matmul FLOPs of the module (`computation_flops`), times how often each computation runs (`mult`, default
+    `multiplicities`; per-partition arrays give per-partition FLOPs).
 
     XLA's `cost_analysis()` counts a while body once whatever its trip count (so a scanned N-layer model looks like
     one layer); this count follows the trip counts. Elementwise work is not included (it is small next to matmuls).
     """
     mult = multiplicities(mod) if mult is None else mult
-    total = 0.0
-    for comp, instrs in mod.comps.items():
-        k = mult.get(comp, 0.0)
-        for ins in instrs:
-            if ins.opcode == "convolution" and k and len(ins.operands) > 1 and ins.operands[1] in mod.by_name:
-                kernel = _dims(mod.by_name[ins.operands[1]].shape)
-                m = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
-                out_features = kernel[m.group(1).index("o")] if m and "o" in m.group(1) else 1
-                total += 2.0 * _elements(ins.shape) * math.prod(kernel) / max(out_features, 1) * k
-                continue
-            if ins.opcode != "dot" or not k or not ins.operands:
-                continue
-            lhs = _dims(mod.by_name[ins.operands[0]].shape) if ins.operands[0] in mod.by_name else []
-            m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
-            contracted = math.prod(lhs[int(d)] for d in m.group(1).split(",") if d) if m and lhs else 1
-            total += 2.0 * _elements(ins.shape) * contracted * k
-    return total
+    return sum((f * mult[c] for c, f in computation_flops(mod).items() if c in mult), 0.0)
 
 
 # -- replica groups -----------------------------------------------------------------------------------------------
@@ -438,15 +496,35 @@ def _loop_invariant(mod: HloModule, body: str | None, index: int) -> bool:
     return bool(m and int(m.group(1)) == index and src is not None and src.opcode == "parameter")
 
 
-class _PartitionEval:
-    """Evaluates small integer expressions (slice offsets) for every partition at once: values are [N, *shape].
+@dataclasses.dataclass
+class _Points:
+    """Where `_PartitionEval` evaluates: one point per (partition, iteration of each enclosing loop).
 
-    Follows fusion parameters to their operands and loop-carried tuple elements to their (loop-invariant) initial
-    values. Returns None for anything it does not understand, so callers can fall back to a coarser rule.
+    `partition[k]` is point k's partition id; `loops[while name] = (tuple index of its induction variable, the
+    variable's value at each point)`. Without loops there is one point per partition.
     """
 
-    def __init__(self, mod: HloModule):
-        self.mod, self.n = mod, mod.num_partitions
+    partition: np.ndarray
+    loops: dict[str, tuple[int, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+
+_MAX_ELEMENTS = 1 << 24
+"""Largest intermediate (points x elements) the evaluator computes; bigger ones are given up on."""
+
+
+class _PartitionEval:
+    """Evaluates small integer expressions (slice offsets, branch indices) at every point at once: values are
+    [K, *shape] for the K points of `_Points` (default: one per partition, [N, *shape]).
+
+    Follows fusion, call and branch parameters to their operands, loop-carried tuple elements to their
+    (loop-invariant) initial values, and a loop's induction variable to its value at each point. Returns None for
+    anything it does not understand, so callers can fall back to a coarser rule.
+    """
+
+    def __init__(self, mod: HloModule, points: _Points | None = None):
+        self.mod = mod
+        self.points = points or _Points(np.arange(mod.num_partitions))
+        self.n = len(self.points.partition)
         self.memo: dict[tuple[str, int | None], np.ndarray | None] = {}
 
     def __call__(self, name: str, idx: int | None = None, depth: int = 0) -> np.ndarray | None:
@@ -460,36 +538,19 @@ class _PartitionEval:
         return self.memo[key]
 
     def _eval(self, name: str, idx: int | None, depth: int) -> np.ndarray | None:
-        mod, n = self.mod, self.n
-        ins = mod.by_name.get(name)
+        ins = self.mod.by_name.get(name)
         if ins is None:
             return None
-        op, ev = ins.opcode, (lambda o, i=None: self(o, i, depth + 1))  # noqa: E731
-        dims = _dims(ins.shape)
+        ev = lambda o, i=None: self(o, i, depth + 1)  # noqa: E731
+        op = ins.opcode
         if op == "partition-id":
-            return np.arange(n)
+            return self.points.partition
         if op == "replica-id":
-            return np.zeros(n, dtype=np.int64)
+            return np.zeros(self.n, dtype=np.int64)
         if op == "constant":
-            lit = ins.args.replace("true", "1").replace("false", "0")
-            vals = [float(x) for x in re.findall(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?", lit)]
-            if len(vals) != math.prod(dims):
-                return None
-            a = np.asarray(vals, dtype=np.int64 if _is_int(ins.shape) else np.float64).reshape(dims)
-            return np.broadcast_to(a, (n, *dims))
+            return self._constant(ins)
         if op == "parameter":
-            callers = mod.callers.get(ins.comp, [])
-            if len(callers) != 1:
-                return None
-            caller, how = callers[0]
-            if how in ("body", "condition"):
-                body = re.search(r"\bbody=%?([\w.\-]+)", caller.attrs)
-                if idx is None or not _loop_invariant(mod, body.group(1) if body else None, idx):
-                    return None
-                return ev(caller.operands[0], idx)
-            j = _param_index(ins)
-            passes = how == "calls" or (how == "to_apply" and caller.opcode == "call")
-            return ev(caller.operands[j], idx) if passes and j < len(caller.operands) else None
+            return self._parameter(ins, idx, ev)
         if op == "get-tuple-element":
             m = re.search(r"\bindex=(\d+)", ins.attrs)
             return ev(ins.operands[0], int(m.group(1))) if m and idx is None else None
@@ -497,59 +558,219 @@ class _PartitionEval:
             return ev(ins.operands[idx]) if idx is not None and idx < len(ins.operands) else None
         if op in ("fusion", "call"):
             child = next((c for how, c in _called(ins) if how in ("calls", "to_apply")), None)
-            r = mod.root(child) if child else None
+            r = self.mod.root(child) if child else None
             return ev(r.name, idx) if r is not None else None
         if op == "while":
             body = re.search(r"\bbody=%?([\w.\-]+)", ins.attrs)
-            if idx is None or not _loop_invariant(mod, body.group(1) if body else None, idx):
+            if idx is None or not _loop_invariant(self.mod, body.group(1) if body else None, idx):
                 return None
             return ev(ins.operands[0], idx)
+        if math.prod(_dims(ins.shape)) * self.n > _MAX_ELEMENTS:
+            return None
         args = [ev(o) for o in ins.operands]
         if any(a is None for a in args):
             return None
-        out: np.ndarray | None = None
+        out = self._compute(ins, args)
+        return out if out is not None and out.shape == (self.n, *_dims(ins.shape)) else None
+
+    def _constant(self, ins: Instr) -> np.ndarray | None:
+        """A constant's literal at every point (None when `as_text()` elided it as `{...}`)."""
+        dims = _dims(ins.shape)
+        lit = ins.args.replace("true", "1").replace("false", "0")
+        vals = [float(x) for x in re.findall(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?", lit)]
+        if len(vals) != math.prod(dims):
+            return None
+        a = np.asarray(vals, dtype=np.int64 if _is_int(ins.shape) else np.float64).reshape(dims)
+        return np.broadcast_to(a, (self.n, *dims))
+
+    def _parameter(self, ins: Instr, idx: int | None, ev: Any) -> np.ndarray | None:
+        """A parameter is what its (only) caller passes: a loop's induction variable or loop-invariant initial
+        value, a fusion's or call's operand, a branch's operand."""
+        caller_how = _only_caller(self.mod, ins.comp)
+        if caller_how is None:
+            return None
+        caller, how = caller_how
+        if how in ("body", "condition"):
+            loop = self.points.loops.get(caller.name)
+            if loop is not None and idx == loop[0]:
+                return loop[1]
+            body = re.search(r"\bbody=%?([\w.\-]+)", caller.attrs)
+            if idx is None or not _loop_invariant(self.mod, body.group(1) if body else None, idx):
+                return None
+            return ev(caller.operands[0], idx)
+        if how in _BRANCH_KEYS:
+            passed = {caller.operands[1 + k] for k, b in enumerate(_branches(caller)) if b == ins.comp}
+            return ev(passed.pop(), idx) if len(passed) == 1 and _param_index(ins) == 0 else None
+        j = _param_index(ins)
+        passes = how == "calls" or (how == "to_apply" and caller.opcode == "call")
+        return ev(caller.operands[j], idx) if passes and j < len(caller.operands) else None
+
+    def _compute(self, ins: Instr, args: list[np.ndarray]) -> np.ndarray | None:
+        """An elementwise, shape or indexing op on evaluated operands."""
+        op, n, dims = ins.opcode, self.n, _dims(ins.shape)
         if op in ("copy", "bitcast", "reshape"):
-            out = args[0].reshape(n, *dims)
-        elif op == "convert":
-            out = args[0].astype(np.int64 if _is_int(ins.shape) else np.float64)
-        elif op == "negate":
-            out = -args[0]
-        elif op in _BINARY:
-            out = _BINARY[op](args[0], args[1])
-        elif op == "divide":
-            out = np.trunc(args[0] / args[1]).astype(np.int64) if _is_int(ins.shape) else args[0] / args[1]
-        elif op == "remainder":
-            out = np.fmod(args[0], args[1])
-        elif op == "clamp":
-            out = np.minimum(np.maximum(args[1], args[0]), args[2])
-        elif op == "select":
-            out = np.where(args[0], args[1], args[2])
-        elif op == "compare":
+            return args[0].reshape(n, *dims)
+        if op == "convert":
+            return args[0] != 0 if ins.shape.lstrip().startswith("pred") else args[0].astype(
+                np.int64 if _is_int(ins.shape) else np.float64)
+        if op == "negate":
+            return -args[0]
+        if op == "not":
+            return np.logical_not(args[0]) if ins.shape.lstrip().startswith("pred") else np.invert(args[0])
+        if op in _BINARY:
+            return _BINARY[op](args[0], args[1])
+        if op == "divide":
+            return np.trunc(args[0] / args[1]).astype(np.int64) if _is_int(ins.shape) else args[0] / args[1]
+        if op == "remainder":
+            return np.fmod(args[0], args[1])
+        if op == "clamp":
+            return np.minimum(np.maximum(args[1], args[0]), args[2])
+        if op == "select":
+            return np.where(args[0], args[1], args[2])
+        if op == "compare":
             m = re.search(r"direction=(\w+)", ins.attrs)
-            out = _COMPARE[m.group(1)](args[0], args[1]) if m and m.group(1) in _COMPARE else None
-        elif op == "broadcast":
+            return _COMPARE[m.group(1)](args[0], args[1]) if m and m.group(1) in _COMPARE else None
+        if op == "iota":
+            m = re.search(r"iota_dimension=(\d+)", ins.attrs)
+            d = int(m.group(1)) if m else 0
+            axis = np.arange(dims[d]).reshape([-1 if k == d else 1 for k in range(len(dims))])
+            return np.broadcast_to(axis, (n, *dims))
+        return self._reshape_op(ins, args)
+
+    def _reshape_op(self, ins: Instr, args: list[np.ndarray]) -> np.ndarray | None:
+        """broadcast, slice and dynamic-slice on evaluated operands."""
+        op, n, dims = ins.opcode, self.n, _dims(ins.shape)
+        if op == "broadcast":
             m = re.search(r"dimensions=\{([\d,]*)\}", ins.attrs)
             src = [int(d) for d in m.group(1).split(",") if d] if m else []
             shape = [1] * len(dims)
             for k, d in enumerate(src):
                 shape[d] = args[0].shape[1 + k]
-            out = np.broadcast_to(args[0].reshape(n, *shape), (n, *dims))
-        elif op == "slice":
+            return np.broadcast_to(args[0].reshape(n, *shape), (n, *dims))
+        if op == "slice":
             spans = [_ints(s) for s in re.findall(r"\[([\d:]+)\]", ins.attrs.split("slice=", 1)[-1])]
-            out = args[0][(slice(None), *(slice(s[0], s[1], s[2] if len(s) > 2 else 1) for s in spans))]
-        elif op == "dynamic-slice":
+            return args[0][(slice(None), *(slice(s[0], s[1], s[2] if len(s) > 2 else 1) for s in spans))]
+        if op == "dynamic-slice":
             m = re.search(r"dynamic_slice_sizes=\{([\d,]*)\}", ins.attrs)
-            sizes = _ints(m.group(1)) if m else []
-            out = np.stack([_dynamic_slice(args[0][p], [a[p] for a in args[1:]], sizes) for p in range(n)])
-        return out if out is not None and out.shape == (n, *dims) else None
+            return _dynamic_slice(args[0], args[1:], _ints(m.group(1)) if m else [])
+        return None
 
 
-def _dynamic_slice(x: np.ndarray, starts: list[Any], sizes: list[int]) -> np.ndarray:
-    """HLO dynamic-slice: start indices are clamped so the slice stays in bounds."""
-    if len(starts) == 1 and np.ndim(starts[0]) == 1 and x.ndim > 1:  # old-style: one vector of starts
-        starts = list(starts[0])
-    lo = [int(min(max(int(np.asarray(s).reshape(-1)[0]), 0), d - k)) for s, d, k in zip(starts, x.shape, sizes)]
-    return x[tuple(slice(a, a + k) for a, k in zip(lo, sizes))]
+def _only_caller(mod: HloModule, comp: str) -> tuple[Instr, str] | None:
+    """The one instruction that calls `comp` and how (a conditional listing it as several branches counts once)."""
+    callers = {(ins.name, how): (ins, how) for ins, how in mod.callers.get(comp, [])}
+    return next(iter(callers.values())) if len(callers) == 1 else None
+
+
+def _dynamic_slice(x: np.ndarray, starts: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+    """HLO dynamic-slice at every point at once (x [K, *dims], starts [K] each, or one [K, rank] vector of starts in
+    the old form): start indices are clamped so the slice stays in bounds."""
+    k, rank = x.shape[0], x.ndim - 1
+    if len(starts) == 1 and starts[0].ndim == 2 and rank > 1:
+        starts = list(starts[0].T)
+    index: list[np.ndarray] = [np.arange(k).reshape(k, *[1] * rank)]
+    for d, (s, size) in enumerate(zip(starts, sizes)):
+        lo = np.clip(np.asarray(s).reshape(k), 0, x.shape[1 + d] - size)
+        shape = [k] + [1] * rank
+        shape[1 + d] = size
+        index.append((lo[:, None] + np.arange(size)).reshape(shape))
+    return x[tuple(index)]
+
+
+# -- conditionals: which branch runs --------------------------------------------------------------------------------
+
+_BRANCH_KEYS = ("branch", "true_computation", "false_computation")
+_MAX_POINTS = 1 << 22
+"""Most (partition, iteration) points a branch index is evaluated at; beyond, the conditional is an upper bound."""
+
+
+def _branches(cond: Instr) -> list[str]:
+    """A conditional's branch computations by index (a pred index: [true_computation, false_computation])."""
+    return [c for how, c in _called(cond) if how in _BRANCH_KEYS]
+
+
+def _induction(loop: Instr) -> tuple[int, int, int] | None:
+    """(tuple index, initial value, step) of a while loop's induction variable, as XLA annotated it."""
+    i, s = jax_internals.HLO_INDUCTION.search(loop.attrs), jax_internals.HLO_INIT_STEP.search(loop.attrs)
+    return (int(i.group(1)), int(s.group(1)), int(s.group(2))) if i and s else None
+
+
+def _context(mod: HloModule, comp: str) -> tuple[list[Instr], list[tuple[Instr, str]]] | None:
+    """The while loops `comp` runs inside (outermost first) and the (conditional, branch) it sits in, following
+    each computation's only caller up to the entry; None when a computation has several callers or runs in a loop
+    condition."""
+    loops: list[Instr] = []
+    guards: list[tuple[Instr, str]] = []
+    while comp != mod.entry:
+        caller_how = _only_caller(mod, comp)
+        if caller_how is None or caller_how[1] == "condition" or len(loops) + len(guards) > 64:
+            return None
+        caller, how = caller_how
+        if how == "body":
+            loops.insert(0, caller)
+        elif how in _BRANCH_KEYS:
+            guards.append((caller, comp))
+        comp = caller.comp
+    return loops, guards
+
+
+def _points(mod: HloModule, loops: list[Instr]) -> _Points | None:
+    """Every (partition, iteration of each loop) as evaluation points; None when a loop's trip count or induction
+    variable is unknown, or there are too many points."""
+    trips, inductions = [], []
+    for loop in loops:
+        trip, ind = _trip_count(loop), _induction(loop)
+        if trip is None or ind is None:
+            return None
+        trips.append(int(trip))
+        inductions.append(ind)
+    if mod.num_partitions * math.prod(trips) > _MAX_POINTS:
+        return None
+    grid = np.indices((mod.num_partitions, *trips)).reshape(len(trips) + 1, -1)
+    return _Points(grid[0], {loop.name: (ind[0], ind[1] + ind[2] * grid[1 + k])
+                             for k, (loop, ind) in enumerate(zip(loops, inductions))})
+
+
+def _taken(ev: _PartitionEval, cond: Instr) -> np.ndarray | None:
+    """The branch a conditional takes at each point (an out-of-range index runs the last branch), or None."""
+    index = ev(cond.operands[0]) if cond.operands else None
+    if index is None:
+        return None
+    index = index.reshape(ev.n)
+    if "true_computation=" in cond.attrs:  # a pred index: true runs branch 0
+        return np.where(index != 0, 0, 1)
+    last = len(_branches(cond)) - 1
+    return np.where((index < 0) | (index > last), last, index)
+
+
+def branch_shares(mod: HloModule, cond: Instr) -> dict[str, np.ndarray] | None:
+    """For each branch computation of a conditional, the share of the conditional's runs on each partition that take
+    it ([num_partitions]); None when the branch index cannot be evaluated.
+
+    The index is evaluated at every iteration of the enclosing loops (known trip counts and induction variables) on
+    every partition: a pipeline's `lax.switch` on a schedule table read at the tick and the device's stage. Runs of
+    an enclosing conditional's branch count only where that conditional takes it.
+    """
+    ctx = _context(mod, cond.comp)
+    points = _points(mod, ctx[0]) if ctx else None
+    if ctx is None or points is None:
+        return None
+    ev = _PartitionEval(mod, points)
+    taken = _taken(ev, cond)
+    if taken is None:
+        return None
+    runs = np.ones(ev.n, dtype=bool)
+    for outer, inside in ctx[1]:
+        outer_taken = _taken(ev, outer)
+        if outer_taken is not None:
+            runs &= np.isin(outer_taken, [k for k, b in enumerate(_branches(outer)) if b == inside])
+    n = mod.num_partitions
+    total = np.bincount(points.partition[runs], minlength=n)
+    shares = {}
+    for b in dict.fromkeys(_branches(cond)):
+        hits = runs & np.isin(taken, [k for k, c in enumerate(_branches(cond)) if c == b])
+        shares[b] = np.bincount(points.partition[hits], minlength=n) / np.maximum(total, 1)
+    return shares
 
 
 def _slice_readers(mod: HloModule, ar: Instr, element: int | None) -> list[Instr] | None:
@@ -649,10 +870,11 @@ def _ring_bytes(collective: str, n: int, operand_bytes: float) -> float:
     return operand_bytes  # collective-permute, collective-broadcast
 
 
-def collective_stats(hlo: str | HloModule, mesh: Any) -> dict[str, Any]:
-    """Per-op and per-'<axes>/<collective>' communication of an SPMD-partitioned HLO module (see module doc)."""
+def collective_stats(hlo: str | HloModule, mesh: Any, mult: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Per-op and per-'<axes>/<collective>' communication of an SPMD-partitioned HLO module (see module doc); `mult`
+    is `multiplicities(mod)` when the caller has it already."""
     mod = parse_hlo(hlo) if isinstance(hlo, str) else hlo
-    mult = multiplicities(mod)
+    mult = multiplicities(mod) if mult is None else mult
     ev = _PartitionEval(mod)
     ops: list[dict[str, Any]] = []
     for comp, instrs in mod.comps.items():
@@ -721,7 +943,10 @@ def _intlike(x: float) -> float | int:
 def analyze(compiled: Any, mesh: Any) -> dict[str, Any]:
     """Per-device memory, FLOPs and communication of a compiled SPMD program (`jax.stages.Compiled`).
 
-    `flops_per_device` counts matmul FLOPs through loop trip counts (`dot_flops`); `flops_xla` is XLA's own
+    `flops_per_device` counts matmul FLOPs through loop trip counts and the conditional branches taken
+    (`device_multiplicities`), averaged over partitions; `flops_by_device` lists them per partition (a pipeline
+    stage runs its own schedule). `branches_exact` is False when some conditional's branch index could not be
+    evaluated: its branches then all count, and the FLOPs are an upper bound. `flops_xla` is XLA's own
     `cost_analysis()` figure, which counts each while body once.
 
     `mesh` (a jax Mesh, or an ordered {axis: size}) names the axes that communication is attributed to; it must be
@@ -730,10 +955,14 @@ def analyze(compiled: Any, mesh: Any) -> dict[str, Any]:
     memory = jax_internals.memory_stats(compiled)
     ca = jax_internals.cost_stats(compiled)
     mod = parse_hlo(jax_internals.hlo_text(compiled))
-    comm = collective_stats(mod, mesh)
+    _restore_constants(mod, compiled)
+    per_device, exact = device_multiplicities(mod)
+    by_device = np.broadcast_to(dot_flops(mod, per_device), (mod.num_partitions,))
+    comm = collective_stats(mod, mesh, {c: float(np.mean(m)) for c, m in per_device.items()})
     return dict(memory_bytes_per_device=memory["argument"] + memory["output"] + memory["temp"] - memory["alias"],
-                memory=memory, flops_per_device=dot_flops(mod), flops_xla=float(ca.get("flops", 0.0)), **comm,
-                mesh=_mesh_shape(mesh))
+                memory=memory, flops_per_device=float(np.mean(by_device)),
+                flops_by_device=[float(f) for f in by_device], branches_exact=exact,
+                flops_xla=float(ca.get("flops", 0.0)), **comm, mesh=_mesh_shape(mesh))
 
 
 def analyze_jitted(jitted: Any, *args: Any, mesh: Any = None, **kwargs: Any) -> dict[str, Any]:
@@ -752,6 +981,20 @@ def analyze_jitted(jitted: Any, *args: Any, mesh: Any = None, **kwargs: Any) -> 
 
 
 
+def _flops_line(stats: Mapping[str, Any]) -> str:
+    """The FLOPs line of `format_report`: the mean over devices, their spread when stages differ, and whether some
+    conditional's branches were all counted (an upper bound)."""
+    line = f"flops per device:  {stats['flops_per_device']:.4g} in matmuls"
+    by_device = stats.get("flops_by_device") or []
+    if len(by_device) > 1 and min(by_device) != max(by_device):
+        line += f" (mean over devices, {min(by_device):.4g} to {max(by_device):.4g})"
+    if stats.get("branches_exact") is False:
+        line += ", an upper bound: every branch of a conditional whose index could not be evaluated is counted"
+    if "flops_xla" in stats:
+        line += f"  (XLA cost analysis: {stats['flops_xla']:.4g}, loop bodies counted once)"
+    return line
+
+
 def format_report(stats: Mapping[str, Any], ops: bool = False) -> str:
     """A terminal table of `analyze` output: memory, FLOPs, bytes per axis/collective (and per op with `ops`)."""
     mem = stats["memory"]
@@ -759,9 +1002,7 @@ def format_report(stats: Mapping[str, Any], ops: bool = False) -> str:
     lines = [f"mesh: {', '.join(f'{a}={n}' for a, n in mesh.items() if n > 1) or 'single device'}",
              f"memory per device: {format_bytes(stats['memory_bytes_per_device'])}  (argument {format_bytes(mem['argument'])}"
              f" + output {format_bytes(mem['output'])} + temp {format_bytes(mem['temp'])} - alias {format_bytes(mem['alias'])})",
-             f"flops per device:  {stats['flops_per_device']:.4g} in matmuls"
-             + (f"  (XLA cost analysis: {stats['flops_xla']:.4g}, loop bodies counted once)"
-                if "flops_xla" in stats else ""), ""]
+             _flops_line(stats), ""]
     rows = [("axes/collective", "count", "bytes sent/device")]
     for key in sorted(stats["comm_bytes"], key=lambda k: -stats["comm_bytes"][k]):
         rows.append((key, f"{stats['comm_counts'][key]:g}", format_bytes(stats["comm_bytes"][key])))
@@ -790,6 +1031,6 @@ def format_report(stats: Mapping[str, Any], ops: bool = False) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["COLLECTIVES", "HloModule", "analyze", "analyze_jitted", "collective_stats", "dot_flops", "format_report",
-           "group_axes", "multiplicities", "parse_hlo", "permute_axes", "replica_groups", "shape_bytes",
-           "source_target_pairs"]
+__all__ = ["COLLECTIVES", "HloModule", "analyze", "analyze_jitted", "branch_shares", "collective_stats",
+           "computation_flops", "device_multiplicities", "dot_flops", "format_report", "group_axes", "multiplicities",
+           "parse_hlo", "permute_axes", "replica_groups", "shape_bytes", "source_target_pairs"]

@@ -344,6 +344,25 @@ HLO_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 """An instruction line of HLO text (`ROOT %add.1 = f32[2]{0} add(%a, %b), metadata={...}`)."""
 HLO_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 """A while loop's trip count in its backend_config."""
+HLO_INDUCTION = re.compile(r'"known_induction_variable":\{"tuple_index":"(\d+)"\}')
+"""A while loop's counter: its index in the loop's tuple, in its backend_config."""
+HLO_INIT_STEP = re.compile(r'"known_init_step":\{"init":"(-?\d+)","step":"(-?\d+)"\}')
+"""A while loop counter's first value and step, in its backend_config."""
+
+
+def hlo_text_with_constants(compiled: Any) -> str | None:
+    """The executable's HLO with every constant's literal: `as_text()` prints constants of over 10 elements as
+    `{...}`, and a pipeline's schedule tables are such constants. None where the executable does not offer it
+    (jaxlib's HloModule printer has no compatibility promise: callers fall back to what `as_text()` gives)."""
+    try:
+        from jax._src.lib import hlo as xla_hlo
+
+        options = xla_hlo.HloPrintOptions()
+        options.print_large_constants = True
+        options.print_metadata = False
+        return compiled.runtime_executable().hlo_modules()[0].to_string(options)
+    except (ImportError, AttributeError, TypeError, IndexError, RuntimeError):
+        return None
 
 
 def hlo_text(compiled: Any) -> str:

@@ -104,8 +104,8 @@ def _print_text(plan, stats: dict, seconds: float, result: dict) -> None:
     print(explain.format_comparison(result))
     if plan.pipeline is not None:
         print("note: pipeline plan: tensor/*, seq/* and expert/* collectives run inside the executor's "
-              "lax.switch branches and are counted once per branch by the compiled-program analysis, so they "
-              "are shown, not judged")
+              "lax.switch branches, where the planner does not yet price them kind by kind as XLA compiles "
+              "them, so they are shown, not judged")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
