@@ -219,6 +219,18 @@ def test_collective_permutes_match_the_table(compiled, token_batch):
     assert report["comm_counts"].get("data/all-reduce", 0) + report["comm_counts"].get("pipe+data/all-reduce", 0) <= 3
 
 
+def test_pipeline_flops_are_the_single_device_flops_plus_the_recomputed_forward(compiled, token_batch, built):
+    # `analyze` counts each branch of the per-tick switch as often as the table takes it on each device: a little
+    # more work than one device does (the stages' backward recomputes their forward), not every branch every tick
+    # (about 8x); pipe=2 x data=2 x tensor=2 splits the work 8 ways
+    single = parallelize(built, make_optimizer(), rule_plan(models.abstract(MODEL), "data=1"),
+                         devices=jax.devices()[:1])
+    one = analyze(single.compile(token_batch), single.mesh)["flops_per_device"]
+    for report in compiled.values():
+        assert len(report["flops_by_device"]) == 8 and report["branches_exact"] is True
+        assert 1.0 < sum(report["flops_by_device"]) / one < 1.5
+
+
 def test_1f1b_uses_less_memory_than_gpipe(compiled, token_batch):
     memory = {schedule: compiled[schedule]["memory_bytes_per_device"] for schedule in ("gpipe", "1f1b")}
     slots = make_schedule("gpipe", 2, MICRO).act_slots - make_schedule("1f1b", 2, MICRO).act_slots
