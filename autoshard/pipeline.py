@@ -260,15 +260,8 @@ class Pipeline:
                                                    ("chunk", "microbatch", "in_slot", "recv_act")}}
         # where every forward tick comes before every backward one (GPipe), the sweep IS the forward phase: the
         # main table keeps only the backward ticks and starts from the activations the sweep received
-        rest = rows[-1] + 1 if self._forwards_first() else 0
+        rest = s.forward_ticks if s.forwards_first else 0
         return {"pre": pre, **{name: jnp.asarray(getattr(s, name)[rest:]) for name in names}}
-
-    def _forwards_first(self) -> bool:
-        """Whether the table's forward ops all run before its first backward op (GPipe's does; 1F1B's does not):
-        then a layer's statistics over the whole batch are complete before any backward needs them."""
-        phase = self.schedule.phase
-        fwd, bwd = np.nonzero(np.any(phase == 1, axis=1))[0], np.nonzero(np.any(phase == 2, axis=1))[0]
-        return len(fwd) > 0 and len(bwd) > 0 and fwd[-1] < bwd[0]
 
     def _probe(self, rest, batch) -> tuple[tuple[str, ...], dict[str, Any] | None]:
         """Scalar metric names of `head_loss`, and what the layers' auxiliary output is (traced on the global
@@ -535,7 +528,7 @@ class Pipeline:
 
             main = {k: v for k, v in tables.items() if k != "pre"}
             # (after a sweep that was the forward phase itself, the main table holds only the backward ticks)
-            acts0 = swept if moe is not None and self._forwards_first() else buffer(k_act)
+            acts0 = swept if moe is not None and self.schedule.forwards_first else buffer(k_act)
             (_, _, (g_layers, g_other, sums)), _ = jax.lax.scan(tick, (acts0, buffer(k_cot), acc0), main)
 
         def reduce(g, path, axes):  # a weight split over a manual axis (expert) is not summed over it

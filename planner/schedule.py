@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 
 import numpy as np
 
@@ -66,6 +67,19 @@ class Schedule:
     @property
     def stages(self) -> int:
         return self.devices * self.virtual
+
+    @property
+    def forward_ticks(self) -> int:
+        """Ticks up to the last one in which some device runs a forward."""
+        rows = np.nonzero(np.any(self.phase == 1, axis=1))[0]
+        return int(rows[-1]) + 1 if len(rows) else 0
+
+    @property
+    def forwards_first(self) -> bool:
+        """Whether every forward op runs before the first backward op (GPipe's table; 1F1B's interleaves them):
+        a statistic over the whole batch's forwards is then complete before any backward needs it."""
+        rows = np.nonzero(np.any(self.phase == 2, axis=1))[0]
+        return self.forward_ticks > 0 and len(rows) > 0 and self.forward_ticks <= rows[0]
 
     @property
     def bubble(self) -> float:
@@ -137,91 +151,125 @@ def make_schedule(kind: str, devices: int, microbatches: int, virtual: int = 1) 
     """The tick table of `kind` for P=`devices`, M=`microbatches`, V=`virtual` (cached: tables are immutable)."""
     check(kind, devices, microbatches, virtual)
     P, M, V = devices, microbatches, virtual
-    S = P * V
     orders = device_orders(kind, P, M, V)
-    done: dict[tuple[str, int, int], int] = {}     # (F|B, stage, microbatch) -> tick
-    pos = [0] * P
-    rows: list[list[tuple[str, int, int] | None]] = []
-    t = 0
-    while any(pos[p] < len(orders[p]) for p in range(P)):
-        row: list[tuple[str, int, int] | None] = []
-        for p in range(P):
-            if pos[p] == len(orders[p]):
-                row.append(None)
-                continue
-            op, c, i = orders[p][pos[p]]
-            s = c * P + p
-            if op == F:
-                ready = s == 0 or done.get((F, s - 1, i), t) < t
-            else:
-                ready = done.get((F, s, i), t) < t and (s == S - 1 or done.get((B, s + 1, i), t) < t)
-            row.append((op, c, i) if ready else None)
-        for p, cell in enumerate(row):
-            if cell is not None:
-                done[(cell[0], cell[1] * P + p, cell[2])] = t
-                pos[p] += 1
-        if all(cell is None for cell in row):
-            raise AssertionError(f"{kind} schedule deadlocked at tick {t} (P={P}, M={M}, V={V})")
-        rows.append(row)
-        t += 1
-    T = len(rows)
-
-    def table():
-        return np.full((T, P), -1, np.int32)
-
-    code, chunk, mb = np.zeros((T, P), np.int32), np.zeros((T, P), np.int32), np.zeros((T, P), np.int32)
-    in_slot, cot_slot, recv_act, recv_cot = table(), table(), table(), table()
-    phase = np.zeros((T, P), np.int32)
-    for t, row in enumerate(rows):
-        for p, cell in enumerate(row):
-            if cell is None:
-                continue
-            op, c, i = cell
-            s = c * P + p
-            chunk[t, p], mb[t, p] = c, i
-            if op == F:
-                code[t, p] = FWD_FIRST if s == 0 else IDLE if s == S - 1 else FWD
-            else:
-                code[t, p] = BWD_FIRST if s == 0 else BWD_LAST if s == S - 1 else BWD
-            phase[t, p] = 1 if op == F else 2
-
-    # buffers: device p holds stage s's input for microbatch i from its arrival (end of the previous stage's forward
-    # tick) to its backward; a cotangent from the next stage's backward tick to its own backward. A slot read during
-    # tick r may be rewritten at the end of tick r (reads precede the end-of-tick receive).
-    def colour(intervals: list[tuple[int, int, tuple[int, int]]], read_table: np.ndarray, recv_table: np.ndarray,
-               readers: dict[tuple[int, int], list[int]], p: int) -> int:
-        free_at: list[int] = []
-        for start, end, key in sorted(intervals):
-            slot = next((k for k, f in enumerate(free_at) if f <= start), None)
-            if slot is None:
-                slot = len(free_at)
-                free_at.append(0)
-            free_at[slot] = end
-            recv_table[start, p] = slot
-            for r in readers[key]:
-                read_table[r, p] = slot
-        return len(free_at)
-
+    tick = _place(orders, P, M, V)
+    if None in tick:
+        raise AssertionError(f"{kind} schedule deadlocked at tick {max(t for t in tick if t is not None) + 1} "
+                             f"(P={P}, M={M}, V={V})")
+    T = max(tick) + 1
+    code, chunk, mb, phase = _op_tables(tick, T, P, M, V)
+    in_slot, cot_slot, recv_act, recv_cot = (np.full((T, P), -1, np.int32) for _ in range(4))
     act_slots = cot_slots = 0
     for p in range(P):
-        acts, cots = [], []
-        act_readers: dict[tuple[int, int], list[int]] = {}
-        cot_readers: dict[tuple[int, int], list[int]] = {}
-        for c in range(V):
-            s = c * P + p
-            for i in range(M):
-                if s > 0:
-                    acts.append((done[(F, s - 1, i)], done[(B, s, i)], (c, i)))
-                    act_readers[(c, i)] = [done[(F, s, i)], done[(B, s, i)]]
-                if s < S - 1:
-                    cots.append((done[(B, s + 1, i)], done[(B, s, i)], (c, i)))
-                    cot_readers[(c, i)] = [done[(B, s, i)]]
-        act_slots = max(act_slots, colour(acts, in_slot, recv_act, act_readers, p))
-        cot_slots = max(cot_slots, colour(cots, cot_slot, recv_cot, cot_readers, p))
+        acts, act_readers, cots, cot_readers = _buffer_intervals(tick, p, P, M, V)
+        act_slots = max(act_slots, _colour(acts, in_slot, recv_act, act_readers, p))
+        cot_slots = max(cot_slots, _colour(cots, cot_slot, recv_cot, cot_readers, p))
     # the sender's tick is when the value is written on the receiver; tables above index the receiver's column
-    sched = Schedule(kind, P, V, M, code, chunk, mb, in_slot, cot_slot, recv_act, recv_cot,
-                     max(act_slots, 1), max(cot_slots, 1), phase)
-    return sched
+    return Schedule(kind, P, V, M, code, chunk, mb, in_slot, cot_slot, recv_act, recv_cot,
+                    max(act_slots, 1), max(cot_slots, 1), phase)
+
+
+def _op_id(op: str, stage: int, microbatch: int, M: int) -> int:
+    """Index of an op in `_place`'s tick list: forward and backward of each stage, M microbatches each."""
+    return (2 * stage + (op == B)) * M + microbatch
+
+
+def _place(orders: list[list[tuple[str, int, int]]], P: int, M: int, V: int) -> list[int | None]:
+    """Each op's tick (by `_op_id`; None: never placed, a deadlock), by greedy list scheduling with unit-time ops:
+    a device runs its next op at the first tick after its previous op at which the op's inputs were produced at
+    earlier ticks (a forward needs the previous stage's forward, a backward its own forward and the next stage's
+    backward), i.e. at max(previous op, inputs) + 1. A device waits on a missing input until the op producing it
+    is placed, so this is one pass over the ops, not over the table."""
+    S = P * V
+    none = 2 * S * M  # an input that is always there: the last entry, at tick -1
+    tick: list[int | None] = [None] * none + [-1]
+    plan = []
+    for p, order in enumerate(orders):
+        backward = np.fromiter((op == B for op, _, _ in order), bool, len(order))
+        s = np.fromiter((c for _, c, _ in order), int, len(order)) * P + p
+        i = np.fromiter((i for _, _, i in order), int, len(order))
+        key = (2 * s + backward) * M + i
+        first = np.where(backward, (2 * s) * M + i, np.where(s > 0, (2 * s - 2) * M + i, none))
+        second = np.where(backward & (s < S - 1), (2 * s + 3) * M + i, none)
+        plan.append(list(zip(key.tolist(), first.tolist(), second.tolist())))
+    pos, last = [0] * P, [-1] * P
+    waiting: dict[int, list[int]] = {}
+    ready = list(range(P))
+    while ready:
+        p = ready.pop()
+        rows, k, t = plan[p], pos[p], last[p]
+        while k < len(rows):
+            key, a, b = rows[k]
+            ta, tb = tick[a], tick[b]
+            if ta is None or tb is None:
+                waiting.setdefault(a if ta is None else b, []).append(p)
+                break
+            t = tick[key] = max(t, ta, tb) + 1
+            k += 1
+            if key in waiting:
+                ready.extend(waiting.pop(key))
+        pos[p], last[p] = k, t
+    return tick[:none]
+
+
+def _op_tables(tick: list[int], T: int, P: int, M: int, V: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(code, chunk, microbatch, phase) tables of the placed ops."""
+    S = P * V
+    ids = np.arange(2 * S * M)
+    s, backward, i = ids // (2 * M), (ids // M) % 2 == 1, ids % M
+    t, p = np.asarray(tick), s % P
+    fwd_code = np.where(s == 0, FWD_FIRST, np.where(s == S - 1, IDLE, FWD))
+    bwd_code = np.where(s == 0, BWD_FIRST, np.where(s == S - 1, BWD_LAST, BWD))
+    code, chunk, mb, phase = (np.zeros((T, P), np.int32) for _ in range(4))
+    code[t, p] = np.where(backward, bwd_code, fwd_code)
+    chunk[t, p], mb[t, p] = s // P, i
+    phase[t, p] = np.where(backward, 2, 1)
+    return code, chunk, mb, phase
+
+
+def _buffer_intervals(tick: list[int], p: int, P: int, M: int, V: int):
+    """Device p's buffers: it holds stage s's input for microbatch i from its arrival (end of the previous stage's
+    forward tick) to its backward; a cotangent from the next stage's backward tick to its own backward. Returns
+    (activation intervals, their reading ticks, cotangent intervals, their reading ticks), keyed by (chunk,
+    microbatch)."""
+    S = P * V
+    t = np.asarray(tick).reshape(S, 2, M)  # [stage, forward / backward, microbatch]
+    acts, cots = [], []
+    act_readers: dict[tuple[int, int], list[int]] = {}
+    cot_readers: dict[tuple[int, int], list[int]] = {}
+    for c in range(V):
+        s = c * P + p
+        fwd, bwd = t[s, 0].tolist(), t[s, 1].tolist()
+        if s > 0:
+            acts += [(a, b, (c, i)) for i, (a, b) in enumerate(zip(t[s - 1, 0].tolist(), bwd))]
+            act_readers.update(((c, i), [f, b]) for i, (f, b) in enumerate(zip(fwd, bwd)))
+        if s < S - 1:
+            cots += [(a, b, (c, i)) for i, (a, b) in enumerate(zip(t[s + 1, 1].tolist(), bwd))]
+            cot_readers.update(((c, i), [b]) for i, b in enumerate(bwd))
+    return acts, act_readers, cots, cot_readers
+
+
+def _colour(intervals: list[tuple[int, int, tuple[int, int]]], read_table: np.ndarray, recv_table: np.ndarray,
+            readers: dict[tuple[int, int], list[int]], p: int) -> int:
+    """Interval colouring in order of arrival, each value to the lowest slot free by then (a slot read during tick
+    r may be rewritten at the end of tick r: reads precede the end-of-tick receive); returns the slot count. Heaps
+    of busy and free slots give the same slots as scanning every slot for each value, in O(n log n)."""
+    busy: list[tuple[int, int]] = []  # (free from tick, slot)
+    free: list[int] = []
+    slots = 0
+    for start, end, key in sorted(intervals):
+        while busy and busy[0][0] <= start:
+            heapq.heappush(free, heapq.heappop(busy)[1])
+        if free:
+            slot = heapq.heappop(free)
+        else:
+            slot, slots = slots, slots + 1
+        heapq.heappush(busy, (end, slot))
+        recv_table[start, p] = slot
+        for r in readers[key]:
+            read_table[r, p] = slot
+    return slots
 
 
 def receive_permutations(devices: int, virtual: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -50,6 +50,9 @@ def test_schedule_costs():
     assert one_f.code[3, 3] == IDLE and one_f.phase[3, 3] == 1   # the last stage's forward is folded into its backward
     assert one_f.code[0, 0] != FWD                               # the first stage embeds (FWD_FIRST)
     assert len(one_f.timeline()) == 4
+    # GPipe runs every forward before the first backward (a whole-batch statistic is ready in time), 1F1B does not
+    assert gpipe.forwards_first and not one_f.forwards_first and not inter.forwards_first
+    assert gpipe.forward_ticks == 8 + 4 - 1 and (gpipe.phase[gpipe.forward_ticks:] != 1).all()
 
 
 @pytest.mark.parametrize("args, match", [
