@@ -13,7 +13,8 @@ The lists are placed on a common clock by greedy list scheduling with unit-time 
 at which its inputs have arrived (a forward needs the previous stage's forward of that microbatch, a backward the
 next stage's backward and its own forward, each at an earlier tick). Buffer slots for arriving activations and
 cotangents are assigned per device by interval colouring, so the executor holds exactly the live buffers the
-schedule needs. The same table is the planner's cost: ticks, bubble fraction, peak live buffers, transfers.
+schedule needs (coloured when first asked for: the planner needs only how many, counted without colouring). The same
+table is the planner's cost: ticks, bubble fraction, peak live buffers, transfers.
 """
 
 from __future__ import annotations
@@ -47,18 +48,38 @@ class Schedule:
     chunk: np.ndarray
     """Which of the device's V layer chunks the op runs (0 when idle)."""
     microbatch: np.ndarray
-    in_slot: np.ndarray
-    """Activation buffer slot the op reads its stage input from (-1: none; the first stage reads the batch)."""
-    cot_slot: np.ndarray
-    """Cotangent buffer slot a backward reads (-1: none; the last stage starts from the loss)."""
-    recv_act: np.ndarray
-    """Activation slot the value arriving at the end of this tick is written to (-1: nothing arrives)."""
-    recv_cot: np.ndarray
-    """Cotangent slot the value arriving at the end of this tick is written to (-1: nothing arrives)."""
     act_slots: int
     cot_slots: int
     phase: np.ndarray
     """0 idle, 1 forward, 2 backward: the schedule's own view (the last stage's forward counts as a forward)."""
+    op_ticks: np.ndarray
+    """The tick of every op, [stage, forward / backward, microbatch]: what the buffer tables are coloured from."""
+
+    @functools.cached_property
+    def _slot_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(in_slot, cot_slot, recv_act, recv_cot), coloured when first asked for (the executor needs them, the
+        planner only the slot counts)."""
+        return _slot_tables(self)
+
+    @property
+    def in_slot(self) -> np.ndarray:
+        """Activation buffer slot the op reads its stage input from (-1: none; the first stage reads the batch)."""
+        return self._slot_tables[0]
+
+    @property
+    def cot_slot(self) -> np.ndarray:
+        """Cotangent buffer slot a backward reads (-1: none; the last stage starts from the loss)."""
+        return self._slot_tables[1]
+
+    @property
+    def recv_act(self) -> np.ndarray:
+        """Activation slot the value arriving at the end of this tick is written to (-1: nothing arrives)."""
+        return self._slot_tables[2]
+
+    @property
+    def recv_cot(self) -> np.ndarray:
+        """Cotangent slot the value arriving at the end of this tick is written to (-1: nothing arrives)."""
+        return self._slot_tables[3]
 
     @property
     def ticks(self) -> int:
@@ -104,28 +125,51 @@ class Schedule:
 
 
 def device_orders(kind: str, devices: int, microbatches: int, virtual: int = 1) -> list[list[tuple[str, int, int]]]:
-    """Per device, its ordered ops (F or B, chunk, microbatch)."""
-    P, M, V = devices, microbatches, virtual
-    orders = []
+    """Per device, its ordered ops (F or B, chunk, microbatch): `_order_ids` decoded."""
+    M = microbatches
+    ids = _order_ids(kind, devices, M, virtual)
+    stage, backward, mb = (ids // (2 * M)).tolist(), ((ids // M) % 2).tolist(), (ids % M).tolist()
+    return [[(B if b else F, s // devices, i) for s, b, i in zip(*rows)] for rows in zip(stage, backward, mb)]
+
+
+def warmup(kind: str, devices: int, microbatches: int, virtual: int, device: int) -> int:
+    """How many forwards `device` runs before it alternates one forward and one backward: all of them under GPipe,
+    the microbatches still to enter the later devices under 1F1B, and with V chunks (Narayanan et al. 2021) two a
+    later device plus one round of the other chunks."""
+    P, M, V, p = devices, microbatches, virtual, device
+    if kind == "gpipe":
+        return M * V
+    if kind == "1f1b":
+        return min(P - p - 1, M)
+    return min(2 * (P - p - 1) + (V - 1) * P, M * V)
+
+
+def _op_id(op: str, stage, microbatch, M: int):
+    """Index of an op (stage and microbatch: ints or arrays) among all ops: forward and backward of each stage, M
+    microbatches each."""
+    return (2 * stage + (op == B)) * M + microbatch
+
+
+def _order_ids(kind: str, P: int, M: int, V: int) -> np.ndarray:
+    """Per device, its ordered ops as `_op_id`s, [P, 2 M V]: `warmup` forwards, then one forward and one backward
+    alternately, then the remaining backwards. Forwards go through the microbatches in order (interleaved: the k-th
+    forward is chunk (k // P) mod V of microbatch (k // (P V)) P + k mod P), backwards alike with the chunks in
+    reverse."""
+    n = M * V
+    k = np.arange(n)
+    out = np.empty((P, 2 * n), np.int64)
     for p in range(P):
-        if kind == "gpipe":
-            order = [(F, 0, i) for i in range(M)] + [(B, 0, i) for i in range(M)]
-        elif kind == "1f1b":
-            warm = min(P - p - 1, M)
-            order = [(F, 0, i) for i in range(warm)]
-            for i in range(M - warm):
-                order += [(F, 0, warm + i), (B, 0, i)]
-            order += [(B, 0, i) for i in range(M - warm, M)]
-        else:  # interleaved: the k-th forward is chunk (k // P) % V of microbatch (k // (P*V)) * P + k % P
-            fwd = [(F, (k // P) % V, (k // (P * V)) * P + k % P) for k in range(M * V)]
-            bwd = [(B, V - 1 - (k // P) % V, (k // (P * V)) * P + k % P) for k in range(M * V)]
-            warm = min((P - p - 1) * 2 + (V - 1) * P, M * V)
-            order = fwd[:warm]
-            for j in range(M * V - warm):
-                order += [fwd[warm + j], bwd[j]]
-            order += bwd[M * V - warm:]
-        orders.append(order)
-    return orders
+        if kind == "interleaved":
+            chunk, mb = (k // P) % V, (k // (P * V)) * P + k % P
+            fwd, bwd = _op_id(F, chunk * P + p, mb, M), _op_id(B, (V - 1 - chunk) * P + p, mb, M)
+        else:
+            fwd, bwd = _op_id(F, p, k, M), _op_id(B, p, k, M)
+        w = warmup(kind, P, M, V, p)
+        out[p, :w] = fwd[:w]
+        out[p, w:2 * n - w:2] = fwd[w:]
+        out[p, w + 1:2 * n - w:2] = bwd[:n - w]
+        out[p, 2 * n - w:] = bwd[n - w:]
+    return out
 
 
 def check(kind: str, devices: int, microbatches: int, virtual: int = 1, layers: int | None = None) -> None:
@@ -151,74 +195,44 @@ def make_schedule(kind: str, devices: int, microbatches: int, virtual: int = 1) 
     """The tick table of `kind` for P=`devices`, M=`microbatches`, V=`virtual` (cached: tables are immutable)."""
     check(kind, devices, microbatches, virtual)
     P, M, V = devices, microbatches, virtual
-    orders = device_orders(kind, P, M, V)
-    tick = _place(orders, P, M, V)
-    if None in tick:
-        raise AssertionError(f"{kind} schedule deadlocked at tick {max(t for t in tick if t is not None) + 1} "
-                             f"(P={P}, M={M}, V={V})")
-    T = max(tick) + 1
-    code, chunk, mb, phase = _op_tables(tick, T, P, M, V)
-    in_slot, cot_slot, recv_act, recv_cot = (np.full((T, P), -1, np.int32) for _ in range(4))
-    act_slots = cot_slots = 0
-    for p in range(P):
-        acts, act_readers, cots, cot_readers = _buffer_intervals(tick, p, P, M, V)
-        act_slots = max(act_slots, _colour(acts, in_slot, recv_act, act_readers, p))
-        cot_slots = max(cot_slots, _colour(cots, cot_slot, recv_cot, cot_readers, p))
-    # the sender's tick is when the value is written on the receiver; tables above index the receiver's column
-    return Schedule(kind, P, V, M, code, chunk, mb, in_slot, cot_slot, recv_act, recv_cot,
-                    max(act_slots, 1), max(cot_slots, 1), phase)
+    ticks = _place(kind, P, M, V)
+    T = int(ticks.max()) + 1
+    code, chunk, mb, phase = _op_tables(ticks, T, P)
+    acts, cots = _buffer_intervals(ticks, P)
+    return Schedule(kind, P, V, M, code, chunk, mb, max(_most_live(*acts[:3]), 1), max(_most_live(*cots[:3]), 1),
+                    phase, ticks)
 
 
-def _op_id(op: str, stage: int, microbatch: int, M: int) -> int:
-    """Index of an op in `_place`'s tick list: forward and backward of each stage, M microbatches each."""
-    return (2 * stage + (op == B)) * M + microbatch
-
-
-def _place(orders: list[list[tuple[str, int, int]]], P: int, M: int, V: int) -> list[int | None]:
-    """Each op's tick (by `_op_id`; None: never placed, a deadlock), by greedy list scheduling with unit-time ops:
-    a device runs its next op at the first tick after its previous op at which the op's inputs were produced at
-    earlier ticks (a forward needs the previous stage's forward, a backward its own forward and the next stage's
-    backward), i.e. at max(previous op, inputs) + 1. A device waits on a missing input until the op producing it
-    is placed, so this is one pass over the ops, not over the table."""
-    S = P * V
-    none = 2 * S * M  # an input that is always there: the last entry, at tick -1
-    tick: list[int | None] = [None] * none + [-1]
-    plan = []
-    for p, order in enumerate(orders):
-        backward = np.fromiter((op == B for op, _, _ in order), bool, len(order))
-        s = np.fromiter((c for _, c, _ in order), int, len(order)) * P + p
-        i = np.fromiter((i for _, _, i in order), int, len(order))
-        key = (2 * s + backward) * M + i
-        first = np.where(backward, (2 * s) * M + i, np.where(s > 0, (2 * s - 2) * M + i, none))
-        second = np.where(backward & (s < S - 1), (2 * s + 3) * M + i, none)
-        plan.append(list(zip(key.tolist(), first.tolist(), second.tolist())))
-    pos, last = [0] * P, [-1] * P
-    waiting: dict[int, list[int]] = {}
-    ready = list(range(P))
-    while ready:
-        p = ready.pop()
-        rows, k, t = plan[p], pos[p], last[p]
-        while k < len(rows):
-            key, a, b = rows[k]
-            ta, tb = tick[a], tick[b]
-            if ta is None or tb is None:
-                waiting.setdefault(a if ta is None else b, []).append(p)
-                break
-            t = tick[key] = max(t, ta, tb) + 1
-            k += 1
-            if key in waiting:
-                ready.extend(waiting.pop(key))
-        pos[p], last[p] = k, t
-    return tick[:none]
-
-
-def _op_tables(tick: list[int], T: int, P: int, M: int, V: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(code, chunk, microbatch, phase) tables of the placed ops."""
-    S = P * V
-    ids = np.arange(2 * S * M)
+def _place(kind: str, P: int, M: int, V: int) -> np.ndarray:
+    """The tick of every op, [stage, forward / backward, microbatch], by greedy list scheduling with unit-time ops:
+    at each tick, each device runs the next op of its order if that op's inputs were produced at earlier ticks (a
+    forward needs the previous stage's forward, a backward its own forward and the next stage's backward). One
+    step of the loop is one tick of every device at once."""
+    S, n = P * V, 2 * M * V
+    ids = _order_ids(kind, P, M, V)
     s, backward, i = ids // (2 * M), (ids // M) % 2 == 1, ids % M
-    t, p = np.asarray(tick), s % P
+    none = 2 * S * M  # an input that is always there: the last entry, at tick -1
+    first = np.where(backward, _op_id(F, s, i, M), np.where(s > 0, _op_id(F, s - 1, i, M), none))
+    second = np.where(backward & (s < S - 1), _op_id(B, s + 1, i, M), none)
+    done = np.full(none + 1, np.iinfo(np.int64).max)
+    done[none] = -1
+    pos, rows, t = np.zeros(P, np.int64), np.arange(P), 0
+    while (active := pos < n).any():
+        k = np.minimum(pos, n - 1)
+        ready = active & (done[first[rows, k]] < t) & (done[second[rows, k]] < t)
+        if not ready.any():
+            raise AssertionError(f"{kind} schedule deadlocked at tick {t} (P={P}, M={M}, V={V})")
+        done[ids[rows[ready], k[ready]]] = t
+        pos += ready
+        t += 1
+    return done[:none].reshape(S, 2, M)
+
+
+def _op_tables(ticks: np.ndarray, T: int, P: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(code, chunk, microbatch, phase) tables of the placed ops."""
+    S, _, M = ticks.shape
+    s, backward, i = np.meshgrid(np.arange(S), [False, True], np.arange(M), indexing="ij")
+    t, p = ticks, s % P
     fwd_code = np.where(s == 0, FWD_FIRST, np.where(s == S - 1, IDLE, FWD))
     bwd_code = np.where(s == 0, BWD_FIRST, np.where(s == S - 1, BWD_LAST, BWD))
     code, chunk, mb, phase = (np.zeros((T, P), np.int32) for _ in range(4))
@@ -228,37 +242,55 @@ def _op_tables(tick: list[int], T: int, P: int, M: int, V: int
     return code, chunk, mb, phase
 
 
-def _buffer_intervals(tick: list[int], p: int, P: int, M: int, V: int):
-    """Device p's buffers: it holds stage s's input for microbatch i from its arrival (end of the previous stage's
-    forward tick) to its backward; a cotangent from the next stage's backward tick to its own backward. Returns
-    (activation intervals, their reading ticks, cotangent intervals, their reading ticks), keyed by (chunk,
-    microbatch)."""
-    S = P * V
-    t = np.asarray(tick).reshape(S, 2, M)  # [stage, forward / backward, microbatch]
-    acts, cots = [], []
-    act_readers: dict[tuple[int, int], list[int]] = {}
-    cot_readers: dict[tuple[int, int], list[int]] = {}
-    for c in range(V):
-        s = c * P + p
-        fwd, bwd = t[s, 0].tolist(), t[s, 1].tolist()
-        if s > 0:
-            acts += [(a, b, (c, i)) for i, (a, b) in enumerate(zip(t[s - 1, 0].tolist(), bwd))]
-            act_readers.update(((c, i), [f, b]) for i, (f, b) in enumerate(zip(fwd, bwd)))
-        if s < S - 1:
-            cots += [(a, b, (c, i)) for i, (a, b) in enumerate(zip(t[s + 1, 1].tolist(), bwd))]
-            cot_readers.update(((c, i), [b]) for i, b in enumerate(bwd))
-    return acts, act_readers, cots, cot_readers
+def _buffer_intervals(ticks: np.ndarray, P: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """The buffers, as (start, end, device, stage, microbatch) arrays for activations and for cotangents: a device
+    holds stage s's input for microbatch i from its arrival (end of the previous stage's forward tick) to its
+    backward; a cotangent from the next stage's backward tick to its own backward."""
+    S, _, M = ticks.shape
+    s, i = np.meshgrid(np.arange(S), np.arange(M), indexing="ij")
+    acts = (ticks[:-1, 0], ticks[1:, 1], s[1:] % P, s[1:], i[1:])
+    cots = (ticks[1:, 1], ticks[:-1, 1], s[:-1] % P, s[:-1], i[:-1])
+    return tuple(a.ravel() for a in acts), tuple(a.ravel() for a in cots)
 
 
-def _colour(intervals: list[tuple[int, int, tuple[int, int]]], read_table: np.ndarray, recv_table: np.ndarray,
-            readers: dict[tuple[int, int], list[int]], p: int) -> int:
-    """Interval colouring in order of arrival, each value to the lowest slot free by then (a slot read during tick
-    r may be rewritten at the end of tick r: reads precede the end-of-tick receive); returns the slot count. Heaps
-    of busy and free slots give the same slots as scanning every slot for each value, in O(n log n)."""
+def _most_live(start: np.ndarray, end: np.ndarray, device: np.ndarray) -> int:
+    """The most buffers one device holds at once (each from its start tick to, not including, its end tick: a slot
+    read during tick r may be rewritten at the end of tick r); `_colour`, which gives each value the lowest slot
+    free at its arrival in order of arrival, uses exactly this many (first fit in that order is optimal on
+    intervals)."""
+    if not len(start):
+        return 0
+    span = int(end.max()) + 1  # devices apart: each device's ticks shifted past every earlier device's
+    a, e = np.sort(start + device * span), np.sort(end + device * span)
+    return int((np.searchsorted(a, a, "right") - np.searchsorted(e, a, "right")).max())
+
+
+def _slot_tables(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(in_slot, cot_slot, recv_act, recv_cot) of a schedule: each device's buffers coloured (`_colour`); the
+    tables index the receiver's column (the sender's tick is when the value is written on the receiver)."""
+    T, P = sched.code.shape
+    in_slot, cot_slot, recv_act, recv_cot = (np.full((T, P), -1, np.int32) for _ in range(4))
+    acts, cots = _buffer_intervals(sched.op_ticks, P)
+    fwd, bwd = sched.op_ticks[:, 0], sched.op_ticks[:, 1]
+    for (start, end, dev, s, i), read, recv, readers, count in (
+            (acts, in_slot, recv_act, lambda s, i: (fwd[s, i], bwd[s, i]), sched.act_slots),
+            (cots, cot_slot, recv_cot, lambda s, i: (bwd[s, i],), sched.cot_slots)):
+        most = max((_colour(sorted(zip(start[dev == p].tolist(), end[dev == p].tolist(), (s[dev == p] // P).tolist(),
+                                       i[dev == p].tolist())), read, recv, readers, p, P) for p in range(P)), default=0)
+        assert max(most, 1) == count, (sched.kind, P, sched.microbatches, sched.virtual, most, count)  # `_most_live`
+    return in_slot, cot_slot, recv_act, recv_cot
+
+
+def _colour(intervals: list[tuple[int, int, int, int]], read_table: np.ndarray, recv_table: np.ndarray,
+            readers, p: int, P: int) -> int:
+    """Interval colouring of device p's (start, end, chunk, microbatch) buffers in order of arrival, each value to
+    the lowest slot free by then (a slot read during tick r may be rewritten at the end of tick r: reads precede the
+    end-of-tick receive); `readers(stage, microbatch)`: the ticks that read it. Returns the slot count. Heaps of
+    busy and free slots give the same slots as scanning every slot for each value, in O(n log n)."""
     busy: list[tuple[int, int]] = []  # (free from tick, slot)
     free: list[int] = []
     slots = 0
-    for start, end, key in sorted(intervals):
+    for start, end, c, i in intervals:
         while busy and busy[0][0] <= start:
             heapq.heappush(free, heapq.heappop(busy)[1])
         if free:
@@ -267,7 +299,7 @@ def _colour(intervals: list[tuple[int, int, tuple[int, int]]], read_table: np.nd
             slot, slots = slots, slots + 1
         heapq.heappush(busy, (end, slot))
         recv_table[start, p] = slot
-        for r in readers[key]:
+        for r in readers(c * P + p, i):
             read_table[r, p] = slot
     return slots
 

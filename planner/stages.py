@@ -3,8 +3,9 @@
 The intra-stage sharding (data / fsdp / tensor) is the intra-op integer program's solution for the mesh
 (`planner.ilp.Problem`, the same one the search solves), and its per-op costs are split into three regions: the
 embedding (ops before the layer stack: the first stage's prologue), one layer (the stack's ops, divided by the
-layer count) and the head and loss (ops after the stack: the last stage's epilogue). Costs are linear in the batch,
-so one microbatch costs 1/M of the per-replica figure.
+layer count) and the head and loss (ops after the stack: the last stage's epilogue). One microbatch of M costs what
+`microbatch_seconds` says: each op's roofline at the microbatch's size (its weights read whole by every microbatch)
+and each in-stage collective's fixed terms per microbatch, the rest 1/M of the per-replica figure.
 
 As the executor (`autoshard.pipeline`) runs a stage:
 
@@ -12,14 +13,17 @@ As the executor (`autoshard.pipeline`) runs a stage:
 - a backward tick recomputes the forward and runs the backward: the full training work (passes x forward), plus
   one more forward of its layers with remat "full";
 - each tick ends with two point-to-point sends of one microbatch's stage input (activation forward, cotangent
-  backward) over the link between neighbouring pipe devices (pipe is the outermost mesh axis), on every tick;
+  backward) over the link between neighbouring pipe devices (pipe is the outermost mesh axis), on every tick, each
+  paying the link's latency (`transfer_seconds`);
 - the ticks run in lockstep, so a tick costs its slowest op (`planner.schedule.step_time`);
 - once per step: fsdp-sharded weights are gathered on entry, layer gradients are all-reduced over data x fsdp and
   the replicated non-layer gradients over pipe x data x fsdp.
 
-The stage split minimises the largest stage's forward + backward time under the per-device memory budget, by a
-parametric search: for a bound tau, packing layers greedily from the first stage is optimal (stage costs grow with
-their layers), and the smallest feasible tau is found by bisection over the candidate values.
+Microbatch counts are every divisor of the per-replica batch, down to one sequence per microbatch; `choose` builds
+only the layouts its lower bounds cannot rule out. The stage split minimises the largest stage's forward + backward
+time under the per-device memory budget, by a parametric search: for a bound tau, packing layers greedily from the
+first stage is optimal (stage costs grow with their layers), and the smallest feasible tau is found by bisection
+over the candidate values.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from planner.collectives import axis_collective_time, axis_span, bytes_sent, col
 from planner.ilp import ParamChoice, Problem, Solution, exceeds, optimizer_copies
 from planner.layouts import PARTIAL, local_nbytes
 from planner.plan import PipelineSpec
-from planner.schedule import B, IDLE, Schedule, check, device_orders, make_schedule
-from planner.trace import BOUNDARY, Graph, itemsize
+from planner.schedule import IDLE, Schedule, check, make_schedule, warmup
+from planner.trace import BOUNDARY, CONTRACTIONS, Graph, itemsize
 
 REGIONS = ("embed", "layer", "head")
 GRAD_COPIES = 5.0
@@ -85,6 +89,14 @@ class MeshCosts:
     """Fraction of `layer_bytes` in weights split over `expert` (their gradients are not summed over it)."""
     optimizer_copies: float = 2.0
     """Optimizer state per parameter, in copies of it (`planner.ilp.optimizer_copies`)."""
+    op_terms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """Region -> one row per priced op: (executions, compute s over the batch, compute s per call, memory s over the
+    batch, memory s per call); its roofline at M = 1 is the ops' share of `work` (`microbatch_seconds`)."""
+    call_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Region -> seconds of the in-stage collectives that every call pays whatever its size (latency, overhead, and
+    whole conversions of values without a batch dimension); `layer`: one layer."""
+    _per_microbatch: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                                                     compare=False)
 
 
 @dataclasses.dataclass
@@ -123,11 +135,14 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
     work: dict[str, float] = defaultdict(float)
     for i, s in sol.ops.items():
         work[region[i]] += problem.op_cost(i, s)
-    tensor_time, tensor_bytes = _tensor_comm(problem, sol, region)
+    tensor_time, call_seconds, tensor_bytes = _tensor_comm(problem, sol, region)
     for r, t in tensor_time.items():
         work[r] += t
     L = g.layers
     work["layer"] /= L
+    call_seconds["layer"] /= L
+    terms = _op_terms(problem, sol, region)
+    terms["layer"][:, 0] /= L
     tensor_bytes["layer"] = {k: v / L for k, v in tensor_bytes["layer"].items()}
     layer_bytes = other_bytes = layer_f = other_f = layer_e = 0.0
     for path, c in sol.params.items():
@@ -157,7 +172,7 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
                      dict(residuals), carry_bytes,
                      carry_bytes * problem.cluster.wire_itemsize(carry.dtype) / itemsize(carry.dtype), sol,
                      layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0,
-                     optimizer_copies=optimizer_copies(g))
+                     optimizer_copies=optimizer_copies(g), op_terms=terms, call_seconds=dict(call_seconds))
 
 
 def param_bytes(problem: Problem, path: str, c: ParamChoice) -> float:
@@ -200,45 +215,109 @@ def pipeline_params(problem: Problem, sol: Solution) -> dict[str, ParamChoice]:
 
 
 def _tensor_comm(problem: Problem, sol: Solution, region: dict[int, str]):
-    """Seconds and bytes of the tensor-axis conversions by region of the consuming op, paid by the rules
-    `Problem.evaluate` applies (a forward conversion once per value, again under remat where the recompute needs it
-    and for a weight gradient's re-gather; a backward one per use and operand gradient)."""
+    """(seconds, seconds paid per call, bytes) of the tensor-axis conversions by region of the consuming op, paid by
+    the rules `Problem.evaluate` applies (a forward conversion once per value, again under remat where the recompute
+    needs it and for a weight gradient's re-gather; a backward one per use and operand gradient). A microbatch
+    converts 1/M of a batched value but pays each collective's fixed terms whole: `_fixed_part`."""
     times: dict[str, float] = defaultdict(float)
+    fixed: dict[str, float] = defaultdict(float)
     nbytes: dict[str, dict[str, float]] = {r: defaultdict(float) for r in REGIONS}
     if problem.t == 1:
-        return times, nbytes
+        return times, fixed, nbytes
     paid = set()
     g = problem.g
 
-    def pay(key, kind, nb, count, r):
+    def pay(key, kind, nb, count, r, batched):
         if kind and key not in paid:
             paid.add(key)
             times[r] += count * problem._comm(kind, nb, ("tensor",))
+            fixed[r] += count * (_fixed_part(problem, kind, nb) if batched else problem._comm(kind, nb, ("tensor",)))
             nbytes[r][f"tensor/{kind}"] += count * bytes_sent(kind, nb, problem.t)
 
     for vid, v in g.values.items():
         lay = problem.layout_of(vid, sol.ops, sol.params)
+        batched = v.batch_dim is not None
         for cidx, pos in v.consumers:
             s, count, r = sol.ops[cidx], g.ops[cidx].count, region[cidx]
             kind, nb = problem._conv(lay, s.ins[pos], v)
             fc = problem._forward_count(vid, cidx)
-            pay(("f", vid, lay, s.ins[pos], fc), kind, nb, fc, r)
+            pay(("f", vid, lay, s.ins[pos], fc), kind, nb, fc, r, batched)
             if problem._regathers(vid, cidx, kind):
-                pay(("g", vid, lay, s.ins[pos], count), kind, nb, count, r)
+                pay(("g", vid, lay, s.ins[pos], count), kind, nb, count, r, batched)
             if vid in problem.needs_grad:
                 kind, nb = problem._conv(s.cots[pos], None if lay == PARTIAL else lay, v)
                 pay(("b", vid, lay, s.cots[pos], count, cidx, pos), kind, nb, count * problem._cotangent_uses(vid),
-                    r)
-    return times, nbytes
+                    r, batched)
+    return times, fixed, nbytes
+
+
+def _fixed_part(problem: Problem, kind: str, nb: float) -> float:
+    """The seconds of one tensor collective that do not shrink with its bytes (its latency and overhead terms): the
+    alpha-beta time is affine in the bytes, so this is its intercept, 2 c(nb) - c(2 nb)."""
+    return max(2 * problem._comm(kind, nb, ("tensor",)) - problem._comm(kind, 2 * nb, ("tensor",)), 0.0)
+
+
+def _op_terms(problem: Problem, sol: Solution, region: dict[int, str]) -> dict[str, np.ndarray]:
+    """Per region, the roofline terms of each priced op (`MeshCosts.op_terms`), as `Problem.op_cost` prices it
+    (the same FLOPs, bytes and passes), its FLOPs and bytes split into those over the batch and those of values
+    without a batch dimension (weights), which every microbatch reads again."""
+    rows: dict[str, list[tuple[float, ...]]] = {r: [] for r in REGIONS}
+    rate, bw = problem.cluster.matmul_flops(problem.dtype), problem.cluster.hbm_bandwidth
+    for i, s in sol.ops.items():
+        op = problem.g.ops[i]
+        if not problem.op_cost(i, s) > 0:  # fused elementwise ops and sources are free
+            continue
+        vals = [problem.values[v] for v in op.inputs + op.outputs if v is not None]
+        t = problem.t if s.split else 1
+        batched = any(v.batch_dim is not None for v in vals)
+        flops = op.flops / t / (problem.b if batched else 1) / rate if op.primitive in CONTRACTIONS else 0.0
+        mem = [sum(local_nbytes(v, problem.b) for v in vals if (v.batch_dim is not None) == b) / t / bw
+               for b in (True, False)]
+        passes = problem.passes + (1.0 if problem.remat == "full" and op.in_layer else 0.0)
+        rows[region[i]].append((passes * op.count, flops if batched else 0.0, 0.0 if batched else flops, *mem))
+    return {r: np.asarray(v, float).reshape(-1, 5) for r, v in rows.items()}
 
 
 # -- one pipeline layout -------------------------------------------------------------------------------------------
 
+def microbatch_seconds(costs: MeshCosts, microbatches: int) -> dict[str, float]:
+    """Seconds of one microbatch's training work by region (`layer`: one layer) with the per-replica batch cut into
+    M: the one place that says what a microbatch costs, so that more microbatches are not free.
+
+    Priced with what the cost model already knows, and nothing fitted: each op by its roofline at the microbatch's
+    size (its batch's FLOPs and bytes / M; the bytes of values without a batch dimension, the weights, whole: every
+    microbatch reads them again, so small microbatches turn memory-bound), and each in-stage collective's fixed
+    terms (latency, overhead: `MeshCosts.call_seconds`) paid per microbatch. The rest of `work` (its collectives'
+    bandwidth terms, and the sequence / expert exchanges `with_extras` adds, whose own latency terms are not told
+    apart: *approximation*) is linear in the batch: / M. At M = 1 this is `work`. What every tick costs besides its
+    ops (the two sends) is `transfer_seconds`. No per-microbatch executor constant is added: measured on this
+    machine's emulated CPU devices it is not defensible (`runs/benchmarks/microbatch_overhead.md`)."""
+    M = microbatches
+    out = costs._per_microbatch.get(M)
+    if out is None:
+        out = costs._per_microbatch[M] = {}
+        for r in REGIONS:
+            terms, calls = costs.op_terms.get(r), costs.call_seconds.get(r, 0.0)
+            whole = costs.work.get(r, 0.0)
+            if terms is None or not len(terms):
+                out[r] = calls + (whole - calls) / M
+                continue
+            out[r] = _roofline(terms, M) + calls + (whole - _roofline(terms, 1) - calls) / M
+    return out
+
+
+def _roofline(terms: np.ndarray, microbatches: int) -> float:
+    """Seconds of ops (`MeshCosts.op_terms` rows) run on one microbatch of M: each the larger of its compute and its
+    memory traffic."""
+    n, cb, cf, mb, mf = terms.T
+    return float(n @ np.maximum(cb / microbatches + cf, mb / microbatches + mf))
+
+
 def stage_ticks(costs: MeshCosts, counts: list[int], microbatches: int, remat: str = "none"
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Seconds of one microbatch's forward tick and backward tick on each stage (stage order)."""
-    M, S = microbatches, len(counts)
-    w = {r: costs.work.get(r, 0.0) / M for r in REGIONS}
+    S = len(counts)
+    w = microbatch_seconds(costs, microbatches)
     n = np.asarray(counts, float)
     fwd = n * w["layer"] / costs.passes
     bwd = n * w["layer"] + (fwd if remat == "full" else 0.0)
@@ -324,23 +403,26 @@ def held_inputs(kind: str, devices: int, microbatches: int, virtual: int = 1) ->
     """A lower bound on a schedule's activation slots from its devices' op orders alone (the table is what costs):
     at a device's first backward, the input of every forward it ran before (of a stage other than the first) is
     held, each from its arrival, before its forward, to its own backward, at or after that tick; so no two of them
-    can share a slot in `make_schedule`'s colouring."""
+    can share a slot in `make_schedule`'s colouring. Device p runs its `warmup` forwards and one more (unless that
+    was all) before its first backward; its k-th forward is of chunk (k // P) mod V (`device_orders`), a stage
+    other than the first unless p = 0 and that chunk is 0."""
+    P, M, V = devices, microbatches, virtual
     most = 0
-    for p, order in enumerate(device_orders(kind, devices, microbatches, virtual)):
-        held = 0
-        for op, chunk, _ in order:
-            if op == B:
-                break
-            held += chunk * devices + p > 0
-        most = max(most, held)
+    for p in range(P):
+        warm = warmup(kind, P, M, V, p)
+        n = warm + 1 if warm < M * V else warm
+        most = max(most, n if p else sum(1 for k in range(n) if (k // P) % V))
     return most
 
 
 def transfer_seconds(costs: MeshCosts, microbatches: int, cluster: ClusterSpec) -> float:
-    """One tick's two sends (activation and cotangent) of one microbatch's stage input between pipe neighbours."""
+    """What every tick costs besides its ops: two sends (activation and cotangent) of one microbatch's stage input
+    between pipe neighbours, each paying the link's latency and overhead whatever its size, so more microbatches
+    (more ticks) are not free. A pair of neighbours is inside a node while the pipe group fits one, else the
+    slowest pairs cross nodes. No executor constant is added here: see `runs/benchmarks/microbatch_overhead.md`."""
     span = axis_span(costs.mesh, ("pipe",), cluster.devices_per_node)
-    return 2 * collective_time("collective-permute", costs.carry_wire_bytes / microbatches, (1, min(span.nodes, 2)),
-                               cluster)
+    pair = (1, 2) if span.nodes > 1 else (2, 1)
+    return 2 * collective_time("collective-permute", costs.carry_wire_bytes / microbatches, pair, cluster)
 
 
 def once_per_step(costs: MeshCosts, counts: list[int], virtual: int, cluster: ClusterSpec
@@ -368,12 +450,12 @@ def once_per_step(costs: MeshCosts, counts: list[int], virtual: int, cluster: Cl
     return dict(secs), dict(comm)
 
 
-def lockstep_seconds(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float) -> float:
-    """`planner.schedule.step_time`, vectorised (the search evaluates many layouts)."""
+def lockstep_seconds(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float, start: int = 0) -> float:
+    """`planner.schedule.step_time`, vectorised (the search evaluates many layouts); from tick `start` on."""
     stage, is_f, is_b = _tick_tables(sched.kind, sched.devices, sched.microbatches, sched.virtual)
     cost = np.where(is_f, fwd[stage], 0.0)
     cost = np.where(is_b, bwd[stage], cost)
-    return float(cost.max(axis=1).sum() + sched.ticks * transfer)
+    return float(cost[start:].max(axis=1).sum() + (sched.ticks - start) * transfer)
 
 
 def sweep_ticks(sched: Schedule) -> int:
@@ -422,14 +504,24 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
             comm[k] = comm.get(k, 0.0) + b * share * again
     if costs.sweep:  # the forward-only statistics sweep: every stage's forward (the last one's too), in lockstep
         fwd_all = fwd.copy()
-        fwd_all[-1] = counts[-1] * costs.work.get("layer", 0.0) / M / costs.passes
+        fwd_all[-1] = counts[-1] * microbatch_seconds(costs, M)["layer"] / costs.passes
         sweep = sweep_seconds(sched, fwd_all, transfer / 2)
-        breakdown["statistics sweep"] = sweep
-        loop += sweep
-        for r, share in (("layer", V * lmax), ("embed", 1.0)):
-            for k, b in costs.tensor_bytes.get(r, {}).items():
-                comm[k] = comm.get(k, 0.0) + b * share * 0.5
-        comm["pipe/collective-permute"] += sweep_ticks(sched) * costs.carry_wire_bytes / M
+        # (the last stage's forward, folded into its backward otherwise, is the sweep's alone: every device's)
+        for k, b in costs.tensor_bytes.get("layer", {}).items():
+            comm[k] = comm.get(k, 0.0) + b * V * lmax * 0.5
+        if sched.forwards_first:  # GPipe: the sweep IS the forward phase, then the table's backward ticks alone
+            loop = sweep + lockstep_seconds(sched, fwd, bwd, transfer, start=sched.forward_ticks)
+            sends = sweep_ticks(sched) + 2 * (sched.ticks - sched.forward_ticks)
+            breakdown.update(compute=breakdown["compute"] + fwd_all[-1] * M / P,
+                             **{"pipe transfers": sends * transfer / 2})
+            breakdown["pipeline bubble"] = loop - breakdown["compute"] - breakdown["pipe transfers"]
+            comm["pipe/collective-permute"] = sends * costs.carry_wire_bytes / M
+        else:
+            breakdown["statistics sweep"] = sweep
+            loop += sweep
+            for k, b in costs.tensor_bytes.get("embed", {}).items():
+                comm[k] = comm.get(k, 0.0) + b * 0.5
+            comm["pipe/collective-permute"] += sweep_ticks(sched) * costs.carry_wire_bytes / M
     step = loop + sum(sync_s.values())
     # one bubble figure: the share of the predicted step the devices wait in the loop (the time breakdown's
     # "pipeline bubble"); the table's own idle share under unit-time ops is kept apart as `table_idle`
@@ -463,7 +555,7 @@ def split(costs: MeshCosts, stages: int, microbatches: int, remat: str, cap: int
     cap = min(cap or L, L)
     if stages > L or cap * stages < L:
         return None
-    w = {r: costs.work.get(r, 0.0) for r in REGIONS}
+    w = microbatch_seconds(costs, microbatches)
     per = w["layer"] * (1 + 1 / costs.passes + (1 / costs.passes if remat == "full" else 0.0))
     extra = [0.0] * stages
     extra[0] += w["embed"] * (1 + 1 / costs.passes)
@@ -547,10 +639,10 @@ def to_ranges(counts: list[int]) -> list[list[int]]:
     return [[int(e - n), int(e)] for e, n in zip(ends, counts)]
 
 
-def microbatch_options(local_batch: int, pipe: int, limit: int = 4) -> list[int]:
-    """Microbatch counts worth trying: divisors of the per-replica batch up to 8 x pipe, the largest `limit`."""
-    divs = [m for m in range(1, min(local_batch, 8 * pipe) + 1) if local_batch % m == 0]
-    return divs[-limit:]
+def microbatch_options(local_batch: int) -> list[int]:
+    """Microbatch counts to try: every divisor of the per-replica batch, up to one sequence per microbatch (what
+    more microbatches cost is priced: `microbatch_seconds`, `transfer_seconds`; `choose` prunes by lower bounds)."""
+    return [m for m in range(1, local_batch + 1) if local_batch % m == 0]
 
 
 PROBE_MARGIN = 1e-6
@@ -795,7 +887,9 @@ def least_memory(costs: MeshCosts, local_batch: int, *, schedule: str | None = N
     """The least per-device memory of the layouts `choose` tries on this mesh (even stages: the least padding), or
     `below` if none needs less (a layout whose `layout_memory_floor` is above it is not built)."""
     best = below
-    for kind, V, M in _layouts(costs, local_batch, schedule, microbatches, virtual):
+    layouts = _layouts(costs, local_batch, schedule, microbatches, virtual)
+    floors = {x: min(layout_memory_floor(costs, *x, r) for r in ("none", "full")) for x in layouts}
+    for kind, V, M in sorted(layouts, key=floors.get):  # least floor first: the rest are mostly not built
         remats = [r for r in ("none", "full") if not exceeds(layout_memory_floor(costs, kind, V, M, r), best)]
         if not remats:
             continue
@@ -811,7 +905,7 @@ def _layouts(costs: MeshCosts, local_batch: int, schedule: str | None, microbatc
     """(schedule, virtual, microbatches) combinations to try on this mesh."""
     P, L = costs.mesh["pipe"], costs.layers
     kinds = [schedule] if schedule else ["1f1b", "gpipe", "interleaved"]
-    micro = [microbatches] if microbatches else microbatch_options(local_batch, P)
+    micro = [microbatches] if microbatches else microbatch_options(local_batch)
     out = []
     for kind in kinds:
         if kind == "interleaved":
