@@ -2,7 +2,8 @@
 
 The backward working-set factor (`planner.ilp.WORKING_SET`) was fitted on the cases of tests/test_predictions.py
 (batch 16 x 64). These cases differ from them: sequence 128, wider and deeper models, GQA, full remat, an MoE under
-pure data parallelism. Each plan is a rule plan (`autoshard.api.rule_plan`) with the remat given, predicted by
+pure data parallelism, pipelines (gpt-tiny variants at pipe 2 and 4), bfloat16 models (XLA:CPU moves their activations
+as float32: `ClusterSpec.collective_dtypes`). Each plan is a rule plan (`autoshard.api.rule_plan`) with the remat given, predicted by
 `autoshard.api.predict` and compiled by `parallelize(...).compile(batch)`, read back with `autoshard.inspect`.
 
 Reproduce (from the repository root; about 2 minutes on 2 CPU cores):
@@ -44,6 +45,12 @@ CASES = [
     ("gpt-tiny:kv_heads=2,layers=3", "data=4,tensor=2", "none"),
     ("gpt-tiny:activation=swiglu", "data=8", "none"),
     ("moe-tiny:capacity_factor=2", "data=8", "none"),
+    # pipelines (rule plans: 1F1B over pipe microbatches) and bfloat16 models (issue 13 item 11)
+    ("gpt-tiny:layers=4,hidden=128,mlp=512", "pipe=2,data=4", "none"),
+    ("gpt-tiny:layers=4", "pipe=4,data=2", "none"),
+    ("gpt-tiny:layers=4,dtype=bfloat16", "pipe=2,data=4", "none"),
+    ("gpt-tiny:layers=4,dtype=bfloat16", "data=4,tensor=2", "none"),
+    ("gpt-tiny:dtype=bfloat16", "data=2,fsdp=4", "full"),
 ]
 
 
@@ -72,7 +79,9 @@ def main() -> None:
                                                            "rows": rows}, indent=1) + "\n")
     md = ["# Memory and communication predictions on held-out cases (8 CPU devices, compiled)", "",
           f"Command: `.venv/bin/python runs/benchmarks/memory_accuracy.py` ({seconds} s). Batch {BATCH} x {SEQ}, "
-          f"float32, rule plans; errors are predicted / compiled - 1.", "",
+          f"float32 unless the model says dtype=bfloat16, rule plans; errors are predicted / compiled - 1 (a "
+          f"pipeline's communication includes its in-stage collectives, which `verify` shows but does not judge).",
+          "",
           "| model | mesh | remat | memory predicted (MiB) | memory compiled (MiB) | memory error | comm error |",
           "|---|---|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['mesh']} | {r['remat']} | {r['memory_predicted'] / 2**20:.2f} | "
