@@ -337,7 +337,9 @@ def remat_line(plan: Plan) -> str:
     if chosen == "full":
         if not why["fits"]:
             return f"full: without it this plan would hold {held} per device, over the budget"
-        return f"full: without it {held} per device and {time_} time, yet the search found full faster"
+        # (these layouts fit without it, but the search's own no-remat solution on this mesh did not)
+        return f"full: without it these layouts would hold {held} per device ({time_} time), yet no plan on this " \
+               f"mesh fitted without remat in the search"
     saved = format_percent(1 - why["memory_bytes_per_device"] / mem) if mem else "?"
     return f"none: the plan fits without it; full remat would hold {held} ({saved} less) for {time_} time"
 

@@ -141,15 +141,21 @@ class OpShapes:
     kv_heads: int = 0
     head_dim: int = 0
     attention_layers: int = 0
-    itemsize: int = 4
     dtype: str = "float32"
-    """The attention inputs' dtype (`itemsize` its bytes; what a collective moves is the cluster's to say)."""
+    """The attention inputs' dtype (what a collective moves of it is the cluster's to say: `wire_itemsize`)."""
     experts: int = 0
     capacity: int = 0
     hidden: int = 0
     moe_layers: int = 0
     expert_params: frozenset[str] = frozenset()
     """Parameters with a leading-ish `experts` axis (split over `expert`)."""
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of `dtype`, as the attention's buffers hold it."""
+        from planner.trace import itemsize
+
+        return itemsize(self.dtype)
 
     @property
     def has_attention(self) -> bool:
@@ -164,8 +170,6 @@ def op_shapes(graph: Any) -> OpShapes:
     """Read attention heads / sequence length and MoE experts / capacity off a traced graph (`planner.trace`):
     parameters' logical axis names give head and expert counts, the ops under the `autoshard.attention` /
     `autoshard.moe` scopes give how often they run and the MoE buffer [experts, batch, capacity, hidden]."""
-    from planner.trace import itemsize
-
     sizes: dict[str, int] = {}
     expert_params = set()
     for path, info in graph.params.items():
@@ -183,7 +187,7 @@ def op_shapes(graph: Any) -> OpShapes:
                head_dim=sizes.get("head_dim", 0), expert_params=frozenset(expert_params))
     if attn:
         dtype = graph.values[attn[0].inputs[0]].dtype
-        out.update(attention_layers=attn[0].count, itemsize=itemsize(dtype), dtype=str(dtype))
+        out.update(attention_layers=attn[0].count, dtype=str(dtype))
     if moe and sizes.get("experts"):
         h = graph.values[next(i for i in moe[0].inputs if graph.values[i].param is None)]
         if len(h.shape) == 4:  # [E, B, C, D]

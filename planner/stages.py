@@ -512,8 +512,8 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
         if sched.forwards_first:  # GPipe: the sweep IS the forward phase, then the table's backward ticks alone
             loop = sweep + lockstep_seconds(sched, fwd, bwd, transfer, start=sched.forward_ticks)
             sends = sweep_ticks(sched) + 2 * (sched.ticks - sched.forward_ticks)
-            breakdown.update(compute=breakdown["compute"] + fwd_all[-1] * M / P,
-                             **{"pipe transfers": sends * transfer / 2})
+            breakdown["compute"] += fwd_all[-1] * M / P
+            breakdown["pipe transfers"] = sends * transfer / 2
             breakdown["pipeline bubble"] = loop - breakdown["compute"] - breakdown["pipe transfers"]
             comm["pipe/collective-permute"] = sends * costs.carry_wire_bytes / M
         else:

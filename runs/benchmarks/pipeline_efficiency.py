@@ -38,6 +38,7 @@ import models  # noqa: E402
 from autoshard.api import pipeline_spec, predict, rule_plan  # noqa: E402
 from autoshard.inspect import analyze  # noqa: E402
 from autoshard.train import make_optimizer, parallelize  # noqa: E402
+from planner.plan import normalize_mesh  # noqa: E402
 
 BATCH, SEQ, MICRO = 16, 64, 4
 CASES = [  # (model, mesh, schedule, virtual, remat)
@@ -65,7 +66,7 @@ def single_flops(model: str, built, batch) -> float:
 
 def run_case(model: str, mesh: str, schedule: str, virtual: int, remat: str, built, batch, one: float) -> dict:
     abstract = models.abstract(model)
-    spec = pipeline_spec(abstract, int(mesh.split(",")[0].split("=")[1]), schedule=schedule, microbatches=MICRO,
+    spec = pipeline_spec(abstract, normalize_mesh(mesh)["pipe"], schedule=schedule, microbatches=MICRO,
                          virtual=virtual)
     plan = rule_plan(abstract, mesh, pipeline=spec, remat=remat)
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
