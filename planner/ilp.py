@@ -144,6 +144,10 @@ class Problem:
         self.unplanned: list[str] = list(unplanned)
         self.needs_grad = shared(("grad",), self._grad_values)
         self._lookups = shared(("lookups",), self._lookup_tables)
+        self._tied = shared(("tied",), lambda: {v.param for v in self.values.values() if v.param is not None
+                                                for c, pos in v.consumers
+                                                if self.g.ops[c].primitive == "gather" and pos == 0})
+        """Parameters looked up by a gather (embeddings): with another use, a tied one (`moves_weight`)."""
         self.param_choices = {path: self._param_choices(path) for path in graph.param_values}
         self._uses = shared(("uses",), lambda: {path: self._count_uses(path) for path in graph.param_values})
         self._kernel_regathers = shared(("kernel regathers",), lambda: {
@@ -329,6 +333,18 @@ class Problem:
         op = self.g.ops[op_index]
         return (kind == "all-gather" and op.primitive == "dot_general" and vid in self.needs_grad
                 and any(i is not None and i != vid and self.values[i].param is not None for i in op.inputs))
+
+    def moves_weight(self, vid: int, op_index: int, src: Layout, dst: Layout) -> bool:
+        """Whether XLA's partitioner gathers weight `vid` whole over tensor for the matmul `op_index` instead of
+        computing where it lies. It does for a tied embedding (a weight both looked up and multiplied) split on
+        its model dimension: the lookup keeps that split, and `attend` gathers the weight rather than leave the
+        whole logits as a partial sum (4 KiB gathered for 16 KiB of all-reduce in the zoo's GQA decoder). Other
+        weights stay where they lie (allowing every weight to move, the byte count gathers them all, where XLA,
+        choosing dot by dot from the layouts it propagated, all-reduces). Only in the byte-counting objective
+        that predicts what XLA compiles for a given plan: when planning, a weight is used where it lies."""
+        return (self.objective == "bytes" and isinstance(src, int) and dst is None
+                and self.g.ops[op_index].primitive == "dot_general" and self.values[vid].param is not None
+                and self.values[vid].param in self._tied)
 
     def _cotangent_uses(self, vid: int) -> int:
         """Backward ops that read the cotangent of `vid`: each operand gradient of the matmul that made it (XLA
@@ -763,7 +779,8 @@ class Problem:
                     return False
                 continue
             for pos, i in enumerate(op.inputs):
-                if i is not None and self.values[i].param is not None and s.ins[pos] != lays[pos]:
+                if (i is not None and self.values[i].param is not None and s.ins[pos] != lays[pos]
+                        and not self.moves_weight(i, op.index, lays[pos], s.ins[pos])):
                     return False
                 if i is not None and lays[pos] is None and s.ins[pos] == PARTIAL:
                     return False
@@ -956,7 +973,7 @@ class _Model:
         floating = vid in pr.needs_grad
         for (lay, k), lit in self.link(lays, list(zip(strats, self.x[cidx]))).items():
             want = strats[k].ins[pos]
-            if v.param is not None and want != lay:
+            if v.param is not None and want != lay and not pr.moves_weight(vid, cidx, lay, want):
                 m.add(lit == 0)  # the partitioner computes where the weights are; it does not move them
                 continue
             if lay is None and want == PARTIAL:
