@@ -400,6 +400,56 @@ class Problem:
             self._convs[key] = hit
         return hit
 
+    def use_allowed(self, vid: int, op_index: int, src: Layout, dst: Layout) -> bool:
+        """Whether a use may read value `vid` (in layout `src`) as operand layout `dst`: a weight is used where it
+        lies (the partitioner computes where the weights are; it does not move them, but see `moves_weight`), and a
+        whole value cannot stand in for a partial sum (it would count n times)."""
+        if self.values[vid].param is not None and dst != src and not self.moves_weight(vid, op_index, src, dst):
+            return False
+        return not (src is None and dst == PARTIAL)
+
+    def use_conversions(self, vid: int, src: Layout, op_index: int, pos: int, s: Strategy
+                        ) -> list[tuple[tuple, str, float, int]]:
+        """The tensor conversions one use of value `vid` (layout `src`, operand `pos` of op `op_index` under
+        strategy `s`) pays, as (key, collective, operand bytes, executions): the forward conversion (once per value,
+        layout and forward count, whichever uses need it: XLA converts a value once), a dot operand's re-gather
+        for its weight gradient, and the backward conversion of its cotangent per use and operand gradient. The one
+        statement of these rules: the integer program, `evaluate` and the pipeline's stage costs all read it."""
+        v, out = self.values[vid], []
+        want = s.ins[pos]
+        kind, nb = self._conv(src, want, v)
+        if kind:
+            fc = self._forward_count(vid, op_index)
+            out.append((("f", vid, src, want, fc), kind, nb, fc))
+            if self._regathers(vid, op_index, kind):
+                count = self._count(op_index)
+                out.append((("g", vid, src, want, count), kind, nb, count))
+        if vid in self.needs_grad:
+            kind, nb = self._conv(s.cots[pos], None if src == PARTIAL else src, v)
+            if kind:
+                count = self._count(op_index)
+                out.append((("b", vid, src, s.cots[pos], count, op_index, pos), kind, nb,
+                            count * self._cotangent_uses(vid)))
+        return out
+
+    def carry_conversions(self, src: Layout, dst: Layout, v: Value) -> list[tuple[str, float, int]]:
+        """(collective, operand bytes, executions) of a layer output in layout `src` feeding the next layer's input
+        in layout `dst`: the conversion forward and its cotangent's back, once per layer."""
+        out = []
+        for a, b in ((src, dst), (dst if dst != PARTIAL else None, src if src != PARTIAL else None)):
+            kind, nb = self._conv(a, b, v)
+            if kind:
+                out.append((kind, nb, self.g.layers))
+        return out
+
+    def value_memory_items(self) -> list[tuple[str, int, float]]:
+        """(breakdown entry, value, copies) of the values the step's memory holds: each residual as many times as
+        the layers store it, and each working-set value `WORKING_SET` times. What `evaluate`, the integer
+        program's memory constraint and `memory_floor` all count (with the parameters, the batch and the
+        convolution copies)."""
+        return ([("activations", vid, n) for vid, n in self.residuals().items()]
+                + [("backward working set", vid, WORKING_SET) for vid in self.working_set()])
+
     def op_cost(self, op_index: int, s: Strategy) -> float:
         """Forward + backward (about twice the forward) seconds of one op on one device.
 
@@ -652,8 +702,9 @@ class Problem:
 
         choices = self.param_choices.items()
         params = sum(min(self.param_memory(p, c) for c in ch) for p, ch in choices)
-        acts = sum(n * least(vid) for vid, n in self.residuals().items())
-        fixed = self.batch_memory() + sum(WORKING_SET * least(vid) for vid in self.working_set()) \
+        items = [(name, copies * least(vid)) for name, vid, copies in self.value_memory_items()]
+        acts = sum(nb for name, nb in items if name == "activations")
+        fixed = self.batch_memory() + sum(nb for name, nb in items if name != "activations") \
             + self.transient_memory(least)
         if not self.grads_reuse_activations:
             return fixed + params + acts
@@ -673,14 +724,6 @@ class Problem:
 
     def _is_source(self, idx: int) -> bool:
         return not any(i is not None and i in self._live for i in self.g.ops[idx].inputs)
-
-    def _carry_cost(self, la: Layout, lb: Layout, v: Value) -> float:
-        total = 0.0
-        for src, dst in ((la, lb), (lb if lb != PARTIAL else None, la if la != PARTIAL else None)):
-            kind, nb = self._conv(src, dst, v)
-            if kind:
-                total += self.g.layers * self._comm(kind, nb, ("tensor",))
-        return total
 
     # -- evaluation of a fixed assignment (the same objective, spelt out) -------------------------------------------
     def layout_of(self, vid: int, ops: dict[int, Strategy], params: dict[str, ParamChoice]) -> Layout:
@@ -720,37 +763,26 @@ class Problem:
                 "all-reduce", nb, math.prod(self.mesh[a] for a in axes))
         paid = set()
 
-        def pay(key, kind, nb, count):
-            if kind and key not in paid:
-                paid.add(key)
-                times["tensor comm"] += count * self._comm(kind, nb, ("tensor",))
-                comm_bytes[f"tensor/{kind}"] += count * bytes_sent(kind, nb, self.t)
+        def pay(kind, nb, count):
+            times["tensor comm"] += count * self._comm(kind, nb, ("tensor",))
+            comm_bytes[f"tensor/{kind}"] += count * bytes_sent(kind, nb, self.t)
 
         for vid, v in self.values.items():
             lay = layout(vid)
             for cidx, pos in v.consumers:
-                s, count = ops[cidx], self._count(cidx)
-                kind, nb = self._conv(lay, s.ins[pos], v)
-                fc = self._forward_count(vid, cidx)
-                pay(("f", vid, lay, s.ins[pos], fc), kind, nb, fc)
-                if self._regathers(vid, cidx, kind):
-                    pay(("g", vid, lay, s.ins[pos], count), kind, nb, count)
-                if vid not in self.needs_grad:
-                    continue
-                kind, nb = self._conv(s.cots[pos], None if lay == PARTIAL else lay, v)
-                pay(("b", vid, lay, s.cots[pos], count, cidx, pos), kind, nb, count * self._cotangent_uses(vid))
+                for key, kind, nb, count in self.use_conversions(vid, lay, cidx, pos, ops[cidx]):
+                    if key not in paid:
+                        paid.add(key)
+                        pay(kind, nb, count)
         for cout, cin in self.g.carries:
             la, lb = layout(cout), layout(cin)
             if la != lb:
-                for src, dst in ((la, lb), (lb if lb != PARTIAL else None, la if la != PARTIAL else None)):
-                    kind, nb = self._conv(src, dst, self.values[cout])
-                    if kind:
-                        times["tensor comm"] += self.g.layers * self._comm(kind, nb, ("tensor",))
-                        comm_bytes[f"tensor/{kind}"] += self.g.layers * bytes_sent(kind, nb, self.t)
+                for kind, nb, count in self.carry_conversions(la, lb, self.values[cout]):
+                    pay(kind, nb, count)
         mem = {"parameters and optimizer state": sum(self.param_memory(p_, c) for p_, c in params.items()),
-               "activations": sum(n * self.value_memory(vid, layout(vid)) for vid, n in self.residuals().items()),
-               "backward working set": sum(WORKING_SET * self.value_memory(vid, layout(vid))
-                                           for vid in self.working_set())}
+               "activations": 0.0, "backward working set": 0.0}
+        for name, vid, copies in self.value_memory_items():
+            mem[name] += copies * self.value_memory(vid, layout(vid))
         copies = self.transient_memory(lambda vid: self.value_memory(vid, layout(vid)))
         if copies:
             mem["convolution layout copies"] = copies
@@ -779,10 +811,7 @@ class Problem:
                     return False
                 continue
             for pos, i in enumerate(op.inputs):
-                if (i is not None and self.values[i].param is not None and s.ins[pos] != lays[pos]
-                        and not self.moves_weight(i, op.index, lays[pos], s.ins[pos])):
-                    return False
-                if i is not None and lays[pos] is None and s.ins[pos] == PARTIAL:
+                if i is not None and not self.use_allowed(i, op.index, lays[pos], s.ins[pos]):
                     return False
             if (len(self.op_strats[op.index]) > 1 and s.name != "R" and op.primitive != BOUNDARY
                     and not self._is_source(op.index)
@@ -909,12 +938,11 @@ class _Model:
         for path, choices in pr.param_choices.items():
             self.memory += [(pr.param_memory(path, c), lit) for c, lit in zip(choices, self.p[path])]
             self.grads += [(pr.grad_memory(path, c), lit) for c, lit in zip(choices, self.p[path])]
-        for vid, n in pr.residuals().items():
-            self.acts += [(n * pr.value_memory(vid, lay), lit) for lay, lit in self.layouts(vid).items()]
+        for name, vid, copies in pr.value_memory_items():
+            terms = [(copies * pr.value_memory(vid, lay), lit) for lay, lit in self.layouts(vid).items()]
+            (self.acts if name == "activations" else self.memory).extend(terms)
         self.memory += self.acts
         self.memory.append((pr.batch_memory(), self.true))
-        for vid in pr.working_set():
-            self.memory += [(WORKING_SET * pr.value_memory(vid, lay), lit) for lay, lit in self.layouts(vid).items()]
         groups = [[(pr.value_memory(v, lay), lit) for v in group for lay, lit in self.layouts(v).items()]
                   for group in pr.conv_copies()]
         if groups:  # transient = the largest group (the solver takes the least it may)
@@ -969,31 +997,16 @@ class _Model:
 
     def _edge(self, vid: int, v: Value, lays: dict[Layout, Any], cidx: int, pos: int) -> None:
         pr, m = self.pr, self.m
-        count, strats = pr._count(cidx), pr.op_strats[cidx]
-        floating = vid in pr.needs_grad
+        strats = pr.op_strats[cidx]
         for (lay, k), lit in self.link(lays, list(zip(strats, self.x[cidx]))).items():
             want = strats[k].ins[pos]
-            if v.param is not None and want != lay and not pr.moves_weight(vid, cidx, lay, want):
-                m.add(lit == 0)  # the partitioner computes where the weights are; it does not move them
-                continue
-            if lay is None and want == PARTIAL:
-                m.add(lit == 0)  # a whole value cannot stand in for a partial sum (it would count n times)
+            if not pr.use_allowed(vid, cidx, lay, want):
+                m.add(lit == 0)
                 continue
             if lay is not None and want == lay:
                 self.arrives[(cidx, k)].append(lit)
-            kind, nb = pr._conv(lay, want, v)
-            if kind:
-                fc = pr._forward_count(vid, cidx)
-                self.pay(("f", vid, lay, want, fc), fc * pr._comm(kind, nb, ("tensor",)), lit)
-                if pr._regathers(vid, cidx, kind):
-                    self.pay(("g", vid, lay, want, count), count * pr._comm(kind, nb, ("tensor",)), lit)
-            if not floating:
-                continue
-            cot = strats[k].cots[pos]
-            kind, nb = pr._conv(cot, None if lay == PARTIAL else lay, v)
-            if kind:
-                bc = count * pr._cotangent_uses(vid)
-                self.pay(("b", vid, lay, cot, count, cidx, pos), bc * pr._comm(kind, nb, ("tensor",)), lit)
+            for key, kind, nb, n in pr.use_conversions(vid, lay, cidx, pos, strats[k]):
+                self.pay(key, n * pr._comm(kind, nb, ("tensor",)), lit)
 
     def _propagation(self) -> None:
         """The partitioner propagates shardings forward: an op is split only the way some operand already is, so
@@ -1015,7 +1028,9 @@ class _Model:
             for (la, k), lit in self.link(a, list(b.items())).items():
                 lb = blays[k]
                 if la != lb:
-                    self.pay(("c", cout, la, lb), pr._carry_cost(la, lb, pr.values[cout]), lit)
+                    seconds = sum(n * pr._comm(kind, nb, ("tensor",))
+                                  for kind, nb, n in pr.carry_conversions(la, lb, pr.values[cout]))
+                    self.pay(("c", cout, la, lb), seconds, lit)
 
     def _fixed(self) -> bool:
         for vid, want in self.pr.fixed_layouts.items():
