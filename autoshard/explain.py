@@ -293,6 +293,10 @@ def pipeline_line(plan: Plan) -> str:
     if pl:
         text += (f": bubble {format_percent(pl['bubble'])} of the step, {pl['ticks']} ticks, "
                  f"{pl['act_slots']}+{pl['cot_slots']} live buffers/device")
+        if pl.get("stash"):  # forwards keep their residuals for their backward (no recompute)
+            text += f", {pl['stash_slots']} residual slots of {format_bytes(pl['stash_bytes_per_slot'])}"
+        elif "stash" in pl:
+            text += ", backward recomputes each stage's forward (remat full)"
     return text
 
 

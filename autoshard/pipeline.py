@@ -21,9 +21,13 @@ local batch is cut into M microbatches; at every tick each device looks up its o
 `lax.switch` (idle, forward, first-stage forward, backward, last-stage backward, first-stage backward), then
 activations move to the next device and cotangents to the previous one with `ppermute`. Collectives of the ops
 inside the switch run on devices of one stage only; on XLA:CPU a ppermute there would deadlock, so the sequence
-ops build theirs from all-to-alls (`sequence.ppermute_deadlocks`). A backward recomputes its stage's forward
-(`jax.vjp`), so only stage inputs are buffered: as many as the table's slot count, which is what makes 1F1B
-lighter than GPipe. Parameters are made varying over the batch and seq axes once before the loop, so the gradient
+ops build theirs from all-to-alls (`sequence.ppermute_deadlocks`). A forward tick keeps its stage's `jax.vjp`
+residuals (the closure's leaves, weights left out: `_Stash`) in a residual slot until its backward tick, which then
+runs the backward alone: the step does the unpipelined step's work (runs/benchmarks/pipeline_efficiency.md). Under
+remat "full" (`planner.schedule.stashes`) a backward recomputes its stage's forward from the stage input instead,
+and only stage inputs are kept. Either way a device holds as many slots as the table says, which is what makes
+1F1B lighter than GPipe; the last stage's forward tick is empty, its backward runs its forward (through the head
+and loss). Parameters are made varying over the batch and seq axes once before the loop, so the gradient
 reduction is one all-reduce after it, not one per tick (expert weights, split over `expert`, are not summed over
 it). Parameters sharded over fsdp are gathered by XLA once per step on entry (inside a pipeline fsdp behaves like
 ZeRO-2: it shards optimizer state, not live weights).
@@ -35,10 +39,12 @@ the same table first counts every layer's expert assignments over the whole batc
 sum_e c_e * prob_sum_e per microbatch with those global counts in c, which is exactly the whole-batch loss's
 gradient (f carries none), and reports the whole-batch balancing loss, dropped tokens and expert loads. Under
 GPipe every forward tick comes before every backward one, so the sweep is the forward phase itself: the main table
-then runs only the backward ticks, from the activations the sweep received (moe-tiny pipe=2: 1.18x the unpipelined
-step's FLOPs over the devices, against 1.34x with a separate sweep). Under 1F1B and interleaved schedules a stage's
-first backward comes before the batch's last forward, so the counts are not complete in time: the sweep stays there
-and costs one more forward of every layer per step.
+then runs only the backward ticks, from the activations and residuals the sweep kept (a stage's forward does not
+need the counts: it returns the probability sums, whose cotangent is the coefficient), the last stage's too (its
+output kept where its input was): moe-tiny pipe=2 does the unpipelined step's FLOPs over the devices, against
+1.34x with a separate sweep and recompute. Under 1F1B and interleaved schedules a stage's first backward
+comes before the batch's last forward, so the counts are not complete in time: the sweep stays there and costs one
+more forward of every layer per step (1.20x).
 """
 
 from __future__ import annotations
@@ -55,13 +61,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from autoshard import emit, ops
-from planner.jax_internals import varying_axes
+from planner.jax_internals import eval_jaxpr, split_on_last_input, varying_axes
 from planner.errors import PlanError
 from planner.params import path_str
 from planner.plan import BATCH_AXES, Plan, SpecEntry
 from planner.rules import ParamInfo
 from planner.schedule import (BWD, BWD_FIRST, BWD_LAST, FWD, FWD_FIRST, Schedule, check, make_schedule,
-                              receive_permutations)
+                              receive_permutations, stashes)
 
 LAYERS = "blocks"
 """Attribute (and state-path prefix) of the stacked layer module a pipelinable model exposes."""
@@ -162,7 +168,9 @@ class Pipeline:
             raise PlanError(f"pipeline stages cover layers [0, {spec.stages[-1][1]}) but the model has {layers} "
                             f"layers: re-plan for this model")
         self.plan, self.mesh, self.layers, self.abstract = plan, mesh, layers, abstract
-        self.schedule: Schedule = make_schedule(spec.schedule, self.P, self.M, self.V)
+        self.stash = stashes(plan.remat)
+        """Forward ticks keep their residuals for the backward ticks (`planner.schedule.stashes`)."""
+        self.schedule: Schedule = make_schedule(spec.schedule, self.P, self.M, self.V, self.stash)
         self.layout = StageLayout.from_stages(spec.stages, self.P, self.V)
         self.batch_axes = tuple(a for a in BATCH_AXES if plan.mesh[a] > 1)
         """expert (major), data, fsdp: the batch split of `emit.batch_spec`."""
@@ -211,6 +219,8 @@ class Pipeline:
         own = {p: self._own_axes(p) for p in flat}
         batch_spec = emit.batch_specs(self.plan, batch)  # the layout the trainer placed each leaf in
         metric_names, moe = self._probe(rest, batch)
+        if moe is not None and self.stash and self.schedule.forwards_first:  # the sweep keeps the last stage's too
+            self.schedule = make_schedule(self.plan.pipeline.schedule, self.P, self.M, self.V, True, stash_last=True)
 
         def body(layer_vals, other_vals, rest, batch, tables):
             return self._body(dict(zip(layer_paths, layer_vals)), dict(zip(other_paths, other_vals)), rest, batch,
@@ -249,7 +259,8 @@ class Pipeline:
 
     def _tables(self, sweep: bool) -> dict[str, Any]:
         s = self.schedule
-        names = ("code", "chunk", "microbatch", "in_slot", "cot_slot", "recv_act", "recv_cot")
+        names = ("code", "chunk", "microbatch", "in_slot", "cot_slot", "recv_act", "recv_cot") \
+            + (("stash_slot",) if self.stash else ())
         if not sweep:
             return {name: jnp.asarray(getattr(s, name)) for name in names}
         # the forward-only sweep for layer statistics (MoE): the forward ticks in the same order, with the last
@@ -257,7 +268,8 @@ class Pipeline:
         rows = np.nonzero(np.any(s.phase == 1, axis=1))[0]
         code = np.where(s.phase == 1, np.where(s.code == 0, PRE_LAST, s.code), 0)
         pre = {"code": jnp.asarray(code[rows]), **{name: jnp.asarray(getattr(s, name)[rows]) for name in
-                                                   ("chunk", "microbatch", "in_slot", "recv_act")}}
+                                                   ("chunk", "microbatch", "in_slot", "recv_act")
+                                                   + (("stash_slot",) if self.stash else ())}}
         # where every forward tick comes before every backward one (GPipe), the sweep IS the forward phase: the
         # main table keeps only the backward ticks and starts from the activations the sweep received
         rest = s.forward_ticks if s.forwards_first else 0
@@ -342,7 +354,8 @@ class Pipeline:
             return y, {k: _vary_all(v.astype(jnp.float32), vary) for k, v in stats.items()}
 
         even = self.layout.even
-        step_layer = ops.remat(layer_fn)
+        with ops.context(ops_context):  # the plan's remat: the trainer calls the executor outside its context
+            step_layer = ops.remat(layer_fn)
         e = moe["experts"] if moe else 0
 
         def run_chunk(chunk_vals: list[jax.Array], n, x):
@@ -408,14 +421,43 @@ class Pipeline:
             def send(x_next):
                 return pin(jax.lax.ppermute(pin(x_next), "pipe", fwd_pairs))
 
+            def stage_fn(w, c, h):
+                """(the chunk's output, its layers' statistics): with MoE layers the output is (y, router
+                probability sums [Lmax, E]); their cotangent is the balancing loss's coefficient (`cotangent`),
+                so the forward does not need it (GPipe's forwards run before it is known)."""
+                y, st = run_chunk(w, counts[c], h)
+                return ((y, st["prob_sum"]) if moe else y), st
+
+            # residuals kept from each forward for its backward (`stashes`): their structure, probed once
+            stash = _Stash.probe(stage_fn, chunk_of(0), tables["chunk"][0][me], zero_x) if self.stash else None
+
+            def forward(c, h):
+                """The chunk's output, statistics and the residuals to keep (none without stash)."""
+                if stash is None:
+                    y, st = run_chunk(chunk_of(c), counts[c], h)
+                    return y, st, []
+                out, st, kept = stash.forward(stage_fn, chunk_of(c), c, h, vary)
+                return (out[0] if moe else out), st, kept
+
+            def kept_slot(bufs, row):
+                """(slot, its residuals): what a forward tick overwrites or a backward tick reads; every tick
+                writes back what its branch returns (unchanged but by a forward), so no buffer is copied whole."""
+                slot = jnp.maximum(row["stash_slot"][me], 0) if bufs else None
+                return slot, [b[slot] for b in bufs]
+
+            def write_back(bufs, slot, kept):
+                return [jax.lax.dynamic_update_index_in_dim(b, v, slot, 0) for b, v in zip(bufs, kept)]
+
             coef = None
             moe_out = ()
+            sweep_keeps = stash is not None and self.schedule.forwards_first
             if moe is not None:
                 # The balancing loss of layer l is E * sum_e f_e p_e with f (share of assignments) and p (mean
                 # router probability) over the WHOLE batch: not a mean over microbatches. f carries no gradient,
                 # so a forward-only sweep first counts every layer's assignments over all microbatches (and all
                 # shards); the step then differentiates sum_e c_e * prob_sum_e per microbatch with the global
                 # c = weight/L * E * f / tokens, which sums to exactly the gradient of the whole-batch loss.
+                # Under GPipe the sweep is the forward phase, and keeps the residuals when the stages stash.
                 lmax = self.layout.index.shape[2]
                 stats0 = {"load": varying((V, lmax, e)), "prob_sum": varying((V, lmax, e)),
                           "dropped": varying((V, lmax))}
@@ -423,31 +465,47 @@ class Pipeline:
                 def add_stats(acc, c, st):
                     return {k: add_chunk([acc[k]], c, [st[k]])[0] for k in acc}
 
-                def pre_idle(c, i, h, acc):
-                    return zero_x, acc
+                def pre_idle(c, i, h, acc, kept):
+                    return zero_x, acc, kept
 
-                def pre_fwd(c, i, h, acc):
+                def pre_fwd(c, i, h, acc, kept):
+                    if sweep_keeps:
+                        y, st, kept = forward(c, h)
+                        return y, add_stats(acc, c, st), kept
                     y, st = run_chunk(chunk_of(c), counts[c], h)
-                    return y, add_stats(acc, c, st)
+                    return y, add_stats(acc, c, st), kept
 
-                def pre_fwd_first(c, i, h, acc):
-                    return pre_fwd(c, i, embed(i), acc)
+                def pre_fwd_first(c, i, h, acc, kept):
+                    return pre_fwd(c, i, embed(i), acc, kept)
 
-                def pre_last(c, i, h, acc):
-                    return zero_x, pre_fwd(c, i, h, acc)[1]
+                def pre_last(c, i, h, acc, kept):
+                    """Kept (GPipe), its output goes where its input was (`pre_tick`); sent, it is dropped.
+                    Else its backward runs it again."""
+                    if self.schedule.stash_last:
+                        y, st, kept = forward(c, h)
+                        return y, add_stats(acc, c, st), kept
+                    y, st = run_chunk(chunk_of(c), counts[c], h)
+                    return zero_x, add_stats(acc, c, st), kept
 
                 pre_branches = [None] * 4
                 for code, fn in ((0, pre_idle), (FWD, pre_fwd), (FWD_FIRST, pre_fwd_first), (PRE_LAST, pre_last)):
                     pre_branches[code] = fn
 
                 def pre_tick(carry, row):
-                    acts, acc = carry
-                    h = acts[jnp.maximum(row["in_slot"][me], 0)]
-                    out, acc = jax.lax.switch(row["code"][me], [lambda a, fn=fn: fn(*a) for fn in pre_branches],
-                                              (row["chunk"][me], row["microbatch"][me], h, acc))
-                    return (_receive(acts, row["recv_act"][me], send(out)), acc), None
+                    acts, acc, bufs = carry
+                    code, read = row["code"][me], row["in_slot"][me]
+                    h = acts[jnp.maximum(read, 0)]
+                    slot, kept = kept_slot(bufs, row)
+                    out, acc, kept = jax.lax.switch(code, [lambda a, fn=fn: fn(*a) for fn in pre_branches],
+                                                    (row["chunk"][me], row["microbatch"][me], h, acc, kept))
+                    bufs = write_back(bufs, slot, kept)
+                    if self.schedule.stash_last:
+                        acts = _receive(acts, jnp.where(code == PRE_LAST, read, -1), out)
+                    return (_receive(acts, row["recv_act"][me], send(out)), acc, bufs), None
 
-                (swept, stats), _ = jax.lax.scan(pre_tick, (buffer(k_act), stats0), tables["pre"])
+                swept_bufs = stash.buffers(self.schedule.stash_slots, varying) if sweep_keeps else []
+                (swept, stats, swept_bufs), _ = jax.lax.scan(pre_tick, (buffer(k_act), stats0, swept_bufs),
+                                                             tables["pre"])
                 # sums over the batch shards; the expert-parallel op's statistics are sums over its group already
                 stats = {k: jax.lax.psum(v, self.reduce_axes) / group if self.reduce_axes else v
                          for k, v in stats.items()}
@@ -458,51 +516,65 @@ class Pipeline:
                 coef = _vary_all(moe["weight"] / n_layers * e * share / tokens / group, vary)   # [V, Lmax, E]
                 moe_out = tuple(v[None] for v in (aux, stats["load"], stats["dropped"]))
 
-            def stage(w, c, h):
-                """The chunk's output and the differentiable part of its layers' balancing loss (0 if dense)."""
-                y, st = run_chunk(w, counts[c], h)
-                if coef is None:
-                    return y, jnp.zeros((), jnp.float32)
-                return y, jnp.sum(index(coef, c) * st["prob_sum"])
+            def cotangent(c, g):
+                """The cotangent of `stage_fn`'s output (MoE: of the probability sums too, the coefficient)."""
+                return (g, index(coef, c)) if moe else g
+
+            def backward(c, h, g, kept):
+                """(dw, dh) of the chunk: from the kept residuals, or recomputing its forward from h."""
+                if stash is not None:
+                    return stash.backward(kept, chunk_of(c), c, h, cotangent(c, g))
+                _, vjp, _ = jax.vjp(lambda w, h: stage_fn(w, c, h), chunk_of(c), h, has_aux=True)
+                return vjp(cotangent(c, g))
 
             one = jax.lax.pcast(jnp.ones((), jnp.float32), vary, to="varying")
-            aux_ct = one if coef is not None else jnp.zeros((), jnp.float32)  # cotangent of `stage`'s second output
 
-            def idle(c, i, h, g, acc):
-                return zero_x, zero_x, acc
+            def idle(c, i, h, g, acc, kept):
+                return zero_x, zero_x, acc, kept
 
-            def fwd(c, i, h, g, acc):
-                return run_chunk(chunk_of(c), counts[c], h)[0], zero_x, acc
+            def fwd(c, i, h, g, acc, kept):
+                y, _, kept = forward(c, h)
+                return y, zero_x, acc, kept
 
-            def fwd_first(c, i, h, g, acc):
-                return fwd(c, i, embed(i), g, acc)
+            def fwd_first(c, i, h, g, acc, kept):
+                return fwd(c, i, embed(i), g, acc, kept)
 
-            def bwd(c, i, h, g, acc):
-                _, vjp = jax.vjp(lambda w, h: stage(w, c, h), chunk_of(c), h)
-                dw, dh = vjp((g, aux_ct))
-                return zero_x, dh, (add_chunk(acc[0], c, dw), acc[1], acc[2])
+            def bwd(c, i, h, g, acc, kept):
+                dw, dh = backward(c, h, g, kept)
+                return zero_x, dh, (add_chunk(acc[0], c, dw), acc[1], acc[2]), kept
 
-            def bwd_last(c, i, h, g, acc):
+            def bwd_last(c, i, h, g, acc, kept):
                 batch_i = mb(i)
+
+                def head(o, y):
+                    loss, metrics = model_of(dict(zip(other_paths, o))).head_loss(y, batch_i)
+                    return loss * scale, (loss, metrics)
 
                 def f(w, o, h):
-                    y, aux = stage(w, c, h)
-                    loss, metrics = model_of(dict(zip(other_paths, o))).head_loss(y, batch_i)
-                    return loss * scale + aux, (loss, metrics)
-                _, vjp, (loss, metrics) = jax.vjp(f, chunk_of(c), other_list, h, has_aux=True)
-                dw, do, dh = vjp(one)
+                    out, _ = stage_fn(w, c, h)
+                    y, aux = (out[0], jnp.sum(index(coef, c) * out[1])) if moe else (out, 0.0)
+                    loss, metrics = head(o, y)
+                    return loss + aux, metrics
+                if self.schedule.stash_last:  # its forward ran in the sweep: h is its output
+                    _, vjp, (loss, metrics) = jax.vjp(head, other_list, h, has_aux=True)
+                    do, dy = vjp(one)
+                    dw, dh = backward(c, h, dy, kept)
+                else:
+                    _, vjp, (loss, metrics) = jax.vjp(f, chunk_of(c), other_list, h, has_aux=True)
+                    dw, do, dh = vjp(one)
                 values = [loss] + [metrics[k] for k in metric_names]
                 sums = [s + v.astype(jnp.float32) * scale for s, v in zip(acc[2], values)]
-                return zero_x, dh, (add_chunk(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)], sums)
+                return zero_x, dh, (add_chunk(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)], sums), kept
 
-            def bwd_first(c, i, h, g, acc):
+            def bwd_first(c, i, h, g, acc, kept):
                 batch_i = mb(i)
 
-                def f(w, o):
-                    return stage(w, c, model_of(dict(zip(other_paths, o))).embed_inputs(batch_i))
-                _, vjp = jax.vjp(f, chunk_of(c), other_list)
-                dw, do = vjp((g, aux_ct))
-                return zero_x, zero_x, (add_chunk(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)], acc[2])
+                def embed_o(o):
+                    return model_of(dict(zip(other_paths, o))).embed_inputs(batch_i)
+                x, vjp = jax.vjp(embed_o, other_list)  # the stage input again: a lookup, no matmul
+                dw, dh = backward(c, x, g, kept)
+                (do,) = vjp(dh)
+                return zero_x, zero_x, (add_chunk(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)], acc[2]), kept
 
             branches = [None] * 6
             for code, fn in ((0, idle), (FWD, fwd), (FWD_FIRST, fwd_first), (BWD, bwd), (BWD_LAST, bwd_last),
@@ -514,22 +586,27 @@ class Pipeline:
                     [varying(()) for _ in range(1 + len(metric_names))])
 
             def tick(carry, row):
-                acts, cots, acc = carry
+                acts, cots, bufs, acc = carry
                 code, c, i = row["code"][me], row["chunk"][me], row["microbatch"][me]
                 h = acts[jnp.maximum(row["in_slot"][me], 0)]
                 g = cots[jnp.maximum(row["cot_slot"][me], 0)]
-                send_act, send_cot, acc = jax.lax.switch(
-                    code, [lambda ops_, fn=fn: fn(*ops_) for fn in branches], (c, i, h, g, acc))
+                slot, kept = kept_slot(bufs, row)
+                send_act, send_cot, acc, kept = jax.lax.switch(
+                    code, [lambda ops_, fn=fn: fn(*ops_) for fn in branches], (c, i, h, g, acc, kept))
+                bufs = write_back(bufs, slot, kept)
                 got_act = send(send_act)
                 got_cot = pin(jax.lax.ppermute(pin(send_cot), "pipe", bwd_pairs))
                 acts = _receive(acts, row["recv_act"][me], got_act)
                 cots = _receive(cots, row["recv_cot"][me], got_cot)
-                return (acts, cots, acc), None
+                return (acts, cots, bufs, acc), None
 
             main = {k: v for k, v in tables.items() if k != "pre"}
             # (after a sweep that was the forward phase itself, the main table holds only the backward ticks)
-            acts0 = swept if moe is not None and self.schedule.forwards_first else buffer(k_act)
-            (_, _, (g_layers, g_other, sums)), _ = jax.lax.scan(tick, (acts0, buffer(k_cot), acc0), main)
+            if moe is not None and self.schedule.forwards_first:
+                acts0, bufs0 = swept, swept_bufs
+            else:
+                acts0, bufs0 = buffer(k_act), stash.buffers(self.schedule.stash_slots, varying) if stash else []
+            (_, _, _, (g_layers, g_other, sums)), _ = jax.lax.scan(tick, (acts0, buffer(k_cot), bufs0, acc0), main)
 
         def reduce(g, path, axes):  # a weight split over a manual axis (expert) is not summed over it
             axes = tuple(a for a in axes if a not in _axes_of(own[path]))
@@ -539,6 +616,60 @@ class Pipeline:
         g_other = [reduce(g, p, self.manual) for g, p in zip(g_other, other_paths)]
         sums = [jax.lax.psum(s, self.manual) for s in sums]
         return sums[0], dict(zip(metric_names, sums[1:])), g_layers, g_other, moe_out
+
+
+@dataclasses.dataclass
+class _Stash:
+    """How a forward tick keeps its stage's vjp for the backward tick: the residual leaves of the `jax.vjp`
+    closure (a pytree, the same structure for every chunk and microbatch) in slot buffers carried by the tick scan.
+
+    Only the leaves that depend on the stage input are kept. Those that do not (the weights themselves, the weights
+    cast to the compute dtype, masks, rotary tables) are made again from the live weights by the backward: the
+    closure's jaxpr cut down to them (`jax_internals.split_on_last_input`: pass-throughs, casts and iotas, no
+    matmul). Kept, they would be a copy of the stage's weights per microbatch in flight."""
+
+    treedef: Any
+    fixed: list[Any]
+    """The closure's leaves that are not arrays, None where a leaf is an array."""
+    kept: list[bool]
+    """Per array leaf: kept (it depends on the stage input), else made again by `backward`."""
+    shapes: list[Any]
+    """Avals of the kept leaves."""
+    again: Any
+    """The closure's jaxpr (consts first, then weights, chunk, stage input) cut down to the leaves not kept."""
+    consts: list[Any]
+
+    @classmethod
+    def probe(cls, fn: Callable, w: list[jax.Array], c: jax.Array, h: jax.Array) -> "_Stash":
+        """The closure of `fn(w, c, h) -> (out, aux)` differentiated in (w, h): traced, never run."""
+        found = {}
+
+        def leaves(w, c, h):
+            _, vjp_fn, _ = jax.vjp(lambda w, h: fn(w, c, h), w, h, has_aux=True)
+            flat, found["treedef"] = jax.tree.flatten(vjp_fn)
+            found["fixed"] = [None if isinstance(x, jax.Array) else x for x in flat]
+            return [x for x in flat if isinstance(x, jax.Array)]
+        closed = jax.make_jaxpr(leaves)(w, c, h)
+        kept, again = split_on_last_input(closed)
+        shapes = [v.aval for v, k in zip(closed.jaxpr.outvars, kept) if k]
+        return cls(found["treedef"], found["fixed"], kept, shapes, again, list(closed.consts))
+
+    def forward(self, fn: Callable, w: list[jax.Array], c: jax.Array, h: jax.Array, vary: tuple[str, ...]):
+        """(out, aux, the leaves to keep) of `fn(w, c, h)`."""
+        out, vjp_fn, aux = jax.vjp(lambda w, h: fn(w, c, h), w, h, has_aux=True)
+        arrays = [x for x in jax.tree.leaves(vjp_fn) if isinstance(x, jax.Array)]
+        return out, aux, [_vary_all(x, vary) for x, k in zip(arrays, self.kept) if k]
+
+    def backward(self, kept: list[jax.Array], w: list[jax.Array], c: jax.Array, h: jax.Array, ct) -> tuple[Any, Any]:
+        """(dw, dh): the closure rebuilt from the kept leaves, the others made again from the live weights `w`
+        (`h`: any array of the stage input's type, unused), applied to the cotangent `ct`."""
+        made = iter(eval_jaxpr(self.again, *self.consts, *jax.tree.leaves(w), c, h))
+        stored = iter(kept)
+        arrays = iter([next(stored) if k else next(made) for k in self.kept])
+        return jax.tree.unflatten(self.treedef, [next(arrays) if x is None else x for x in self.fixed])(ct)
+
+    def buffers(self, slots: int, zeros: Callable) -> list[jax.Array]:
+        return [zeros((slots,) + x.shape, x.dtype) for x in self.shapes]
 
 
 def _drop_axes(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ortools.sat.python import cp_model
 
+from planner.calibration import WORKING_SET
 from planner.cluster import ClusterSpec
 from planner.collectives import axis_collective_time, bytes_sent
 from planner.plan import AXES
@@ -38,10 +39,7 @@ def optimizer_copies(graph: Graph) -> float:
     """The optimizer state a graph's training step keeps per parameter, in copies of it."""
     return OPT_STATE_COPIES if graph.optimizer_copies is None else graph.optimizer_copies
 
-WORKING_SET = 1.3
-"""The backward of one layer holds the cotangent of each of its matmul outputs at once, plus the layout copies
-XLA makes of some: 1.3 x the layer's matmul output bytes, fitted on the compiled cases of
-tests/test_predictions.py (gpt-tiny variants, moe-tiny and an MLP on 8 CPU devices)."""
+
 FUSED = ELEMENTWISE | {"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "iota", "select_n"}
 EXPENSIVE = SAVES_OUTPUT | {"div", "pow", "cbrt", "atan2", "tan", "layer_boundary", "custom_jvp_call",
                             "optimization_barrier"}
@@ -148,7 +146,7 @@ class Problem:
                                                 for c, pos in v.consumers
                                                 if self.g.ops[c].primitive == "gather" and pos == 0})
         """Parameters looked up by a gather (embeddings): with another use, a tied one (`moves_weight`)."""
-        self.param_choices = {path: self._param_choices(path) for path in graph.param_values}
+        self.param_choices = {path: self.param_options(path) for path in graph.param_values}
         self._uses = shared(("uses",), lambda: {path: self._count_uses(path) for path in graph.param_values})
         self._kernel_regathers = shared(("kernel regathers",), lambda: {
             path: self._reversed_kernel_uses(path) for path in graph.param_values})
@@ -268,7 +266,8 @@ class Problem:
         s[v.batch_dim] //= self.batch_shards
         return tuple(s)
 
-    def _param_choices(self, path: str) -> list[ParamChoice]:
+    def param_options(self, path: str) -> list[ParamChoice]:
+        """The choices a parameter has on this mesh: its tensor split and ZeRO-3 (fsdp) dimension."""
         info = self.g.params[path]
         skip = {0} if self.g.layers > 1 and info.shape and info.shape[0] == self.g.layers and info.axes \
             and info.axes[0] == "layers" else set()
@@ -372,7 +371,7 @@ class Problem:
         return ops
 
     # -- costs ---------------------------------------------------------------------------------------------------
-    def _comm(self, kind: str, operand_bytes: float, axes: tuple[str, ...]) -> float:
+    def comm_seconds(self, kind: str, operand_bytes: float, axes: tuple[str, ...]) -> float:
         """Cost of one collective: seconds, or (objective="bytes") bytes sent. Each collective also pays a tiny
         fixed charge, so that between equal costs the plan with fewer collectives wins (as XLA's would)."""
         key = (kind, operand_bytes, tuple(axes))
@@ -484,7 +483,7 @@ class Problem:
         row's length is never gathered: the lookups move to its owners with an all-to-all each way instead.
         """
         info = self.g.params[path]
-        nbytes = info.size * itemsize(info.dtype) / (self.t if c.layout is not None else 1) / self._expert_split(path)
+        nbytes = info.size * itemsize(info.dtype) / (self.t if c.layout is not None else 1) / self.expert_split(path)
         # seq splits tokens in a dimension of its own: XLA reduces gradients over it in an all-reduce of its own
         seq = [("all-reduce", ("seq",), nbytes / (self.mesh["fsdp"] if c.fsdp_dim is not None else 1), 1)] \
             if self.mesh.get("seq", 1) > 1 else []
@@ -532,7 +531,8 @@ class Problem:
                     if vid in self._live and dtype_kind(self.values[vid].dtype) == "float"]
         return out
 
-    def _expert_split(self, path: str) -> int:
+    def expert_split(self, path: str) -> int:
+        """How many ways the parameter is split over `expert` (its expert axis), else 1."""
         return self.mesh.get("expert", 1) if path in self.expert_params else 1
 
     def param_cost(self, path: str, c: ParamChoice) -> tuple[float, dict[tuple, float]]:
@@ -541,15 +541,15 @@ class Problem:
         own: float = 0.0
         shared: dict[tuple, float] = {}
         for (kind, axes, b, n), copies in Counter(self.param_sync(path, c)).items():  # (a loop's blocks: alike)
-            fixed = self._comm(kind, 0.0, axes) if self.objective == "bytes" else self._comm(kind, 1.0, axes)
-            own += copies * n * (self._comm(kind, b, axes) - fixed)
+            fixed = self.comm_seconds(kind, 0.0, axes) if self.objective == "bytes" else self.comm_seconds(kind, 1.0, axes)
+            own += copies * n * (self.comm_seconds(kind, b, axes) - fixed)
             shared[(kind, axes, n)] = n * fixed
         return own, shared
 
     def param_memory(self, path: str, c: ParamChoice) -> float:
         info = self.g.params[path]
         shards = (self.t if c.layout is not None else 1) * (self.mesh["fsdp"] if c.fsdp_dim is not None else 1)
-        shards *= self._expert_split(path)
+        shards *= self.expert_split(path)
         return info.size * itemsize(info.dtype) / shards * (2 + optimizer_copies(self.g))
 
     def grad_memory(self, path: str, c: ParamChoice) -> float:
@@ -748,7 +748,7 @@ class Problem:
             for (kind, axes, nb, n), copies in Counter(self.param_sync(path, c)).items():
                 key = "gradient sync" if kind != "all-gather" else "fsdp gathers"
                 shared_paid[(kind, axes, n)] = (key, shared[(kind, axes, n)])
-                times[key] += copies * n * (self._comm(kind, nb, axes) - shared[(kind, axes, n)] / n)
+                times[key] += copies * n * (self.comm_seconds(kind, nb, axes) - shared[(kind, axes, n)] / n)
                 comm_bytes[f"{'+'.join(axes)}/{kind}"] += copies * n * bytes_sent(
                     kind, nb, math.prod(self.mesh[a] for a in axes))
         for key, seconds in shared_paid.values():
@@ -757,14 +757,14 @@ class Problem:
             nb = self.value_memory(vid, layout(vid))
             # their bandwidth only: XLA combines small all-reduces, so their latency is not charged one by one
             # (unmeasured; charged, three scalar means outweighed a whole CPU step and turned plans around)
-            latency = self._comm("all-reduce", 1.0, axes)
-            times["batch reductions"] += n * max(0.0, self._comm("all-reduce", nb, axes) - latency)
+            latency = self.comm_seconds("all-reduce", 1.0, axes)
+            times["batch reductions"] += n * max(0.0, self.comm_seconds("all-reduce", nb, axes) - latency)
             comm_bytes[f"{'+'.join(axes)}/all-reduce"] += n * bytes_sent(
                 "all-reduce", nb, math.prod(self.mesh[a] for a in axes))
         paid = set()
 
         def pay(kind, nb, count):
-            times["tensor comm"] += count * self._comm(kind, nb, ("tensor",))
+            times["tensor comm"] += count * self.comm_seconds(kind, nb, ("tensor",))
             comm_bytes[f"tensor/{kind}"] += count * bytes_sent(kind, nb, self.t)
 
         for vid, v in self.values.items():
@@ -1006,7 +1006,7 @@ class _Model:
             if lay is not None and want == lay:
                 self.arrives[(cidx, k)].append(lit)
             for key, kind, nb, n in pr.use_conversions(vid, lay, cidx, pos, strats[k]):
-                self.pay(key, n * pr._comm(kind, nb, ("tensor",)), lit)
+                self.pay(key, n * pr.comm_seconds(kind, nb, ("tensor",)), lit)
 
     def _propagation(self) -> None:
         """The partitioner propagates shardings forward: an op is split only the way some operand already is, so
@@ -1028,7 +1028,7 @@ class _Model:
             for (la, k), lit in self.link(a, list(b.items())).items():
                 lb = blays[k]
                 if la != lb:
-                    seconds = sum(n * pr._comm(kind, nb, ("tensor",))
+                    seconds = sum(n * pr.comm_seconds(kind, nb, ("tensor",))
                                   for kind, nb, n in pr.carry_conversions(la, lb, pr.values[cout]))
                     self.pay(("c", cout, la, lb), seconds, lit)
 
@@ -1126,12 +1126,12 @@ class LoopProblem(Problem):
         return [(kind, axes, b if lookup and kind == "all-to-all" else b / n, k) for kind, axes, b, k in out
                 for _ in range(n)]
 
-    def _param_choices(self, path: str) -> list[ParamChoice]:
+    def param_options(self, path: str) -> list[ParamChoice]:
         if path in self.g.blocks:
-            return super()._param_choices(path)
+            return super().param_options(path)
         graph, self.g = self.g, dataclasses.replace(self.g, layers=1)  # the rule reads only the layer count
         try:
-            return super()._param_choices(path)
+            return super().param_options(path)
         finally:
             self.g = graph
 

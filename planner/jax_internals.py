@@ -299,6 +299,20 @@ INLINE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "call"})
 (`custom_jvp_call`, `custom_vjp_call`) and no rematerialisation policy (`remat2`) to lose."""
 
 
+def split_on_last_input(closed: Any) -> tuple[list[bool], Body]:
+    """Which outputs of a closed jaxpr depend on its last input, and the jaxpr cut down to the outputs that do not
+    (dead code removed; its consts become its first inputs: run it as `eval_jaxpr(rest, *consts, *args)`). What a
+    pipeline stage keeps from its forward (the residuals that depend on the stage input) and what its backward makes
+    again from the weights (`autoshard.pipeline`)."""
+    from jax._src.interpreters.partial_eval import convert_constvars_jaxpr, dce_jaxpr
+
+    jaxpr = convert_constvars_jaxpr(closed.jaxpr)
+    n = len(jaxpr.outvars)
+    needs = [dce_jaxpr(jaxpr, [j == k for j in range(n)])[1][-1] for k in range(n)]
+    rest, _ = dce_jaxpr(jaxpr, [not k for k in needs], instantiate=True)
+    return needs, Body(rest, ())
+
+
 def eval_jaxpr_hooked(body: Body, args: list[Any], hook: Callable[[tuple[int, ...], Any, list[Any]], list[Any]],
                       path: tuple[int, ...] = ()) -> list[Any]:
     """Run an open jaxpr on `args` as `jax.core.eval_jaxpr` does, the bodies of `INLINE_CALLS` inlined, passing

@@ -15,6 +15,11 @@ next stage's backward and its own forward, each at an earlier tick). Buffer slot
 cotangents are assigned per device by interval colouring, so the executor holds exactly the live buffers the
 schedule needs (coloured when first asked for: the planner needs only how many, counted without colouring). The same
 table is the planner's cost: ticks, bubble fraction, peak live buffers, transfers.
+
+Under every remat but "full" (`stashes`) a forward keeps its stage's vjp residuals in a stash slot until its backward,
+which then runs the backward alone; an arriving stage input is then held only until its forward reads it (the last
+stage's, whose forward is folded into its backward, until that backward). Under "full" a backward recomputes its
+stage's forward from the stage input, held until then.
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ IDLE, FWD, FWD_FIRST, BWD, BWD_LAST, BWD_FIRST = range(6)
 the forward through the head and loss), but it still occupies its tick and orders the schedule."""
 
 F, B = "F", "B"
+
+
+def stashes(remat: str) -> bool:
+    """Whether a pipeline's forward ticks keep their stage's vjp residuals for the backward tick (no recompute there).
+
+    The one place that decides it, for the executor (`autoshard.pipeline`) and the planner (`planner.stages`): every
+    remat but "full", which asks for the least memory: a backward tick then recomputes its stage's forward from the
+    stage input, the only activation held per microbatch in flight (keeping the remat's residuals instead, the
+    layer inputs, would hold one per layer for one forward less). Measured on gpt-tiny pipe=2 x data=4 1F1B
+    (runs/benchmarks/pipeline_efficiency.md): no remat with the stash 1.00x the unpipelined step's FLOPs and 8.0 MiB
+    a device; "full" as here 1.38x, 3.4 MiB; "full" with the stash 1.22x, 3.5 MiB."""
+    return remat != "full"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +71,18 @@ class Schedule:
     """0 idle, 1 forward, 2 backward: the schedule's own view (the last stage's forward counts as a forward)."""
     op_ticks: np.ndarray
     """The tick of every op, [stage, forward / backward, microbatch]: what the buffer tables are coloured from."""
+    stash: bool = False
+    """Forwards keep their vjp residuals for their backward (`stashes`): stage inputs are held only to the forward."""
+    stash_slots: int = 0
+    """Residual slots per device: the most microbatches whose forward (of a stage other than the last, unless
+    `stash_last`) has run on a device and their backward not yet (0 without stash)."""
+    stash_last: bool = False
+    """The last stage's forward keeps its residuals too: where a MoE statistics sweep runs it (GPipe's)."""
 
     @functools.cached_property
-    def _slot_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(in_slot, cot_slot, recv_act, recv_cot), coloured when first asked for (the executor needs them, the
-        planner only the slot counts)."""
+    def _slot_tables(self) -> tuple[np.ndarray, ...]:
+        """(in_slot, cot_slot, recv_act, recv_cot, stash_slot), coloured when first asked for (the executor needs
+        them, the planner only the slot counts)."""
         return _slot_tables(self)
 
     @property
@@ -80,6 +104,11 @@ class Schedule:
     def recv_cot(self) -> np.ndarray:
         """Cotangent slot the value arriving at the end of this tick is written to (-1: nothing arrives)."""
         return self._slot_tables[3]
+
+    @property
+    def stash_slot(self) -> np.ndarray:
+        """The residual slot a forward writes (at the end of its tick) and its backward reads (-1: none)."""
+        return self._slot_tables[4]
 
     @property
     def ticks(self) -> int:
@@ -191,16 +220,19 @@ def check(kind: str, devices: int, microbatches: int, virtual: int = 1, layers: 
 
 
 @functools.lru_cache(maxsize=256)
-def make_schedule(kind: str, devices: int, microbatches: int, virtual: int = 1) -> Schedule:
-    """The tick table of `kind` for P=`devices`, M=`microbatches`, V=`virtual` (cached: tables are immutable)."""
+def make_schedule(kind: str, devices: int, microbatches: int, virtual: int = 1, stash: bool = False,
+                  stash_last: bool = False) -> Schedule:
+    """The tick table of `kind` for P=`devices`, M=`microbatches`, V=`virtual` (cached: tables are immutable);
+    `stash`: forwards keep their residuals for their backward (`stashes`), which changes the buffers only;
+    `stash_last`: the last stage's forward too (run by a statistics sweep, not by this table)."""
     check(kind, devices, microbatches, virtual)
     P, M, V = devices, microbatches, virtual
     ticks = _place(kind, P, M, V)
     T = int(ticks.max()) + 1
     code, chunk, mb, phase = _op_tables(ticks, T, P)
-    acts, cots = _buffer_intervals(ticks, P)
+    acts, cots, kept = _buffer_intervals(ticks, P, stash, stash_last)
     return Schedule(kind, P, V, M, code, chunk, mb, max(_most_live(*acts[:3]), 1), max(_most_live(*cots[:3]), 1),
-                    phase, ticks)
+                    phase, ticks, stash, max(_most_live(*kept[:3]), 1) if stash else 0, stash and stash_last)
 
 
 def _place(kind: str, P: int, M: int, V: int) -> np.ndarray:
@@ -242,15 +274,22 @@ def _op_tables(ticks: np.ndarray, T: int, P: int) -> tuple[np.ndarray, np.ndarra
     return code, chunk, mb, phase
 
 
-def _buffer_intervals(ticks: np.ndarray, P: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """The buffers, as (start, end, device, stage, microbatch) arrays for activations and for cotangents: a device
-    holds stage s's input for microbatch i from its arrival (end of the previous stage's forward tick) to its
-    backward; a cotangent from the next stage's backward tick to its own backward."""
+def _buffer_intervals(ticks: np.ndarray, P: int, stash: bool = False, stash_last: bool = False
+                      ) -> tuple[tuple[np.ndarray, ...], ...]:
+    """The buffers, as (start, end, device, stage, microbatch) arrays for activations, cotangents and residuals: a
+    device holds stage s's input for microbatch i from its arrival (end of the previous stage's forward tick) to its
+    backward, or with `stash` to its forward (the last stage's to its backward, which recomputes the forward); a
+    cotangent from the next stage's backward tick to its own backward; with `stash`, the residuals of a forward of
+    a stage other than the last (with `stash_last`, of every stage) from its tick to its backward (none without);
+    the last stage's input slot then holds its output from its forward to its backward."""
     S, _, M = ticks.shape
     s, i = np.meshgrid(np.arange(S), np.arange(M), indexing="ij")
-    acts = (ticks[:-1, 0], ticks[1:, 1], s[1:] % P, s[1:], i[1:])
+    reader = np.concatenate([ticks[1:-1, 0], ticks[-1:, 1]]) if stash else ticks[1:, 1]
+    acts = (ticks[:-1, 0], reader, s[1:] % P, s[1:], i[1:])
     cots = (ticks[1:, 1], ticks[:-1, 1], s[:-1] % P, s[:-1], i[:-1])
-    return tuple(a.ravel() for a in acts), tuple(a.ravel() for a in cots)
+    n = S if stash_last else S - 1
+    kept = (ticks[:n, 0], ticks[:n, 1], s[:n] % P, s[:n], i[:n]) if stash else (np.zeros((0, M), int),) * 5
+    return tuple(tuple(a.ravel() for a in b) for b in (acts, cots, kept))
 
 
 def _most_live(start: np.ndarray, end: np.ndarray, device: np.ndarray) -> int:
@@ -265,20 +304,26 @@ def _most_live(start: np.ndarray, end: np.ndarray, device: np.ndarray) -> int:
     return int((np.searchsorted(a, a, "right") - np.searchsorted(e, a, "right")).max())
 
 
-def _slot_tables(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(in_slot, cot_slot, recv_act, recv_cot) of a schedule: each device's buffers coloured (`_colour`); the
-    tables index the receiver's column (the sender's tick is when the value is written on the receiver)."""
+def _slot_tables(sched: Schedule) -> tuple[np.ndarray, ...]:
+    """(in_slot, cot_slot, recv_act, recv_cot, stash_slot) of a schedule: each device's buffers coloured
+    (`_colour`); the receive tables index the receiver's column (the sender's tick is when the value is written on
+    the receiver); a residual slot is written by its forward's tick and read by its backward's (one table)."""
     T, P = sched.code.shape
-    in_slot, cot_slot, recv_act, recv_cot = (np.full((T, P), -1, np.int32) for _ in range(4))
-    acts, cots = _buffer_intervals(sched.op_ticks, P)
+    S = P * sched.virtual
+    in_slot, cot_slot, recv_act, recv_cot, stash_slot = (np.full((T, P), -1, np.int32) for _ in range(5))
+    acts, cots, kept = _buffer_intervals(sched.op_ticks, P, sched.stash, sched.stash_last)
     fwd, bwd = sched.op_ticks[:, 0], sched.op_ticks[:, 1]
+    act_readers = (lambda s, i: (fwd[s, i],) if s < S - 1 else (fwd[s, i], bwd[s, i])) if sched.stash \
+        else (lambda s, i: (fwd[s, i], bwd[s, i]))
     for (start, end, dev, s, i), read, recv, readers, count in (
-            (acts, in_slot, recv_act, lambda s, i: (fwd[s, i], bwd[s, i]), sched.act_slots),
-            (cots, cot_slot, recv_cot, lambda s, i: (bwd[s, i],), sched.cot_slots)):
+            (acts, in_slot, recv_act, act_readers, sched.act_slots),
+            (cots, cot_slot, recv_cot, lambda s, i: (bwd[s, i],), sched.cot_slots),
+            (kept, stash_slot, stash_slot, lambda s, i: (bwd[s, i],), sched.stash_slots)):
         most = max((_colour(sorted(zip(start[dev == p].tolist(), end[dev == p].tolist(), (s[dev == p] // P).tolist(),
                                        i[dev == p].tolist())), read, recv, readers, p, P) for p in range(P)), default=0)
-        assert max(most, 1) == count, (sched.kind, P, sched.microbatches, sched.virtual, most, count)  # `_most_live`
-    return in_slot, cot_slot, recv_act, recv_cot
+        assert (max(most, 1) if len(start) else 0) == count, (sched.kind, P, sched.microbatches, sched.virtual, most,
+                                                              count)  # `_most_live`
+    return in_slot, cot_slot, recv_act, recv_cot, stash_slot
 
 
 def _colour(intervals: list[tuple[int, int, int, int]], read_table: np.ndarray, recv_table: np.ndarray,

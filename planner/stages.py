@@ -10,8 +10,13 @@ and each in-stage collective's fixed terms per microbatch, the rest 1/M of the p
 As the executor (`autoshard.pipeline`) runs a stage:
 
 - a forward tick costs the stage's forward (1/passes of its training work); the last stage's is empty;
-- a backward tick recomputes the forward and runs the backward: the full training work (passes x forward), plus
-  one more forward of its layers with remat "full";
+- a backward tick runs the backward alone from the residuals its forward kept (`planner.schedule.stashes`: every
+  remat but "full"); under "full" it recomputes the forward from the stage input and runs the backward, the full
+  training work (passes x forward) plus one more forward of its layers. The last stage's backward always runs its
+  forward too (its forward tick is empty), and the first stage's embeds its microbatch again (a lookup);
+- memory: the schedule's stage-input and cotangent buffers, and with the stash each in-flight microbatch's
+  residuals of the longest stage (`stash_bytes`: the intra-op program's per-layer residual bytes, the rule it
+  prices the unpipelined backward with), plus one microbatch's backward working set (`_working_set`);
 - each tick ends with two point-to-point sends of one microbatch's stage input (activation forward, cotangent
   backward) over the link between neighbouring pipe devices (pipe is the outermost mesh axis), on every tick, each
   paying the link's latency (`transfer_seconds`);
@@ -37,23 +42,16 @@ from typing import Any
 import numpy as np
 
 from planner.cluster import ClusterSpec
+from planner.calibration import GRAD_COPIES, STASH_SHARE, WORKING_SET_SHARE
 from planner.errors import PlanError
 from planner.collectives import axis_collective_time, axis_span, bytes_sent, collective_time
 from planner.ilp import ParamChoice, Problem, Solution, exceeds, optimizer_copies
-from planner.layouts import PARTIAL, local_nbytes
+from planner.layouts import local_nbytes
 from planner.plan import PipelineSpec
-from planner.schedule import IDLE, Schedule, check, make_schedule, warmup
+from planner.schedule import IDLE, Schedule, check, make_schedule, stashes, warmup
 from planner.trace import BOUNDARY, CONTRACTIONS, Graph, itemsize
 
 REGIONS = ("embed", "layer", "head")
-GRAD_COPIES = 5.0
-"""Full-size (unsharded over fsdp) copies of the stage's weights the compiled pipelined step keeps besides weights
-and optimizer state at rest: the gradient accumulator of the tick loop, the reduced gradient and the optimizer
-update's temporaries. Fitted, with WORKING_SET_SHARE, on gpt-tiny pipelines on 8 CPU devices (pipe 2 and 4, with
-and without fsdp, GPipe / 1F1B / interleaved: within 5% of the compiled memory)."""
-WORKING_SET_SHARE = 0.35
-"""Share of the backward residuals (as the intra-op program's rule counts them) that XLA keeps live in a stage's
-recomputing backward (fitted as above; the rule over-counts what XLA keeps, see docs/cost-model.md)."""
 MAX_VIRTUAL = 4
 """Largest number of virtual stages per device the search tries (each one more shortens the bubble less)."""
 
@@ -151,7 +149,7 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
         if is_layer_param(g, path):
             layer_bytes += nb / L
             layer_f += nb / L if f_ok else 0.0
-            layer_e += nb / L if problem._expert_split(path) > 1 else 0.0
+            layer_e += nb / L if problem.expert_split(path) > 1 else 0.0
         else:
             other_bytes += nb
             other_f += nb if f_ok else 0.0
@@ -178,7 +176,7 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
 def param_bytes(problem: Problem, path: str, c: ParamChoice) -> float:
     """Bytes of a parameter per pipe device under choice `c`: split over tensor (and expert), whole over fsdp."""
     info = problem.g.params[path]
-    return info.size * itemsize(info.dtype) / (problem.t if c.layout is not None else 1) / problem._expert_split(path)
+    return info.size * itemsize(info.dtype) / (problem.t if c.layout is not None else 1) / problem.expert_split(path)
 
 
 def with_extras(costs: MeshCosts, extras: Any, layers: int, moe: bool) -> MeshCosts:
@@ -206,7 +204,7 @@ def _fsdp_choice(problem: Problem, path: str, c: ParamChoice) -> ParamChoice | N
         return None
     if c.fsdp_dim is not None:
         return c
-    return next((o for o in problem._param_choices(path) if o.layout == c.layout and o.fsdp_dim is not None), None)
+    return next((o for o in problem.param_options(path) if o.layout == c.layout and o.fsdp_dim is not None), None)
 
 
 def pipeline_params(problem: Problem, sol: Solution) -> dict[str, ParamChoice]:
@@ -215,46 +213,35 @@ def pipeline_params(problem: Problem, sol: Solution) -> dict[str, ParamChoice]:
 
 
 def _tensor_comm(problem: Problem, sol: Solution, region: dict[int, str]):
-    """(seconds, seconds paid per call, bytes) of the tensor-axis conversions by region of the consuming op, paid by
-    the rules `Problem.evaluate` applies (a forward conversion once per value, again under remat where the recompute
-    needs it and for a weight gradient's re-gather; a backward one per use and operand gradient). A microbatch
-    converts 1/M of a batched value but pays each collective's fixed terms whole: `_fixed_part`."""
+    """(seconds, seconds paid per call, bytes) of the tensor-axis conversions by region of the consuming op: the
+    conversions `Problem.use_conversions` states (what the integer program and `evaluate` pay), each key once. A
+    microbatch converts 1/M of a batched value but pays each collective's fixed terms whole: `_fixed_part`."""
     times: dict[str, float] = defaultdict(float)
     fixed: dict[str, float] = defaultdict(float)
     nbytes: dict[str, dict[str, float]] = {r: defaultdict(float) for r in REGIONS}
     if problem.t == 1:
         return times, fixed, nbytes
     paid = set()
-    g = problem.g
-
-    def pay(key, kind, nb, count, r, batched):
-        if kind and key not in paid:
-            paid.add(key)
-            times[r] += count * problem._comm(kind, nb, ("tensor",))
-            fixed[r] += count * (_fixed_part(problem, kind, nb) if batched else problem._comm(kind, nb, ("tensor",)))
-            nbytes[r][f"tensor/{kind}"] += count * bytes_sent(kind, nb, problem.t)
-
-    for vid, v in g.values.items():
+    for vid, v in problem.g.values.items():
         lay = problem.layout_of(vid, sol.ops, sol.params)
         batched = v.batch_dim is not None
         for cidx, pos in v.consumers:
-            s, count, r = sol.ops[cidx], g.ops[cidx].count, region[cidx]
-            kind, nb = problem._conv(lay, s.ins[pos], v)
-            fc = problem._forward_count(vid, cidx)
-            pay(("f", vid, lay, s.ins[pos], fc), kind, nb, fc, r, batched)
-            if problem._regathers(vid, cidx, kind):
-                pay(("g", vid, lay, s.ins[pos], count), kind, nb, count, r, batched)
-            if vid in problem.needs_grad:
-                kind, nb = problem._conv(s.cots[pos], None if lay == PARTIAL else lay, v)
-                pay(("b", vid, lay, s.cots[pos], count, cidx, pos), kind, nb, count * problem._cotangent_uses(vid),
-                    r, batched)
+            r = region[cidx]
+            for key, kind, nb, count in problem.use_conversions(vid, lay, cidx, pos, sol.ops[cidx]):
+                if key in paid:
+                    continue
+                paid.add(key)
+                seconds = problem.comm_seconds(kind, nb, ("tensor",))
+                times[r] += count * seconds
+                fixed[r] += count * (_fixed_part(problem, kind, nb) if batched else seconds)
+                nbytes[r][f"tensor/{kind}"] += count * bytes_sent(kind, nb, problem.t)
     return times, fixed, nbytes
 
 
 def _fixed_part(problem: Problem, kind: str, nb: float) -> float:
     """The seconds of one tensor collective that do not shrink with its bytes (its latency and overhead terms): the
     alpha-beta time is affine in the bytes, so this is its intercept, 2 c(nb) - c(2 nb)."""
-    return max(2 * problem._comm(kind, nb, ("tensor",)) - problem._comm(kind, 2 * nb, ("tensor",)), 0.0)
+    return max(2 * problem.comm_seconds(kind, nb, ("tensor",)) - problem.comm_seconds(kind, 2 * nb, ("tensor",)), 0.0)
 
 
 def _op_terms(problem: Problem, sol: Solution, region: dict[int, str]) -> dict[str, np.ndarray]:
@@ -315,16 +302,18 @@ def _roofline(terms: np.ndarray, microbatches: int) -> float:
 
 def stage_ticks(costs: MeshCosts, counts: list[int], microbatches: int, remat: str = "none"
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seconds of one microbatch's forward tick and backward tick on each stage (stage order)."""
+    """Seconds of one microbatch's forward tick and backward tick on each stage (stage order): the backward alone
+    where the forward kept its residuals (`stashes`), else the forward again, plus the remat's recompute."""
     S = len(counts)
     w = microbatch_seconds(costs, microbatches)
     n = np.asarray(counts, float)
     fwd = n * w["layer"] / costs.passes
-    bwd = n * w["layer"] + (fwd if remat == "full" else 0.0)
+    again = fwd if remat == "full" else np.zeros(S)  # the remat's recompute
+    bwd = n * w["layer"] + again - (fwd if stashes(remat) else 0.0)
+    bwd[S - 1] = n[S - 1] * w["layer"] + again[S - 1] + w["head"]  # its forward runs in its backward tick
     fwd[0] += w["embed"] / costs.passes
     bwd[0] += w["embed"]
-    bwd[S - 1] += w["head"]
-    fwd[S - 1] = 0.0  # the last stage's forward is recomputed by its backward
+    fwd[S - 1] = 0.0
     return fwd, bwd
 
 
@@ -365,37 +354,61 @@ def unsolved_weights_floor(problem: Problem, mesh: dict[str, int]) -> float:
 
 def stage_memory(costs: MeshCosts, counts: list[int], sched: Schedule, remat: str = "none") -> list[float]:
     """Bytes per pipe device: its weights, gradients and optimizer state (stages padded to the longest), the
-    replicated non-layer weights, the schedule's buffers and one microbatch's backward working set."""
+    replicated non-layer weights, the schedule's buffers (with the stash, every device's: one program) and one
+    microbatch's backward working set."""
     P, V, M = sched.devices, sched.virtual, sched.microbatches
+    assert sched.stash == stashes(remat), (sched.stash, remat)
     weights = weights_memory(costs, V * max(counts))
-    buffers = (sched.act_slots + sched.cot_slots) * costs.carry_bytes / M
+    buffers = buffer_bytes(costs, max(counts), sched)
     out = []
     for p in range(P):
         stages = [v * P + p for v in range(V)]
         out.append(weights + buffers + _working_set(costs, max(counts[s] for s in stages), 0 in stages,
-                                                    P * V - 1 in stages, M, remat))
+                                                    P * V - 1 in stages, M, remat, max(counts)))
     return out
 
 
-def _working_set(costs: MeshCosts, longest: int, first: bool, last: bool, microbatches: int, remat: str) -> float:
+def stash_bytes(costs: MeshCosts, lmax: int, microbatches: int) -> float:
+    """One residual slot of a stashing pipeline: a microbatch's residuals of a stage padded to `lmax` layers."""
+    return STASH_SHARE * lmax * costs.residuals.get("layer", 0.0) / microbatches
+
+
+def buffer_bytes(costs: MeshCosts, lmax: int, sched: Schedule) -> float:
+    """The schedule's buffers on every device: stage inputs and cotangents, and the residual slots."""
+    M = sched.microbatches
+    return (sched.act_slots + sched.cot_slots) * costs.carry_bytes / M + sched.stash_slots * stash_bytes(costs, lmax, M)
+
+
+def _working_set(costs: MeshCosts, longest: int, first: bool, last: bool, microbatches: int, remat: str,
+                 lmax: int | None = None) -> float:
     """One microbatch's backward working set on a pipe device whose longest stage has `longest` layers (`first` /
-    `last`: it holds the embedding / the head)."""
+    `last`: it holds the embedding / the head; `lmax`: the longest stage of all). With the stash a backward tick
+    reads one residual slot (a copy, in every tick of the one program: `lmax` layers) and makes none but the last
+    stage's, whose backward runs its forward: as without the stash."""
     layer_ws = longest * costs.residuals.get("layer", 0.0)
     if remat == "full":
         layer_ws = costs.residuals.get("layer", 0.0) + longest * costs.carry_bytes \
             / WORKING_SET_SHARE  # the layer inputs a remat stage keeps are all live
     ends = (costs.residuals.get("embed", 0.0) if first else 0.0) + (costs.residuals.get("head", 0.0) if last else 0.0)
+    if stashes(remat):
+        return stash_bytes(costs, longest if lmax is None else lmax, microbatches) \
+            + WORKING_SET_SHARE * (ends + (layer_ws if last else 0.0)) / microbatches
     return WORKING_SET_SHARE * (layer_ws + ends) / microbatches
 
 
 def layout_memory_floor(costs: MeshCosts, kind: str, virtual: int, microbatches: int, remat: str = "none") -> float:
     """A lower bound on the largest `stage_memory` of every stage split of this layout, without its schedule table:
     the device holding the longest stage (at least ceil(L / S) layers) keeps those weights and working set, and
-    every device the schedule's buffers, at least `held_inputs` activation slots and one cotangent slot."""
-    longest = math.ceil(costs.layers / (costs.mesh["pipe"] * virtual))
-    slots = max(held_inputs(kind, costs.mesh["pipe"], microbatches, virtual), 1) + 1
-    return (weights_memory(costs, virtual * longest) + slots * costs.carry_bytes / microbatches
-            + _working_set(costs, longest, False, False, microbatches, remat))
+    every device the schedule's buffers: one cotangent slot and at least `held_inputs` activation slots, or with
+    the stash one activation slot and at least `held_residuals` residual slots of that longest stage."""
+    P, M = costs.mesh["pipe"], microbatches
+    longest = math.ceil(costs.layers / (P * virtual))
+    if stashes(remat):
+        buffers = 2 * costs.carry_bytes / M \
+            + max(held_residuals(kind, P, M, virtual), 1) * stash_bytes(costs, longest, M)
+    else:
+        buffers = (max(held_inputs(kind, P, M, virtual), 1) + 1) * costs.carry_bytes / M
+    return weights_memory(costs, virtual * longest) + buffers + _working_set(costs, longest, False, False, M, remat)
 
 
 @functools.lru_cache(maxsize=512)
@@ -412,6 +425,20 @@ def held_inputs(kind: str, devices: int, microbatches: int, virtual: int = 1) ->
         warm = warmup(kind, P, M, V, p)
         n = warm + 1 if warm < M * V else warm
         most = max(most, n if p else sum(1 for k in range(n) if (k // P) % V))
+    return most
+
+
+@functools.lru_cache(maxsize=512)
+def held_residuals(kind: str, devices: int, microbatches: int, virtual: int = 1) -> int:
+    """A lower bound on a stashing schedule's residual slots, as `held_inputs` argues: at a device's first
+    backward the residuals of every forward it ran before, of a stage other than the last (whose forward runs in
+    its backward), are all held."""
+    P, M, V = devices, microbatches, virtual
+    most = 0
+    for p in range(P):
+        warm = warmup(kind, P, M, V, p)
+        n = warm + 1 if warm < M * V else warm
+        most = max(most, sum(1 for k in range(n) if (k // P) % V * P + p != P * V - 1))
     return most
 
 
@@ -485,8 +512,11 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
     section)."""
     P, M, V = costs.mesh["pipe"], spec.microbatches, spec.virtual
     counts = [e - s for s, e in spec.stages]
-    sched = make_schedule(spec.schedule, P, M, V)
+    sched = make_schedule(spec.schedule, P, M, V, stashes(remat))
     fwd, bwd = stage_ticks(costs, counts, M, remat)
+    last_fwd = counts[-1] * microbatch_seconds(costs, M)["layer"] / costs.passes
+    if costs.sweep and sched.forwards_first and stashes(remat):
+        bwd[-1] -= last_fwd  # GPipe's statistics sweep runs the last stage's forward and keeps its residuals
     transfer = transfer_seconds(costs, M, cluster)
     loop = lockstep_seconds(sched, fwd, bwd, transfer)
     sync_s, sync_b = once_per_step(costs, counts, V, cluster)
@@ -496,19 +526,20 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
                  "pipe transfers": sched.ticks * transfer, **sync_s}
     comm = dict(sync_b)
     comm["pipe/collective-permute"] = 2.0 * sched.ticks * costs.carry_wire_bytes / M
-    # the ILP's bytes are a forward and a backward: about half are the forward's, which the backward tick repeats
-    again = 1.5 + (0.5 if remat == "full" else 0.0)
+    # the ILP's bytes are a forward and a backward: about half are the forward's, which a backward tick without
+    # the stash repeats (and once more under remat "full")
+    again = 1.0 if stashes(remat) else 2.0
     lmax = max(counts)
     for r, share in (("layer", V * lmax), ("embed", 1.0), ("head", 1.0)):
         for k, b in costs.tensor_bytes.get(r, {}).items():
             comm[k] = comm.get(k, 0.0) + b * share * again
     if costs.sweep:  # the forward-only statistics sweep: every stage's forward (the last one's too), in lockstep
         fwd_all = fwd.copy()
-        fwd_all[-1] = counts[-1] * microbatch_seconds(costs, M)["layer"] / costs.passes
+        fwd_all[-1] = last_fwd
         sweep = sweep_seconds(sched, fwd_all, transfer / 2)
-        # (the last stage's forward, folded into its backward otherwise, is the sweep's alone: every device's)
+        # (one more forward of every stage's layers, but under GPipe: its sweep is the forward phase)
         for k, b in costs.tensor_bytes.get("layer", {}).items():
-            comm[k] = comm.get(k, 0.0) + b * V * lmax * 0.5
+            comm[k] = comm.get(k, 0.0) + b * V * lmax * (0.0 if sched.forwards_first else 0.5)
         if sched.forwards_first:  # GPipe: the sweep IS the forward phase, then the table's backward ticks alone
             loop = sweep + lockstep_seconds(sched, fwd, bwd, transfer, start=sched.forward_ticks)
             sends = sweep_ticks(sched) + 2 * (sched.ticks - sched.forward_ticks)
@@ -529,20 +560,23 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
                 "ticks": sched.ticks, "bubble": breakdown["pipeline bubble"] / max(step, 1e-30),
                 "table_idle": sched.bubble, "act_slots": sched.act_slots,
                 "cot_slots": sched.cot_slots, "peak_live_buffers": sched.act_slots + sched.cot_slots,
+                "stash": sched.stash, "stash_slots": sched.stash_slots,
+                "stash_bytes_per_slot": stash_bytes(costs, lmax, M) if sched.stash else 0.0,
                 "stage_forward_seconds": [float(x) for x in fwd], "stage_backward_seconds": [float(x) for x in bwd],
                 "transfer_seconds_per_tick": transfer}
     predicted = {"step_seconds": step, "memory_bytes_per_device": max(memory),
                  "memory_per_stage_device": memory,
                  "comm_bytes": {k: v for k, v in sorted(comm.items()) if v > 0}, "time_breakdown": breakdown,
-                 "memory_breakdown": _memory_breakdown(costs, counts, sched, memory), "pipeline": pipeline}
+                 "memory_breakdown": _memory_breakdown(costs, counts, sched, memory, remat), "pipeline": pipeline}
     return PipelineChoice(spec, step, memory, predicted)
 
 
-def _memory_breakdown(costs: MeshCosts, counts: list[int], sched: Schedule, memory: list[float]) -> dict[str, float]:
-    """The worst device's memory by component."""
+def _memory_breakdown(costs: MeshCosts, counts: list[int], sched: Schedule, memory: list[float], remat: str
+                      ) -> dict[str, float]:
+    """The worst device's memory by component (the stashed residuals with the pipeline buffers)."""
     worst = int(np.argmax(memory))
-    buffers = (sched.act_slots + sched.cot_slots) * costs.carry_bytes / sched.microbatches
-    no_acts = stage_memory(dataclasses.replace(costs, residuals={}, carry_bytes=0.0), counts, sched, "none")[worst]
+    buffers = buffer_bytes(costs, max(counts), sched)
+    no_acts = stage_memory(dataclasses.replace(costs, residuals={}, carry_bytes=0.0), counts, sched, remat)[worst]
     return {"parameters and optimizer state": no_acts, "pipeline buffers": buffers,
             "activations": memory[worst] - no_acts - buffers}
 
@@ -556,7 +590,8 @@ def split(costs: MeshCosts, stages: int, microbatches: int, remat: str, cap: int
     if stages > L or cap * stages < L:
         return None
     w = microbatch_seconds(costs, microbatches)
-    per = w["layer"] * (1 + 1 / costs.passes + (1 / costs.passes if remat == "full" else 0.0))
+    per = w["layer"] * (1 + (1 / costs.passes if remat == "full" else 0.0)  # `stage_ticks`' forward + backward
+                        + (0.0 if stashes(remat) else 1 / costs.passes))
     extra = [0.0] * stages
     extra[0] += w["embed"] * (1 + 1 / costs.passes)
     extra[-1] += w["head"]
@@ -894,8 +929,8 @@ def least_memory(costs: MeshCosts, local_batch: int, *, schedule: str | None = N
         if not remats:
             continue
         counts = _even(costs.layers, costs.mesh["pipe"] * V)
-        sched = make_schedule(kind, costs.mesh["pipe"], M, V)
         for remat in remats:
+            sched = make_schedule(kind, costs.mesh["pipe"], M, V, stashes(remat))
             best = min(best, max(stage_memory(costs, counts, sched, remat)))
     return best
 
@@ -928,7 +963,7 @@ def _fit(costs: MeshCosts, cluster: ClusterSpec, budget: float, kind: str, M: in
     """The balanced split for one schedule, its longest stage shortened until the memory fits, then refined on
     the lockstep time (kept only if it still fits)."""
     P = costs.mesh["pipe"]
-    sched = make_schedule(kind, P, M, V)
+    sched = make_schedule(kind, P, M, V, stashes(remat))
     cap = None
     while True:
         counts = split(costs, P * V, M, remat, cap)

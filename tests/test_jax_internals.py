@@ -169,6 +169,23 @@ def test_eval_jaxpr_runs_a_scan_body_on_its_own():
     np.testing.assert_allclose(out, jnp.tanh(x @ w[0]), rtol=1e-6)
 
 
+def test_split_on_last_input_keeps_what_depends_on_it_and_remakes_the_rest():
+    """The residuals a pipeline stage keeps (those of its input) and those its backward makes again (of weights)."""
+    def leaves(w, h):
+        _, vjp_fn = jax.vjp(lambda w, h: jnp.sin(h @ w.astype(jnp.bfloat16).astype(jnp.float32)), w, h)
+        return [x for x in jax.tree.leaves(vjp_fn) if isinstance(x, jax.Array)]
+
+    w, h = jnp.arange(6.0).reshape(2, 3) / 7, jnp.ones((4, 2))
+    closed = jax.make_jaxpr(leaves)(w, h)
+    needs, rest = jint.split_on_last_input(closed)
+    assert True in needs and False in needs  # cos(h @ w) and h itself; the weights and their casts
+    made = jint.eval_jaxpr(rest, *closed.consts, w, h)
+    want = [x for x, k in zip(leaves(w, h), needs) if not k]
+    assert len(made) == len(want) and all(np.array_equal(a, b) for a, b in zip(made, want))
+    shape_free = jint.eval_jaxpr(rest, *closed.consts, w, jnp.zeros_like(h))  # h is not read
+    assert all(np.array_equal(a, b) for a, b in zip(shape_free, want))
+
+
 def test_layer_bodies_of_a_model_run():
     batch = {"inputs": np.zeros((2, 16), np.int32), "targets": np.zeros((2, 16), np.int32)}
     ((_, fn, args, flops, meta),) = layer_bodies(models.abstract("gpt-tiny"), [batch])

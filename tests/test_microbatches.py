@@ -141,3 +141,12 @@ def test_slot_counts_are_the_colourings():
             S = P * V  # every stage input but the first stage's arrives once and is read by a forward and a backward
             assert (sched.recv_act >= 0).sum() == (S - 1) * M and (sched.in_slot >= 0).sum() == 2 * (S - 1) * M
             assert (sched.recv_cot >= 0).sum() == (S - 1) * M == (sched.cot_slot >= 0).sum()
+            # with the stash a stage input is read by its forward only (the last stage's by its backward too), and
+            # each forward but the last stage's writes a residual slot that its backward reads
+            kept = make_schedule.__wrapped__(kind, P, M, V, True)
+            assert kept.in_slot.max() == kept.act_slots - 1 and kept.stash_slot.max() == kept.stash_slots - 1
+            assert (kept.in_slot >= 0).sum() == S * M and (kept.stash_slot >= 0).sum() == 2 * (S - 1) * M
+            assert kept.act_slots <= sched.act_slots and stages.held_residuals(kind, P, M, V) <= kept.stash_slots
+            if kind == "gpipe":  # a MoE statistics sweep keeps the last stage's residuals too: as many slots
+                last = make_schedule.__wrapped__(kind, P, M, V, True, True)
+                assert (last.stash_slot >= 0).sum() == 2 * S * M and last.stash_slots == kept.stash_slots == M

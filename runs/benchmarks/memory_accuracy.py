@@ -1,6 +1,6 @@
 """Memory and communication predictions against XLA on cases held out of the cost model's fit.
 
-The backward working-set factor (`planner.ilp.WORKING_SET`) was fitted on the cases of tests/test_predictions.py
+The backward working-set factor (`planner.calibration.WORKING_SET`) was fitted on the cases of tests/test_predictions.py
 (batch 16 x 64). These cases differ from them: sequence 128, wider and deeper models, GQA, full remat, an MoE under
 pure data parallelism, pipelines (gpt-tiny variants at pipe 2 and 4), bfloat16 models (XLA:CPU moves their activations
 as float32: `ClusterSpec.collective_dtypes`). Each plan is a rule plan (`autoshard.api.rule_plan`) with the remat given, predicted by

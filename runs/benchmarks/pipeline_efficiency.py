@@ -119,9 +119,19 @@ def main() -> None:
              f"Machine: {meta['machine']}, 8 emulated devices; jax {meta['jax']}; git {commit}; {meta['date']}; "
              f"whole run {total:.0f} s. Batch {BATCH} x {SEQ}, {MICRO} microbatches.", "",
              "Work ratio: compiled matmul FLOPs summed over the 8 devices / the single-device step's (1.00: no "
-             "wasted work). Each backward tick recomputes its stage's forward from the buffered input (the last "
-             "stage's forward is folded into its backward), so non-remat pipelines do more than one device does; "
-             "MoE 1F1B adds the forward-only statistics sweep (GPipe has none: its forward phase is the sweep).", ""]
+             "wasted work). Without remat a forward tick keeps its stage's vjp residuals and the backward tick runs "
+             "the backward alone (the last stage's forward is folded into its backward), so the pipeline does what "
+             "one device does; under remat \"full\" a backward tick recomputes its stage's forward from the "
+             "buffered input, and the remat each layer's once more (1.38x). Before this run the executor applied "
+             "no remat at all (it traced its layers outside the plan's ops context): its \"full\" row was the "
+             "no-remat program. MoE GPipe's forward phase is the "
+             "statistics sweep, which keeps the residuals (the last stage's too). MoE 1F1B adds the forward-only "
+             "statistics sweep.", "",
+             "Before the stash (git d2c22f1, same cases in order): 1.156, 1.156, 1.167, 1.156, 1.167, 1.167, "
+             "1.185, 1.343; memory compiled 4.45, 4.42, 3.33, 4.42, 3.11, 3.11, 2.52, 2.49 MiB (the remat \"full\" "
+             "row without remat: see above). The residual "
+             "slots cost memory: each holds one microbatch's residuals of the longest stage (`planner.stages."
+             "stash_bytes`), and a backward tick reads one slot's copy.", ""]
     lines += fmt(rows) + [""]
     (HERE / "pipeline_efficiency.md").write_text("\n".join(lines))
     print(f"wrote {HERE / 'pipeline_efficiency.md'} in {total:.0f} s")
