@@ -20,7 +20,7 @@ _LAZY = {
     "plan": ("autoshard.api", "plan"),
     "plan_function": ("autoshard.api", "plan_function"),
     "predict": ("autoshard.api", "predict"),
-    "analyze": ("autoshard.inspect", "analyze"),
+    "analyze": ("autoshard.analysis", "analyze"),
     "verify": ("autoshard.verification", "verify"),
 }
 

@@ -551,7 +551,7 @@ def _judge(predicted: float, compiled: float, tolerance: float | None) -> dict[s
 def compare(predicted: Mapping[str, Any], compiled: Mapping[str, Any], *, comm_tolerance: float = COMM_TOLERANCE,
             memory_tolerance: float = MEMORY_TOLERANCE, min_share: float = MIN_SHARE,
             not_judged: Sequence[str] = ()) -> dict[str, Any]:
-    """Judge a plan's `predicted` figures against `autoshard.inspect.analyze` of the compiled step.
+    """Judge a plan's `predicted` figures against `autoshard.analysis.analyze` of the compiled step.
 
     Judged: memory_bytes_per_device (within `memory_tolerance`), total communication bytes and each
     `axes/collective` key holding at least `min_share` of the predicted or the compiled total (within

@@ -14,7 +14,7 @@ XLA does not partition an all-to-all over the axes such a shard_map leaves autom
 over them), so with data/fsdp/tensor > 1 the Ulysses exchange is done with ppermutes instead (`all_to_all`).
 
 `ulysses_bytes`, `ring_bytes` give the bytes each device sends per step (forward + backward) under the convention
-of `autoshard.inspect`, for the planner's cost model (defined in `planner.seq_expert`, re-exported here).
+of `autoshard.analysis`, for the planner's cost model (defined in `planner.seq_expert`, re-exported here).
 """
 
 from __future__ import annotations

@@ -337,7 +337,7 @@ class Trainer:
         return programs.grads(self.params, self.rest, placed)
 
     def compile(self, batch: Any):
-        """The compiled train step for batches shaped like `batch` (for `autoshard.inspect`)."""
+        """The compiled train step for batches shaped like `batch` (for `autoshard.analysis`)."""
         emit.check_batch(self.plan, batch)
         programs = self._programs(batch)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=s),

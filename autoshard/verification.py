@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from autoshard import explain
-from autoshard.inspect import analyze
+from autoshard.analysis import analyze
 
 PIPELINE_BRANCH_KEYS = ("tensor/", "seq/", "expert/")
-"""Collectives of the ops inside a pipeline executor's per-stage `lax.switch` branches: `autoshard.inspect` counts
+"""Collectives of the ops inside a pipeline executor's per-stage `lax.switch` branches: `autoshard.analysis` counts
 them as often as each branch is taken, but the planner does not yet price them kind by kind as XLA compiles them
 inside a stage (gpt-tiny pipe=2,data=2,tensor=2: 2.8 MiB of tensor collectives predicted and compiled, but as
 all-reduces where XLA forms reduce-scatters and all-gathers; seq/expert exchanges 20-33% over): shown, not judged."""

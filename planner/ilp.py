@@ -97,7 +97,7 @@ class Solution:
     breakdown: dict[str, float]
     """Seconds by component: compute, tensor comm, gradient sync, fsdp gathers."""
     comm_bytes: dict[str, float]
-    """Bytes sent per device per step, keyed `axes/collective` as `autoshard.inspect` reports them."""
+    """Bytes sent per device per step, keyed `axes/collective` as `autoshard.analysis` reports them."""
     memory: dict[str, float]
     solver: dict
 

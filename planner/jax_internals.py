@@ -380,7 +380,7 @@ def hlo_text_with_constants(compiled: Any) -> str | None:
 
 
 def hlo_text(compiled: Any) -> str:
-    """The post-optimisation HLO text of a compiled executable, checked to be in the form `autoshard.inspect`
+    """The post-optimisation HLO text of a compiled executable, checked to be in the form `autoshard.analysis`
     parses (an ENTRY computation whose lines are instructions)."""
     text = compiled.as_text()
     lines = text.splitlines()

@@ -3,7 +3,7 @@
 A Plan is plain data with a versioned JSON round trip, readable and editable by a person. It names a size for each
 axis of a fixed mesh vocabulary, a PartitionSpec (as a list) for each parameter by its state path, the specs of
 activations at layer boundaries, and the pipeline / sequence / expert / remat choices. `predicted` holds the
-planner's figures under the same keys that `autoshard.inspect` reports from a compiled program.
+planner's figures under the same keys that `autoshard.analysis` reports from a compiled program.
 """
 
 from __future__ import annotations

@@ -56,10 +56,10 @@ def ring_memory(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, 
     return float(residuals), float(transient)
 
 
-# -- bytes sent per device per step (convention of `autoshard.inspect`) ---------------------------------------------
+# -- bytes sent per device per step (convention of `autoshard.analysis`) ---------------------------------------------
 def ulysses_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4,
                   backward: bool = True) -> float:
-    """Bytes one device sends per step in Ulysses all-to-alls (convention of `autoshard.inspect`).
+    """Bytes one device sends per step in Ulysses all-to-alls (convention of `autoshard.analysis`).
 
     batch and heads are what one device holds (global batch / data*fsdp shards, heads / tensor shards); seq is the
     global sequence length and n the seq degree. Forward: four all-to-alls (q, k, v in; output back), each of a
@@ -76,7 +76,7 @@ def ulysses_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int
 
 def ring_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4,
                causal: bool = True, backward: bool = True) -> float:
-    """Bytes one device sends per step in ring attention's collective-permutes (convention of `autoshard.inspect`:
+    """Bytes one device sends per step in ring attention's collective-permutes (convention of `autoshard.analysis`:
     a collective-permute counts its operand bytes once per execution).
 
     batch and heads are what one device holds (global batch / data*fsdp shards, heads / tensor shards); seq is the
@@ -115,7 +115,7 @@ def ulysses_memory(batch: int, seq: int, heads: int, kv_heads: int, head_dim: in
 
 def moe_all_to_all_bytes(experts: int, batch: int, capacity: int, hidden: int, n: int, *, itemsize: int = 4,
                          backward: bool = True) -> float:
-    """Bytes one device sends per step in expert-parallel dispatch and combine (convention of `autoshard.inspect`).
+    """Bytes one device sends per step in expert-parallel dispatch and combine (convention of `autoshard.analysis`).
 
     batch is the number of sequences one device holds (global batch / (expert * data * fsdp)); capacity is
     `ops.capacity(seq, experts, top_k, capacity_factor)` (slots per sequence and expert); n is the expert degree.
@@ -269,7 +269,7 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
            remat: str = "none") -> Extras:
     """The attention exchanges (seq > 1), MoE dispatch/combine (expert > 1) and ring attention's own memory.
 
-    Keys follow `autoshard.inspect`: with every other automatic mesh axis of size 1 the exchanges compile as
+    Keys follow `autoshard.analysis`: with every other automatic mesh axis of size 1 the exchanges compile as
     all-to-alls, otherwise as collective-permutes (the runtime's ppermute form, the same bytes); ring attention is
     collective-permutes. Inside a pipeline (pipe > 1) only `tensor` stays automatic, and on XLA:CPU the ring's
     permutes are all-to-alls that carry n-1 blocks each (`autoshard.sequence.ppermute_deadlocks`), the

@@ -1,4 +1,4 @@
-"""`autoshard.inspect.analyze` counts the conditional branches that run, not every branch.
+"""`autoshard.analysis.analyze` counts the conditional branches that run, not every branch.
 
 A `lax.switch` whose index is read from a constant table at the loop counter and the device's position runs one
 branch per iteration, a different one on each device: a pipeline's per-tick schedule. Each is compiled once
@@ -13,8 +13,8 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from autoshard import inspect as hlo
-from autoshard.inspect import analyze, format_report
+from autoshard import hlo
+from autoshard.analysis import analyze, format_report
 
 # [step, device] -> branch; 14 entries, so `compiled.as_text()` prints the table as `{...}`
 TABLE = np.array([[1, 2], [2, 0], [0, 1], [2, 2], [1, 0], [0, 2], [1, 1]], np.int32)

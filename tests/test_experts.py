@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from autoshard import experts, ops
 from autoshard.emit import make_mesh
-from autoshard.inspect import analyze
+from autoshard.analysis import analyze
 from planner.errors import PlanError
 from planner.plan import Plan
 

@@ -1,4 +1,4 @@
-"""`autoshard.inspect`: per-device memory / FLOPs / communication read back from compiled train steps.
+"""`autoshard.analysis` (over `autoshard.hlo`): per-device memory / FLOPs / communication read back from compiled train steps.
 
 Each plan is compiled once (module fixtures); expected bytes are derived by hand from the model's shapes and the
 parameter shards, so a wrong parser, wrong trip counts or wrong axis attribution shows up as a wrong number.
@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 import models
 from autoshard.api import rule_plan
-from autoshard.inspect import (analyze, analyze_jitted, collective_stats, format_report, group_axes, permute_axes,
-                               replica_groups)
+from autoshard.analysis import analyze, analyze_jitted, collective_stats, format_report
+from autoshard.hlo import group_axes, permute_axes, replica_groups
 from autoshard.train import make_optimizer, parallelize
 from planner.params import path_str
 

@@ -281,7 +281,7 @@ def test_compiled_text_and_statistics():
     text = jint.hlo_text(compiled)
     assert "all-reduce" in text and jint.HLO_TRIP_COUNT.search(text).group(1) == "3"
     assert jint.HLO_INDUCTION.search(text) and jint.HLO_INIT_STEP.search(text).groups() == ("0", "1")
-    # a table of over 10 elements: elided by as_text(), printed whole by the module printer (autoshard.inspect
+    # a table of over 10 elements: elided by as_text(), printed whole by the module printer (autoshard.hlo
     # reads the pipeline's schedule tables from it; without it, branch counts fall back to upper bounds)
     table = jax.jit(lambda i: jnp.asarray(np.arange(100, 124, dtype=np.int32))[i]).lower(1).compile()
     assert "{...}" in jint.hlo_text(table)

@@ -7,7 +7,7 @@ from flax import nnx
 
 import models
 from autoshard.api import pipeline_spec, predict, rule_plan
-from autoshard.inspect import analyze
+from autoshard.analysis import analyze
 from autoshard.pipeline import StageLayout, even_stages
 from autoshard.train import make_optimizer, parallelize
 from planner.errors import PlanError

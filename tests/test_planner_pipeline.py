@@ -10,7 +10,7 @@ import pytest
 
 import models
 from autoshard import api, cli
-from autoshard.inspect import analyze
+from autoshard.analysis import analyze
 from autoshard.train import make_optimizer, parallelize
 from planner import stages
 from planner.cluster import load_cluster

@@ -11,7 +11,7 @@ import pytest
 
 import models
 from autoshard import cli
-from autoshard.inspect import analyze
+from autoshard.analysis import analyze
 from autoshard.train import make_optimizer, parallelize
 from planner.errors import AutoshardError
 from planner.search import plan_graph, predict, trace_model

@@ -13,7 +13,7 @@ from flax import nnx
 
 import models
 from autoshard.api import plan, predict, rule_plan
-from autoshard.inspect import analyze
+from autoshard.analysis import analyze
 from autoshard.train import make_optimizer, parallelize
 
 COMM_TOL, MEMORY_TOL, JUDGED_SHARE = 0.10, 0.15, 0.05
@@ -74,7 +74,7 @@ _compiled: dict = {}
 
 
 def predicted_and_compiled(model: str, layout: str, batch) -> tuple[dict, dict]:
-    """(plan.predicted, inspect.analyze of the compiled step), compiled once per case for both tests."""
+    """(plan.predicted, analysis.analyze of the compiled step), compiled once per case for both tests."""
     if (model, layout) not in _compiled:
         abstract, factory = build(model)
         shapes = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.int32) for k, v in batch.items()}

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from autoshard import ops, sequence
 from autoshard.emit import make_mesh
-from autoshard.inspect import analyze
+from autoshard.analysis import analyze
 from planner.errors import PlanError
 from planner.plan import Plan
 

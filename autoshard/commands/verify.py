@@ -78,11 +78,11 @@ def _predictions(plan, model: str, batch: int, seq: int, devices: list) -> tuple
 
 
 def _compile(cfg, plan, devices: list, batch: int, seq: int) -> tuple[dict, float]:
-    """(`autoshard.inspect.analyze` of the compiled train step for a random token batch, seconds it took)."""
+    """(`autoshard.analysis.analyze` of the compiled train step for a random token batch, seconds it took)."""
     import numpy as np
 
     import models
-    from autoshard.inspect import analyze
+    from autoshard.analysis import analyze
     from autoshard.train import make_optimizer, parallelize
 
     rng = np.random.default_rng(0)

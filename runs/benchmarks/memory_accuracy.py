@@ -4,7 +4,7 @@ The backward working-set factor (`planner.calibration.WORKING_SET`) was fitted o
 (batch 16 x 64). These cases differ from them: sequence 128, wider and deeper models, GQA, full remat, an MoE under
 pure data parallelism, pipelines (gpt-tiny variants at pipe 2 and 4), bfloat16 models (XLA:CPU moves their activations
 as float32: `ClusterSpec.collective_dtypes`). Each plan is a rule plan (`autoshard.api.rule_plan`) with the remat given, predicted by
-`autoshard.api.predict` and compiled by `parallelize(...).compile(batch)`, read back with `autoshard.inspect`.
+`autoshard.api.predict` and compiled by `parallelize(...).compile(batch)`, read back with `autoshard.analysis`.
 
 Reproduce (from the repository root; about 2 minutes on 2 CPU cores):
 
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from autoshard.api import predict, rule_plan  # noqa: E402
-from autoshard.inspect import analyze  # noqa: E402
+from autoshard.analysis import analyze  # noqa: E402
 from autoshard.train import make_optimizer, parallelize  # noqa: E402
 
 BATCH, SEQ = 16, 128

@@ -1,7 +1,7 @@
 """How much work a pipeline step does beyond the single-device program, and its memory, per schedule and remat.
 
 For each case the train step of a rule plan (`autoshard.api.rule_plan` with the pipeline section given) is
-compiled on 8 emulated CPU devices and read back with `autoshard.inspect.analyze`, which counts each branch of the
+compiled on 8 emulated CPU devices and read back with `autoshard.analysis.analyze`, which counts each branch of the
 executor's per-tick `lax.switch` as often as the schedule table takes it on each device. The work ratio is the
 matmul FLOPs summed over the devices divided by those of the same model's single-device step (same batch); 1.00
 would be no wasted work. Memory per device: compiled (argument + output + temp - alias), and as `autoshard.api.
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from autoshard.api import pipeline_spec, predict, rule_plan  # noqa: E402
-from autoshard.inspect import analyze  # noqa: E402
+from autoshard.analysis import analyze  # noqa: E402
 from autoshard.train import make_optimizer, parallelize  # noqa: E402
 from planner.plan import normalize_mesh  # noqa: E402
 

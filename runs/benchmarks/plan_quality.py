@@ -25,7 +25,7 @@ compile a planner-chosen tensor layout), and compared with the baselines adapted
 and 4 heads (data=8, fsdp=8, tensor=4 x data=2, tensor=4 x fsdp=2). gpt-tiny:dtype=bfloat16 (default budget, DP
 and TPxDP only) checks the bf16 cast the GPT-3 presets put in front of every matmul. Each plan is
 compiled with `parallelize(models.factory(name), make_optimizer(), plan).compile(batch)` (int32 batch 16 x 64)
-and read back with `autoshard.inspect.analyze`: total communication bytes per device and memory per device as XLA
+and read back with `autoshard.analysis.analyze`: total communication bytes per device and memory per device as XLA
 compiled them, next to the planner's predictions for the same plan, with relative errors (pred / compiled - 1).
 """
 
@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from autoshard import api  # noqa: E402
-from autoshard.inspect import analyze  # noqa: E402
+from autoshard.analysis import analyze  # noqa: E402
 from autoshard.train import make_optimizer, parallelize  # noqa: E402
 from planner import search  # noqa: E402
 from planner.cluster import load_cluster  # noqa: E402
