@@ -48,9 +48,10 @@ def _recorded(table: dict[str, ParamInfo], provenance: dict | None) -> dict:
 
 
 def pipeline_spec(model: nnx.Module, pipe: int, *, schedule: str = "1f1b", microbatches: int | None = None,
-                  virtual: int = 1, stage_layers: list[int] | None = None) -> PipelineSpec:
+                  virtual: int = 1, stage_layers: list[int] | None = None, stash: bool = True) -> PipelineSpec:
     """A pipeline section for `model` over `pipe` devices: even stages unless `stage_layers` gives each stage's
-    layer count (pipe x virtual of them, in stage order), `microbatches` defaulting to `pipe`."""
+    layer count (pipe x virtual of them, in stage order), `microbatches` defaulting to `pipe`; `stash=False` makes
+    each backward recompute its stage's forward instead of keeping its residuals (less memory, more work)."""
     from autoshard.pipeline import check_pipelinable, even_stages
     from planner.schedule import check
 
@@ -65,7 +66,7 @@ def pipeline_spec(model: nnx.Module, pipe: int, *, schedule: str = "1f1b", micro
                                  f"layer counts (pipe x virtual) summing to the model's {layers} layers")
         ends = np.cumsum(stage_layers).tolist()
         stages = [[e - n, e] for e, n in zip(ends, stage_layers)]
-    return PipelineSpec(stages=stages, microbatches=microbatches, schedule=schedule, virtual=virtual)
+    return PipelineSpec(stages=stages, microbatches=microbatches, schedule=schedule, virtual=virtual, stash=stash)
 
 
 def _abstract(model: nnx.Module | Callable[[], nnx.Module]) -> nnx.Module:

@@ -296,7 +296,7 @@ def pipeline_line(plan: Plan) -> str:
         if pl.get("stash"):  # forwards keep their residuals for their backward (no recompute)
             text += f", {pl['stash_slots']} residual slots of {format_bytes(pl['stash_bytes_per_slot'])}"
         elif "stash" in pl:
-            text += ", backward recomputes each stage's forward (remat full)"
+            text += ", each backward recomputes its stage's forward" + (" (remat full)" if plan.remat == "full" else "")
     return text
 
 

@@ -67,7 +67,7 @@ from planner.params import path_str
 from planner.plan import BATCH_AXES, Plan, SpecEntry
 from planner.rules import ParamInfo
 from planner.schedule import (BWD, BWD_FIRST, BWD_LAST, FWD, FWD_FIRST, Schedule, check, make_schedule,
-                              receive_permutations, stashes)
+                              pipeline_mode, receive_permutations, stashes)
 
 LAYERS = "blocks"
 """Attribute (and state-path prefix) of the stacked layer module a pipelinable model exposes."""
@@ -168,7 +168,7 @@ class Pipeline:
             raise PlanError(f"pipeline stages cover layers [0, {spec.stages[-1][1]}) but the model has {layers} "
                             f"layers: re-plan for this model")
         self.plan, self.mesh, self.layers, self.abstract = plan, mesh, layers, abstract
-        self.stash = stashes(plan.remat)
+        self.stash = stashes(pipeline_mode(plan.remat, spec.stash))
         """Forward ticks keep their residuals for the backward ticks (`planner.schedule.stashes`)."""
         self.schedule: Schedule = make_schedule(spec.schedule, self.P, self.M, self.V, self.stash)
         self.layout = StageLayout.from_stages(spec.stages, self.P, self.V)

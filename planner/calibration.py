@@ -3,7 +3,7 @@ error on cases it was not fitted on is reported.
 
 Everything else the planner prices is counted (bytes of values, FLOPs of ops, collectives' ring bytes) or comes
 from the cluster description (`planner.cluster`, which `planner.profile.calibrate` replaces with measured figures).
-These four are what XLA keeps in memory beyond what the rules count; they were fitted on XLA:CPU programs of small
+These three are what XLA keeps in memory beyond what the rules count; they were fitted on XLA:CPU programs of small
 models on 8 emulated devices. A constant refitted must keep its held-out benchmark within the tolerance
 `autoshard verify` judges memory by, and the benchmark must be rerun with it.
 """
@@ -34,13 +34,3 @@ stage's recomputing backward (`planner.stages`; the rule over-counts what XLA ke
 
 Fitted on: as GRAD_COPIES. Held out: as GRAD_COPIES. Under remat "full" (the recomputing path since the executor
 applies the plan's remat) it over-predicts gpt-tiny's memory by 27% (runs/benchmarks/pipeline_efficiency.md)."""
-
-STASH_SHARE = 0.73
-"""Share of the backward residuals as the intra-op program's rule counts them (`MeshCosts.residuals["layer"]`) that
-a stashing pipeline keeps per layer and microbatch: the vjp closure's leaves that depend on the stage input
-(`planner.stages.stash_bytes`).
-
-Fitted on: gpt-tiny float32, pipe=2 x data=4 (1,251,328 bytes a slot where the rule counts 1,708,288) and pipe=4 x
-data=2 (1,708,160). Held out: the moe-tiny rows of runs/benchmarks/pipeline_efficiency.md (its closure keeps 0.37 of
-its rule's, which also counts the expert exchange's buffers; whole-step memory within 3.2%) and the pipeline rows of
-runs/benchmarks/memory_accuracy.md."""

@@ -361,7 +361,7 @@ class Problem:
 
     def _recomputed_ops(self) -> set[int]:
         outs = {cout for cout, _ in self.g.carries}
-        ops, stack = set(), [vid for vid in self._saved() if self.values[vid].producer is not None and vid not in outs]
+        ops, stack = set(), [vid for vid in self.saved() if self.values[vid].producer is not None and vid not in outs]
         while stack:
             v = self.values[stack.pop()]
             if v.producer is None or v.producer in ops or not self.g.ops[v.producer].in_layer:
@@ -571,7 +571,7 @@ class Problem:
         return _shared(self.g, ("residuals", type(self), self.remat, self.attention_residuals), self._residuals)
 
     def _residuals(self) -> dict[int, int]:
-        keep = self._stored(self._saved())
+        keep = self._stored(self.saved())
         if self.remat == "full" and self.g.layers > 1:
             per_layer = {i: 1 for i, n in keep.items() if n >= self.g.layers}
             keep = {i: n for i, n in keep.items() if n < self.g.layers}
@@ -580,7 +580,7 @@ class Problem:
                 keep[cin] = keep.get(cin, 0) + self.g.layers
         return keep
 
-    def _saved(self) -> dict[int, int]:
+    def saved(self) -> dict[int, int]:
         """Values JAX's linearization keeps for the backward pass -> how many copies (the layer count in the stack).
 
         The rule follows what JAX's linearization saves: the batch-dependent operands of products (dot_general,

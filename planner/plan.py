@@ -55,6 +55,9 @@ class PipelineSpec:
     microbatches: int = 1
     schedule: str = "1f1b"
     virtual: int = 1
+    stash: bool = True
+    """Without remat: forwards keep their residuals for their backward (no recompute; more memory). False: each
+    backward recomputes its stage's forward (`planner.schedule.PIPELINE_MODES`)."""
 
     def validate(self, pipe: int) -> None:
         for name in ("microbatches", "virtual"):
@@ -65,6 +68,8 @@ class PipelineSpec:
                 isinstance(s, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in s)
                 for s in self.stages):
             raise PlanError(f"pipeline stages must be a list of [start, end] integer pairs, got {self.stages!r}")
+        if not isinstance(self.stash, bool):
+            raise PlanError(f"pipeline stash must be true or false, got {self.stash!r}")
         if self.schedule not in SCHEDULES:
             raise PlanError(f"unknown pipeline schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.microbatches < 1:

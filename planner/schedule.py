@@ -40,16 +40,28 @@ the forward through the head and loss), but it still occupies its tick and order
 F, B = "F", "B"
 
 
-def stashes(remat: str) -> bool:
+PIPELINE_MODES = ("none", "recompute", "full")
+"""How a pipeline's backward gets its stage's residuals, fastest first: "none" keeps them from the forward (the
+stash; no remat), "recompute" runs the stage's forward again from its input (no remat inside), "full" recomputes
+under full remat (the least memory). The planner tries them in this order (`planner.stages.choose`)."""
+
+
+def pipeline_mode(remat: str, stash: bool = True) -> str:
+    """The mode of a plan's pipeline: its remat, and for remat "none" its spec's `stash`."""
+    return "full" if remat == "full" else "none" if stash else "recompute"
+
+
+def stashes(mode: str) -> bool:
     """Whether a pipeline's forward ticks keep their stage's vjp residuals for the backward tick (no recompute there).
 
-    The one place that decides it, for the executor (`autoshard.pipeline`) and the planner (`planner.stages`): every
-    remat but "full", which asks for the least memory: a backward tick then recomputes its stage's forward from the
-    stage input, the only activation held per microbatch in flight (keeping the remat's residuals instead, the
-    layer inputs, would hold one per layer for one forward less). Measured on gpt-tiny pipe=2 x data=4 1F1B
-    (runs/benchmarks/pipeline_efficiency.md): no remat with the stash 1.00x the unpipelined step's FLOPs and 8.0 MiB
-    a device; "full" as here 1.38x, 3.4 MiB; "full" with the stash 1.22x, 3.5 MiB."""
-    return remat != "full"
+    The one place that decides it, for the executor (`autoshard.pipeline`) and the planner (`planner.stages`): mode
+    "none" only. Under "recompute" and "full" a backward tick recomputes its stage's forward from the stage input,
+    the only activation held per microbatch in flight (keeping the remat's residuals instead, the layer inputs,
+    would hold one per layer for one forward less). Measured on gpt-tiny pipe=2 x data=4 1F1B
+    (runs/benchmarks/pipeline_efficiency.md): "none" 1.00x the unpipelined step's FLOPs and 8.0 MiB a device;
+    "full" 1.38x, 3.4 MiB; "full" with the stash 1.22x, 3.5 MiB; "recompute" (the executor before the stash)
+    1.16x."""
+    return mode == "none"
 
 
 @dataclasses.dataclass(frozen=True)

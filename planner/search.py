@@ -804,7 +804,7 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
     best.provenance = prov
     best.alternatives = [{"mesh": {a: n for a, n in p.mesh.items() if n > 1} or {"data": 1}, "remat": p.remat,
                           "predicted": p.predicted} for p in rest]
-    best.provenance["pipeline_choice"] = _why(best, cands, graph, cluster, compute_dtype)
+    best.provenance["pipeline_choice"] = _why(best, cands, plans, budget)
     best.provenance["seq_expert_choice"] = _why_seq_expert(best, cands)
     best.provenance["remat_choice"] = _why_remat(best, graph, cluster, compute_dtype, budget, remat)
     if any(c.idle and all(c.mesh[a] == best.mesh[a] for a in AXES) for c in cands):
@@ -817,30 +817,44 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
 def _repredict(graph: Graph, cands: list[Candidate], top: int, budget: float, cluster: ClusterSpec,
                compute_dtype: str, exact: int) -> list[Plan] | None:
     """The `top` fastest candidates as plans predicted as XLA will realise them, and further down (to 3 x `top`)
-    until one fits as realised. None when that needs a candidate beyond the first `exact`, which are all a pruned
-    search guarantees (`search`'s `keep`)."""
-    fits = lambda plans: any(p.predicted["memory_bytes_per_device"] <= budget for p in plans)  # noqa: E731
+    until one fits as realised and the next one's search time cannot beat the best realised time (a pipeline's
+    realised time can exceed its search time: gpt-175b on a100-80g:1024, pipe=32 31.2 s searched, 37.0 s realised,
+    where the best unpipelined candidate realises its 34.1 s). None when a fitting one needs a candidate beyond the
+    first `exact`, which are all a pruned search guarantees (`search`'s `keep`); past them only the best candidate
+    of each kind (with and without a pipeline), which a pruned search always solves, is realised too."""
+    fitting = lambda plans: [p.predicted["step_seconds"] for p in plans  # noqa: E731
+                             if p.predicted["memory_bytes_per_device"] <= budget]
     pruned = any(c.pruned for c in cands)
     leaders = [c for c in cands if c.solution is not None]
     plans: list[Plan] = []
     for k, cand in enumerate(leaders[:3 * top]):
-        if k >= top and fits(plans):
+        if k >= top and fitting(plans) and cand.seconds >= min(fitting(plans)):
             break
         if k >= exact and pruned:
-            return None
-        p = to_plan(graph, cand)
-        try:
-            p.predicted = {**predict(p, graph, cluster, compute_dtype), "search_objective_seconds": cand.seconds}
-        except AutoshardError:
-            if p.pipeline is None:
-                raise
-            # the bytes-objective program finds no assignment for these layouts (seen on gpt-175b with a per-replica
-            # batch of 768 and up, likely CP-SAT's integer range): keep the search's own figures
-            p.predicted = {**p.predicted, "search_objective_seconds": cand.seconds}
-        plans.append(p)
-    if pruned and len(plans) == exact < 3 * top and not fits(plans):  # pruned ones might have come next
+            if not fitting(plans):
+                return None
+            firsts = [next((c for c in leaders if (c.mesh["pipe"] > 1) == kind), None) for kind in (False, True)]
+            plans += [_realise(graph, c, cluster, compute_dtype) for c in firsts
+                      if c is not None and leaders.index(c) >= k and c.seconds < min(fitting(plans))]
+            break
+        plans.append(_realise(graph, cand, cluster, compute_dtype))
+    if pruned and len(plans) == exact < 3 * top and not fitting(plans):  # pruned ones might have come next
         return None
     return plans
+
+
+def _realise(graph: Graph, cand: Candidate, cluster: ClusterSpec, compute_dtype: str) -> Plan:
+    """A candidate as a plan predicted as XLA's partitioner will realise it (its search time kept beside)."""
+    p = to_plan(graph, cand)
+    try:
+        p.predicted = {**predict(p, graph, cluster, compute_dtype), "search_objective_seconds": cand.seconds}
+    except AutoshardError:
+        if p.pipeline is None:
+            raise
+        # the bytes-objective program finds no assignment for these layouts (seen on gpt-175b with a per-replica
+        # batch of 768 and up, likely CP-SAT's integer range): keep the search's own figures
+        p.predicted = {**p.predicted, "search_objective_seconds": cand.seconds}
+    return p
 
 
 def _why_seq_expert(best: Plan, cands: list[Candidate]) -> dict[str, Any]:
@@ -888,12 +902,15 @@ def _pipeline_fixes(graph: Graph, batch: int, mesh: dict[str, int], fixes: dict[
     return mesh
 
 
-def _why(best: Plan, cands: list[Candidate], graph: Graph, cluster: ClusterSpec, dtype: str) -> dict[str, Any]:
-    """The best candidate without a pipeline and the best with one, for the summary's account of the choice."""
+def _why(best: Plan, cands: list[Candidate], realised: list[Plan], budget: float) -> dict[str, Any]:
+    """The best candidate without a pipeline and the best with one, for the summary's account of the choice: as
+    realised where `_repredict` predicted one of the kind that fits (what the choice was made on), else as searched."""
     out: dict[str, Any] = {"chosen": "pipeline" if best.pipeline else "no pipeline"}
     for key, want in (("best_without_pipeline", False), ("best_with_pipeline", True)):
         pool = [c for c in cands if (c.mesh["pipe"] > 1) == want]
         fitting = [c for c in pool if c.solution is not None]
+        mine = sorted((p for p in realised if (p.mesh["pipe"] > 1) == want
+                       and p.predicted["memory_bytes_per_device"] <= budget), key=lambda p: p.predicted["step_seconds"])
         if not pool:
             out[key] = {"considered": 0}
         elif not fitting:
@@ -901,9 +918,12 @@ def _why(best: Plan, cands: list[Candidate], graph: Graph, cluster: ClusterSpec,
         else:
             c = fitting[0]
             pred = c.pipeline.predicted if c.pipeline else predicted(c.solution)
-            entry = {"considered": len(pool), "fits": True, "mesh": {a: n for a, n in c.mesh.items() if n > 1},
-                     "step_seconds": c.seconds, "memory_bytes_per_device": pred["memory_bytes_per_device"]}
-            if c.pipeline:
+            mesh, seconds = c.mesh, c.seconds
+            if mine:
+                pred, mesh, seconds = mine[0].predicted, mine[0].mesh, mine[0].predicted["step_seconds"]
+            entry = {"considered": len(pool), "fits": True, "mesh": {a: n for a, n in mesh.items() if n > 1},
+                     "step_seconds": seconds, "memory_bytes_per_device": pred["memory_bytes_per_device"]}
+            if "pipeline" in pred:
                 pl = pred["pipeline"]
                 entry.update(schedule=pl["schedule"], microbatches=pl["microbatches"], virtual=pl["virtual"],
                              bubble=pl["bubble"])
@@ -1030,7 +1050,7 @@ def _predict_pipeline(plan: Plan, graph: Graph, cluster: ClusterSpec, problem: P
                       method: str | None = None) -> dict[str, Any]:
     """A pipeline plan: its stages, schedule and microbatches on the intra-stage layouts the partitioner picks."""
     from planner import stages
-    from planner.schedule import check
+    from planner.schedule import check, pipeline_mode
 
     if not stages.pipelinable(graph):
         raise AutoshardError("the plan has a pipeline section but the model has no stacked layer scan to split")
@@ -1040,7 +1060,7 @@ def _predict_pipeline(plan: Plan, graph: Graph, cluster: ClusterSpec, problem: P
         raise AutoshardError(f"pipeline stages cover layers [0, {spec.stages[-1][1]}) but the model has "
                              f"{graph.layers} layers: re-plan for this model")
     costs = stages.mesh_costs(problem, sol)
-    remat = plan.remat if plan.remat in ("none", "full") else "none"
+    remat = pipeline_mode(plan.remat if plan.remat in ("none", "full") else "none", spec.stash)
     shapes = seq_expert.op_shapes(graph)
     if plan.mesh["seq"] > 1 or plan.mesh["expert"] > 1 or shapes.is_moe:
         batch = next((graph.values[i].shape[0] for i in graph.inputs if graph.values[i].batch_dim == 0), 1)

@@ -15,8 +15,8 @@ As the executor (`autoshard.pipeline`) runs a stage:
   training work (passes x forward) plus one more forward of its layers. The last stage's backward always runs its
   forward too (its forward tick is empty), and the first stage's embeds its microbatch again (a lookup);
 - memory: the schedule's stage-input and cotangent buffers, and with the stash each in-flight microbatch's
-  residuals of the longest stage (`stash_bytes`: the intra-op program's per-layer residual bytes, the rule it
-  prices the unpipelined backward with), plus one microbatch's backward working set (`_working_set`);
+  residuals of the longest stage (`stash_bytes`: what JAX's linearization saves per layer, `Problem.saved`, counted,
+  not fitted: a loop carry XLA cannot fuse into), plus one microbatch's backward working set (`_working_set`);
 - each tick ends with two point-to-point sends of one microbatch's stage input (activation forward, cotangent
   backward) over the link between neighbouring pipe devices (pipe is the outermost mesh axis), on every tick, each
   paying the link's latency (`transfer_seconds`);
@@ -42,13 +42,13 @@ from typing import Any
 import numpy as np
 
 from planner.cluster import ClusterSpec
-from planner.calibration import GRAD_COPIES, STASH_SHARE, WORKING_SET_SHARE
+from planner.calibration import GRAD_COPIES, WORKING_SET_SHARE
 from planner.errors import PlanError
 from planner.collectives import axis_collective_time, axis_span, bytes_sent, collective_time
 from planner.ilp import ParamChoice, Problem, Solution, exceeds, optimizer_copies
 from planner.layouts import local_nbytes
 from planner.plan import PipelineSpec
-from planner.schedule import IDLE, Schedule, check, make_schedule, stashes, warmup
+from planner.schedule import IDLE, PIPELINE_MODES, Schedule, check, make_schedule, stashes, warmup
 from planner.trace import BOUNDARY, CONTRACTIONS, Graph, itemsize
 
 REGIONS = ("embed", "layer", "head")
@@ -74,7 +74,7 @@ class MeshCosts:
     """Fraction of the layer weights that fsdp shards (the rest cannot be split evenly)."""
     other_fsdp: float
     residuals: dict[str, float]
-    """Bytes the backward keeps by region (`layer`: one layer)."""
+    """Bytes the backward keeps by region (`layer`: one layer), as XLA stores them (`Problem.residuals`)."""
     carry_bytes: float
     """One stage input [batch, seq, hidden] over the per-replica batch, per device: whole over `tensor`, the plan's
     `layer_input` layout, which the executor pins on what it buffers and sends."""
@@ -90,6 +90,9 @@ class MeshCosts:
     op_terms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     """Region -> one row per priced op: (executions, compute s over the batch, compute s per call, memory s over the
     batch, memory s per call); its roofline at M = 1 is the ops' share of `work` (`microbatch_seconds`)."""
+    linearized: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Bytes JAX's linearization saves by region (`Problem.saved`: before XLA fuses any away): what a stashing
+    pipeline's forward keeps in its residual slot, a loop carry XLA cannot fuse into (`stash_bytes`)."""
     call_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     """Region -> seconds of the in-stage collectives that every call pays whatever its size (latency, overhead, and
     whole conversions of values without a batch dimension); `layer`: one layer."""
@@ -153,24 +156,30 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
         else:
             other_bytes += nb
             other_f += nb if f_ok else 0.0
-    residuals: dict[str, float] = defaultdict(float)
-    for vid, n in problem.residuals().items():
-        lay = problem.layout_of(vid, sol.ops, sol.params)
-        nb = problem.value_memory(vid, lay)
-        v = g.values[vid]
-        r = region.get(v.producer, "embed") if v.producer is not None else "embed"
-        if n >= L > 1:
-            residuals["layer"] += nb * n / L
-        else:
-            residuals["head" if r == "layer" else r] += nb * n
+    residuals, linearized = (_by_region(problem, sol, region, kept) for kept in (problem.residuals(), problem.saved()))
     carry = g.values[g.carries[0][1]]
     carry_bytes = local_nbytes(carry, problem.b)
     return MeshCosts(dict(problem.mesh), L, problem.passes, dict(work), dict(tensor_bytes), layer_bytes, other_bytes,
                      layer_f / layer_bytes if layer_bytes else 0.0, other_f / other_bytes if other_bytes else 0.0,
                      dict(residuals), carry_bytes,
                      carry_bytes * problem.cluster.wire_itemsize(carry.dtype) / itemsize(carry.dtype), sol,
-                     layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0,
+                     layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0, linearized=linearized,
                      optimizer_copies=optimizer_copies(g), op_terms=terms, call_seconds=dict(call_seconds))
+
+
+def _by_region(problem: Problem, sol: Solution, region: dict[int, str], kept: dict[int, int]) -> dict[str, float]:
+    """Bytes per device of the values `kept` (value -> copies), by region of their producer (`layer`: one layer's)."""
+    out: dict[str, float] = defaultdict(float)
+    L = problem.g.layers
+    for vid, n in kept.items():
+        nb = problem.value_memory(vid, problem.layout_of(vid, sol.ops, sol.params))
+        v = problem.g.values[vid]
+        r = region.get(v.producer, "embed") if v.producer is not None else "embed"
+        if n >= L > 1:
+            out["layer"] += nb * n / L
+        else:
+            out["head" if r == "layer" else r] += nb * n
+    return dict(out)
 
 
 def param_bytes(problem: Problem, path: str, c: ParamChoice) -> float:
@@ -190,11 +199,13 @@ def with_extras(costs: MeshCosts, extras: Any, layers: int, moe: bool) -> MeshCo
     layer_bytes = tensor_bytes.setdefault("layer", {})
     for key, nb in extras.comm_bytes.items():
         layer_bytes[key] = layer_bytes.get(key, 0.0) + nb * per
-    residuals = dict(costs.residuals)
+    residuals, linearized = dict(costs.residuals), dict(costs.linearized)
     for key, nb in extras.memory.items():
         region = "layer" if key.endswith("residuals") else "head"
-        residuals[region] = residuals.get(region, 0.0) + (nb * per if region == "layer" else nb)
-    return dataclasses.replace(costs, work=work, tensor_bytes=tensor_bytes, residuals=residuals, sweep=moe)
+        for kept in (residuals, linearized):
+            kept[region] = kept.get(region, 0.0) + (nb * per if region == "layer" else nb)
+    return dataclasses.replace(costs, work=work, tensor_bytes=tensor_bytes, residuals=residuals,
+                               linearized=linearized, sweep=moe)
 
 
 def _fsdp_choice(problem: Problem, path: str, c: ParamChoice) -> ParamChoice | None:
@@ -370,7 +381,7 @@ def stage_memory(costs: MeshCosts, counts: list[int], sched: Schedule, remat: st
 
 def stash_bytes(costs: MeshCosts, lmax: int, microbatches: int) -> float:
     """One residual slot of a stashing pipeline: a microbatch's residuals of a stage padded to `lmax` layers."""
-    return STASH_SHARE * lmax * costs.residuals.get("layer", 0.0) / microbatches
+    return lmax * costs.linearized.get("layer", 0.0) / microbatches
 
 
 def buffer_bytes(costs: MeshCosts, lmax: int, sched: Schedule) -> float:
@@ -509,7 +520,7 @@ def _tick_tables(kind: str, P: int, M: int, V: int) -> tuple[np.ndarray, np.ndar
 
 def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: str = "none") -> PipelineChoice:
     """Predictions for one pipeline layout on one mesh (the keys of `planner.search.predicted`, plus a pipeline
-    section)."""
+    section); `remat`: the pipeline mode (`planner.schedule.PIPELINE_MODES`), as for every function here."""
     P, M, V = costs.mesh["pipe"], spec.microbatches, spec.virtual
     counts = [e - s for s, e in spec.stages]
     sched = make_schedule(spec.schedule, P, M, V, stashes(remat))
@@ -698,7 +709,7 @@ def choose(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: i
         return None
     best: PipelineChoice | None = None
     layouts = _layouts(costs, local_batch, schedule, microbatches, virtual)
-    for remat in remats:
+    for remat in modes(remats):
         floors = [layout_floor(costs, cluster, kind, V, M, remat) for kind, V, M in layouts]
         tried, probe = _probe(costs, cluster, budget, layouts, floors, remat)
         for k in range(len(layouts)):
@@ -709,8 +720,14 @@ def choose(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: i
             if c is not None and (best is None or c.step_seconds < best.step_seconds * (1 - 1e-9)):
                 best = c
         if best is not None:
-            break  # remat only costs time: try it when nothing fits without
+            break  # recompute and remat only cost time: try them when nothing fits without
     return best
+
+
+def modes(remats: tuple[str, ...]) -> list[str]:
+    """The pipeline modes (`planner.schedule.PIPELINE_MODES`) of the plan remats `remats`, fastest first: without
+    remat, the stash, then recomputing each stage's forward."""
+    return [m for r in remats for m in (("none", "recompute") if r == "none" else (r,))]
 
 
 def _attempt(costs: MeshCosts, cluster: ClusterSpec, budget: float, layout: tuple[str, int, int], remat: str
@@ -913,7 +930,8 @@ def _floors(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: 
             ) -> list[tuple[float, tuple[str, int, int], str]]:
     """(`layout_floor`, layout, remat) of each layout and remat mode `choose` tries whose memory floor fits."""
     layouts = _layouts(costs, local_batch, schedule, microbatches, virtual)
-    return [(layout_floor(costs, cluster, kind, V, M, r), (kind, V, M), r) for r in remats for kind, V, M in layouts
+    return [(layout_floor(costs, cluster, kind, V, M, r), (kind, V, M), r) for r in modes(remats)
+            for kind, V, M in layouts
             if not exceeds(layout_memory_floor(costs, kind, V, M, r), budget)]
 
 
@@ -923,9 +941,9 @@ def least_memory(costs: MeshCosts, local_batch: int, *, schedule: str | None = N
     `below` if none needs less (a layout whose `layout_memory_floor` is above it is not built)."""
     best = below
     layouts = _layouts(costs, local_batch, schedule, microbatches, virtual)
-    floors = {x: min(layout_memory_floor(costs, *x, r) for r in ("none", "full")) for x in layouts}
+    floors = {x: min(layout_memory_floor(costs, *x, r) for r in PIPELINE_MODES) for x in layouts}
     for kind, V, M in sorted(layouts, key=floors.get):  # least floor first: the rest are mostly not built
-        remats = [r for r in ("none", "full") if not exceeds(layout_memory_floor(costs, kind, V, M, r), best)]
+        remats = [r for r in PIPELINE_MODES if not exceeds(layout_memory_floor(costs, kind, V, M, r), best)]
         if not remats:
             continue
         counts = _even(costs.layers, costs.mesh["pipe"] * V)
@@ -978,7 +996,7 @@ def _fit(costs: MeshCosts, cluster: ClusterSpec, budget: float, kind: str, M: in
     refined = refine(costs, sched, counts, remat, max(counts))
     if refined != counts and max(stage_memory(costs, refined, sched, remat)) <= budget:
         counts = refined
-    choice = evaluate(costs, PipelineSpec(stages=to_ranges(counts), microbatches=M, schedule=kind, virtual=V),
-                      cluster, remat)
-    choice.predicted["remat"] = remat
+    choice = evaluate(costs, PipelineSpec(stages=to_ranges(counts), microbatches=M, schedule=kind, virtual=V,
+                                          stash=remat != "recompute"), cluster, remat)
+    choice.predicted["remat"] = "full" if remat == "full" else "none"  # the plan's; the mode is in its spec
     return choice

@@ -121,24 +121,25 @@ def reference(token_batch, built):
     return losses, grads
 
 
-CASES = [  # (mesh, schedule, microbatches, virtual, layers per stage or None for even, remat)
+CASES = [  # (mesh, schedule, microbatches, virtual, layers per stage or None for even, pipeline mode)
     ("pipe=2", "1f1b", 4, 1, None, "none"),
     pytest.param("pipe=2,data=2,tensor=2", "gpipe", 4, 1, [5, 3], "none", marks=pytest.mark.smoke),
     ("pipe=2,fsdp=2,tensor=2", "interleaved", 4, 2, [1, 3, 2, 2], "none"),
-    ("pipe=4,data=2", "1f1b", 4, 1, [3, 2, 2, 1], "none"),
+    ("pipe=4,data=2", "1f1b", 4, 1, [3, 2, 2, 1], "recompute"),  # no stash, no remat: backwards recompute
     ("pipe=4,tensor=2", "interleaved", 4, 2, None, "none"),
     ("pipe=4,fsdp=2", "gpipe", 2, 1, None, "full"),  # no stash: the backward ticks recompute the forward
 ]
 
 
-@pytest.mark.parametrize("mesh, schedule, micro, virtual, stage_layers, remat", CASES)
-def test_pipeline_matches_single_device(mesh, schedule, micro, virtual, stage_layers, remat, reference, token_batch,
+@pytest.mark.parametrize("mesh, schedule, micro, virtual, stage_layers, mode", CASES)
+def test_pipeline_matches_single_device(mesh, schedule, micro, virtual, stage_layers, mode, reference, token_batch,
                                         built):
     abstract = models.abstract(MODEL)
     pipe = int(mesh.split("pipe=")[1].split(",")[0])
     spec = pipeline_spec(abstract, pipe, schedule=schedule, microbatches=micro, virtual=virtual,
-                         stage_layers=stage_layers)
+                         stage_layers=stage_layers, stash=mode != "recompute")
     model = models.factory(MODEL) if mesh == FACTORY_CASE else built
+    remat = "full" if mode == "full" else "none"
     losses, grads, _ = _run(rule_plan(abstract, mesh, pipeline=spec, remat=remat), token_batch, model)
     ref_losses, ref_grads = reference
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
@@ -252,14 +253,16 @@ def test_pipeline_flops_are_the_single_device_flops(compiled, token_batch, built
 
 def test_1f1b_uses_less_memory_than_gpipe(compiled, token_batch):
     """GPipe holds every microbatch's stage input and residuals, 1F1B those in flight: the difference is those
-    slots, a residual slot priced as the planner does (`planner.stages.stash_bytes`)."""
+    slots, a residual slot priced as the planner does (`planner.stages.stash_bytes`: what JAX's linearization saves,
+    counted on the traced graph, a bound on the vjp closure's leaves the executor keeps: 0.73 of it on gpt-tiny)."""
     memory = {schedule: compiled[schedule]["memory_bytes_per_device"] for schedule in ("gpipe", "1f1b")}
     gpipe, one_f = (make_schedule(kind, 2, MICRO, stash=True) for kind in ("gpipe", "1f1b"))
     slots, kept = gpipe.act_slots - one_f.act_slots, gpipe.stash_slots - one_f.stash_slots
     saved = memory["gpipe"] - memory["1f1b"]
     per_slot = compiled["stash_bytes_per_slot"]
     assert slots > 0 and kept > 0
-    assert saved == pytest.approx(slots * _stage_input_bytes(token_batch) + kept * per_slot, rel=0.15)
+    predicted = slots * _stage_input_bytes(token_batch) + kept * per_slot
+    assert saved <= predicted <= 1.4 * saved
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------

@@ -68,6 +68,22 @@ def test_stage_split_balances_a_heavy_head():
     assert best.step_seconds < 0.97 * even.step_seconds
 
 
+def test_the_stash_gives_way_to_recomputing_when_it_does_not_fit():
+    """Without remat a pipeline keeps each forward's residuals (fastest); where they do not fit, each backward
+    recomputes its stage's forward (more work, less memory) before remat is tried."""
+    graph = trace_model(models.abstract(DEEP), shapes(16, 64))
+    costs = _pipeline_costs(graph, CPU8, {"pipe": 2, "data": 4, "fsdp": 1, "expert": 1, "seq": 1, "tensor": 1},
+                            None, "float32")
+    kw = dict(local_batch=4, schedule="1f1b", microbatches=4, remats=("none",))
+    fast = stages.choose(costs, CPU8, 1e12, **kw)
+    assert fast.spec.stash and fast.predicted["pipeline"]["stash"]
+    redo = stages.evaluate(costs, dataclasses.replace(fast.spec, stash=False), CPU8, "recompute")
+    assert redo.step_seconds > fast.step_seconds and max(redo.memory) < max(fast.memory)
+    budget = (max(redo.memory) + max(fast.memory)) / 2
+    tight = stages.choose(costs, CPU8, budget, **kw)
+    assert not tight.spec.stash and tight.predicted["remat"] == "none" and max(tight.memory) <= budget
+
+
 def test_vectorised_step_time_is_the_schedule_step_time():
     rng = np.random.default_rng(0)
     for kind, P, M, V in (("gpipe", 4, 8, 1), ("1f1b", 4, 6, 1), ("interleaved", 2, 4, 2)):
@@ -108,7 +124,9 @@ def test_gpipe_minus_1f1b_memory_matches_the_compiled_difference(compiled_pair):
     predicted = gp.predicted["memory_bytes_per_device"] - op.predicted["memory_bytes_per_device"]
     compiled = gs["memory_bytes_per_device"] - os_["memory_bytes_per_device"]
     assert compiled > 0
-    assert predicted == pytest.approx(compiled, rel=0.10)
+    # the residual slots are priced at what JAX's linearization saves (`planner.stages.stash_bytes`), a bound on
+    # the vjp closure's leaves the executor keeps (0.73 of it on gpt-tiny): on the safe side, by less than 40%
+    assert compiled <= predicted <= 1.4 * compiled
 
 
 def test_predict_reproduces_the_search_for_a_pipeline_plan(compiled_pair):

@@ -136,9 +136,13 @@ def write_markdown(results: list[dict], meta: dict) -> str:
         lines.append(f"- {r['model']}: fraction {p['fraction']} of the free plan's memory "
                      f"({_bytes(p['memory_budget'])})" + (f"; first try {p['first_try']}" if "first_try" in p else ""))
     lines += ["", "## Notes (at the time of writing; the causes, as found in the compiled HLO)", "",
-              "- `encoder` / tensor: memory over-predicted (+17%, the safe side); not yet traced to one term.",
-              "- `gqa` / tensor: the tied embedding split over tensor (its lookup and `attend` want different "
-              "layouts): XLA compiles part of the priced tensor all-reduces as all-gathers.",
+              "- `encoder` / tensor (and `linen_lm`'s, +14%): memory over-predicted, the safe side. XLA's live "
+              "ranges at the peak: ZeRO-3 plans hold every block's gathered weights (58-75 KiB), tensor plans only "
+              "layout copies of the 3-D attention kernels (16-29 KiB); the fitted working-set term stands in for "
+              "both, so it is 40-60 KiB high for tensor plans.",
+              "- `gqa` / tensor: XLA gathers the tied embedding for `attend` (priced since this run: "
+              "`Problem.moves_weight`), and squares the embedding's split output before gathering it for RMSNorm: "
+              "it gathers x and x^2 (4 KiB unpriced).",
               "- `cnn` / tensor: XLA computes dropout's select unsplit (it gathers both operands over tensor, then "
               "slices) and so gathers the head's kernel for its input gradient: 576 B of tensor all-gathers not "
               "priced.",

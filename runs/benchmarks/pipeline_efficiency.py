@@ -41,10 +41,11 @@ from autoshard.train import make_optimizer, parallelize  # noqa: E402
 from planner.plan import normalize_mesh  # noqa: E402
 
 BATCH, SEQ, MICRO = 16, 64, 4
-CASES = [  # (model, mesh, schedule, virtual, remat)
+CASES = [  # (model, mesh, schedule, virtual, pipeline mode: planner.schedule.PIPELINE_MODES)
     ("gpt-tiny:layers=4", "pipe=2,data=4", "gpipe", 1, "none"),
     ("gpt-tiny:layers=4", "pipe=2,data=4", "1f1b", 1, "none"),
     ("gpt-tiny:layers=4", "pipe=2,data=4", "interleaved", 2, "none"),
+    ("gpt-tiny:layers=4", "pipe=2,data=4", "1f1b", 1, "recompute"),
     ("gpt-tiny:layers=4", "pipe=2,data=4", "1f1b", 1, "full"),
     ("gpt-tiny:layers=4", "pipe=4,data=2", "gpipe", 1, "none"),
     ("gpt-tiny:layers=4", "pipe=4,data=2", "1f1b", 1, "none"),
@@ -67,8 +68,8 @@ def single_flops(model: str, built, batch) -> float:
 def run_case(model: str, mesh: str, schedule: str, virtual: int, remat: str, built, batch, one: float) -> dict:
     abstract = models.abstract(model)
     spec = pipeline_spec(abstract, normalize_mesh(mesh)["pipe"], schedule=schedule, microbatches=MICRO,
-                         virtual=virtual)
-    plan = rule_plan(abstract, mesh, pipeline=spec, remat=remat)
+                         virtual=virtual, stash=remat != "recompute")
+    plan = rule_plan(abstract, mesh, pipeline=spec, remat="full" if remat == "full" else "none")
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     predicted = predict(plan, abstract, shapes, "cpu:8")
     trainer = parallelize(built, make_optimizer(), plan, devices=jax.devices()[:plan.num_devices])
@@ -83,7 +84,7 @@ def run_case(model: str, mesh: str, schedule: str, virtual: int, remat: str, bui
 
 
 def fmt(rows: list[dict]) -> list[str]:
-    head = ["| model | mesh | schedule | remat | work ratio | FLOPs per device (min-max) | memory compiled | "
+    head = ["| model | mesh | schedule | mode | work ratio | FLOPs per device (min-max) | memory compiled | "
             "memory predicted | error |", "|---|---|---|---|---:|---|---:|---:|---:|"]
     out = []
     for r in rows:
@@ -121,15 +122,17 @@ def main() -> None:
              "Work ratio: compiled matmul FLOPs summed over the 8 devices / the single-device step's (1.00: no "
              "wasted work). Without remat a forward tick keeps its stage's vjp residuals and the backward tick runs "
              "the backward alone (the last stage's forward is folded into its backward), so the pipeline does what "
-             "one device does; under remat \"full\" a backward tick recomputes its stage's forward from the "
+             "one device does; mode \"recompute\" (no stash, no remat: what the planner falls back to where the "
+             "residuals do not fit) recomputes each stage's forward in its backward tick from the buffered input; "
+             "under remat \"full\" a backward tick recomputes its stage's forward from the "
              "buffered input, and the remat each layer's once more (1.38x). Before this run the executor applied "
              "no remat at all (it traced its layers outside the plan's ops context): its \"full\" row was the "
              "no-remat program. MoE GPipe's forward phase is the "
              "statistics sweep, which keeps the residuals (the last stage's too). MoE 1F1B adds the forward-only "
              "statistics sweep.", "",
-             "Before the stash (git d2c22f1, same cases in order): 1.156, 1.156, 1.167, 1.156, 1.167, 1.167, "
-             "1.185, 1.343; memory compiled 4.45, 4.42, 3.33, 4.42, 3.11, 3.11, 2.52, 2.49 MiB (the remat \"full\" "
-             "row without remat: see above). The residual "
+             "Before the stash (git d2c22f1, the same cases but the recompute row, in order): 1.156, 1.156, 1.167, "
+             "1.156, 1.167, 1.167, 1.185, 1.343; memory compiled 4.45, 4.42, 3.33, 4.42, 3.11, 3.11, 2.52, 2.49 MiB "
+             "(the remat \"full\" row without remat: see above). The residual "
              "slots cost memory: each holds one microbatch's residuals of the longest stage (`planner.stages."
              "stash_bytes`), and a backward tick reads one slot's copy.", ""]
     lines += fmt(rows) + [""]
