@@ -16,10 +16,10 @@ cotangents are assigned per device by interval colouring, so the executor holds 
 schedule needs (coloured when first asked for: the planner needs only how many, counted without colouring). The same
 table is the planner's cost: ticks, bubble fraction, peak live buffers, transfers.
 
-Under every remat but "full" (`stashes`) a forward keeps its stage's vjp residuals in a stash slot until its backward,
-which then runs the backward alone; an arriving stage input is then held only until its forward reads it (the last
-stage's, whose forward is folded into its backward, until that backward). Under "full" a backward recomputes its
-stage's forward from the stage input, held until then.
+In pipeline mode "none" (`PIPELINE_MODES`, `stashes`) a forward keeps its stage's vjp residuals in a stash slot
+until its backward, which then runs the backward alone; an arriving stage input is then held only until its forward
+reads it (the last stage's, whose forward is folded into its backward, until that backward). Under "recompute" and
+"full" a backward recomputes its stage's forward from the stage input, held until then.
 """
 
 from __future__ import annotations
