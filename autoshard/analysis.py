@@ -185,8 +185,9 @@ def format_report(stats: Mapping[str, Any], ops: bool = False) -> str:
     mem = stats["memory"]
     mesh = stats.get("mesh") or {}
     lines = [f"mesh: {', '.join(f'{a}={n}' for a, n in mesh.items() if n > 1) or 'single device'}",
-             f"memory per device: {format_bytes(stats['memory_bytes_per_device'])}  (argument {format_bytes(mem['argument'])}"
-             f" + output {format_bytes(mem['output'])} + temp {format_bytes(mem['temp'])} - alias {format_bytes(mem['alias'])})",
+             f"memory per device: {format_bytes(stats['memory_bytes_per_device'])}  (argument "
+             f"{format_bytes(mem['argument'])} + output {format_bytes(mem['output'])} + temp "
+             f"{format_bytes(mem['temp'])} - alias {format_bytes(mem['alias'])})",
              _flops_line(stats), ""]
     rows = [("axes/collective", "count", "bytes sent/device")]
     for key in sorted(stats["comm_bytes"], key=lambda k: -stats["comm_bytes"][k]):

@@ -342,8 +342,7 @@ class Problem:
         choosing dot by dot from the layouts it propagated, all-reduces). Only in the byte-counting objective
         that predicts what XLA compiles for a given plan: when planning, a weight is used where it lies."""
         return (self.objective == "bytes" and isinstance(src, int) and dst is None
-                and self.g.ops[op_index].primitive == "dot_general" and self.values[vid].param is not None
-                and self.values[vid].param in self._tied)
+                and self.g.ops[op_index].primitive == "dot_general" and self.values[vid].param in self._tied)
 
     def _cotangent_uses(self, vid: int) -> int:
         """Backward ops that read the cotangent of `vid`: each operand gradient of the matmul that made it (XLA
@@ -541,7 +540,7 @@ class Problem:
         own: float = 0.0
         shared: dict[tuple, float] = {}
         for (kind, axes, b, n), copies in Counter(self.param_sync(path, c)).items():  # (a loop's blocks: alike)
-            fixed = self.comm_seconds(kind, 0.0, axes) if self.objective == "bytes" else self.comm_seconds(kind, 1.0, axes)
+            fixed = self.comm_seconds(kind, 0.0 if self.objective == "bytes" else 1.0, axes)
             own += copies * n * (self.comm_seconds(kind, b, axes) - fixed)
             shared[(kind, axes, n)] = n * fixed
         return own, shared

@@ -51,6 +51,11 @@ def pipeline_mode(remat: str, stash: bool = True) -> str:
     return "full" if remat == "full" else "none" if stash else "recompute"
 
 
+def mode_settings(mode: str) -> tuple[str, bool]:
+    """(the plan's remat, its pipeline spec's `stash`) of a pipeline mode: `pipeline_mode` the other way."""
+    return ("full", True) if mode == "full" else ("none", mode == "none")
+
+
 def stashes(mode: str) -> bool:
     """Whether a pipeline's forward ticks keep their stage's vjp residuals for the backward tick (no recompute there).
 

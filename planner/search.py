@@ -791,7 +791,7 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
     # equal predicted times (to 6 digits): the simpler layout wins, less tensor, then less fsdp sharding
     rank = lambda p: (float(f"{p.predicted['step_seconds']:.6g}"), p.mesh["seq"], p.mesh["expert"],  # noqa: E731
                       p.mesh["tensor"], p.mesh["fsdp"], order[id(p)])
-    fitting = sorted((p for p in plans if p.predicted["memory_bytes_per_device"] <= budget), key=rank)
+    fitting = sorted((p for p in plans if _fits(p, budget)), key=rank)
     if fitting:
         best = near_tie_winner(fitting)
     else:  # as XLA would realise them none of the leaders fits; the search's own layouts do (XLA's choice is
@@ -822,8 +822,7 @@ def _repredict(graph: Graph, cands: list[Candidate], top: int, budget: float, cl
     where the best unpipelined candidate realises its 34.1 s). None when a fitting one needs a candidate beyond the
     first `exact`, which are all a pruned search guarantees (`search`'s `keep`); past them only the best candidate
     of each kind (with and without a pipeline), which a pruned search always solves, is realised too."""
-    fitting = lambda plans: [p.predicted["step_seconds"] for p in plans  # noqa: E731
-                             if p.predicted["memory_bytes_per_device"] <= budget]
+    fitting = lambda plans: [p.predicted["step_seconds"] for p in plans if _fits(p, budget)]  # noqa: E731
     pruned = any(c.pruned for c in cands)
     leaders = [c for c in cands if c.solution is not None]
     plans: list[Plan] = []
@@ -841,6 +840,11 @@ def _repredict(graph: Graph, cands: list[Candidate], top: int, budget: float, cl
     if pruned and len(plans) == exact < 3 * top and not fitting(plans):  # pruned ones might have come next
         return None
     return plans
+
+
+def _fits(plan: Plan, budget: float) -> bool:
+    """Whether a plan's realised prediction fits the per-device budget."""
+    return plan.predicted["memory_bytes_per_device"] <= budget
 
 
 def _realise(graph: Graph, cand: Candidate, cluster: ClusterSpec, compute_dtype: str) -> Plan:
@@ -909,18 +913,19 @@ def _why(best: Plan, cands: list[Candidate], realised: list[Plan], budget: float
     for key, want in (("best_without_pipeline", False), ("best_with_pipeline", True)):
         pool = [c for c in cands if (c.mesh["pipe"] > 1) == want]
         fitting = [c for c in pool if c.solution is not None]
-        mine = sorted((p for p in realised if (p.mesh["pipe"] > 1) == want
-                       and p.predicted["memory_bytes_per_device"] <= budget), key=lambda p: p.predicted["step_seconds"])
+        mine = sorted((p for p in realised if (p.mesh["pipe"] > 1) == want and _fits(p, budget)),
+                      key=lambda p: p.predicted["step_seconds"])
         if not pool:
             out[key] = {"considered": 0}
         elif not fitting:
             out[key] = {"considered": len(pool), "fits": False}
         else:
-            c = fitting[0]
-            pred = c.pipeline.predicted if c.pipeline else predicted(c.solution)
-            mesh, seconds = c.mesh, c.seconds
             if mine:
                 pred, mesh, seconds = mine[0].predicted, mine[0].mesh, mine[0].predicted["step_seconds"]
+            else:
+                c = fitting[0]
+                pred = c.pipeline.predicted if c.pipeline else predicted(c.solution)
+                mesh, seconds = c.mesh, c.seconds
             entry = {"considered": len(pool), "fits": True, "mesh": {a: n for a, n in mesh.items() if n > 1},
                      "step_seconds": seconds, "memory_bytes_per_device": pred["memory_bytes_per_device"]}
             if "pipeline" in pred:

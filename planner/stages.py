@@ -10,10 +10,11 @@ and each in-stage collective's fixed terms per microbatch, the rest 1/M of the p
 As the executor (`autoshard.pipeline`) runs a stage:
 
 - a forward tick costs the stage's forward (1/passes of its training work); the last stage's is empty;
-- a backward tick runs the backward alone from the residuals its forward kept (`planner.schedule.stashes`: every
-  remat but "full"); under "full" it recomputes the forward from the stage input and runs the backward, the full
-  training work (passes x forward) plus one more forward of its layers. The last stage's backward always runs its
-  forward too (its forward tick is empty), and the first stage's embeds its microbatch again (a lookup);
+- a backward tick runs the backward alone from the residuals its forward kept (pipeline mode "none",
+  `planner.schedule.PIPELINE_MODES`); in mode "recompute" it recomputes the forward from the stage input and runs
+  the backward, the full training work (passes x forward), and under "full" one more forward of its layers. The
+  last stage's backward always runs its forward too (its forward tick is empty), and the first stage's embeds its
+  microbatch again (a lookup);
 - memory: the schedule's stage-input and cotangent buffers, and with the stash each in-flight microbatch's
   residuals of the longest stage (`stash_bytes`: what JAX's linearization saves per layer, `Problem.saved`, counted,
   not fitted: a loop carry XLA cannot fuse into), plus one microbatch's backward working set (`_working_set`);
@@ -48,7 +49,7 @@ from planner.collectives import axis_collective_time, axis_span, bytes_sent, col
 from planner.ilp import ParamChoice, Problem, Solution, exceeds, optimizer_copies
 from planner.layouts import local_nbytes
 from planner.plan import PipelineSpec
-from planner.schedule import IDLE, PIPELINE_MODES, Schedule, check, make_schedule, stashes, warmup
+from planner.schedule import IDLE, PIPELINE_MODES, Schedule, check, make_schedule, mode_settings, stashes, warmup
 from planner.trace import BOUNDARY, CONTRACTIONS, Graph, itemsize
 
 REGIONS = ("embed", "layer", "head")
@@ -79,7 +80,8 @@ class MeshCosts:
     """One stage input [batch, seq, hidden] over the per-replica batch, per device: whole over `tensor`, the plan's
     `layer_input` layout, which the executor pins on what it buffers and sends."""
     carry_wire_bytes: float
-    """`carry_bytes` as a collective-permute moves them (the backend's collective dtype: `ClusterSpec.wire_itemsize`)."""
+    """`carry_bytes` as a collective-permute moves them (the backend's collective dtype:
+    `ClusterSpec.wire_itemsize`)."""
     solution: Solution
     sweep: bool = False
     """MoE layers: the executor runs a forward-only sweep over the schedule first (whole-batch expert counts)."""
@@ -430,13 +432,9 @@ def held_inputs(kind: str, devices: int, microbatches: int, virtual: int = 1) ->
     can share a slot in `make_schedule`'s colouring. Device p runs its `warmup` forwards and one more (unless that
     was all) before its first backward; its k-th forward is of chunk (k // P) mod V (`device_orders`), a stage
     other than the first unless p = 0 and that chunk is 0."""
-    P, M, V = devices, microbatches, virtual
-    most = 0
-    for p in range(P):
-        warm = warmup(kind, P, M, V, p)
-        n = warm + 1 if warm < M * V else warm
-        most = max(most, n if p else sum(1 for k in range(n) if (k // P) % V))
-    return most
+    P, V = devices, virtual
+    return max(n if p else sum(1 for k in range(n) if (k // P) % V)
+               for p, n in enumerate(_forwards_first(kind, devices, microbatches, virtual)))
 
 
 @functools.lru_cache(maxsize=512)
@@ -444,13 +442,17 @@ def held_residuals(kind: str, devices: int, microbatches: int, virtual: int = 1)
     """A lower bound on a stashing schedule's residual slots, as `held_inputs` argues: at a device's first
     backward the residuals of every forward it ran before, of a stage other than the last (whose forward runs in
     its backward), are all held."""
-    P, M, V = devices, microbatches, virtual
-    most = 0
-    for p in range(P):
-        warm = warmup(kind, P, M, V, p)
-        n = warm + 1 if warm < M * V else warm
-        most = max(most, sum(1 for k in range(n) if (k // P) % V * P + p != P * V - 1))
-    return most
+    P, V = devices, virtual
+    return max(sum(1 for k in range(n) if (k // P) % V * P + p != P * V - 1)
+               for p, n in enumerate(_forwards_first(kind, devices, microbatches, virtual)))
+
+
+def _forwards_first(kind: str, devices: int, microbatches: int, virtual: int) -> list[int]:
+    """Per device, the forwards it runs before its first backward: its `warmup` forwards and one more (unless that
+    was all of them)."""
+    total = microbatches * virtual
+    return [w + 1 if w < total else w for w in (warmup(kind, devices, microbatches, virtual, p)
+                                                 for p in range(devices))]
 
 
 def transfer_seconds(costs: MeshCosts, microbatches: int, cluster: ClusterSpec) -> float:
@@ -996,7 +998,8 @@ def _fit(costs: MeshCosts, cluster: ClusterSpec, budget: float, kind: str, M: in
     refined = refine(costs, sched, counts, remat, max(counts))
     if refined != counts and max(stage_memory(costs, refined, sched, remat)) <= budget:
         counts = refined
+    plan_remat, stash = mode_settings(remat)
     choice = evaluate(costs, PipelineSpec(stages=to_ranges(counts), microbatches=M, schedule=kind, virtual=V,
-                                          stash=remat != "recompute"), cluster, remat)
-    choice.predicted["remat"] = "full" if remat == "full" else "none"  # the plan's; the mode is in its spec
+                                          stash=stash), cluster, remat)
+    choice.predicted["remat"] = plan_remat  # the plan's; the mode is in its spec
     return choice

@@ -1,4 +1,5 @@
-"""`autoshard.analysis` (over `autoshard.hlo`): per-device memory / FLOPs / communication read back from compiled train steps.
+"""`autoshard.analysis` (over `autoshard.hlo`): per-device memory / FLOPs / communication read back from compiled
+train steps.
 
 Each plan is compiled once (module fixtures); expected bytes are derived by hand from the model's shapes and the
 parameter shards, so a wrong parser, wrong trip counts or wrong axis attribution shows up as a wrong number.

@@ -9,7 +9,8 @@ import models
 from planner import stages
 from planner.cluster import Link, load_cluster
 from planner.errors import PlanError
-from planner.schedule import B, check, device_orders, make_schedule
+from planner.schedule import (PIPELINE_MODES, B, check, device_orders, make_schedule, mode_settings, pipeline_mode,
+                              stashes)
 from planner.search import _pipeline_costs, trace_model
 
 CPU8 = load_cluster("cpu:8")
@@ -150,3 +151,11 @@ def test_slot_counts_are_the_colourings():
             if kind == "gpipe":  # a MoE statistics sweep keeps the last stage's residuals too: as many slots
                 last = make_schedule.__wrapped__(kind, P, M, V, True, True)
                 assert (last.stash_slot >= 0).sum() == 2 * S * M and last.stash_slots == kept.stash_slots == M
+
+
+def test_pipeline_modes_map_to_plan_settings_and_back():
+    """A plan says its pipeline mode with its remat and its spec's `stash`: the two maps are inverse."""
+    for mode in PIPELINE_MODES:
+        remat, stash = mode_settings(mode)
+        assert pipeline_mode(remat, stash) == mode and stashes(mode) == (mode == "none")
+    assert pipeline_mode("full", stash=False) == "full"  # remat full recomputes whatever the spec says

@@ -13,7 +13,7 @@ from autoshard.train import make_optimizer, parallelize
 from planner.errors import PlanError
 from planner.params import path_str
 from planner.plan import PipelineSpec, Plan
-from planner.schedule import FWD, IDLE, check, make_schedule
+from planner.schedule import FWD, IDLE, check, make_schedule, mode_settings
 
 MODEL = "gpt-tiny:layers=8"
 LR = 1e-4  # small steps keep AdamW's sign-like first updates from amplifying reduction-order noise (test_parallel)
@@ -136,10 +136,10 @@ def test_pipeline_matches_single_device(mesh, schedule, micro, virtual, stage_la
                                         built):
     abstract = models.abstract(MODEL)
     pipe = int(mesh.split("pipe=")[1].split(",")[0])
+    remat, stash = mode_settings(mode)
     spec = pipeline_spec(abstract, pipe, schedule=schedule, microbatches=micro, virtual=virtual,
-                         stage_layers=stage_layers, stash=mode != "recompute")
+                         stage_layers=stage_layers, stash=stash)
     model = models.factory(MODEL) if mesh == FACTORY_CASE else built
-    remat = "full" if mode == "full" else "none"
     losses, grads, _ = _run(rule_plan(abstract, mesh, pipeline=spec, remat=remat), token_batch, model)
     ref_losses, ref_grads = reference
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)

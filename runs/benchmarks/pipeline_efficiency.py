@@ -39,6 +39,7 @@ from autoshard.api import pipeline_spec, predict, rule_plan  # noqa: E402
 from autoshard.analysis import analyze  # noqa: E402
 from autoshard.train import make_optimizer, parallelize  # noqa: E402
 from planner.plan import normalize_mesh  # noqa: E402
+from planner.schedule import mode_settings  # noqa: E402
 
 BATCH, SEQ, MICRO = 16, 64, 4
 CASES = [  # (model, mesh, schedule, virtual, pipeline mode: planner.schedule.PIPELINE_MODES)
@@ -67,9 +68,10 @@ def single_flops(model: str, built, batch) -> float:
 
 def run_case(model: str, mesh: str, schedule: str, virtual: int, remat: str, built, batch, one: float) -> dict:
     abstract = models.abstract(model)
+    plan_remat, stash = mode_settings(remat)
     spec = pipeline_spec(abstract, normalize_mesh(mesh)["pipe"], schedule=schedule, microbatches=MICRO,
-                         virtual=virtual, stash=remat != "recompute")
-    plan = rule_plan(abstract, mesh, pipeline=spec, remat="full" if remat == "full" else "none")
+                         virtual=virtual, stash=stash)
+    plan = rule_plan(abstract, mesh, pipeline=spec, remat=plan_remat)
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     predicted = predict(plan, abstract, shapes, "cpu:8")
     trainer = parallelize(built, make_optimizer(), plan, devices=jax.devices()[:plan.num_devices])
