@@ -336,13 +336,16 @@ class Trainer:
         programs, placed = self._place(batch)
         return programs.grads(self.params, self.rest, placed)
 
-    def compile(self, batch: Any):
-        """The compiled train step for batches shaped like `batch` (for `autoshard.analysis`)."""
+    def compile(self, batch: Any, *, grads: bool = False):
+        """The compiled train step for batches shaped like `batch` (for `autoshard.analysis`); `grads`: the
+        program `step_with_grads` runs (the same step, its gradients also returned). A program that already ran
+        on such batches is not compiled again."""
         emit.check_batch(self.plan, batch)
         programs = self._programs(batch)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=s),
                                 batch, programs.data)
-        return programs.step.lower(self.params, self.opt_state, self.rest, abstract).compile()
+        program = programs.step_and_grads if grads else programs.step
+        return program.lower(self.params, self.opt_state, self.rest, abstract).compile()
 
     def model(self) -> nnx.Module:
         """The model with the current (sharded) parameters."""
