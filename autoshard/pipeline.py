@@ -61,12 +61,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from autoshard import emit, ops
-from planner.jax_internals import eval_jaxpr, split_on_last_input, varying_axes
+from planner.jax_internals import (BackwardSplit, eval_jaxpr, split_backward, split_on_last_input,
+                                   varying_axes)
 from planner.errors import PlanError
 from planner.params import path_str
 from planner.plan import BATCH_AXES, Plan, SpecEntry
 from planner.rules import ParamInfo
-from planner.schedule import (BWD, BWD_FIRST, BWD_LAST, FWD, FWD_FIRST, Schedule, check, make_schedule,
+from planner.schedule import (BWD, BWD_FIRST, BWD_LAST, FWD, FWD_FIRST, WGT, Schedule, check, make_schedule,
                               pipeline_mode, receive_permutations, stashes)
 
 LAYERS = "blocks"
@@ -219,6 +220,9 @@ class Pipeline:
         own = {p: self._own_axes(p) for p in flat}
         batch_spec = emit.batch_specs(self.plan, batch)  # the layout the trainer placed each leaf in
         metric_names, moe = self._probe(rest, batch)
+        if moe is not None and self.schedule.w_ticks is not None:
+            raise PlanError("the zb schedule does not run MoE layers yet (their balancing statistics sweep is not "
+                            "split into B and W): use --schedule 1f1b or gpipe")
         if moe is not None and self.stash and self.schedule.forwards_first:  # the sweep keeps the last stage's too
             self.schedule = make_schedule(self.plan.pipeline.schedule, self.P, self.M, self.V, True, stash_last=True)
 
@@ -260,7 +264,7 @@ class Pipeline:
     def _tables(self, sweep: bool) -> dict[str, Any]:
         s = self.schedule
         names = ("code", "chunk", "microbatch", "in_slot", "cot_slot", "recv_act", "recv_cot") \
-            + (("stash_slot",) if self.stash else ())
+            + (("stash_slot",) if self.stash else ()) + (("grad_slot",) if s.w_ticks is not None else ())
         if not sweep:
             return {name: jnp.asarray(getattr(s, name)) for name in names}
         # the forward-only sweep for layer statistics (MoE): the forward ticks in the same order, with the last
@@ -318,6 +322,7 @@ class Pipeline:
               moe: dict[str, Any] | None):
         P, V, M = self.P, self.V, self.M
         vary = self.manual
+        zb = self.schedule.w_ticks is not None
         # Varying over every manual axis up front: the vjp of a device-invariant weight against batch-varying
         # activations would otherwise psum inside every tick (jax-idioms.md, pcast).
         layers = {k: _vary_all(v[0], vary) for k, v in layers.items()}                       # [V, Lmax, ...]
@@ -429,7 +434,12 @@ class Pipeline:
                 return ((y, st["prob_sum"]) if moe else y), st
 
             # residuals kept from each forward for its backward (`stashes`): their structure, probed once
-            stash = _Stash.probe(stage_fn, chunk_of(0), tables["chunk"][0][me], zero_x) if self.stash else None
+            c0 = tables["chunk"][0][me]
+            stash = _Stash.probe(stage_fn, chunk_of(0), c0, zero_x) if self.stash else None
+            # zb: the backward cut into B (the input gradient) and W (the weight gradients), which shares what
+            # it needs from B through grad slots (`_Split`)
+            split = _Split.probe(stash, chunk_of(0), c0, zero_x, varying) if zb else None
+            n_kept = len(stash.shapes) if stash is not None else 0
 
             def forward(c, h):
                 """The chunk's output, statistics and the residuals to keep (none without stash)."""
@@ -440,13 +450,18 @@ class Pipeline:
                 return (out[0] if moe else out), st, kept
 
             def kept_slot(bufs, row):
-                """(slot, its residuals): what a forward tick overwrites or a backward tick reads; every tick
-                writes back what its branch returns (unchanged but by a forward), so no buffer is copied whole."""
-                slot = jnp.maximum(row["stash_slot"][me], 0) if bufs else None
-                return slot, [b[slot] for b in bufs]
+                """(slots, their values): the residuals a forward tick overwrites or a backward tick reads, then
+                (zb) what a B tick saves for its W in its grad slot; every tick writes back what its branch
+                returns (unchanged but by a forward or a B), so no buffer is copied whole."""
+                if not bufs:
+                    return [], []
+                slots = [jnp.maximum(row["stash_slot"][me], 0)] * n_kept
+                if len(bufs) > n_kept:
+                    slots += [jnp.maximum(row["grad_slot"][me], 0)] * (len(bufs) - n_kept)
+                return slots, [b[k] for b, k in zip(bufs, slots)]
 
-            def write_back(bufs, slot, kept):
-                return [jax.lax.dynamic_update_index_in_dim(b, v, slot, 0) for b, v in zip(bufs, kept)]
+            def write_back(bufs, slots, kept):
+                return [jax.lax.dynamic_update_index_in_dim(b, v, k, 0) for b, v, k in zip(bufs, kept, slots)]
 
             coef = None
             moe_out = ()
@@ -533,15 +548,23 @@ class Pipeline:
                 return zero_x, zero_x, acc, kept
 
             def fwd(c, i, h, g, acc, kept):
-                y, _, kept = forward(c, h)
-                return y, zero_x, acc, kept
+                y, _, new = forward(c, h)
+                return y, zero_x, acc, new + kept[len(new):]
 
             def fwd_first(c, i, h, g, acc, kept):
                 return fwd(c, i, embed(i), g, acc, kept)
 
             def bwd(c, i, h, g, acc, kept):
+                if split is not None:  # B: the input gradient, saving what W needs
+                    dh, saved = split.b(kept[:n_kept], chunk_of(c), c, h, cotangent(c, g), vary)
+                    return zero_x, dh, acc, kept[:n_kept] + saved
                 dw, dh = backward(c, h, g, kept)
                 return zero_x, dh, (add_chunk(acc[0], c, dw), acc[1], acc[2]), kept
+
+            def wgt(c, i, h, g, acc, kept):
+                """zb's W: the chunk's weight gradients from its residuals and what its B saved."""
+                dw = split.w(kept[:n_kept], chunk_of(c), c, kept[n_kept:])
+                return zero_x, zero_x, (add_chunk(acc[0], c, dw), acc[1], acc[2]), kept
 
             def bwd_last(c, i, h, g, acc, kept):
                 batch_i = mb(i)
@@ -555,7 +578,13 @@ class Pipeline:
                     y, aux = (out[0], jnp.sum(index(coef, c) * out[1])) if moe else (out, 0.0)
                     loss, metrics = head(o, y)
                     return loss + aux, metrics
-                if self.schedule.stash_last:  # its forward ran in the sweep: h is its output
+                if split is not None:  # zb: its forward, then its B; its W comes later from what both keep
+                    y, _, new = forward(c, h)
+                    _, vjp, (loss, metrics) = jax.vjp(head, other_list, y, has_aux=True)
+                    do, dy = vjp(one)
+                    dh, saved = split.b(new, chunk_of(c), c, h, cotangent(c, dy), vary)
+                    dw, kept = None, new + saved
+                elif self.schedule.stash_last:  # its forward ran in the sweep: h is its output
                     _, vjp, (loss, metrics) = jax.vjp(head, other_list, h, has_aux=True)
                     do, dy = vjp(one)
                     dw, dh = backward(c, h, dy, kept)
@@ -564,7 +593,8 @@ class Pipeline:
                     dw, do, dh = vjp(one)
                 values = [loss] + [metrics[k] for k in metric_names]
                 sums = [s + v.astype(jnp.float32) * scale for s, v in zip(acc[2], values)]
-                return zero_x, dh, (add_chunk(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)], sums), kept
+                layers_acc = acc[0] if dw is None else add_chunk(acc[0], c, dw)
+                return zero_x, dh, (layers_acc, [a + d for a, d in zip(acc[1], do)], sums), kept
 
             def bwd_first(c, i, h, g, acc, kept):
                 batch_i = mb(i)
@@ -572,13 +602,18 @@ class Pipeline:
                 def embed_o(o):
                     return model_of(dict(zip(other_paths, o))).embed_inputs(batch_i)
                 x, vjp = jax.vjp(embed_o, other_list)  # the stage input again: a lookup, no matmul
+                if split is not None:
+                    dh, saved = split.b(kept[:n_kept], chunk_of(c), c, x, cotangent(c, g), vary)
+                    (do,) = vjp(dh)
+                    return zero_x, zero_x, (acc[0], [a + d for a, d in zip(acc[1], do)], acc[2]), \
+                        kept[:n_kept] + saved
                 dw, dh = backward(c, x, g, kept)
                 (do,) = vjp(dh)
                 return zero_x, zero_x, (add_chunk(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)], acc[2]), kept
 
-            branches = [None] * 6
+            branches = [None] * (7 if zb else 6)
             for code, fn in ((0, idle), (FWD, fwd), (FWD_FIRST, fwd_first), (BWD, bwd), (BWD_LAST, bwd_last),
-                             (BWD_FIRST, bwd_first)):
+                             (BWD_FIRST, bwd_first)) + (((WGT, wgt),) if zb else ()):
                 branches[code] = fn
 
             acc0 = ([varying(layers[p].shape, layers[p].dtype) for p in layer_paths],
@@ -606,6 +641,8 @@ class Pipeline:
                 acts0, bufs0 = swept, swept_bufs
             else:
                 acts0, bufs0 = buffer(k_act), stash.buffers(self.schedule.stash_slots, varying) if stash else []
+                if zb:
+                    bufs0 += split.buffers(self.schedule.grad_slots, varying)
             (_, _, _, (g_layers, g_other, sums)), _ = jax.lax.scan(tick, (acts0, buffer(k_cot), bufs0, acc0), main)
 
         def reduce(g, path, axes):  # a weight split over a manual axis (expert) is not summed over it
@@ -670,6 +707,38 @@ class _Stash:
 
     def buffers(self, slots: int, zeros: Callable) -> list[jax.Array]:
         return [zeros((slots,) + x.shape, x.dtype) for x in self.shapes]
+
+
+@dataclasses.dataclass
+class _Split:
+    """zb's backward of a stage cut in two (`jax_internals.split_backward`): B, the stage input's cotangent from
+    the kept residuals, and W, the weight gradients from the same residuals and what B saved for it (per layer, the
+    cotangents the weight gradients read), so that no equation of the backward runs twice."""
+
+    cut: BackwardSplit
+    n_weights: int
+
+    @classmethod
+    def probe(cls, stash: _Stash, w: list[jax.Array], c: jax.Array, h: jax.Array, zeros: Callable) -> "_Split":
+        """The stash's backward `(kept, w, c, h, ct) -> (dw, dh)` traced once (never run) and cut; W is given the
+        residuals, weights and chunk, not the stage input or the cotangent (their buffers are reused by then)."""
+        kept = [zeros(a.shape, a.dtype) for a in stash.shapes]
+        closed = jax.make_jaxpr(lambda k, w, c, h, ct: stash.backward(k, w, c, h, ct))(kept, w, c, h, h)
+        n = len(kept) + len(w) + 1
+        cut = split_backward(closed, [False] * len(w) + [True], [True] * n + [False] * (len(closed.jaxpr.invars) - n))
+        return cls(cut, len(w))
+
+    def b(self, kept: list[jax.Array], w: list[jax.Array], c: jax.Array, h: jax.Array, ct: jax.Array,
+          vary: tuple[str, ...]) -> tuple[jax.Array, list[jax.Array]]:
+        """(dh, what W needs)."""
+        (dh,), saved = self.cut.b(*kept, *w, c, h, ct)
+        return dh, [_vary_all(x, vary) for x in saved]
+
+    def w(self, kept: list[jax.Array], w: list[jax.Array], c: jax.Array, saved: list[jax.Array]) -> list[jax.Array]:
+        return self.cut.w(*kept, *w, c, None, None, *saved)
+
+    def buffers(self, slots: int, zeros: Callable) -> list[jax.Array]:
+        return [zeros((slots,) + tuple(a.shape), a.dtype) for a in self.cut.interface_avals]
 
 
 def _drop_axes(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:

@@ -413,3 +413,283 @@ def cost_stats(compiled: Any) -> dict[str, float]:
     if not isinstance(ca, dict):
         raise JaxInternalsError("compiled.cost_analysis()", f"a {type(ca).__name__}, not a dict")
     return {str(k): float(v) for k, v in ca.items() if isinstance(v, (int, float))}
+
+
+# -- splitting a backward pass (zero-bubble pipelines) --------------------------------------------------------------
+
+def _bind_eqn(eqn: Any, ins: list[Any]) -> list[Any]:
+    """Run one equation on `ins` as `jax.core.eval_jaxpr` does (its name stack and context kept)."""
+    from jax._src import source_info_util
+
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
+        out = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _mark(atoms: Sequence[Any], flags: Sequence[bool], need: set[Any]) -> None:
+    need.update(v for v, f in zip(atoms, flags) if f and not is_literal(v))
+
+
+def _picked(items: Sequence[Any], flags: Sequence[bool]) -> list[Any]:
+    return [x for x, f in zip(items, flags) if f]
+
+
+@dataclasses.dataclass
+class _Step:
+    """One equation of a `_Level`: run by B ("b"), by W ("w"), or split between them ("split", `sub` says how)."""
+
+    eqn: Any
+    kind: str
+    sub: _CallSplit | _ScanSplit | None = None
+
+
+class _Level:
+    """One jaxpr cut into its B and its W part.
+
+    `b_out`/`w_out`: which outputs each part returns (W's never overlap B's); `w_readable`: which inputs W receives
+    itself (a scan body's B carries it does not: their per-iteration values are interface). An equation goes to B if
+    B needs one of its outputs (or it has effects and nobody does, so that it still runs once), to W if only W does;
+    a `scan` or call both need is split (`_split_eqn`); every other one both need runs in B. The interface is, in
+    order, this level's values W reads that it does not make or receive itself, then each split equation's own."""
+
+    def __init__(self, body: Body, b_out: Sequence[bool], w_out: Sequence[bool], w_readable: Sequence[bool]):
+        self.body, self.b_out, self.w_out, self.w_readable = body, list(b_out), list(w_out), list(w_readable)
+        jaxpr = body.jaxpr
+        need_b: set[Any] = set()
+        need_w: set[Any] = set()
+        _mark(jaxpr.outvars, self.b_out, need_b)
+        _mark(jaxpr.outvars, self.w_out, need_w)
+        steps: list[_Step] = []
+        for eqn in reversed(jaxpr.eqns):
+            nb = any(v in need_b for v in eqn.outvars)
+            nw = any(v in need_w for v in eqn.outvars)
+            if not (nb or nw or eqn.effects):
+                continue  # dead: neither part runs it
+            sub = _split_eqn(eqn, need_b, need_w) if nb and nw else None
+            if sub is not None:
+                _mark(eqn.invars, sub.b_reads, need_b)
+                _mark(eqn.invars, sub.w_reads, need_w)
+                steps.append(_Step(eqn, "split", sub))
+            else:
+                kind = "w" if nw and not nb else "b"
+                _mark(eqn.invars, [True] * len(eqn.invars), need_w if kind == "w" else need_b)
+                steps.append(_Step(eqn, kind))
+        self.steps = steps[::-1]
+        w_made = {*jaxpr.constvars, *_picked(jaxpr.invars, self.w_readable)}
+        for st in self.steps:
+            if st.kind != "b":
+                w_made.update(st.eqn.outvars if st.kind == "w" else _picked(st.eqn.outvars, st.sub.w_makes))
+        defined = [*jaxpr.invars, *(v for st in self.steps for v in st.eqn.outvars)]
+        self.iface = list(dict.fromkeys(v for v in defined if v in need_w and v not in w_made))
+        self.b_reads = [v in need_b for v in jaxpr.invars]
+        self.w_needs = [v in need_w for v in jaxpr.invars]
+        self.w_reads = [n and r for n, r in zip(self.w_needs, self.w_readable)]
+        subs = [st.sub for st in self.steps if st.sub is not None]
+        self.iface_avals = [v.aval for v in self.iface] + [a for s in subs for a in s.iface_avals]
+
+    def run_b(self, args: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        """B's outputs and the interface, from the inputs (those B does not read may be None)."""
+        jaxpr = self.body.jaxpr
+        env = dict(zip(jaxpr.constvars, self.body.consts))
+        env.update(zip(jaxpr.invars, args))
+        inner: list[Any] = []
+        for st in self.steps:
+            if st.kind == "b":
+                env.update(zip(st.eqn.outvars, _bind_eqn(st.eqn, [_read(env, v) for v in st.eqn.invars])))
+            elif st.kind == "split":
+                outs, iface = st.sub.run_b([_read(env, v, None) for v in st.eqn.invars])
+                env.update(zip(_picked(st.eqn.outvars, st.sub.b_makes), outs))
+                inner += iface
+        return ([_read(env, v) for v in _picked(jaxpr.outvars, self.b_out)],
+                [env[v] for v in self.iface] + inner)
+
+    def run_w(self, args: Sequence[Any], iface: Sequence[Any]) -> list[Any]:
+        """W's outputs from the inputs (those W does not read may be None) and the interface B made."""
+        jaxpr = self.body.jaxpr
+        env = dict(zip(jaxpr.constvars, self.body.consts))
+        env.update(zip(_picked(jaxpr.invars, self.w_readable), _picked(args, self.w_readable)))
+        env.update(zip(self.iface, iface))
+        rest = list(iface[len(self.iface):])
+        for st in self.steps:
+            if st.kind == "w":
+                env.update(zip(st.eqn.outvars, _bind_eqn(st.eqn, [_read(env, v) for v in st.eqn.invars])))
+            elif st.kind == "split":
+                n = len(st.sub.iface_avals)
+                outs = st.sub.run_w([_read(env, v, None) for v in st.eqn.invars], rest[:n])
+                env.update(zip(_picked(st.eqn.outvars, st.sub.w_makes), outs))
+                rest = rest[n:]
+        return [_read(env, v) for v in _picked(jaxpr.outvars, self.w_out)]
+
+
+_MISSING = object()
+
+
+def _read(env: dict[Any, Any], v: Any, default: Any = _MISSING) -> Any:
+    if is_literal(v):
+        return v.val
+    return env[v] if default is _MISSING else env.get(v, default)
+
+
+class _CallSplit:
+    """A call both parts need, split through: its body runs as a `_Level` in each (no custom derivative is lost:
+    a backward pass is not differentiated again)."""
+
+    def __init__(self, eqn: Any, body: Body, need_b: set[Any], need_w: set[Any]):
+        skip = len(eqn.invars) - len(body.jaxpr.invars)  # a call's body runs on its trailing operands
+        self.skip = skip
+        self.b_makes = [v in need_b for v in eqn.outvars]
+        self.w_makes = [v in need_w and v not in need_b for v in eqn.outvars]
+        self.level = _Level(body, self.b_makes, self.w_makes, [True] * len(body.jaxpr.invars))
+        self.b_reads = [False] * skip + self.level.b_reads
+        self.w_reads = [False] * skip + self.level.w_reads
+        self.iface_avals = self.level.iface_avals
+
+    def run_b(self, ins: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        return self.level.run_b(ins[self.skip:])
+
+    def run_w(self, ins: Sequence[Any], iface: Sequence[Any]) -> list[Any]:
+        return self.level.run_w(ins[self.skip:], iface)
+
+
+class _ScanSplit:
+    """A `scan` both parts need, split into a B scan and a W scan of the same length and direction.
+
+    The B scan carries the carries B needs (those whose results B reads, and every carry they read: a fixed point)
+    and emits the body's interface as extra stacked outputs; the W scan carries the rest (a weight gradient summed
+    over the iterations) and reads the consts and xs it needs and that stacked interface as xs. Interface values
+    that do not change between iterations are stacked all the same."""
+
+    def __init__(self, eqn: Any, need_b: set[Any], need_w: set[Any]):
+        info = scan(eqn)
+        self.eqn, self.info = eqn, info
+        nc, nk = info.num_consts, info.num_carry
+        nx = len(eqn.invars) - nc - nk
+        carry_outs, ys = eqn.outvars[:nk], eqn.outvars[nk:]
+        ys_b = [v in need_b for v in ys]
+        ys_w = [v in need_w and v not in need_b for v in ys]
+        in_b = {k for k, v in enumerate(carry_outs) if v in need_b}
+        in_w = {k for k, v in enumerate(carry_outs) if v in need_w} - in_b
+        while True:  # grow the carry sets until each part has every carry it reads
+            level = _Level(info.body, [k in in_b for k in range(nk)] + ys_b,
+                           [k in in_w for k in range(nk)] + ys_w,
+                           [True] * nc + [k in in_w for k in range(nk)] + [True] * nx)
+            grown_b = in_b | {k for k in range(nk) if level.b_reads[nc + k]}
+            grown_w = (in_w | {k for k in range(nk) if level.w_needs[nc + k]}) - grown_b
+            if (grown_b, grown_w) == (in_b, in_w):
+                break
+            in_b, in_w = grown_b, grown_w
+        self.level, self.carry_b, self.carry_w = level, sorted(in_b), sorted(in_w)
+        self.b_makes = [k in in_b for k in range(nk)] + ys_b
+        self.w_makes = [k in in_w for k in range(nk)] + ys_w
+        self.b_reads = level.b_reads[:nc] + [k in in_b for k in range(nk)] + level.b_reads[nc + nk:]
+        self.w_reads = level.w_reads[:nc] + [k in in_w for k in range(nk)] + level.w_reads[nc + nk:]
+        self.iface_avals = [a.update(shape=(info.length, *a.shape)) for a in level.iface_avals]
+
+    def _scan(self, body: Callable, carry: list[Any], xs: Any) -> Any:
+        p = self.eqn.params
+        return jax.lax.scan(body, carry, xs, length=self.info.length, reverse=bool(p.get("reverse", False)),
+                            unroll=p.get("unroll", 1))
+
+    def _body_args(self, ins: Sequence[Any], carries: Sequence[int], carry: Sequence[Any], xs: Sequence[bool],
+                   x: Sequence[Any]) -> list[Any]:
+        nc, nk = self.info.num_consts, self.info.num_carry
+        args = [*ins[:nc], *[None] * (len(ins) - nc)]
+        for k, c in zip(carries, carry):
+            args[nc + k] = c
+        for i, xi in zip(_picked(range(nc + nk, len(ins)), xs), x):
+            args[i] = xi
+        return args
+
+    def run_b(self, ins: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        nc, nk = self.info.num_consts, self.info.num_carry
+        xs = self.level.b_reads[nc + nk:]
+
+        def body(carry, x):
+            outs, iface = self.level.run_b(self._body_args(ins, self.carry_b, carry, xs, x))
+            return outs[:len(carry)], (outs[len(carry):], iface)
+
+        carry, (ys, iface) = self._scan(body, [ins[nc + k] for k in self.carry_b], _picked(ins[nc + nk:], xs))
+        return [*carry, *ys], iface
+
+    def run_w(self, ins: Sequence[Any], iface: Sequence[Any]) -> list[Any]:
+        nc, nk = self.info.num_consts, self.info.num_carry
+        xs = self.level.w_reads[nc + nk:]
+
+        def body(carry, x):
+            outs = self.level.run_w(self._body_args(ins, self.carry_w, carry, xs, x[0]), x[1])
+            return outs[:len(carry)], outs[len(carry):]
+
+        carry, ys = self._scan(body, [ins[nc + k] for k in self.carry_w], (_picked(ins[nc + nk:], xs), list(iface)))
+        return [*carry, *ys]
+
+
+def _split_eqn(eqn: Any, need_b: set[Any], need_w: set[Any]) -> _CallSplit | _ScanSplit | None:
+    """How an equation both parts need is split between them; None: it is not (it runs in B)."""
+    if eqn.primitive.name == "scan":
+        return _ScanSplit(eqn, need_b, need_w)
+    body = call_body(eqn)
+    return None if body is None else _CallSplit(eqn, body, need_b, need_w)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardSplit:
+    """A backward pass cut into B (the input gradients: on a pipeline's critical path) and W (the weight
+    gradients: deferred into the schedule's bubbles), as a zero-bubble schedule (ZB-H1) runs them.
+
+    `b(*inputs) -> (b_outputs, interface)`; `w(*inputs, *interface) -> w_outputs` (W may be given None for the
+    inputs it does not read, `w_inputs` says which it does). Both are Python functions that run the backward's
+    equations one by one (trace them under `jax.jit`, `jax.shard_map`, or `jax.make_jaxpr` to see what each runs);
+    `interface_avals`: the shapes and dtypes of the interface (a pipeline's stash buffers)."""
+
+    level: _Level
+
+    def b(self, *inputs: Any) -> tuple[list[Any], list[Any]]:
+        self._check(len(inputs), 0)
+        return self.level.run_b(inputs)
+
+    def w(self, *inputs_and_interface: Any) -> list[Any]:
+        n = len(self.level.body.jaxpr.invars)
+        self._check(n, len(inputs_and_interface) - n)
+        return self.level.run_w(inputs_and_interface[:n], inputs_and_interface[n:])
+
+    @property
+    def interface_avals(self) -> list[Any]:
+        return list(self.level.iface_avals)
+
+    @property
+    def n_interface(self) -> int:
+        return len(self.level.iface_avals)
+
+    @property
+    def w_inputs(self) -> list[bool]:
+        return list(self.level.w_reads)
+
+    def _check(self, n_inputs: int, n_interface: int) -> None:
+        want = len(self.level.body.jaxpr.invars)
+        if n_inputs != want or n_interface not in (0, self.n_interface):
+            raise TypeError(f"the backward takes {want} inputs (then {self.n_interface} interface values for W); "
+                            f"got {n_inputs} and {n_interface}")
+
+
+def split_backward(closed: Any, b_outputs: Sequence[bool], w_inputs: Sequence[bool] | None = None
+                   ) -> BackwardSplit:
+    """Split a backward pass (a `ClosedJaxpr`, as `jax.make_jaxpr` gives it) into B, which makes the outputs
+    `b_outputs` marks (the stage input's cotangent), and W, which makes the others (the weight gradients), with no
+    equation run by both: B hands W the values it made that W needs (the interface) instead.
+
+    Where one equation feeds both, a `scan` (a layer stack's transposed loop) becomes a B scan and a W scan, and a
+    call (`CALLS`: jit, remat, custom_jvp/vjp, ...) is split through its body, both recursively; any other equation
+    (`cond`, `while`, a collective's `psum` of both) runs wholly in B and its outputs W needs become interface:
+    correct, only less deferred. Returns Python callables rather than jaxprs: a split scan is a new `lax.scan` over
+    Python bodies, so no scan equation has to be built by hand (its parameters differ between jax releases).
+    `w_inputs`: the inputs W may be given itself (default all); one it needs but is not given is interface (a
+    pipeline's W tick has its residuals and weights, not the cotangent its B read, whose buffer is reused)."""
+    body = open_jaxpr(closed)
+    b_out = [bool(x) for x in b_outputs]
+    n = len(body.jaxpr.invars)
+    readable = [True] * n if w_inputs is None else [bool(x) for x in w_inputs]
+    if len(b_out) != len(body.jaxpr.outvars) or len(readable) != n:
+        raise ValueError(f"b_outputs has {len(b_out)} flags for {len(body.jaxpr.outvars)} outputs, w_inputs "
+                         f"{len(readable)} for {n} inputs")
+    return BackwardSplit(_Level(body, b_out, [not x for x in b_out], readable))

@@ -7,7 +7,13 @@ microbatches M. Each device runs an ordered list of forward (F) and backward (B)
 - `1f1b`: P-p-1 warm-up forwards on device p, then one forward / one backward alternately, then the rest of the
   backwards (holds at most P-p microbatches);
 - `interleaved`: 1F1B over V chunks per device (stage s = v*P + p lives on device p as chunk v), forwards and
-  backwards walking the chunks in groups of P microbatches (Narayanan et al. 2021); it shortens the bubble by V.
+  backwards walking the chunks in groups of P microbatches (Narayanan et al. 2021); it shortens the bubble by V;
+- `zb`: zero bubble (after ZB-H1 of Qi et al. 2023): each backward split into B, the input gradient the previous
+  stage waits for, and W, the weight gradient nothing waits for. F and B keep 1F1B's order; W ops fill the ticks a
+  device would idle (`_place_zb`), a microbatch "in flight" (its residuals held) from its forward to its W, at most
+  1F1B's P-p on device p. With unit F, B, W that is 3M + 2(P-1) ticks, a bubble of (P-1)(F+B) against 1F1B's
+  (P-1)(F+B+W) with the fused backward, and one grad slot a device. It needs V=1 and the stash (mode "none"): W
+  reads the forward's residuals and the cotangents its B saved ("grad" slots), never recomputing.
 
 The lists are placed on a common clock by greedy list scheduling with unit-time ops: an op runs at the first tick
 at which its inputs have arrived (a forward needs the previous stage's forward of that microbatch, a backward the
@@ -33,11 +39,13 @@ import numpy as np
 from planner.errors import PlanError
 from planner.plan import SCHEDULES
 
-IDLE, FWD, FWD_FIRST, BWD, BWD_LAST, BWD_FIRST = range(6)
+IDLE, FWD, FWD_FIRST, BWD, BWD_LAST, BWD_FIRST, WGT = range(7)
 """Op codes in the executor's table. The last stage's forward is IDLE in the code table (its backward recomputes
-the forward through the head and loss), but it still occupies its tick and orders the schedule."""
+the forward through the head and loss), but it still occupies its tick and orders the schedule. In a zb table the
+BWD codes are the B op only (the input gradient, saving what W needs in a grad slot) and WGT is the W op: the
+weight gradient of (chunk, microbatch) from its stashed residuals and the grad slot its B wrote."""
 
-F, B = "F", "B"
+F, B, W = "F", "B", "W"
 
 
 PIPELINE_MODES = ("none", "recompute", "full")
@@ -78,16 +86,18 @@ class Schedule:
     virtual: int
     microbatches: int
     code: np.ndarray
-    """What each device computes at each tick (IDLE, FWD, FWD_FIRST, BWD, BWD_LAST, BWD_FIRST)."""
+    """What each device computes at each tick (IDLE, FWD, FWD_FIRST, BWD, BWD_LAST, BWD_FIRST, WGT)."""
     chunk: np.ndarray
     """Which of the device's V layer chunks the op runs (0 when idle)."""
     microbatch: np.ndarray
     act_slots: int
     cot_slots: int
     phase: np.ndarray
-    """0 idle, 1 forward, 2 backward: the schedule's own view (the last stage's forward counts as a forward)."""
+    """0 idle, 1 forward, 2 backward (zb: its B), 3 weight gradient (zb's W): the schedule's own view (the last
+    stage's forward counts as a forward)."""
     op_ticks: np.ndarray
-    """The tick of every op, [stage, forward / backward, microbatch]: what the buffer tables are coloured from."""
+    """The tick of every op, [stage, forward / backward, microbatch]: what the buffer tables are coloured from (zb:
+    the backward is the B op)."""
     stash: bool = False
     """Forwards keep their vjp residuals for their backward (`stashes`): stage inputs are held only to the forward."""
     stash_slots: int = 0
@@ -95,11 +105,15 @@ class Schedule:
     `stash_last`) has run on a device and their backward not yet (0 without stash)."""
     stash_last: bool = False
     """The last stage's forward keeps its residuals too: where a MoE statistics sweep runs it (GPipe's)."""
+    w_ticks: np.ndarray | None = None
+    """zb: the tick of every W op, [stage, microbatch] (None for the other kinds, whose backward is one op)."""
+    grad_slots: int = 0
+    """zb: slots per device for what a B saves for its W (the most microbatches between the two); 0 otherwise."""
 
     @functools.cached_property
     def _slot_tables(self) -> tuple[np.ndarray, ...]:
-        """(in_slot, cot_slot, recv_act, recv_cot, stash_slot), coloured when first asked for (the executor needs
-        them, the planner only the slot counts)."""
+        """(in_slot, cot_slot, recv_act, recv_cot, stash_slot, grad_slot), coloured when first asked for (the
+        executor needs them, the planner only the slot counts)."""
         return _slot_tables(self)
 
     @property
@@ -124,8 +138,14 @@ class Schedule:
 
     @property
     def stash_slot(self) -> np.ndarray:
-        """The residual slot a forward writes (at the end of its tick) and its backward reads (-1: none)."""
+        """The residual slot a forward writes (at the end of its tick) and its backward reads (-1: none); zb: its W
+        reads it too, and the last stage's B (BWD_LAST, its forward folded in) writes it for its W."""
         return self._slot_tables[4]
+
+    @property
+    def grad_slot(self) -> np.ndarray:
+        """zb: the grad slot a B writes (at the end of its tick) and its W reads (-1: none; all -1 for other kinds)."""
+        return self._slot_tables[5]
 
     @property
     def ticks(self) -> int:
@@ -150,11 +170,12 @@ class Schedule:
 
     @property
     def bubble(self) -> float:
-        """Idle fraction of device-ticks under unit-time ops: 1 - 2*M*V / T."""
-        return 1.0 - 2.0 * self.microbatches * self.virtual / self.ticks
+        """Idle fraction of device-ticks under unit-time ops: 1 - 2*M*V / T (zb, three ops a microbatch: 3*M*V)."""
+        ops = 3.0 if self.w_ticks is not None else 2.0
+        return 1.0 - ops * self.microbatches * self.virtual / self.ticks
 
     def timeline(self) -> list[str]:
-        """Rows `stage p: F0 F1 . B0 ...` (stage x tick), chunk as a suffix letter when V > 1."""
+        """Rows `stage p: F0 F1 . B0 ... W0` (stage x tick), chunk as a suffix letter when V > 1."""
         rows = []
         for p in range(self.devices):
             cells = []
@@ -162,7 +183,7 @@ class Schedule:
                 if not self.phase[t, p]:
                     cells.append(".")
                     continue
-                tag = f"{'.FB'[self.phase[t, p]]}{self.microbatch[t, p]}"
+                tag = f"{'.FBW'[self.phase[t, p]]}{self.microbatch[t, p]}"
                 cells.append(tag + ("abcdefgh"[self.chunk[t, p]] if self.virtual > 1 else ""))
             width = max(len(c) for c in cells)
             rows.append(f"device {p}: " + " ".join(c.ljust(width) for c in cells))
@@ -171,8 +192,14 @@ class Schedule:
 
 
 def device_orders(kind: str, devices: int, microbatches: int, virtual: int = 1) -> list[list[tuple[str, int, int]]]:
-    """Per device, its ordered ops (F or B, chunk, microbatch): `_order_ids` decoded."""
+    """Per device, its ordered ops (F or B, chunk, microbatch): `_order_ids` decoded; zb's with its W ops, read off
+    its placement (where a W goes depends on when the Bs around it can run)."""
     M = microbatches
+    if kind == "zb":
+        ticks, w = _place_zb(devices, M)
+        return [[op for _, op in sorted([((int(ticks[p, b, i]), b), (B if b else F, 0, i))
+                                         for b in (0, 1) for i in range(M)]
+                                        + [((int(w[p, i]), 2), (W, 0, i)) for i in range(M)])] for p in range(devices)]
     ids = _order_ids(kind, devices, M, virtual)
     stage, backward, mb = (ids // (2 * M)).tolist(), ((ids // M) % 2).tolist(), (ids % M).tolist()
     return [[(B if b else F, s // devices, i) for s, b, i in zip(*rows)] for rows in zip(stage, backward, mb)]
@@ -180,12 +207,12 @@ def device_orders(kind: str, devices: int, microbatches: int, virtual: int = 1) 
 
 def warmup(kind: str, devices: int, microbatches: int, virtual: int, device: int) -> int:
     """How many forwards `device` runs before it alternates one forward and one backward: all of them under GPipe,
-    the microbatches still to enter the later devices under 1F1B, and with V chunks (Narayanan et al. 2021) two a
-    later device plus one round of the other chunks."""
+    the microbatches still to enter the later devices under 1F1B (and zb, whose F / B order is 1F1B's), and with V
+    chunks (Narayanan et al. 2021) two a later device plus one round of the other chunks."""
     P, M, V, p = devices, microbatches, virtual, device
     if kind == "gpipe":
         return M * V
-    if kind == "1f1b":
+    if kind in ("1f1b", "zb"):
         return min(P - p - 1, M)
     return min(2 * (P - p - 1) + (V - 1) * P, M * V)
 
@@ -218,12 +245,20 @@ def _order_ids(kind: str, P: int, M: int, V: int) -> np.ndarray:
     return out
 
 
-def check(kind: str, devices: int, microbatches: int, virtual: int = 1, layers: int | None = None) -> None:
-    """One-line errors for a pipeline shape that cannot be scheduled."""
+def check(kind: str, devices: int, microbatches: int, virtual: int = 1, layers: int | None = None,
+          stash: bool | None = None) -> None:
+    """One-line errors for a pipeline shape that cannot be scheduled; `stash`: whether the forwards keep their
+    residuals (`stashes`), None where not known yet (`make_schedule` checks it)."""
     if kind not in SCHEDULES:
         raise PlanError(f"unknown pipeline schedule {kind!r}: use one of {', '.join(SCHEDULES)}")
     if microbatches < 1 or virtual < 1:
         raise PlanError("pipeline microbatches and virtual stages must be >= 1")
+    if kind == "zb" and virtual != 1:
+        raise PlanError(f"the zb schedule needs one stage per device, not virtual stages {virtual}: drop "
+                        f"--virtual-stages or use --schedule interleaved")
+    if kind == "zb" and stash is False:
+        raise PlanError("the zb schedule needs the stash (pipeline mode \"none\": remat none, pipeline stash true; "
+                        "its weight gradients reuse the forward's residuals): change them or use --schedule 1f1b")
     if kind != "interleaved" and virtual != 1:
         raise PlanError(f"virtual stages ({virtual}) need --schedule interleaved, not {kind}")
     if kind == "interleaved" and microbatches % devices:
@@ -240,16 +275,17 @@ def check(kind: str, devices: int, microbatches: int, virtual: int = 1, layers: 
 def make_schedule(kind: str, devices: int, microbatches: int, virtual: int = 1, stash: bool = False,
                   stash_last: bool = False) -> Schedule:
     """The tick table of `kind` for P=`devices`, M=`microbatches`, V=`virtual` (cached: tables are immutable);
-    `stash`: forwards keep their residuals for their backward (`stashes`), which changes the buffers only;
-    `stash_last`: the last stage's forward too (run by a statistics sweep, not by this table)."""
-    check(kind, devices, microbatches, virtual)
+    `stash`: forwards keep their residuals for their backward (`stashes`), which changes the buffers only (zb needs
+    it); `stash_last`: the last stage's forward too (run by a statistics sweep, not by this table)."""
+    check(kind, devices, microbatches, virtual, stash=stash)
     P, M, V = devices, microbatches, virtual
-    ticks = _place(kind, P, M, V)
-    T = int(ticks.max()) + 1
-    code, chunk, mb, phase = _op_tables(ticks, T, P)
-    acts, cots, kept = _buffer_intervals(ticks, P, stash, stash_last)
+    ticks, w = _place_zb(P, M) if kind == "zb" else (_place(kind, P, M, V), None)
+    T = int(ticks.max() if w is None else max(ticks.max(), w.max())) + 1
+    code, chunk, mb, phase = _op_tables(ticks, T, P, w)
+    acts, cots, kept, grads = _buffer_intervals(ticks, P, stash, stash_last, w)
     return Schedule(kind, P, V, M, code, chunk, mb, max(_most_live(*acts[:3]), 1), max(_most_live(*cots[:3]), 1),
-                    phase, ticks, stash, max(_most_live(*kept[:3]), 1) if stash else 0, stash and stash_last)
+                    phase, ticks, stash, max(_most_live(*kept[:3]), 1) if stash else 0, stash and stash_last, w,
+                    max(_most_live(*grads[:3]), 1) if w is not None else 0)
 
 
 def _place(kind: str, P: int, M: int, V: int) -> np.ndarray:
@@ -277,8 +313,51 @@ def _place(kind: str, P: int, M: int, V: int) -> np.ndarray:
     return done[:none].reshape(S, 2, M)
 
 
-def _op_tables(ticks: np.ndarray, T: int, P: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(code, chunk, microbatch, phase) tables of the placed ops."""
+def _place_zb(P: int, M: int) -> tuple[np.ndarray, np.ndarray]:
+    """zb's (ticks of the F and B ops as `_place`'s [stage, 2, M], ticks of the W ops [stage, M]), by greedy list
+    scheduling with unit ops: at each tick a device runs the next F / B of 1F1B's order if its inputs were produced
+    at earlier ticks and, for an F, if that keeps its microbatches in flight (forward run, W not yet) within 1F1B's
+    min(P - p, M); else the oldest W whose B has run; else it idles. After its last B it drains its Ws.
+
+    No deadlock: 1F1B's order runs the k-th F after the first k - (P-p-1) Bs, so an F held back by the bound finds a
+    W whose B has run. No shorter table under this bound: the last device's bound of one forces F0 B0 W0 F1 B1 W1
+    ..., its last B at tick P + 3(M-1) at the earliest, each earlier device's last B a tick after the next's and
+    device 0's last W a tick later: T >= 3M + 2(P-1). This placement meets it, and runs each W in the tick after its
+    B (the next F held back by the bound, or the next B waiting for the next device's), so one grad slot a device
+    (both checked for P <= 12, M < 40). ZB-H1 proper bounds every device by device 0's P (the same peak stash
+    slots) and reaches 3M + P-1, the last device's fill and its 3M ops, but its later devices run their last Bs back
+    to back, their Ws deferred: up to P grad slots a device, against one here."""
+    n = 2 * M
+    ids = _order_ids("zb", P, M, 1)
+    s, backward, i = ids // (2 * M), (ids // M) % 2 == 1, ids % M
+    none = 2 * P * M  # an input that is always there: the last entry, at tick -1
+    first = np.where(backward, _op_id(F, s, i, M), np.where(s > 0, _op_id(F, s - 1, i, M), none))
+    second = np.where(backward & (s < P - 1), _op_id(B, s + 1, i, M), none)
+    done = np.full(none + 1, np.iinfo(np.int64).max)
+    done[none] = -1
+    rows = np.arange(P)
+    w_done = np.full((P, M), -1, np.int64)
+    bound = np.minimum(P - rows, M)
+    pos, forwards, wpos, t = np.zeros(P, np.int64), np.zeros(P, np.int64), np.zeros(P, np.int64), 0
+    while (wpos < M).any():
+        k = np.minimum(pos, n - 1)
+        ready = (pos < n) & (done[first[rows, k]] < t) & (done[second[rows, k]] < t)
+        ready &= backward[rows, k] | (forwards - wpos < bound)
+        weight = ~ready & (wpos < M) & (done[_op_id(B, rows, np.minimum(wpos, M - 1), M)] < t)
+        if not (ready | weight).any():
+            raise AssertionError(f"zb schedule deadlocked at tick {t} (P={P}, M={M})")
+        done[ids[rows[ready], k[ready]]] = t
+        forwards += ready & ~backward[rows, k]
+        pos += ready
+        w_done[rows[weight], wpos[weight]] = t
+        wpos += weight
+        t += 1
+    return done[:none].reshape(P, 2, M), w_done
+
+
+def _op_tables(ticks: np.ndarray, T: int, P: int, w_ticks: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(code, chunk, microbatch, phase) tables of the placed ops (zb: with its W ops, `w_ticks`)."""
     S, _, M = ticks.shape
     s, backward, i = np.meshgrid(np.arange(S), [False, True], np.arange(M), indexing="ij")
     t, p = ticks, s % P
@@ -288,17 +367,22 @@ def _op_tables(ticks: np.ndarray, T: int, P: int) -> tuple[np.ndarray, np.ndarra
     code[t, p] = np.where(backward, bwd_code, fwd_code)
     chunk[t, p], mb[t, p] = s // P, i
     phase[t, p] = np.where(backward, 2, 1)
+    if w_ticks is not None:  # V = 1: chunk 0
+        s, i = np.meshgrid(np.arange(S), np.arange(M), indexing="ij")
+        code[w_ticks, s], mb[w_ticks, s], phase[w_ticks, s] = WGT, i, 3
     return code, chunk, mb, phase
 
 
-def _buffer_intervals(ticks: np.ndarray, P: int, stash: bool = False, stash_last: bool = False
-                      ) -> tuple[tuple[np.ndarray, ...], ...]:
-    """The buffers, as (start, end, device, stage, microbatch) arrays for activations, cotangents and residuals: a
-    device holds stage s's input for microbatch i from its arrival (end of the previous stage's forward tick) to its
-    backward, or with `stash` to its forward (the last stage's to its backward, which recomputes the forward); a
-    cotangent from the next stage's backward tick to its own backward; with `stash`, the residuals of a forward of
-    a stage other than the last (with `stash_last`, of every stage) from its tick to its backward (none without);
-    the last stage's input slot then holds its output from its forward to its backward."""
+def _buffer_intervals(ticks: np.ndarray, P: int, stash: bool = False, stash_last: bool = False,
+                      w_ticks: np.ndarray | None = None) -> tuple[tuple[np.ndarray, ...], ...]:
+    """The buffers, as (start, end, device, stage, microbatch) arrays for activations, cotangents, residuals and
+    (zb) grads: a device holds stage s's input for microbatch i from its arrival (end of the previous stage's
+    forward tick) to its backward, or with `stash` to its forward (the last stage's to its backward, which
+    recomputes the forward); a cotangent from the next stage's backward tick to its own backward; with `stash`, the
+    residuals of a forward of a stage other than the last (with `stash_last`, of every stage) from its tick to its
+    backward (none without); the last stage's input slot then holds its output from its forward to its backward.
+    zb (`w_ticks`, the W ops' ticks): residuals are held to the W, and the last stage's (unless `stash_last`) from
+    its B, which recomputes its forward; what a B saves for its W from the B to the W, on every stage."""
     S, _, M = ticks.shape
     s, i = np.meshgrid(np.arange(S), np.arange(M), indexing="ij")
     reader = np.concatenate([ticks[1:-1, 0], ticks[-1:, 1]]) if stash else ticks[1:, 1]
@@ -306,7 +390,11 @@ def _buffer_intervals(ticks: np.ndarray, P: int, stash: bool = False, stash_last
     cots = (ticks[1:, 1], ticks[:-1, 1], s[:-1] % P, s[:-1], i[:-1])
     n = S if stash_last else S - 1
     kept = (ticks[:n, 0], ticks[:n, 1], s[:n] % P, s[:n], i[:n]) if stash else (np.zeros((0, M), int),) * 5
-    return tuple(tuple(a.ravel() for a in b) for b in (acts, cots, kept))
+    grads = (np.zeros((0, M), int),) * 5
+    if w_ticks is not None:
+        writer = np.concatenate([ticks[:n, 0], ticks[n:, 1]])
+        kept, grads = (writer, w_ticks, s % P, s, i), (ticks[:, 1], w_ticks, s % P, s, i)
+    return tuple(tuple(a.ravel() for a in b) for b in (acts, cots, kept, grads))
 
 
 def _most_live(start: np.ndarray, end: np.ndarray, device: np.ndarray) -> int:
@@ -322,25 +410,31 @@ def _most_live(start: np.ndarray, end: np.ndarray, device: np.ndarray) -> int:
 
 
 def _slot_tables(sched: Schedule) -> tuple[np.ndarray, ...]:
-    """(in_slot, cot_slot, recv_act, recv_cot, stash_slot) of a schedule: each device's buffers coloured
+    """(in_slot, cot_slot, recv_act, recv_cot, stash_slot, grad_slot) of a schedule: each device's buffers coloured
     (`_colour`); the receive tables index the receiver's column (the sender's tick is when the value is written on
-    the receiver); a residual slot is written by its forward's tick and read by its backward's (one table)."""
+    the receiver); a residual slot is written by its forward's tick and read by its backward's (one table); zb: read
+    by its W's too (the last stage's written by its B, read by its W), and a grad slot written by a B, read by its
+    W (one table)."""
     T, P = sched.code.shape
     S = P * sched.virtual
-    in_slot, cot_slot, recv_act, recv_cot, stash_slot = (np.full((T, P), -1, np.int32) for _ in range(5))
-    acts, cots, kept = _buffer_intervals(sched.op_ticks, P, sched.stash, sched.stash_last)
+    in_slot, cot_slot, recv_act, recv_cot, stash_slot, grad_slot = (np.full((T, P), -1, np.int32) for _ in range(6))
+    wt = sched.w_ticks
+    acts, cots, kept, grads = _buffer_intervals(sched.op_ticks, P, sched.stash, sched.stash_last, wt)
     fwd, bwd = sched.op_ticks[:, 0], sched.op_ticks[:, 1]
     act_readers = (lambda s, i: (fwd[s, i],) if s < S - 1 else (fwd[s, i], bwd[s, i])) if sched.stash \
         else (lambda s, i: (fwd[s, i], bwd[s, i]))
+    kept_readers = (lambda s, i: (bwd[s, i],)) if wt is None else \
+        (lambda s, i: (bwd[s, i], wt[s, i]) if s < S - 1 or sched.stash_last else (wt[s, i],))
     for (start, end, dev, s, i), read, recv, readers, count in (
             (acts, in_slot, recv_act, act_readers, sched.act_slots),
             (cots, cot_slot, recv_cot, lambda s, i: (bwd[s, i],), sched.cot_slots),
-            (kept, stash_slot, stash_slot, lambda s, i: (bwd[s, i],), sched.stash_slots)):
+            (kept, stash_slot, stash_slot, kept_readers, sched.stash_slots),
+            (grads, grad_slot, grad_slot, lambda s, i: (wt[s, i],), sched.grad_slots)):
         most = max((_colour(sorted(zip(start[dev == p].tolist(), end[dev == p].tolist(), (s[dev == p] // P).tolist(),
                                        i[dev == p].tolist())), read, recv, readers, p, P) for p in range(P)), default=0)
         assert (max(most, 1) if len(start) else 0) == count, (sched.kind, P, sched.microbatches, sched.virtual, most,
                                                               count)  # `_most_live`
-    return in_slot, cot_slot, recv_act, recv_cot, stash_slot
+    return in_slot, cot_slot, recv_act, recv_cot, stash_slot, grad_slot
 
 
 def _colour(intervals: list[tuple[int, int, int, int]], read_table: np.ndarray, recv_table: np.ndarray,
@@ -377,12 +471,16 @@ def receive_permutations(devices: int, virtual: int) -> tuple[list[tuple[int, in
     return [(p, p + 1) for p in range(P - 1)], [(p + 1, p) for p in range(P - 1)]
 
 
-def step_time(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float = 0.0) -> float:
+def step_time(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float = 0.0,
+              wgt: np.ndarray | None = None) -> float:
     """Seconds per step: the ticks run in lockstep (each ends with the ppermutes), so a tick costs its slowest op.
 
     fwd / bwd: [stages] seconds of one microbatch's forward / backward on each stage (the backward including its
-    recomputed forward); transfer: seconds for one tick's point-to-point sends.
+    recomputed forward; zb: the B op only); transfer: seconds for one tick's point-to-point sends; wgt: [stages]
+    seconds of a W op (zb only, and needed there).
     """
+    if sched.w_ticks is not None and wgt is None:
+        raise ValueError("step_time of a zb schedule needs wgt, the seconds of each stage's weight gradient")
     total = 0.0
     P = sched.devices
     for t in range(sched.ticks):
@@ -393,5 +491,7 @@ def step_time(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float
                 longest = max(longest, fwd[s] if sched.code[t, p] != IDLE else 0.0)
             elif sched.phase[t, p] == 2:
                 longest = max(longest, bwd[s])
+            elif sched.phase[t, p] == 3:
+                longest = max(longest, wgt[s])
         total += longest + transfer
     return total

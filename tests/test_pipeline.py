@@ -127,6 +127,7 @@ CASES = [  # (mesh, schedule, microbatches, virtual, layers per stage or None fo
     ("pipe=4,data=2", "1f1b", 4, 1, [3, 2, 2, 1], "recompute"),  # no stash, no remat: backwards recompute
     ("pipe=4,tensor=2", "interleaved", 4, 2, None, "none"),
     ("pipe=4,fsdp=2", "gpipe", 2, 1, None, "full"),  # no stash: the backward ticks recompute the forward
+    pytest.param("pipe=4,tensor=2", "zb", 4, 1, None, "none", marks=pytest.mark.smoke),  # B and W apart
 ]
 
 

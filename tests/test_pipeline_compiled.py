@@ -74,17 +74,17 @@ MICRO = 8  # 1F1B holds 2 stage inputs per device where GPipe holds all 8
 
 @pytest.fixture(scope="module")
 def compiled(token_batch, built):
-    """The compiled-program reports of MODEL on pipe=2 x data=2 x tensor=2, MICRO microbatches, under GPipe and
-    under 1F1B (shared by the point-to-point and the memory tests)."""
+    """The compiled-program reports of MODEL on pipe=2 x data=2 x tensor=2, MICRO microbatches, under GPipe, 1F1B
+    and zb (shared by the point-to-point, work and memory tests), and the plans."""
     abstract = models.abstract(MODEL)
-    out = {}
-    for schedule in ("gpipe", "1f1b"):
-        plan = rule_plan(abstract, "pipe=2,data=2,tensor=2",
-                         pipeline=pipeline_spec(abstract, 2, schedule=schedule, microbatches=MICRO))
+    out, plans = {}, {}
+    for schedule in ("gpipe", "1f1b", "zb"):
+        plans[schedule] = plan = rule_plan(abstract, "pipe=2,data=2,tensor=2",
+                                           pipeline=pipeline_spec(abstract, 2, schedule=schedule, microbatches=MICRO))
         trainer = parallelize(built, make_optimizer(), plan, devices=jax.devices()[:plan.num_devices])
         out[schedule] = analyze(trainer.compile(token_batch), trainer.mesh)
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in token_batch.items()}
-    out["stash_bytes_per_slot"] = predict(plan, abstract, shapes, "cpu:8")["pipeline"]["stash_bytes_per_slot"]
+    out["stash_bytes_per_slot"] = predict(plans["1f1b"], abstract, shapes, "cpu:8")["pipeline"]["stash_bytes_per_slot"]
     return out
 
 
@@ -93,9 +93,10 @@ def _stage_input_bytes(batch) -> int:
     return batch["inputs"].shape[0] // 2 // MICRO * batch["inputs"].shape[1] * models.abstract(MODEL).cfg.hidden * 4
 
 
-def test_collective_permutes_match_the_table(compiled, token_batch):
-    report = compiled["1f1b"]
-    sched = make_schedule("1f1b", 2, MICRO)
+@pytest.mark.parametrize("schedule", ["1f1b", "zb"])
+def test_collective_permutes_match_the_table(compiled, token_batch, schedule):
+    report = compiled[schedule]
+    sched = make_schedule(schedule, 2, MICRO, stash=True)
     micro_bytes = _stage_input_bytes(token_batch)
     assert report["comm_counts"]["pipe/collective-permute"] == 2 * sched.ticks
     assert report["comm_bytes"]["pipe/collective-permute"] == 2 * sched.ticks * micro_bytes
@@ -110,7 +111,7 @@ def test_pipeline_flops_are_the_single_device_flops(compiled, token_batch, built
     single = parallelize(built, make_optimizer(), rule_plan(models.abstract(MODEL), "data=1"),
                          devices=jax.devices()[:1])
     one = analyze(single.compile(token_batch), single.mesh)["flops_per_device"]
-    for report in (compiled["gpipe"], compiled["1f1b"]):
+    for report in (compiled["gpipe"], compiled["1f1b"], compiled["zb"]):  # zb: B and W split with nothing twice
         assert len(report["flops_by_device"]) == 8 and report["branches_exact"] is True
         assert 0.99 <= sum(report["flops_by_device"]) / one <= 1.01
 
