@@ -16,21 +16,21 @@ Each step runs inside one `shard_map` that is manual over `pipe`, the batch axes
 `seq` (those of size > 1) and leaves `tensor` to XLA's partitioner, so tensor parallelism inside a stage composes
 unchanged. `seq` and `expert` are manual here because jax 0.10 cannot differentiate a shard_map nested in a
 partially manual one: the attention and MoE ops see them manual (`sequence.is_manual`) and run their per-device
-bodies directly, on the local sequence block (positions offset by `ops.positions`) and the local experts. The
-local batch is cut into M microbatches; at every tick each device looks up its op in the table and runs it under
-`lax.switch` (idle, forward, first-stage forward, backward, last-stage backward, first-stage backward), then
-activations move to the next device and cotangents to the previous one with `ppermute`. Collectives of the ops
-inside the switch run on devices of one stage only; on XLA:CPU a ppermute there would deadlock, so the sequence
-ops build theirs from all-to-alls (`sequence.ppermute_deadlocks`). A forward tick keeps its stage's `jax.vjp`
-residuals (the closure's leaves, weights left out: `_Stash`) in a residual slot until its backward tick, which then
-runs the backward alone: the step does the unpipelined step's work (runs/benchmarks/pipeline_efficiency.md). Under
-remat "full" (`planner.schedule.stashes`) a backward recomputes its stage's forward from the stage input instead,
-and only stage inputs are kept. Either way a device holds as many slots as the table says, which is what makes
-1F1B lighter than GPipe; the last stage's forward tick is empty, its backward runs its forward (through the head
-and loss). Parameters are made varying over the batch and seq axes once before the loop, so the gradient
-reduction is one all-reduce after it, not one per tick (expert weights, split over `expert`, are not summed over
-it). Parameters sharded over fsdp are gathered by XLA once per step on entry (inside a pipeline fsdp behaves like
-ZeRO-2: it shards optimizer state, not live weights).
+bodies directly, on the local sequence block (positions offset by `ops.positions`) and the local experts. The local
+batch is cut into M microbatches; at every tick each device looks up its op in the table and runs it under
+`lax.switch` (idle, forward, first-stage forward, backward, last-stage backward, first-stage backward, and zb's
+weight gradients: `_DeviceProgram`), then activations move to the next device and cotangents to the previous one
+with `ppermute`. Collectives of the ops inside the switch run on devices of one stage only; on XLA:CPU a ppermute
+there would deadlock, so the sequence ops build theirs from all-to-alls (`sequence.ppermute_deadlocks`). A forward
+tick keeps its stage's `jax.vjp` residuals (the closure's leaves, weights left out: `_Stash`) in a residual slot
+until its backward tick, which then runs the backward alone: the step does the unpipelined step's work
+(runs/benchmarks/pipeline_efficiency.md). Under remat "full" (`planner.schedule.stashes`) a backward recomputes its
+stage's forward from the stage input instead, and only stage inputs are kept. Either way a device holds as many
+slots as the table says, which is what makes 1F1B lighter than GPipe; the last stage's forward tick is empty, its
+backward runs its forward (through the head and loss). Parameters are made varying over the batch and seq axes once
+before the loop, so the gradient reduction is one all-reduce after it, not one per tick (expert weights, split over
+`expert`, are not summed over it). Parameters sharded over fsdp are gathered by XLA once per step on entry (inside
+a pipeline fsdp behaves like ZeRO-2: it shards optimizer state, not live weights).
 
 The loss is the mean over all tokens: each device's head loss is a mean over its tokens (its sequences, or its
 block of each sequence under seq), all of equal count, scaled by 1 / (microbatches x shards). MoE layers' balancing
@@ -317,342 +317,414 @@ class Pipeline:
         extra = getattr(self.abstract, "_aux", _moe_metrics)(stats)
         return ce + moe["weight"] * extra["moe_aux_loss"], {**metrics, **extra}
 
-    def _body(self, layers: dict[str, jax.Array], other: dict[str, jax.Array], rest, batch, tables,
-              metric_names: tuple[str, ...], ops_context: ops.OpsContext, own: dict[str, tuple],
-              moe: dict[str, Any] | None):
-        P, V, M = self.P, self.V, self.M
-        vary = self.manual
-        zb = self.schedule.w_ticks is not None
-        # Varying over every manual axis up front: the vjp of a device-invariant weight against batch-varying
-        # activations would otherwise psum inside every tick (jax-idioms.md, pcast).
-        layers = {k: _vary_all(v[0], vary) for k, v in layers.items()}                       # [V, Lmax, ...]
-        other = {k: _vary_all(v, vary) for k, v in other.items()}
-        me = jax.lax.axis_index("pipe")
-        counts = jnp.asarray(self.layout.counts)[me]                                        # [V]
-        local_batch = jax.tree.leaves(batch)[0].shape[0]
-        if local_batch % M:
-            raise PlanError(f"{M} microbatches do not divide the per-replica batch of {local_batch} (global batch / "
-                            f"expert x data x fsdp): change --microbatches or --batch")
-        mbs = local_batch // M
-        micro = jax.tree.map(lambda v: v.reshape((M, mbs) + v.shape[1:]), batch)
-        # loss = mean over microbatches and shards: with seq, each device's loss is the mean over its block of
-        # every sequence, blocks of equal size, so the mean of the block means is the mean over all tokens
-        n_shards = math.prod(self.plan.mesh[a] for a in self.reduce_axes)
-        scale = 1.0 / (M * n_shards)
-        # MoE statistics from the expert-parallel op are already sums over the expert group
-        group = self.plan.mesh["expert"] if "expert" in self.manual else 1
-
-        layer_paths, other_paths = sorted(layers), sorted(other)
-        prefix = len(LAYERS) + 1
-
-        def model_of(other_vals: dict[str, jax.Array]) -> nnx.Module:
-            """The whole model on this device's non-layer weights (its layer weights are never called)."""
-            return nnx.merge(self.graphdef, _rebuild(self.param_template, {**layers, **other_vals}), rest, copy=True)
-
-        def layer_fn(x, layer_vals):
-            values = {p[prefix:]: v for p, v in zip(layer_paths, layer_vals)}
-            block = nnx.merge(self.blocks_graphdef, _rebuild(self.blocks_template, values))
-            y, aux = block(ops.boundary(x, "layer_input"))
-            if moe is None:
-                return y, None
-            stats = {"load": aux.load, "prob_sum": aux.prob_sum, "dropped": aux.dropped}
-            return y, {k: _vary_all(v.astype(jnp.float32), vary) for k, v in stats.items()}
-
-        even = self.layout.even
-        with ops.context(ops_context):  # the plan's remat: the trainer calls the executor outside its context
-            step_layer = ops.remat(layer_fn)
-        e = moe["experts"] if moe else 0
-
-        def run_chunk(chunk_vals: list[jax.Array], n, x):
-            """The chunk's layers over x: (y, per-layer MoE statistics [Lmax, ...] or None)."""
-            def skip(x, _):
-                if moe is None:
-                    return x, None
-                z = lambda *s: jax.lax.pcast(jnp.zeros(s, jnp.float32), vary, to="varying")  # noqa: E731
-                return x, {"load": z(e), "prob_sum": z(e), "dropped": z()}
-
-            def scan_body(x, xs):
-                j, layer_vals = xs
-                if even:
-                    return step_layer(x, layer_vals)
-                return jax.lax.cond(j < n, step_layer, skip, x, layer_vals)
-            lmax = chunk_vals[0].shape[0]
-            return jax.lax.scan(scan_body, x, (jnp.arange(lmax), chunk_vals))
-
-        def chunk_of(c) -> list[jax.Array]:
-            if V == 1:
-                return [layers[p][0] for p in layer_paths]
-            return [jax.lax.dynamic_index_in_dim(layers[p], c, 0, keepdims=False) for p in layer_paths]
-
-        def index(a, c):
-            return a[0] if V == 1 else jax.lax.dynamic_index_in_dim(a, c, 0, keepdims=False)
-
-        def add_chunk(acc: list[jax.Array], c, g: list[jax.Array]) -> list[jax.Array]:
-            if V == 1:
-                return [a + gi[None] for a, gi in zip(acc, g)]
-            return [jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, c, 0, False) + gi, c, 0)
-                    for a, gi in zip(acc, g)]
-
-        def mb(i) -> dict[str, jax.Array]:
-            return jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False), micro)
-
-        def varying(shape, dtype=jnp.float32):
-            return jax.lax.pcast(jnp.zeros(shape, dtype), vary, to="varying")
-
-        # activation specs name only automatic axes here (seq, tensor): without them XLA may move the sequence
-        # split of the stage input onto its batch dimension, which the attention ops' shard_maps cannot take
-        local_specs = {k: _drop_axes(v, self.manual) for k, v in ops_context.activations.items()}
-        with ops.context(dataclasses.replace(ops_context, activations=local_specs)):
-            other_list = [other[p] for p in other_paths]
-            x_shape = jax.eval_shape(lambda o: model_of(dict(zip(other_paths, o))).embed_inputs(mb(0)), other_list)
-            zero_x = varying(x_shape.shape, x_shape.dtype)
-            fwd_pairs, bwd_pairs = receive_permutations(P, V)
-            k_act, k_cot = self.schedule.act_slots, self.schedule.cot_slots
-
-            # What moves between stages has the plan's layer_input layout (its automatic axes): pinned on the
-            # sends, so the bytes a tick transfers do not depend on how XLA propagates the embedding's layout.
-            carried = local_specs.get("layer_input")
-
-            def pin(x):
-                return ops.constrain(x, carried) if carried is not None else x
-
-            def buffer(k):
-                buf = varying((k,) + x_shape.shape, x_shape.dtype)
-                return ops.constrain(buf, PartitionSpec(None, *carried)) if carried is not None else buf
-
-            def embed(i):
-                return model_of(dict(zip(other_paths, other_list))).embed_inputs(mb(i))
-
-            def send(x_next):
-                return pin(jax.lax.ppermute(pin(x_next), "pipe", fwd_pairs))
-
-            def stage_fn(w, c, h):
-                """(the chunk's output, its layers' statistics): with MoE layers the output is (y, router
-                probability sums [Lmax, E]); their cotangent is the balancing loss's coefficient (`cotangent`),
-                so the forward does not need it (GPipe's forwards run before it is known)."""
-                y, st = run_chunk(w, counts[c], h)
-                return ((y, st["prob_sum"]) if moe else y), st
-
-            # residuals kept from each forward for its backward (`stashes`): their structure, probed once
-            c0 = tables["chunk"][0][me]
-            stash = _Stash.probe(stage_fn, chunk_of(0), c0, zero_x) if self.stash else None
-            # zb: the backward cut into B (the input gradient) and W (the weight gradients), which shares what
-            # it needs from B through grad slots (`_Split`)
-            split = _Split.probe(stash, chunk_of(0), c0, zero_x, varying) if zb else None
-            n_kept = len(stash.shapes) if stash is not None else 0
-
-            def forward(c, h):
-                """The chunk's output, statistics and the residuals to keep (none without stash)."""
-                if stash is None:
-                    y, st = run_chunk(chunk_of(c), counts[c], h)
-                    return y, st, []
-                out, st, kept = stash.forward(stage_fn, chunk_of(c), c, h, vary)
-                return (out[0] if moe else out), st, kept
-
-            def kept_slot(bufs, row):
-                """(slots, their values): the residuals a forward tick overwrites or a backward tick reads, then
-                (zb) what a B tick saves for its W in its grad slot; every tick writes back what its branch
-                returns (unchanged but by a forward or a B), so no buffer is copied whole."""
-                if not bufs:
-                    return [], []
-                slots = [jnp.maximum(row["stash_slot"][me], 0)] * n_kept
-                if len(bufs) > n_kept:
-                    slots += [jnp.maximum(row["grad_slot"][me], 0)] * (len(bufs) - n_kept)
-                return slots, [b[k] for b, k in zip(bufs, slots)]
-
-            def write_back(bufs, slots, kept):
-                return [jax.lax.dynamic_update_index_in_dim(b, v, k, 0) for b, v, k in zip(bufs, kept, slots)]
-
-            coef = None
-            moe_out = ()
-            sweep_keeps = stash is not None and self.schedule.forwards_first
-            if moe is not None:
-                # The balancing loss of layer l is E * sum_e f_e p_e with f (share of assignments) and p (mean
-                # router probability) over the WHOLE batch: not a mean over microbatches. f carries no gradient,
-                # so a forward-only sweep first counts every layer's assignments over all microbatches (and all
-                # shards); the step then differentiates sum_e c_e * prob_sum_e per microbatch with the global
-                # c = weight/L * E * f / tokens, which sums to exactly the gradient of the whole-batch loss.
-                # Under GPipe the sweep is the forward phase, and keeps the residuals when the stages stash.
-                lmax = self.layout.index.shape[2]
-                stats0 = {"load": varying((V, lmax, e)), "prob_sum": varying((V, lmax, e)),
-                          "dropped": varying((V, lmax))}
-
-                def add_stats(acc, c, st):
-                    return {k: add_chunk([acc[k]], c, [st[k]])[0] for k in acc}
-
-                def pre_idle(c, i, h, acc, kept):
-                    return zero_x, acc, kept
-
-                def pre_fwd(c, i, h, acc, kept):
-                    if sweep_keeps:
-                        y, st, kept = forward(c, h)
-                        return y, add_stats(acc, c, st), kept
-                    y, st = run_chunk(chunk_of(c), counts[c], h)
-                    return y, add_stats(acc, c, st), kept
-
-                def pre_fwd_first(c, i, h, acc, kept):
-                    return pre_fwd(c, i, embed(i), acc, kept)
-
-                def pre_last(c, i, h, acc, kept):
-                    """Kept (GPipe), its output goes where its input was (`pre_tick`); sent, it is dropped.
-                    Else its backward runs it again."""
-                    if self.schedule.stash_last:
-                        y, st, kept = forward(c, h)
-                        return y, add_stats(acc, c, st), kept
-                    y, st = run_chunk(chunk_of(c), counts[c], h)
-                    return zero_x, add_stats(acc, c, st), kept
-
-                pre_branches = [None] * 4
-                for code, fn in ((0, pre_idle), (FWD, pre_fwd), (FWD_FIRST, pre_fwd_first), (PRE_LAST, pre_last)):
-                    pre_branches[code] = fn
-
-                def pre_tick(carry, row):
-                    acts, acc, bufs = carry
-                    code, read = row["code"][me], row["in_slot"][me]
-                    h = acts[jnp.maximum(read, 0)]
-                    slot, kept = kept_slot(bufs, row)
-                    out, acc, kept = jax.lax.switch(code, [lambda a, fn=fn: fn(*a) for fn in pre_branches],
-                                                    (row["chunk"][me], row["microbatch"][me], h, acc, kept))
-                    bufs = write_back(bufs, slot, kept)
-                    if self.schedule.stash_last:
-                        acts = _receive(acts, jnp.where(code == PRE_LAST, read, -1), out)
-                    return (_receive(acts, row["recv_act"][me], send(out)), acc, bufs), None
-
-                swept_bufs = stash.buffers(self.schedule.stash_slots, varying) if sweep_keeps else []
-                (swept, stats, swept_bufs), _ = jax.lax.scan(pre_tick, (buffer(k_act), stats0, swept_bufs),
-                                                             tables["pre"])
-                # sums over the batch shards; the expert-parallel op's statistics are sums over its group already
-                stats = {k: jax.lax.psum(v, self.reduce_axes) / group if self.reduce_axes else v
-                         for k, v in stats.items()}
-                tokens = math.prod(x_shape.shape[:-1]) * M * n_shards
-                n_layers = self.layers
-                share = stats["load"] / jnp.maximum(jnp.sum(stats["load"], -1, keepdims=True), 1.0)
-                aux = e * jnp.sum(share * stats["prob_sum"] / tokens, axis=-1)                     # [V, Lmax]
-                coef = _vary_all(moe["weight"] / n_layers * e * share / tokens / group, vary)   # [V, Lmax, E]
-                moe_out = tuple(v[None] for v in (aux, stats["load"], stats["dropped"]))
-
-            def cotangent(c, g):
-                """The cotangent of `stage_fn`'s output (MoE: of the probability sums too, the coefficient)."""
-                return (g, index(coef, c)) if moe else g
-
-            def backward(c, h, g, kept):
-                """(dw, dh) of the chunk: from the kept residuals, or recomputing its forward from h."""
-                if stash is not None:
-                    return stash.backward(kept, chunk_of(c), c, h, cotangent(c, g))
-                _, vjp, _ = jax.vjp(lambda w, h: stage_fn(w, c, h), chunk_of(c), h, has_aux=True)
-                return vjp(cotangent(c, g))
-
-            one = jax.lax.pcast(jnp.ones((), jnp.float32), vary, to="varying")
-
-            def idle(c, i, h, g, acc, kept):
-                return zero_x, zero_x, acc, kept
-
-            def fwd(c, i, h, g, acc, kept):
-                y, _, new = forward(c, h)
-                return y, zero_x, acc, new + kept[len(new):]
-
-            def fwd_first(c, i, h, g, acc, kept):
-                return fwd(c, i, embed(i), g, acc, kept)
-
-            def bwd(c, i, h, g, acc, kept):
-                if split is not None:  # B: the input gradient, saving what W needs
-                    dh, saved = split.b(kept[:n_kept], chunk_of(c), c, h, cotangent(c, g), vary)
-                    return zero_x, dh, acc, kept[:n_kept] + saved
-                dw, dh = backward(c, h, g, kept)
-                return zero_x, dh, (add_chunk(acc[0], c, dw), acc[1], acc[2]), kept
-
-            def wgt(c, i, h, g, acc, kept):
-                """zb's W: the chunk's weight gradients from its residuals and what its B saved."""
-                dw = split.w(kept[:n_kept], chunk_of(c), c, kept[n_kept:])
-                return zero_x, zero_x, (add_chunk(acc[0], c, dw), acc[1], acc[2]), kept
-
-            def bwd_last(c, i, h, g, acc, kept):
-                batch_i = mb(i)
-
-                def head(o, y):
-                    loss, metrics = model_of(dict(zip(other_paths, o))).head_loss(y, batch_i)
-                    return loss * scale, (loss, metrics)
-
-                def f(w, o, h):
-                    out, _ = stage_fn(w, c, h)
-                    y, aux = (out[0], jnp.sum(index(coef, c) * out[1])) if moe else (out, 0.0)
-                    loss, metrics = head(o, y)
-                    return loss + aux, metrics
-                if split is not None:  # zb: its forward, then its B; its W comes later from what both keep
-                    y, _, new = forward(c, h)
-                    _, vjp, (loss, metrics) = jax.vjp(head, other_list, y, has_aux=True)
-                    do, dy = vjp(one)
-                    dh, saved = split.b(new, chunk_of(c), c, h, cotangent(c, dy), vary)
-                    dw, kept = None, new + saved
-                elif self.schedule.stash_last:  # its forward ran in the sweep: h is its output
-                    _, vjp, (loss, metrics) = jax.vjp(head, other_list, h, has_aux=True)
-                    do, dy = vjp(one)
-                    dw, dh = backward(c, h, dy, kept)
-                else:
-                    _, vjp, (loss, metrics) = jax.vjp(f, chunk_of(c), other_list, h, has_aux=True)
-                    dw, do, dh = vjp(one)
-                values = [loss] + [metrics[k] for k in metric_names]
-                sums = [s + v.astype(jnp.float32) * scale for s, v in zip(acc[2], values)]
-                layers_acc = acc[0] if dw is None else add_chunk(acc[0], c, dw)
-                return zero_x, dh, (layers_acc, [a + d for a, d in zip(acc[1], do)], sums), kept
-
-            def bwd_first(c, i, h, g, acc, kept):
-                batch_i = mb(i)
-
-                def embed_o(o):
-                    return model_of(dict(zip(other_paths, o))).embed_inputs(batch_i)
-                x, vjp = jax.vjp(embed_o, other_list)  # the stage input again: a lookup, no matmul
-                if split is not None:
-                    dh, saved = split.b(kept[:n_kept], chunk_of(c), c, x, cotangent(c, g), vary)
-                    (do,) = vjp(dh)
-                    return zero_x, zero_x, (acc[0], [a + d for a, d in zip(acc[1], do)], acc[2]), \
-                        kept[:n_kept] + saved
-                dw, dh = backward(c, x, g, kept)
-                (do,) = vjp(dh)
-                return zero_x, zero_x, (add_chunk(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)], acc[2]), kept
-
-            branches = [None] * (7 if zb else 6)
-            for code, fn in ((0, idle), (FWD, fwd), (FWD_FIRST, fwd_first), (BWD, bwd), (BWD_LAST, bwd_last),
-                             (BWD_FIRST, bwd_first)) + (((WGT, wgt),) if zb else ()):
-                branches[code] = fn
-
-            acc0 = ([varying(layers[p].shape, layers[p].dtype) for p in layer_paths],
-                    [varying(other[p].shape, other[p].dtype) for p in other_paths],
-                    [varying(()) for _ in range(1 + len(metric_names))])
-
-            def tick(carry, row):
-                acts, cots, bufs, acc = carry
-                code, c, i = row["code"][me], row["chunk"][me], row["microbatch"][me]
-                h = acts[jnp.maximum(row["in_slot"][me], 0)]
-                g = cots[jnp.maximum(row["cot_slot"][me], 0)]
-                slot, kept = kept_slot(bufs, row)
-                send_act, send_cot, acc, kept = jax.lax.switch(
-                    code, [lambda ops_, fn=fn: fn(*ops_) for fn in branches], (c, i, h, g, acc, kept))
-                bufs = write_back(bufs, slot, kept)
-                got_act = send(send_act)
-                got_cot = pin(jax.lax.ppermute(pin(send_cot), "pipe", bwd_pairs))
-                acts = _receive(acts, row["recv_act"][me], got_act)
-                cots = _receive(cots, row["recv_cot"][me], got_cot)
-                return (acts, cots, bufs, acc), None
-
-            main = {k: v for k, v in tables.items() if k != "pre"}
-            # (after a sweep that was the forward phase itself, the main table holds only the backward ticks)
-            if moe is not None and self.schedule.forwards_first:
-                acts0, bufs0 = swept, swept_bufs
-            else:
-                acts0, bufs0 = buffer(k_act), stash.buffers(self.schedule.stash_slots, varying) if stash else []
-                if zb:
-                    bufs0 += split.buffers(self.schedule.grad_slots, varying)
-            (_, _, _, (g_layers, g_other, sums)), _ = jax.lax.scan(tick, (acts0, buffer(k_cot), bufs0, acc0), main)
+    def _body(self, layers: dict[str, jax.Array], other: dict[str, jax.Array], rest: nnx.State,
+              batch: dict[str, jax.Array], tables: dict[str, Any], metric_names: tuple[str, ...],
+              ops_context: ops.OpsContext, own: dict[str, tuple], moe: dict[str, Any] | None):
+        """The executor's shard_map body: this device's ticks (`_DeviceProgram`), then the gradients, loss and
+        metrics summed over the devices that hold different parts of them."""
+        program = _DeviceProgram(self, layers, other, rest, batch, tables, metric_names, ops_context, moe)
+        g_layers, g_other, sums, moe_out = program.run()
 
         def reduce(g, path, axes):  # a weight split over a manual axis (expert) is not summed over it
             axes = tuple(a for a in axes if a not in _axes_of(own[path]))
             return jax.lax.psum(g, axes) if axes else g
 
-        g_layers = [reduce(g, p, self.reduce_axes)[None] for g, p in zip(g_layers, layer_paths)]
-        g_other = [reduce(g, p, self.manual) for g, p in zip(g_other, other_paths)]
+        g_layers = [reduce(g, p, self.reduce_axes)[None] for g, p in zip(g_layers, program.layer_paths)]
+        g_other = [reduce(g, p, self.manual) for g, p in zip(g_other, program.other_paths)]
         sums = [jax.lax.psum(s, self.manual) for s in sums]
         return sums[0], dict(zip(metric_names, sums[1:])), g_layers, g_other, moe_out
+
+
+_Acc = tuple[list[jax.Array], list[jax.Array], list[jax.Array]]
+"""What the ticks accumulate: layer gradients ([V, Lmax, ...] each), other gradients, and the loss and metric sums."""
+
+
+class _DeviceProgram:
+    """What one device of the pipe axis runs, traced once inside the executor's shard_map (`Pipeline._body`): its
+    layer chunks as functions of their weights, the MoE statistics sweep, and the scan over the schedule table's
+    ticks, where `lax.switch` runs this device's op of each tick.
+
+    Every tick op (a branch: `idle`, `fwd`, `fwd_first`, `bwd`, `bwd_last`, `bwd_first`, zb's `wgt`) maps (chunk c,
+    microbatch i, stage input h, output cotangent g, accumulators, kept slots) to (the activation sent to the next
+    device, the cotangent sent to the previous one, accumulators, kept slots): the one signature `lax.switch` needs,
+    with zeros where an op sends nothing. Kept slots are the residuals of the tick's stash slot and (zb) what a B
+    saves for its W in the tick's grad slot (`kept_slot`)."""
+
+    def __init__(self, pipeline: Pipeline, layers: dict[str, jax.Array], other: dict[str, jax.Array],
+                 rest: nnx.State, batch: dict[str, jax.Array], tables: dict[str, Any], metric_names: tuple[str, ...],
+                 ops_context: ops.OpsContext, moe: dict[str, Any] | None):
+        self.pipeline, self.schedule, self.tables, self.rest = pipeline, pipeline.schedule, tables, rest
+        self.metric_names, self.ops_context, self.moe = metric_names, ops_context, moe
+        self.V, self.M, self.vary = pipeline.V, pipeline.M, pipeline.manual
+        self.zb = self.schedule.w_ticks is not None
+        # Varying over every manual axis up front: the vjp of a device-invariant weight against batch-varying
+        # activations would otherwise psum inside every tick (jax-idioms.md, pcast).
+        self.layers = {k: _vary_all(v[0], self.vary) for k, v in layers.items()}              # [V, Lmax, ...]
+        self.other = {k: _vary_all(v, self.vary) for k, v in other.items()}
+        self.me = jax.lax.axis_index("pipe")
+        self.counts = jnp.asarray(pipeline.layout.counts)[self.me]                          # [V]
+        self.micro = self._microbatches(batch)
+        # loss = mean over microbatches and shards: with seq, each device's loss is the mean over its block of
+        # every sequence, blocks of equal size, so the mean of the block means is the mean over all tokens
+        self.n_shards = math.prod(pipeline.plan.mesh[a] for a in pipeline.reduce_axes)
+        self.scale = 1.0 / (self.M * self.n_shards)
+        # MoE statistics from the expert-parallel op are already sums over the expert group
+        self.group = pipeline.plan.mesh["expert"] if "expert" in self.vary else 1
+        self.layer_paths, self.other_paths = sorted(self.layers), sorted(self.other)
+        with ops.context(ops_context):  # the plan's remat: the trainer calls the executor outside its context
+            self.step_layer = ops.remat(self.layer_fn)
+        self.e = moe["experts"] if moe else 0
+        # activation specs name only automatic axes here (seq, tensor): without them XLA may move the sequence
+        # split of the stage input onto its batch dimension, which the attention ops' shard_maps cannot take
+        self.local_specs = {k: _drop_axes(v, self.vary) for k, v in ops_context.activations.items()}
+        # What moves between stages has the plan's layer_input layout (its automatic axes): pinned on the
+        # sends, so the bytes a tick transfers do not depend on how XLA propagates the embedding's layout.
+        self.carried = self.local_specs.get("layer_input")
+        self.coef = None
+        """MoE: the balancing loss's coefficient of each layer's router probability sums [V, Lmax, E] (`_sweep`)."""
+
+    def run(self) -> tuple[list[jax.Array], list[jax.Array], list[jax.Array], tuple]:
+        """(layer gradients, other gradients, loss and metric sums, the MoE sweep's staged outputs) of this
+        device's ticks, not yet summed over the devices."""
+        with ops.context(dataclasses.replace(self.ops_context, activations=self.local_specs)):
+            self._probe_stage()
+            swept, swept_bufs, moe_out = self._sweep() if self.moe is not None else (None, [], ())
+            g_layers, g_other, sums = self._scan(swept, swept_bufs)
+        return g_layers, g_other, sums, moe_out
+
+    def _microbatches(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The local batch cut into M microbatches ([M, batch / M, ...] each leaf)."""
+        local_batch = jax.tree.leaves(batch)[0].shape[0]
+        if local_batch % self.M:
+            raise PlanError(f"{self.M} microbatches do not divide the per-replica batch of {local_batch} (global "
+                            f"batch / expert x data x fsdp): change --microbatches or --batch")
+        mbs = local_batch // self.M
+        return jax.tree.map(lambda v: v.reshape((self.M, mbs) + v.shape[1:]), batch)
+
+    def _probe_stage(self) -> None:
+        """The stage input's type, the transfers' permutations, and the structure of what a forward keeps for its
+        backward, each found once before the ticks."""
+        self.other_list = [self.other[p] for p in self.other_paths]
+        self.x_shape = jax.eval_shape(lambda o: self.model_of(dict(zip(self.other_paths, o))).embed_inputs(self.mb(0)),
+                                      self.other_list)
+        self.zero_x = self.varying(self.x_shape.shape, self.x_shape.dtype)
+        self.fwd_pairs, self.bwd_pairs = receive_permutations(self.pipeline.P, self.V)
+        # residuals kept from each forward for its backward (`stashes`): their structure, probed once
+        c0 = self.tables["chunk"][0][self.me]
+        self.stash = _Stash.probe(self.stage_fn, self.chunk_of(0), c0, self.zero_x) if self.pipeline.stash else None
+        # zb: the backward cut into B (the input gradient) and W (the weight gradients), which shares what
+        # it needs from B through grad slots (`_Split`)
+        self.split = _Split.probe(self.stash, self.chunk_of(0), c0, self.zero_x, self.varying) if self.zb else None
+        self.n_kept = len(self.stash.shapes) if self.stash is not None else 0
+
+    # -- the model's parts on this device's weights -------------------------------------------------------------
+    def model_of(self, other_vals: dict[str, jax.Array]) -> nnx.Module:
+        """The whole model on this device's non-layer weights (its layer weights are never called)."""
+        p = self.pipeline
+        return nnx.merge(p.graphdef, _rebuild(p.param_template, {**self.layers, **other_vals}), self.rest, copy=True)
+
+    def layer_fn(self, x: jax.Array, layer_vals: list[jax.Array]) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """One layer on its weights: (y, its MoE statistics as float32 or None)."""
+        prefix = len(LAYERS) + 1
+        values = {p[prefix:]: v for p, v in zip(self.layer_paths, layer_vals)}
+        block = nnx.merge(self.pipeline.blocks_graphdef, _rebuild(self.pipeline.blocks_template, values))
+        y, aux = block(ops.boundary(x, "layer_input"))
+        if self.moe is None:
+            return y, None
+        stats = {"load": aux.load, "prob_sum": aux.prob_sum, "dropped": aux.dropped}
+        return y, {k: _vary_all(v.astype(jnp.float32), self.vary) for k, v in stats.items()}
+
+    def skip_layer(self, x: jax.Array, _) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """A padding layer: x unchanged, zero statistics."""
+        if self.moe is None:
+            return x, None
+        z = lambda *s: jax.lax.pcast(jnp.zeros(s, jnp.float32), self.vary, to="varying")  # noqa: E731
+        return x, {"load": z(self.e), "prob_sum": z(self.e), "dropped": z()}
+
+    def run_chunk(self, chunk_vals: list[jax.Array], n: jax.Array, x: jax.Array):
+        """The chunk's layers over x: (y, per-layer MoE statistics [Lmax, ...] or None)."""
+        def scan_body(x, xs):
+            j, layer_vals = xs
+            if self.pipeline.layout.even:
+                return self.step_layer(x, layer_vals)
+            return jax.lax.cond(j < n, self.step_layer, self.skip_layer, x, layer_vals)
+        lmax = chunk_vals[0].shape[0]
+        return jax.lax.scan(scan_body, x, (jnp.arange(lmax), chunk_vals))
+
+    def stage_fn(self, w: list[jax.Array], c: jax.Array, h: jax.Array):
+        """(the chunk's output, its layers' statistics): with MoE layers the output is (y, router probability sums
+        [Lmax, E]); their cotangent is the balancing loss's coefficient (`cotangent`), so the forward does not need
+        it (GPipe's forwards run before it is known)."""
+        y, st = self.run_chunk(w, self.counts[c], h)
+        return ((y, st["prob_sum"]) if self.moe else y), st
+
+    def embed(self, i: jax.Array) -> jax.Array:
+        return self.model_of(dict(zip(self.other_paths, self.other_list))).embed_inputs(self.mb(i))
+
+    # -- indexing, zeros and transfers --------------------------------------------------------------------------
+    def chunk_of(self, c) -> list[jax.Array]:
+        if self.V == 1:
+            return [self.layers[p][0] for p in self.layer_paths]
+        return [jax.lax.dynamic_index_in_dim(self.layers[p], c, 0, keepdims=False) for p in self.layer_paths]
+
+    def index(self, a: jax.Array, c) -> jax.Array:
+        return a[0] if self.V == 1 else jax.lax.dynamic_index_in_dim(a, c, 0, keepdims=False)
+
+    def add_chunk(self, acc: list[jax.Array], c, g: list[jax.Array]) -> list[jax.Array]:
+        if self.V == 1:
+            return [a + gi[None] for a, gi in zip(acc, g)]
+        return [jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, c, 0, False) + gi, c, 0)
+                for a, gi in zip(acc, g)]
+
+    def mb(self, i) -> dict[str, jax.Array]:
+        return jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False), self.micro)
+
+    def varying(self, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        return jax.lax.pcast(jnp.zeros(shape, dtype), self.vary, to="varying")
+
+    def pin(self, x: jax.Array) -> jax.Array:
+        return ops.constrain(x, self.carried) if self.carried is not None else x
+
+    def buffer(self, k: int) -> jax.Array:
+        """k stage inputs' slots (activations or cotangents), laid out as what moves between stages."""
+        buf = self.varying((k,) + self.x_shape.shape, self.x_shape.dtype)
+        return ops.constrain(buf, PartitionSpec(None, *self.carried)) if self.carried is not None else buf
+
+    def send(self, x_next: jax.Array) -> jax.Array:
+        return self.pin(jax.lax.ppermute(self.pin(x_next), "pipe", self.fwd_pairs))
+
+    def kept_slot(self, bufs: list[jax.Array], row: dict[str, jax.Array]):
+        """(slots, their values): the residuals a forward tick overwrites or a backward tick reads, then (zb) what
+        a B tick saves for its W in its grad slot; every tick writes back what its branch returns (unchanged but
+        by a forward or a B), so no buffer is copied whole."""
+        if not bufs:
+            return [], []
+        slots = [jnp.maximum(row["stash_slot"][self.me], 0)] * self.n_kept
+        if len(bufs) > self.n_kept:
+            slots += [jnp.maximum(row["grad_slot"][self.me], 0)] * (len(bufs) - self.n_kept)
+        return slots, [b[k] for b, k in zip(bufs, slots)]
+
+    @staticmethod
+    def write_back(bufs: list[jax.Array], slots: list[jax.Array], kept: list[jax.Array]) -> list[jax.Array]:
+        return [jax.lax.dynamic_update_index_in_dim(b, v, k, 0) for b, v, k in zip(bufs, kept, slots)]
+
+    # -- a chunk's forward and backward -------------------------------------------------------------------------
+    def forward(self, c: jax.Array, h: jax.Array):
+        """The chunk's output, statistics and the residuals to keep (none without stash)."""
+        if self.stash is None:
+            y, st = self.run_chunk(self.chunk_of(c), self.counts[c], h)
+            return y, st, []
+        out, st, kept = self.stash.forward(self.stage_fn, self.chunk_of(c), c, h, self.vary)
+        return (out[0] if self.moe else out), st, kept
+
+    def cotangent(self, c: jax.Array, g: jax.Array):
+        """The cotangent of `stage_fn`'s output (MoE: of the probability sums too, the coefficient)."""
+        return (g, self.index(self.coef, c)) if self.moe else g
+
+    def backward(self, c: jax.Array, h: jax.Array, g: jax.Array, kept: list[jax.Array]):
+        """(dw, dh) of the chunk: from the kept residuals, or recomputing its forward from h."""
+        if self.stash is not None:
+            return self.stash.backward(kept, self.chunk_of(c), c, h, self.cotangent(c, g))
+        _, vjp, _ = jax.vjp(lambda w, h: self.stage_fn(w, c, h), self.chunk_of(c), h, has_aux=True)
+        return vjp(self.cotangent(c, g))
+
+    # -- the MoE statistics sweep -------------------------------------------------------------------------------
+    @property
+    def sweep_keeps(self) -> bool:
+        """Whether the sweep is the forward phase that keeps the residuals for the backward ticks (GPipe, stash)."""
+        return self.stash is not None and self.schedule.forwards_first
+
+    def _sweep(self) -> tuple[jax.Array, list[jax.Array], tuple]:
+        """(the activations and residuals the sweep leaves, the staged balancing loss, expert loads and dropped
+        assignments of the whole batch [1, V, Lmax, ...]); sets `coef`."""
+        # The balancing loss of layer l is E * sum_e f_e p_e with f (share of assignments) and p (mean
+        # router probability) over the WHOLE batch: not a mean over microbatches. f carries no gradient,
+        # so a forward-only sweep first counts every layer's assignments over all microbatches (and all
+        # shards); the step then differentiates sum_e c_e * prob_sum_e per microbatch with the global
+        # c = weight/L * E * f / tokens, which sums to exactly the gradient of the whole-batch loss.
+        # Under GPipe the sweep is the forward phase, and keeps the residuals when the stages stash.
+        V, e, group = self.V, self.e, self.group
+        lmax = self.pipeline.layout.index.shape[2]
+        stats0 = {"load": self.varying((V, lmax, e)), "prob_sum": self.varying((V, lmax, e)),
+                  "dropped": self.varying((V, lmax))}
+        swept_bufs = self.stash.buffers(self.schedule.stash_slots, self.varying) if self.sweep_keeps else []
+        (swept, stats, swept_bufs), _ = jax.lax.scan(self.pre_tick, (self.buffer(self.schedule.act_slots), stats0,
+                                                                     swept_bufs), self.tables["pre"])
+        # sums over the batch shards; the expert-parallel op's statistics are sums over its group already
+        reduce_axes = self.pipeline.reduce_axes
+        stats = {k: jax.lax.psum(v, reduce_axes) / group if reduce_axes else v for k, v in stats.items()}
+        tokens = math.prod(self.x_shape.shape[:-1]) * self.M * self.n_shards
+        n_layers = self.pipeline.layers
+        share = stats["load"] / jnp.maximum(jnp.sum(stats["load"], -1, keepdims=True), 1.0)
+        aux = e * jnp.sum(share * stats["prob_sum"] / tokens, axis=-1)                             # [V, Lmax]
+        self.coef = _vary_all(self.moe["weight"] / n_layers * e * share / tokens / group, self.vary)  # [V, Lmax, E]
+        return swept, swept_bufs, tuple(v[None] for v in (aux, stats["load"], stats["dropped"]))
+
+    def add_stats(self, acc: dict[str, jax.Array], c: jax.Array, st: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return {k: self.add_chunk([acc[k]], c, [st[k]])[0] for k in acc}
+
+    def pre_idle(self, c, i, h, acc, kept):
+        return self.zero_x, acc, kept
+
+    def pre_fwd(self, c, i, h, acc, kept):
+        if self.sweep_keeps:
+            y, st, kept = self.forward(c, h)
+            return y, self.add_stats(acc, c, st), kept
+        y, st = self.run_chunk(self.chunk_of(c), self.counts[c], h)
+        return y, self.add_stats(acc, c, st), kept
+
+    def pre_fwd_first(self, c, i, h, acc, kept):
+        return self.pre_fwd(c, i, self.embed(i), acc, kept)
+
+    def pre_last(self, c, i, h, acc, kept):
+        """Kept (GPipe), its output goes where its input was (`pre_tick`); sent, it is dropped.
+        Else its backward runs it again."""
+        if self.schedule.stash_last:
+            y, st, kept = self.forward(c, h)
+            return y, self.add_stats(acc, c, st), kept
+        y, st = self.run_chunk(self.chunk_of(c), self.counts[c], h)
+        return self.zero_x, self.add_stats(acc, c, st), kept
+
+    def _sweep_branches(self) -> list[Callable]:
+        """The sweep's ops by code, each taking its operands as one tuple (for `lax.switch`)."""
+        branches = [None] * 4
+        for code, fn in ((0, self.pre_idle), (FWD, self.pre_fwd), (FWD_FIRST, self.pre_fwd_first),
+                         (PRE_LAST, self.pre_last)):
+            branches[code] = fn
+        return [lambda a, fn=fn: fn(*a) for fn in branches]
+
+    def pre_tick(self, carry, row):
+        """One tick of the sweep: its forward op, then the output sent to the next device."""
+        acts, acc, bufs = carry
+        me = self.me
+        code, read = row["code"][me], row["in_slot"][me]
+        h = acts[jnp.maximum(read, 0)]
+        slot, kept = self.kept_slot(bufs, row)
+        out, acc, kept = jax.lax.switch(code, self._sweep_branches(), (row["chunk"][me], row["microbatch"][me], h,
+                                                                       acc, kept))
+        bufs = self.write_back(bufs, slot, kept)
+        if self.schedule.stash_last:
+            acts = _receive(acts, jnp.where(code == PRE_LAST, read, -1), out)
+        return (_receive(acts, row["recv_act"][me], self.send(out)), acc, bufs), None
+
+    # -- the tick ops -------------------------------------------------------------------------------------------
+    def idle(self, c, i, h, g, acc: _Acc, kept):
+        return self.zero_x, self.zero_x, acc, kept
+
+    def fwd(self, c, i, h, g, acc: _Acc, kept):
+        y, _, new = self.forward(c, h)
+        return y, self.zero_x, acc, new + kept[len(new):]
+
+    def fwd_first(self, c, i, h, g, acc: _Acc, kept):
+        return self.fwd(c, i, self.embed(i), g, acc, kept)
+
+    def bwd(self, c, i, h, g, acc: _Acc, kept):
+        n_kept = self.n_kept
+        if self.split is not None:  # B: the input gradient, saving what W needs
+            dh, saved = self.split.b(kept[:n_kept], self.chunk_of(c), c, h, self.cotangent(c, g), self.vary)
+            return self.zero_x, dh, acc, kept[:n_kept] + saved
+        dw, dh = self.backward(c, h, g, kept)
+        return self.zero_x, dh, (self.add_chunk(acc[0], c, dw), acc[1], acc[2]), kept
+
+    def wgt(self, c, i, h, g, acc: _Acc, kept):
+        """zb's W: the chunk's weight gradients from its residuals and what its B saved."""
+        dw = self.split.w(kept[:self.n_kept], self.chunk_of(c), c, kept[self.n_kept:])
+        return self.zero_x, self.zero_x, (self.add_chunk(acc[0], c, dw), acc[1], acc[2]), kept
+
+    def bwd_last(self, c, i, h, g, acc: _Acc, kept):
+        """The last stage's backward, its forward (through the head and loss) included; the loss and metrics."""
+        batch_i, moe, one = self.mb(i), self.moe, self.one
+
+        def head(o, y):
+            loss, metrics = self.model_of(dict(zip(self.other_paths, o))).head_loss(y, batch_i)
+            return loss * self.scale, (loss, metrics)
+
+        def f(w, o, h):
+            out, _ = self.stage_fn(w, c, h)
+            y, aux = (out[0], jnp.sum(self.index(self.coef, c) * out[1])) if moe else (out, 0.0)
+            loss, metrics = head(o, y)
+            return loss + aux, metrics
+        if self.split is not None:  # zb: its forward, then its B; its W comes later from what both keep
+            y, _, new = self.forward(c, h)
+            _, vjp, (loss, metrics) = jax.vjp(head, self.other_list, y, has_aux=True)
+            do, dy = vjp(one)
+            dh, saved = self.split.b(new, self.chunk_of(c), c, h, self.cotangent(c, dy), self.vary)
+            dw, kept = None, new + saved
+        elif self.schedule.stash_last:  # its forward ran in the sweep: h is its output
+            _, vjp, (loss, metrics) = jax.vjp(head, self.other_list, h, has_aux=True)
+            do, dy = vjp(one)
+            dw, dh = self.backward(c, h, dy, kept)
+        else:
+            _, vjp, (loss, metrics) = jax.vjp(f, self.chunk_of(c), self.other_list, h, has_aux=True)
+            dw, do, dh = vjp(one)
+        values = [loss] + [metrics[k] for k in self.metric_names]
+        sums = [s + v.astype(jnp.float32) * self.scale for s, v in zip(acc[2], values)]
+        layers_acc = acc[0] if dw is None else self.add_chunk(acc[0], c, dw)
+        return self.zero_x, dh, (layers_acc, [a + d for a, d in zip(acc[1], do)], sums), kept
+
+    def bwd_first(self, c, i, h, g, acc: _Acc, kept):
+        """The first stage's backward, through the embedding into the other gradients."""
+        batch_i, n_kept = self.mb(i), self.n_kept
+
+        def embed_o(o):
+            return self.model_of(dict(zip(self.other_paths, o))).embed_inputs(batch_i)
+        x, vjp = jax.vjp(embed_o, self.other_list)  # the stage input again: a lookup, no matmul
+        if self.split is not None:
+            dh, saved = self.split.b(kept[:n_kept], self.chunk_of(c), c, x, self.cotangent(c, g), self.vary)
+            (do,) = vjp(dh)
+            return self.zero_x, self.zero_x, (acc[0], [a + d for a, d in zip(acc[1], do)], acc[2]), \
+                kept[:n_kept] + saved
+        dw, dh = self.backward(c, x, g, kept)
+        (do,) = vjp(dh)
+        return self.zero_x, self.zero_x, (self.add_chunk(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)],
+                                          acc[2]), kept
+
+    # -- the ticks ----------------------------------------------------------------------------------------------
+    def _branches(self) -> list[Callable]:
+        """The tick ops by code (`planner.schedule`), each taking its operands as one tuple (for `lax.switch`)."""
+        ops_by_code = ((0, self.idle), (FWD, self.fwd), (FWD_FIRST, self.fwd_first), (BWD, self.bwd),
+                       (BWD_LAST, self.bwd_last), (BWD_FIRST, self.bwd_first)) + (((WGT, self.wgt),) if self.zb else ())
+        branches = [None] * len(ops_by_code)
+        for code, fn in ops_by_code:
+            branches[code] = fn
+        return [lambda ops_, fn=fn: fn(*ops_) for fn in branches]
+
+    def tick(self, carry, row):
+        """One tick: this device's op, then activations sent to the next device and cotangents to the previous."""
+        acts, cots, bufs, acc = carry
+        me = self.me
+        code, c, i = row["code"][me], row["chunk"][me], row["microbatch"][me]
+        h = acts[jnp.maximum(row["in_slot"][me], 0)]
+        g = cots[jnp.maximum(row["cot_slot"][me], 0)]
+        slot, kept = self.kept_slot(bufs, row)
+        send_act, send_cot, acc, kept = jax.lax.switch(code, self._branches(), (c, i, h, g, acc, kept))
+        bufs = self.write_back(bufs, slot, kept)
+        got_act = self.send(send_act)
+        got_cot = self.pin(jax.lax.ppermute(self.pin(send_cot), "pipe", self.bwd_pairs))
+        acts = _receive(acts, row["recv_act"][me], got_act)
+        cots = _receive(cots, row["recv_cot"][me], got_cot)
+        return (acts, cots, bufs, acc), None
+
+    def _scan(self, swept: jax.Array | None, swept_bufs: list[jax.Array]) -> _Acc:
+        """The main table's ticks from zero accumulators (after a sweep that was the forward phase itself, from the
+        activations and residuals it left)."""
+        self.one = jax.lax.pcast(jnp.ones((), jnp.float32), self.vary, to="varying")
+        """The loss's own cotangent (`bwd_last`)."""
+        acc0 = ([self.varying(self.layers[p].shape, self.layers[p].dtype) for p in self.layer_paths],
+                [self.varying(self.other[p].shape, self.other[p].dtype) for p in self.other_paths],
+                [self.varying(()) for _ in range(1 + len(self.metric_names))])
+        main = {k: v for k, v in self.tables.items() if k != "pre"}
+        # (after a sweep that was the forward phase itself, the main table holds only the backward ticks)
+        if self.moe is not None and self.schedule.forwards_first:
+            acts0, bufs0 = swept, swept_bufs
+        else:
+            acts0 = self.buffer(self.schedule.act_slots)
+            bufs0 = self.stash.buffers(self.schedule.stash_slots, self.varying) if self.stash else []
+            if self.zb:
+                bufs0 += self.split.buffers(self.schedule.grad_slots, self.varying)
+        (_, _, _, acc), _ = jax.lax.scan(self.tick, (acts0, self.buffer(self.schedule.cot_slots), bufs0, acc0),
+                                         main)
+        return acc
 
 
 @dataclasses.dataclass
