@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -15,6 +15,9 @@ from planner.errors import AutoshardError, PlanError
 from planner.params import path_str
 from planner.plan import AXES, BATCH_AXES, Plan, SpecEntry, shard_count
 from planner.rules import ParamInfo
+
+if TYPE_CHECKING:  # (imported where used: autoshard.ops imports this module's users)
+    from autoshard.ops import OpsContext
 
 
 def make_mesh(plan: Plan, devices: list | None = None) -> Mesh:
@@ -191,7 +194,7 @@ def check_supported(plan: Plan) -> None:
                         "DIR (the checkpoint it was planned from), or apply it with autoshard.place.placed first")
 
 
-def ops_context(plan: Plan, mesh: Mesh) -> "OpsContext":
+def ops_context(plan: Plan, mesh: Mesh) -> OpsContext:
     """What the model's composite ops need from the plan: the mesh, activation specs, attention and MoE kinds."""
     from autoshard.ops import OpsContext
 

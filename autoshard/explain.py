@@ -295,6 +295,9 @@ def pipeline_line(plan: Plan) -> str:
                  f"{pl['act_slots']}+{pl['cot_slots']} live buffers/device")
         if pl.get("stash"):  # forwards keep their residuals for their backward (no recompute)
             text += f", {pl['stash_slots']} residual slots of {format_bytes(pl['stash_bytes_per_slot'])}"
+            if pl.get("grad_slots"):  # zb: what each B saves for its W
+                n = pl["grad_slots"]
+                text += f", {n} grad slot{'s' if n != 1 else ''} of {format_bytes(pl.get('grad_bytes_per_slot'))}"
         elif "stash" in pl:
             text += ", each backward recomputes its stage's forward" + (" (remat full)" if plan.remat == "full" else "")
     return text
@@ -501,16 +504,21 @@ def explain(plan: Plan, params: Mapping[str, ParamInfo] | None = None, *, source
 
 # -- pipeline schedule as text (autoshard.figures draws it) ---------------------------------------------------------
 
-def _schedule(plan: Plan):
-    from planner.schedule import make_schedule
+def plan_schedule(plan: Plan):
+    """The plan's schedule table (`planner.schedule.make_schedule`) with its stash, read as the planner reads the
+    plan's pipeline mode (its remat, and its spec's `stash`): zb has one only with the stash (else its one-line
+    error)."""
+    from planner.schedule import make_schedule, pipeline_mode, stashes
 
     spec = plan.pipeline
-    return make_schedule(spec.schedule, plan.mesh["pipe"], spec.microbatches, spec.virtual)
+    stash = stashes(pipeline_mode(plan.remat, spec.stash))  # as `autoshard.pipeline.Pipeline` reads it
+    return make_schedule(spec.schedule, plan.mesh["pipe"], spec.microbatches, spec.virtual, stash)
 
 
 def timeline(plan: Plan, *, width: int = WIDTH) -> list[str]:
-    """The schedule as text, one row per pipe device (cut into blocks of ticks that fit `width`)."""
-    rows = _schedule(plan).timeline()
+    """The schedule as text, one row per pipe device (cut into blocks of ticks that fit `width`; zb's W ops as
+    `W<microbatch>`)."""
+    rows = plan_schedule(plan).timeline()
     heads = [r[: r.index(":") + 2] for r in rows]
     cells = [r[r.index(":") + 2:].split(" ") for r in rows]
     cells = [[c for c in row if c != ""] for row in cells]

@@ -56,7 +56,7 @@ ZOOM_TICKS = 40
 LABEL_TICKS = 40
 """Ops carry their microbatch number when the drawn window has at most this many ticks (fewer for numbers of
 several digits, or a panel of half the width)."""
-COLOURS = {"forward": "#4285f4", "backward": "#ea4335", "idle": "#e4e4e4", "once": "#9c6ade",
+COLOURS = {"forward": "#4285f4", "backward": "#ea4335", "weight": "#ff9800", "idle": "#e4e4e4", "once": "#9c6ade",
            "compute": "#34a853", "pipeline bubble": "#9e9e9e", "budget": "#d32f2f", "chosen": "#f9a825",
            "ok": "#34a853", "fail": "#d32f2f", "info": "#9e9e9e", "band": "#c8e6c9",
            "predicted": "#4285f4", "compiled": "#fbbc05"}
@@ -377,7 +377,7 @@ class ScheduleTimes:
     """[T, P] seconds each device computes in each tick (0: idle, or the last stage's forward, which its backward
     recomputes)."""
     phase: np.ndarray
-    """[T, P] 0 idle, 1 forward, 2 backward."""
+    """[T, P] 0 idle, 1 forward, 2 backward (zb: its B, the input gradient), 3 weight gradient (zb's W)."""
     chunk: np.ndarray
     microbatch: np.ndarray
     once_per_step: float
@@ -397,25 +397,30 @@ class ScheduleTimes:
 
 
 def schedule_times(plan: Plan) -> ScheduleTimes:
-    """The plan's schedule table with each op's predicted seconds (the planner's per-stage forward and backward
-    times and per-tick transfer, as `planner.stages.lockstep_seconds` adds them up)."""
-    from planner.schedule import IDLE, make_schedule
+    """The plan's schedule table with each op's predicted seconds (the planner's per-stage forward, backward and,
+    for zb, weight-gradient times and each tick's sends, as `planner.stages.lockstep_seconds` adds them up)."""
+    from autoshard.explain import plan_schedule
+    from planner.schedule import IDLE
 
     spec = plan.pipeline
     P = plan.mesh["pipe"]
-    sched = make_schedule(spec.schedule, P, spec.microbatches, spec.virtual)
+    sched = plan_schedule(plan)
     pred = plan.predicted or {}
     pl = _field(pred, "pipeline", dict)
     fwd = [_num(x) for x in _field(pl, "stage_forward_seconds", list)]
     bwd = [_num(x) for x in _field(pl, "stage_backward_seconds", list)]
-    timed = len(fwd) == len(bwd) == P * spec.virtual and None not in fwd + bwd
+    wgt = [_num(x) for x in _field(pl, "stage_weight_seconds", list)] if sched.w_ticks is not None else []
+    timed = len(fwd) == len(bwd) == P * spec.virtual and None not in fwd + bwd + wgt \
+        and (sched.w_ticks is None or len(wgt) == P)
     if not timed:
-        fwd = bwd = [1.0] * (P * spec.virtual)
+        fwd = bwd = wgt = [1.0] * (P * spec.virtual)
     stage = sched.chunk * P + np.arange(P)[None, :]
     busy = np.where((sched.phase == 1) & (sched.code != IDLE), np.asarray(fwd)[stage], 0.0)
     busy = np.where(sched.phase == 2, np.asarray(bwd)[stage], busy)
+    if sched.w_ticks is not None:
+        busy = np.where(sched.phase == 3, np.asarray(wgt)[stage], busy)
     transfer = (_num(pl.get("transfer_seconds_per_tick")) or 0.0) if timed else 0.0
-    length = busy.max(axis=1) + transfer
+    length = busy.max(axis=1) + transfer / 2 * sched.sends.sum(axis=1)  # a tick pays for the sends it makes
     start = np.concatenate([[0.0], np.cumsum(length)[:-1]])
     step = _num(pred.get("step_seconds")) if timed else None
     once = max(0.0, step - float(length.sum())) if step else 0.0
@@ -445,8 +450,9 @@ def _schedule_title(st: ScheduleTimes, plan: Plan, window: tuple[int, int] | Non
 
 
 def schedule_panel(ax: Axes, st: ScheduleTimes, plan: Plan, window: tuple[int, int] | None = None) -> None:
-    """Devices on the y axis, predicted time on the x axis: forward and backward ops coloured (microbatch numbers
-    on them when there is room), idle time (the bubble) grey; only the ticks [t0, t1) of `window` when zoomed."""
+    """Devices on the y axis, predicted time on the x axis: forward and backward ops (zb: B and W) coloured
+    (microbatch numbers on them when there is room), idle time (the bubble) grey; only the ticks [t0, t1) of
+    `window` when zoomed."""
     t0, t1 = window or (0, st.ticks)
     t0, t1 = max(0, t0), min(st.ticks, t1)
     once = st.once_per_step if t1 == st.ticks else 0.0
@@ -458,7 +464,7 @@ def schedule_panel(ax: Axes, st: ScheduleTimes, plan: Plan, window: tuple[int, i
     labels = (t1 - t0) * digits <= LABEL_TICKS * (0.5 if window else 1.0)
     for p in range(st.devices):
         ax.broken_barh([(x0 / scale, (x1 - x0) / scale)], (p - 0.4, 0.8), facecolors=COLOURS["idle"])
-        for ph, name in ((1, "forward"), (2, "backward")):
+        for ph, name in ((1, "forward"), (2, "backward"), (3, "weight")):
             for c in range(st.virtual):
                 cells = [t for t in range(t0, t1)
                          if st.phase[t, p] == ph and st.chunk[t, p] == c and st.busy[t, p] > 0]
@@ -484,8 +490,11 @@ def _schedule_axes(ax: Axes, st: ScheduleTimes, xlim: tuple[float, float], unit:
     if not legend:
         return
     chunks = " (darker: later chunks)" if st.virtual > 1 else ""
+    zb = bool((st.phase == 3).any())
     handles = [Patch(color=COLOURS["forward"], label=f"forward{chunks}"),
-               Patch(color=COLOURS["backward"], label="backward (recomputes its forward)"),
+               Patch(color=COLOURS["backward"], label="input gradient (B)" if zb else
+                     "backward (recomputes its forward)"),
+               *([Patch(color=COLOURS["weight"], label="weight gradient (W)")] if zb else []),
                Patch(color=COLOURS["idle"], label="idle (bubble)")]
     if st.once_per_step:
         handles.append(Patch(color=COLOURS["once"], label=st.once_label))

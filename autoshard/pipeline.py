@@ -265,8 +265,12 @@ class Pipeline:
         s = self.schedule
         names = ("code", "chunk", "microbatch", "in_slot", "cot_slot", "recv_act", "recv_cot") \
             + (("stash_slot",) if self.stash else ()) + (("grad_slot",) if s.w_ticks is not None else ())
+        # per tick, whether some device sends a stage input / a cotangent (`Schedule.sends`): the same on every
+        # device, so a tick's ppermute runs only where one moves something
+        flags = {"send_act": s.sends[:, 0], "send_cot": s.sends[:, 1]}
         if not sweep:
-            return {name: jnp.asarray(getattr(s, name)) for name in names}
+            return {**{name: jnp.asarray(getattr(s, name)) for name in names},
+                    **{k: jnp.asarray(v) for k, v in flags.items()}}
         # the forward-only sweep for layer statistics (MoE): the forward ticks in the same order, with the last
         # stage's forward (folded into its backward in the main table) as an op of its own
         rows = np.nonzero(np.any(s.phase == 1, axis=1))[0]
@@ -277,7 +281,8 @@ class Pipeline:
         # where every forward tick comes before every backward one (GPipe), the sweep IS the forward phase: the
         # main table keeps only the backward ticks and starts from the activations the sweep received
         rest = s.forward_ticks if s.forwards_first else 0
-        return {"pre": pre, **{name: jnp.asarray(getattr(s, name)[rest:]) for name in names}}
+        return {"pre": pre, **{name: jnp.asarray(getattr(s, name)[rest:]) for name in names},
+                **{k: jnp.asarray(v[rest:]) for k, v in flags.items()}}
 
     def _probe(self, rest, batch) -> tuple[tuple[str, ...], dict[str, Any] | None]:
         """Scalar metric names of `head_loss`, and what the layers' auxiliary output is (traced on the global
@@ -493,6 +498,9 @@ class _DeviceProgram:
     def send(self, x_next: jax.Array) -> jax.Array:
         return self.pin(jax.lax.ppermute(self.pin(x_next), "pipe", self.fwd_pairs))
 
+    def send_back(self, cot: jax.Array) -> jax.Array:
+        return self.pin(jax.lax.ppermute(self.pin(cot), "pipe", self.bwd_pairs))
+
     def kept_slot(self, bufs: list[jax.Array], row: dict[str, jax.Array]):
         """(slots, their values): the residuals a forward tick overwrites or a backward tick reads, then (zb) what
         a B tick saves for its W in its grad slot; every tick writes back what its branch returns (unchanged but
@@ -699,8 +707,8 @@ class _DeviceProgram:
         slot, kept = self.kept_slot(bufs, row)
         send_act, send_cot, acc, kept = jax.lax.switch(code, self._branches(), (c, i, h, g, acc, kept))
         bufs = self.write_back(bufs, slot, kept)
-        got_act = self.send(send_act)
-        got_cot = self.pin(jax.lax.ppermute(self.pin(send_cot), "pipe", self.bwd_pairs))
+        got_act = jax.lax.cond(row["send_act"], self.send, lambda x: x, send_act)
+        got_cot = jax.lax.cond(row["send_cot"], self.send_back, lambda x: x, send_cot)
         acts = _receive(acts, row["recv_act"][me], got_act)
         cots = _receive(cots, row["recv_cot"][me], got_cot)
         return (acts, cots, bufs, acc), None

@@ -147,6 +147,17 @@ class Schedule:
         """zb: the grad slot a B writes (at the end of its tick) and its W reads (-1: none; all -1 for other kinds)."""
         return self._slot_tables[5]
 
+    @functools.cached_property
+    def sends(self) -> np.ndarray:
+        """[T, 2] bool: whether some device sends a stage input (column 0: a forward of a stage other than the
+        last) or a cotangent (column 1: a backward of a stage other than the first) at the end of each tick. The
+        executor runs a tick's ppermute only then: one of nothing would still move a microbatch's bytes (GPipe's
+        ticks send one or the other, never both)."""
+        out = np.zeros((self.ticks, 2), bool)
+        out[self.op_ticks[:-1, 0].ravel(), 0] = True
+        out[self.op_ticks[1:, 1].ravel(), 1] = True
+        return out
+
     @property
     def ticks(self) -> int:
         return int(self.code.shape[0])
@@ -476,7 +487,8 @@ def step_time(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float
     """Seconds per step: the ticks run in lockstep (each ends with the ppermutes), so a tick costs its slowest op.
 
     fwd / bwd: [stages] seconds of one microbatch's forward / backward on each stage (the backward including its
-    recomputed forward; zb: the B op only); transfer: seconds for one tick's point-to-point sends; wgt: [stages]
+    recomputed forward; zb: the B op only); transfer: seconds of a tick's two point-to-point sends (a tick pays
+    for those it makes, `Schedule.sends`); wgt: [stages]
     seconds of a W op (zb only, and needed there).
     """
     if sched.w_ticks is not None and wgt is None:
@@ -493,5 +505,5 @@ def step_time(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float
                 longest = max(longest, bwd[s])
             elif sched.phase[t, p] == 3:
                 longest = max(longest, wgt[s])
-        total += longest + transfer
+        total += longest + transfer / 2 * int(sched.sends[t].sum())
     return total

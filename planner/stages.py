@@ -15,12 +15,17 @@ As the executor (`autoshard.pipeline`) runs a stage:
   the backward, the full training work (passes x forward), and under "full" one more forward of its layers. The
   last stage's backward always runs its forward too (its forward tick is empty), and the first stage's embeds its
   microbatch again (a lookup);
+- zb (`planner.schedule`, mode "none" and V = 1 only) splits each backward tick into B and W: W is the stage's
+  weight gradients, each weight op's (`weight_ops`: a matmul or convolution with a weight) costing its forward, B
+  the rest (`zb_ticks`); B saves each weight op's output cotangent for its W (a grad slot, `grad_bytes`), and a
+  microbatch's residuals are held from its forward to its W;
 - memory: the schedule's stage-input and cotangent buffers, and with the stash each in-flight microbatch's
   residuals of the longest stage (`stash_bytes`: what JAX's linearization saves per layer, `Problem.saved`, counted,
-  not fitted: a loop carry XLA cannot fuse into), plus one microbatch's backward working set (`_working_set`);
-- each tick ends with two point-to-point sends of one microbatch's stage input (activation forward, cotangent
-  backward) over the link between neighbouring pipe devices (pipe is the outermost mesh axis), on every tick, each
-  paying the link's latency (`transfer_seconds`);
+  not fitted: a loop carry XLA cannot fuse into), zb's grad slots, plus one microbatch's backward working set
+  (`_working_set`);
+- a tick ends with up to two point-to-point sends of one microbatch's stage input (activation forward, cotangent
+  backward) over the link between neighbouring pipe devices (pipe is the outermost mesh axis), each paying the
+  link's latency (`transfer_seconds`), where some device has one to send (`planner.schedule.Schedule.sends`);
 - the ticks run in lockstep, so a tick costs its slowest op (`planner.schedule.step_time`);
 - once per step: fsdp-sharded weights are gathered on entry, layer gradients are all-reduced over data x fsdp and
   the replicated non-layer gradients over pipe x data x fsdp.
@@ -46,11 +51,11 @@ from planner.cluster import ClusterSpec
 from planner.calibration import GRAD_COPIES, WORKING_SET_SHARE
 from planner.errors import PlanError
 from planner.collectives import axis_collective_time, axis_span, bytes_sent, collective_time
-from planner.ilp import ParamChoice, Problem, Solution, exceeds, optimizer_copies
+from planner.ilp import PRODUCT_OPS, ParamChoice, Problem, Solution, exceeds, optimizer_copies
 from planner.layouts import local_nbytes
 from planner.plan import PipelineSpec
 from planner.schedule import IDLE, PIPELINE_MODES, Schedule, check, make_schedule, mode_settings, stashes, warmup
-from planner.trace import BOUNDARY, CONTRACTIONS, Graph, itemsize
+from planner.trace import BOUNDARY, CONTRACTIONS, Graph, dtype_kind, itemsize
 
 REGIONS = ("embed", "layer", "head")
 MAX_VIRTUAL = 4
@@ -98,6 +103,16 @@ class MeshCosts:
     call_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     """Region -> seconds of the in-stage collectives that every call pays whatever its size (latency, overhead, and
     whole conversions of values without a batch dimension); `layer`: one layer."""
+    weight_terms: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 5)))
+    """One layer's weight gradients as `op_terms` rows (one execution a layer): each weight op's (`weight_ops`)
+    forward, which is what its weight gradient costs (the same FLOPs and bytes); what a zb W tick runs
+    (`weight_seconds`)."""
+    interface: float = 0.0
+    """Bytes per device, over the per-replica batch, of what one layer's zb B saves for its W: the output cotangent
+    of each weight op (`weight_ops`), counted from the traced graph like `linearized` (`grad_bytes`), each whole
+    over tensor as the executor's grad slots hold them (`autoshard.pipeline._Split.buffers`). Measured on gpt-tiny
+    with 8 layers, 8 microbatches: the executor's interface is exactly this count on pipe=2 x data=2 x tensor=2 and
+    on pipe=4 x data=2, and the compiled zb step's memory exceeds 1F1B's by 1.08x and 0.94x one grad slot."""
     _per_microbatch: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict, init=False, repr=False,
                                                                      compare=False)
 
@@ -159,6 +174,12 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
             other_bytes += nb
             other_f += nb if f_ok else 0.0
     residuals, linearized = (_by_region(problem, sol, region, kept) for kept in (problem.residuals(), problem.saved()))
+    wops = [i for i in weight_ops(problem) if region[i] == "layer"]
+    weight_terms = _op_terms(problem, sol, region, wops, passes=1.0)["layer"]
+    weight_terms[:, 0] /= L
+    interface = _by_region(problem, sol, region, {o: g.ops[i].count for i in wops for o in g.ops[i].outputs
+                                                  if g.values[o].batch_dim is not None
+                                                  and dtype_kind(g.values[o].dtype) == "float"}, whole=True)
     carry = g.values[g.carries[0][1]]
     carry_bytes = local_nbytes(carry, problem.b)
     return MeshCosts(dict(problem.mesh), L, problem.passes, dict(work), dict(tensor_bytes), layer_bytes, other_bytes,
@@ -166,15 +187,37 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
                      dict(residuals), carry_bytes,
                      carry_bytes * problem.cluster.wire_itemsize(carry.dtype) / itemsize(carry.dtype), sol,
                      layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0, linearized=linearized,
-                     optimizer_copies=optimizer_copies(g), op_terms=terms, call_seconds=dict(call_seconds))
+                     optimizer_copies=optimizer_copies(g), op_terms=terms, call_seconds=dict(call_seconds),
+                     weight_terms=weight_terms, interface=interface.get("layer", 0.0))
 
 
-def _by_region(problem: Problem, sol: Solution, region: dict[int, str], kept: dict[int, int]) -> dict[str, float]:
-    """Bytes per device of the values `kept` (value -> copies), by region of their producer (`layer`: one layer's)."""
+def weight_ops(problem: Problem) -> list[int]:
+    """Ops with a weight gradient of their own, what a zb W tick computes: products (`PRODUCT_OPS`: a matmul or
+    convolution with a weight, a norm's scale) of a batched value and a weight (a parameter, or a value computed
+    from parameters alone, like a broadcast scale). The other ops' gradients (and these ops' input gradients) are
+    B's. A bias (an `add`) is left out: its gradient sums a cotangent a weight op's W already has, or costs
+    nothing (an approximation)."""
+    g = problem.g
+    weights = {vid for vid, v in g.values.items() if v.param is not None}
+    out = []
+    for op in g.ops:
+        ins = [i for i in op.inputs if i is not None]
+        if ins and all(i in weights for i in ins):
+            weights.update(o for o in op.outputs if g.values[o].batch_dim is None)
+        elif op.primitive in PRODUCT_OPS and any(i in weights for i in ins) \
+                and any(g.values[i].batch_dim is not None for i in ins if i not in weights):
+            out.append(op.index)
+    return out
+
+
+def _by_region(problem: Problem, sol: Solution, region: dict[int, str], kept: dict[int, int], whole: bool = False
+               ) -> dict[str, float]:
+    """Bytes per device of the values `kept` (value -> copies), by region of their producer (`layer`: one layer's);
+    `whole`: each whole over tensor, whatever its layout."""
     out: dict[str, float] = defaultdict(float)
     L = problem.g.layers
     for vid, n in kept.items():
-        nb = problem.value_memory(vid, problem.layout_of(vid, sol.ops, sol.params))
+        nb = problem.value_memory(vid, None if whole else problem.layout_of(vid, sol.ops, sol.params))
         v = problem.g.values[vid]
         r = region.get(v.producer, "embed") if v.producer is not None else "embed"
         if n >= L > 1:
@@ -257,14 +300,16 @@ def _fixed_part(problem: Problem, kind: str, nb: float) -> float:
     return max(2 * problem.comm_seconds(kind, nb, ("tensor",)) - problem.comm_seconds(kind, 2 * nb, ("tensor",)), 0.0)
 
 
-def _op_terms(problem: Problem, sol: Solution, region: dict[int, str]) -> dict[str, np.ndarray]:
+def _op_terms(problem: Problem, sol: Solution, region: dict[int, str], only: list[int] | None = None,
+              passes: float | None = None) -> dict[str, np.ndarray]:
     """Per region, the roofline terms of each priced op (`MeshCosts.op_terms`), as `Problem.op_cost` prices it
     (the same FLOPs, bytes and passes), its FLOPs and bytes split into those over the batch and those of values
-    without a batch dimension (weights), which every microbatch reads again."""
+    without a batch dimension (weights), which every microbatch reads again; `only`: of these ops alone, and
+    `passes`: each run that many times (default: as `Problem.op_cost`)."""
     rows: dict[str, list[tuple[float, ...]]] = {r: [] for r in REGIONS}
     rate, bw = problem.cluster.matmul_flops(problem.dtype), problem.cluster.hbm_bandwidth
-    for i, s in sol.ops.items():
-        op = problem.g.ops[i]
+    for i in (sol.ops if only is None else only):
+        s, op = sol.ops[i], problem.g.ops[i]
         if not problem.op_cost(i, s) > 0:  # fused elementwise ops and sources are free
             continue
         vals = [problem.values[v] for v in op.inputs + op.outputs if v is not None]
@@ -273,8 +318,9 @@ def _op_terms(problem: Problem, sol: Solution, region: dict[int, str]) -> dict[s
         flops = op.flops / t / (problem.b if batched else 1) / rate if op.primitive in CONTRACTIONS else 0.0
         mem = [sum(local_nbytes(v, problem.b) for v in vals if (v.batch_dim is not None) == b) / t / bw
                for b in (True, False)]
-        passes = problem.passes + (1.0 if problem.remat == "full" and op.in_layer else 0.0)
-        rows[region[i]].append((passes * op.count, flops if batched else 0.0, 0.0 if batched else flops, *mem))
+        runs = passes if passes is not None else \
+            problem.passes + (1.0 if problem.remat == "full" and op.in_layer else 0.0)
+        rows[region[i]].append((runs * op.count, flops if batched else 0.0, 0.0 if batched else flops, *mem))
     return {r: np.asarray(v, float).reshape(-1, 5) for r, v in rows.items()}
 
 
@@ -290,7 +336,7 @@ def microbatch_seconds(costs: MeshCosts, microbatches: int) -> dict[str, float]:
     terms (latency, overhead: `MeshCosts.call_seconds`) paid per microbatch. The rest of `work` (its collectives'
     bandwidth terms, and the sequence / expert exchanges `with_extras` adds, whose own latency terms are not told
     apart: *approximation*) is linear in the batch: / M. At M = 1 this is `work`. What every tick costs besides its
-    ops (the two sends) is `transfer_seconds`. No per-microbatch executor constant is added: measured on this
+    ops (its sends) is `transfer_seconds`. No per-microbatch executor constant is added: measured on this
     machine's emulated CPU devices it is not defensible (`runs/benchmarks/microbatch_overhead.md`)."""
     M = microbatches
     out = costs._per_microbatch.get(M)
@@ -330,6 +376,31 @@ def stage_ticks(costs: MeshCosts, counts: list[int], microbatches: int, remat: s
     return fwd, bwd
 
 
+def weight_seconds(costs: MeshCosts, microbatches: int) -> float:
+    """Seconds of one layer's weight gradients on one microbatch of M (a zb W tick's work a layer): each weight
+    op's forward at the microbatch's size (`MeshCosts.weight_terms`), as `microbatch_seconds` prices the ops."""
+    return _roofline(costs.weight_terms, microbatches) if len(costs.weight_terms) else 0.0
+
+
+def zb_ticks(costs: MeshCosts, counts: list[int], microbatches: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seconds of one microbatch's F, B and W ticks on each stage under the zb schedule (pipeline mode "none"):
+    W = the stage's layers' weight gradients (`weight_seconds`), B = the rest of `stage_ticks`' backward (B + W =
+    that backward, so the step's work is 1F1B's), the last stage's B with its forward and head as there. The
+    embedding's and the head's weight gradients stay in the first / last stage's B (one small op each)."""
+    fwd, bwd = stage_ticks(costs, counts, microbatches, "none")
+    wgt = np.asarray(counts, float) * weight_seconds(costs, microbatches)
+    return fwd, bwd - wgt, wgt
+
+
+def tick_seconds(costs: MeshCosts, counts: list[int], microbatches: int, remat: str, kind: str
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(forward, backward, weight-gradient) seconds a tick of each stage, as `lockstep_seconds` takes them: zb's
+    (`zb_ticks`, its backward the B op) or `stage_ticks`' with no W op (None)."""
+    if kind == "zb":
+        return zb_ticks(costs, counts, microbatches)
+    return (*stage_ticks(costs, counts, microbatches, remat), None)
+
+
 def _state(nb: float, sharded: float, fsdp: int, copies: float) -> float:
     """Bytes kept for `nb` bytes of weights of which a `sharded` share is split over fsdp: weights and optimizer
     state at rest, the gathered copy, the full-size gradient copies."""
@@ -367,8 +438,8 @@ def unsolved_weights_floor(problem: Problem, mesh: dict[str, int]) -> float:
 
 def stage_memory(costs: MeshCosts, counts: list[int], sched: Schedule, remat: str = "none") -> list[float]:
     """Bytes per pipe device: its weights, gradients and optimizer state (stages padded to the longest), the
-    replicated non-layer weights, the schedule's buffers (with the stash, every device's: one program) and one
-    microbatch's backward working set."""
+    replicated non-layer weights, the schedule's buffers (`buffer_bytes`: with the stash, every device's, one
+    program; zb's grad slots too) and one microbatch's backward working set."""
     P, V, M = sched.devices, sched.virtual, sched.microbatches
     assert sched.stash == stashes(remat), (sched.stash, remat)
     weights = weights_memory(costs, V * max(counts))
@@ -386,10 +457,24 @@ def stash_bytes(costs: MeshCosts, lmax: int, microbatches: int) -> float:
     return lmax * costs.linearized.get("layer", 0.0) / microbatches
 
 
+def grad_bytes(costs: MeshCosts, lmax: int, microbatches: int) -> float:
+    """One grad slot of the zb schedule: what a microbatch's B saves for its W (`MeshCosts.interface`) on a stage
+    padded to `lmax` layers (the head's and embedding's weight gradients stay in B: nothing saved for them)."""
+    return lmax * costs.interface / microbatches
+
+
 def buffer_bytes(costs: MeshCosts, lmax: int, sched: Schedule) -> float:
-    """The schedule's buffers on every device: stage inputs and cotangents, and the residual slots."""
-    M = sched.microbatches
-    return (sched.act_slots + sched.cot_slots) * costs.carry_bytes / M + sched.stash_slots * stash_bytes(costs, lmax, M)
+    """The schedule's buffers on every device: stage inputs and cotangents, the residual slots and (zb) the grad
+    slots (`slot_bytes`)."""
+    return slot_bytes(costs, lmax, sched.microbatches, sched.act_slots + sched.cot_slots, sched.stash_slots,
+                      sched.grad_slots)
+
+
+def slot_bytes(costs: MeshCosts, lmax: int, microbatches: int, carries: int, stashed: int, grads: int) -> float:
+    """Bytes of `carries` stage-input / cotangent slots, `stashed` residual slots and `grads` grad slots on a
+    device of stages padded to `lmax` layers: the one rule for `buffer_bytes` and `layout_memory_floor`."""
+    M = microbatches
+    return carries * costs.carry_bytes / M + stashed * stash_bytes(costs, lmax, M) + grads * grad_bytes(costs, lmax, M)
 
 
 def _working_set(costs: MeshCosts, longest: int, first: bool, last: bool, microbatches: int, remat: str,
@@ -413,14 +498,15 @@ def layout_memory_floor(costs: MeshCosts, kind: str, virtual: int, microbatches:
     """A lower bound on the largest `stage_memory` of every stage split of this layout, without its schedule table:
     the device holding the longest stage (at least ceil(L / S) layers) keeps those weights and working set, and
     every device the schedule's buffers: one cotangent slot and at least `held_inputs` activation slots, or with
-    the stash one activation slot and at least `held_residuals` residual slots of that longest stage."""
+    the stash one activation slot and at least `held_residuals` residual slots of that longest stage (zb: and its
+    one grad slot, at least, `make_schedule`'s)."""
     P, M = costs.mesh["pipe"], microbatches
     longest = math.ceil(costs.layers / (P * virtual))
+    grads = 1 if kind == "zb" else 0
     if stashes(remat):
-        buffers = 2 * costs.carry_bytes / M \
-            + max(held_residuals(kind, P, M, virtual), 1) * stash_bytes(costs, longest, M)
+        buffers = slot_bytes(costs, longest, M, 2, max(held_residuals(kind, P, M, virtual), 1), grads)
     else:
-        buffers = (max(held_inputs(kind, P, M, virtual), 1) + 1) * costs.carry_bytes / M
+        buffers = slot_bytes(costs, longest, M, max(held_inputs(kind, P, M, virtual), 1) + 1, 0, grads)
     return weights_memory(costs, virtual * longest) + buffers + _working_set(costs, longest, False, False, M, remat)
 
 
@@ -441,7 +527,7 @@ def held_inputs(kind: str, devices: int, microbatches: int, virtual: int = 1) ->
 def held_residuals(kind: str, devices: int, microbatches: int, virtual: int = 1) -> int:
     """A lower bound on a stashing schedule's residual slots, as `held_inputs` argues: at a device's first
     backward the residuals of every forward it ran before, of a stage other than the last (whose forward runs in
-    its backward), are all held."""
+    its backward), are all held (zb's 1F1B order holds them longer, to each W: still a bound)."""
     P, V = devices, virtual
     return max(sum(1 for k in range(n) if (k // P) % V * P + p != P * V - 1)
                for p, n in enumerate(_forwards_first(kind, devices, microbatches, virtual)))
@@ -456,9 +542,9 @@ def _forwards_first(kind: str, devices: int, microbatches: int, virtual: int) ->
 
 
 def transfer_seconds(costs: MeshCosts, microbatches: int, cluster: ClusterSpec) -> float:
-    """What every tick costs besides its ops: two sends (activation and cotangent) of one microbatch's stage input
-    between pipe neighbours, each paying the link's latency and overhead whatever its size, so more microbatches
-    (more ticks) are not free. A pair of neighbours is inside a node while the pipe group fits one, else the
+    """What a tick costs besides its ops when it makes both sends (activation and cotangent) of one microbatch's
+    stage input between pipe neighbours (`sends`: a tick pays half of this for each it makes), each paying the
+    link's latency and overhead whatever its size, so more microbatches (more ticks) are not free. A pair of neighbours is inside a node while the pipe group fits one, else the
     slowest pairs cross nodes. No executor constant is added here: see `runs/benchmarks/microbatch_overhead.md`."""
     span = axis_span(costs.mesh, ("pipe",), cluster.devices_per_node)
     pair = (1, 2) if span.nodes > 1 else (2, 1)
@@ -490,12 +576,24 @@ def once_per_step(costs: MeshCosts, counts: list[int], virtual: int, cluster: Cl
     return dict(secs), dict(comm)
 
 
-def lockstep_seconds(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float, start: int = 0) -> float:
-    """`planner.schedule.step_time`, vectorised (the search evaluates many layouts); from tick `start` on."""
-    stage, is_f, is_b = _tick_tables(sched.kind, sched.devices, sched.microbatches, sched.virtual)
+def lockstep_seconds(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer: float, start: int = 0,
+                     wgt: np.ndarray | None = None) -> float:
+    """`planner.schedule.step_time`, vectorised (the search evaluates many layouts); from tick `start` on; `wgt`:
+    the W ops' seconds of each stage (zb only, and needed there)."""
+    stage, is_f, is_b, is_w = _tick_tables(sched.kind, sched.devices, sched.microbatches, sched.virtual)
+    if is_w.any() and wgt is None:
+        raise ValueError("lockstep_seconds of a zb schedule needs wgt, the seconds of each stage's weight gradient")
     cost = np.where(is_f, fwd[stage], 0.0)
     cost = np.where(is_b, bwd[stage], cost)
-    return float(cost[start:].max(axis=1).sum() + (sched.ticks - start) * transfer)
+    if wgt is not None:
+        cost = np.where(is_w, np.asarray(wgt)[stage], cost)
+    return float(cost[start:].max(axis=1).sum() + sends(sched, start) * transfer / 2)
+
+
+def sends(sched: Schedule, start: int = 0) -> int:
+    """Point-to-point sends of the schedule's ticks from `start` on (`Schedule.sends`: a tick sends a stage input,
+    a cotangent, both or neither); `transfer_seconds` is two of them."""
+    return int(sched.sends[start:].sum())
 
 
 def sweep_ticks(sched: Schedule) -> int:
@@ -505,7 +603,7 @@ def sweep_ticks(sched: Schedule) -> int:
 
 def sweep_seconds(sched: Schedule, fwd: np.ndarray, transfer: float) -> float:
     """The forward-only sweep over the schedule's forward ticks (MoE statistics), in lockstep, one send a tick."""
-    stage, _, _ = _tick_tables(sched.kind, sched.devices, sched.microbatches, sched.virtual)
+    stage = _tick_tables(sched.kind, sched.devices, sched.microbatches, sched.virtual)[0]
     forward = sched.phase == 1  # the last stage's forward (idle in the main table) is an op of its own here
     rows = forward.any(axis=1)
     cost = np.where(forward, fwd[stage], 0.0)[rows]
@@ -513,11 +611,12 @@ def sweep_seconds(sched: Schedule, fwd: np.ndarray, transfer: float) -> float:
 
 
 @functools.lru_cache(maxsize=512)
-def _tick_tables(kind: str, P: int, M: int, V: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(stage, computing forward, backward) per tick and device of a schedule."""
-    sched = make_schedule(kind, P, M, V)
+def _tick_tables(kind: str, P: int, M: int, V: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(stage, computing forward, backward, weight gradient) per tick and device of a schedule (the ops do not
+    depend on the stash, which zb needs)."""
+    sched = make_schedule(kind, P, M, V, kind == "zb")
     stage = sched.chunk * P + np.arange(P)[None, :]
-    return stage, (sched.phase == 1) & (sched.code != IDLE), sched.phase == 2
+    return stage, (sched.phase == 1) & (sched.code != IDLE), sched.phase == 2, sched.phase == 3
 
 
 def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: str = "none") -> PipelineChoice:
@@ -526,19 +625,19 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
     P, M, V = costs.mesh["pipe"], spec.microbatches, spec.virtual
     counts = [e - s for s, e in spec.stages]
     sched = make_schedule(spec.schedule, P, M, V, stashes(remat))
-    fwd, bwd = stage_ticks(costs, counts, M, remat)
+    fwd, bwd, wgt = tick_seconds(costs, counts, M, remat, spec.schedule)
     last_fwd = counts[-1] * microbatch_seconds(costs, M)["layer"] / costs.passes
     if costs.sweep and sched.forwards_first and stashes(remat):
         bwd[-1] -= last_fwd  # GPipe's statistics sweep runs the last stage's forward and keeps its residuals
     transfer = transfer_seconds(costs, M, cluster)
-    loop = lockstep_seconds(sched, fwd, bwd, transfer)
+    loop = lockstep_seconds(sched, fwd, bwd, transfer, wgt=wgt)
     sync_s, sync_b = once_per_step(costs, counts, V, cluster)
     memory = stage_memory(costs, counts, sched, remat)
-    busy = float(sum(fwd) + sum(bwd)) / P  # mean seconds of work per device per microbatch
-    breakdown = {"compute": busy * M, "pipeline bubble": loop - busy * M - sched.ticks * transfer,
-                 "pipe transfers": sched.ticks * transfer, **sync_s}
+    busy = float(sum(fwd) + sum(bwd) + (0.0 if wgt is None else sum(wgt))) / P  # mean work a device a microbatch
+    breakdown = {"compute": busy * M, "pipeline bubble": loop - busy * M - sends(sched) * transfer / 2,
+                 "pipe transfers": sends(sched) * transfer / 2, **sync_s}
     comm = dict(sync_b)
-    comm["pipe/collective-permute"] = 2.0 * sched.ticks * costs.carry_wire_bytes / M
+    comm["pipe/collective-permute"] = sends(sched) * costs.carry_wire_bytes / M
     # the ILP's bytes are a forward and a backward: about half are the forward's, which a backward tick without
     # the stash repeats (and once more under remat "full")
     again = 1.0 if stashes(remat) else 2.0
@@ -554,12 +653,12 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
         for k, b in costs.tensor_bytes.get("layer", {}).items():
             comm[k] = comm.get(k, 0.0) + b * V * lmax * (0.0 if sched.forwards_first else 0.5)
         if sched.forwards_first:  # GPipe: the sweep IS the forward phase, then the table's backward ticks alone
-            loop = sweep + lockstep_seconds(sched, fwd, bwd, transfer, start=sched.forward_ticks)
-            sends = sweep_ticks(sched) + 2 * (sched.ticks - sched.forward_ticks)
+            loop = sweep + lockstep_seconds(sched, fwd, bwd, transfer, start=sched.forward_ticks, wgt=wgt)
+            n = sweep_ticks(sched) + sends(sched, sched.forward_ticks)
             breakdown["compute"] += fwd_all[-1] * M / P
-            breakdown["pipe transfers"] = sends * transfer / 2
+            breakdown["pipe transfers"] = n * transfer / 2
             breakdown["pipeline bubble"] = loop - breakdown["compute"] - breakdown["pipe transfers"]
-            comm["pipe/collective-permute"] = sends * costs.carry_wire_bytes / M
+            comm["pipe/collective-permute"] = n * costs.carry_wire_bytes / M
         else:
             breakdown["statistics sweep"] = sweep
             loop += sweep
@@ -575,8 +674,12 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
                 "cot_slots": sched.cot_slots, "peak_live_buffers": sched.act_slots + sched.cot_slots,
                 "stash": sched.stash, "stash_slots": sched.stash_slots,
                 "stash_bytes_per_slot": stash_bytes(costs, lmax, M) if sched.stash else 0.0,
+                "grad_slots": sched.grad_slots,
+                "grad_bytes_per_slot": grad_bytes(costs, lmax, M) if sched.grad_slots else 0.0,
                 "stage_forward_seconds": [float(x) for x in fwd], "stage_backward_seconds": [float(x) for x in bwd],
                 "transfer_seconds_per_tick": transfer}
+    if wgt is not None:  # zb: the backward seconds are its B op's, these its W op's
+        pipeline["stage_weight_seconds"] = [float(x) for x in wgt]
     predicted = {"step_seconds": step, "memory_bytes_per_device": max(memory),
                  "memory_per_stage_device": memory,
                  "comm_bytes": {k: v for k, v in sorted(comm.items()) if v > 0}, "time_breakdown": breakdown,
@@ -589,7 +692,8 @@ def _memory_breakdown(costs: MeshCosts, counts: list[int], sched: Schedule, memo
     """The worst device's memory by component (the stashed residuals with the pipeline buffers)."""
     worst = int(np.argmax(memory))
     buffers = buffer_bytes(costs, max(counts), sched)
-    no_acts = stage_memory(dataclasses.replace(costs, residuals={}, carry_bytes=0.0), counts, sched, remat)[worst]
+    no_acts = stage_memory(dataclasses.replace(costs, residuals={}, linearized={}, interface=0.0, carry_bytes=0.0),
+                           counts, sched, remat)[worst]
     return {"parameters and optimizer state": no_acts, "pipeline buffers": buffers,
             "activations": memory[worst] - no_acts - buffers}
 
@@ -641,8 +745,8 @@ def refine(costs: MeshCosts, sched: Schedule, counts: list[int], remat: str, cap
     split's objective (largest forward + backward) is a proxy, and in lockstep a 1F1B tick pairs one stage's
     forward with another's backward."""
     def cost(c: list[int]) -> float:
-        fwd, bwd = stage_ticks(costs, c, sched.microbatches, remat)
-        return lockstep_seconds(sched, fwd, bwd, 0.0)
+        fwd, bwd, wgt = tick_seconds(costs, c, sched.microbatches, remat, sched.kind)
+        return lockstep_seconds(sched, fwd, bwd, 0.0, wgt=wgt)
 
     best, best_cost = list(counts), cost(counts)
     for _ in range(rounds):
@@ -710,8 +814,8 @@ def choose(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: i
     if exceeds(weights_floor(costs), budget):
         return None
     best: PipelineChoice | None = None
-    layouts = _layouts(costs, local_batch, schedule, microbatches, virtual)
     for remat in modes(remats):
+        layouts = _layouts(costs, local_batch, schedule, microbatches, virtual, remat)
         floors = [layout_floor(costs, cluster, kind, V, M, remat) for kind, V, M in layouts]
         tried, probe = _probe(costs, cluster, budget, layouts, floors, remat)
         for k in range(len(layouts)):
@@ -795,28 +899,40 @@ def layout_floor(costs: MeshCosts, cluster: ClusterSpec, kind: str, virtual: int
       forwards; w_(S-1) grows), affinely: the bound is the least over n in 1..L-S+1 of the larger of the two.
     - Some stage has at least ceil(L / S) layers, so its device's B_p is at least M x (that stage's w, as the
       last stage or any other, whichever is less, + a one-layer stage's w for each of its V - 1 other stages).
-    - Ticks >= 2 M V + 2 (P - 1) (the last device's ops, the first microbatch's way in and the last one's way
-      out), each with its transfer; the once-per-step sums grow with the layers a device holds, at least
-      ceil(L / S) per stage; the MoE statistics sweep only adds.
+    - Sends >= 2 (M V + P - 2) (`_ticks_and_step`), each half a tick's transfer; the once-per-step sums grow with
+      the layers a device holds, at least ceil(L / S) per stage; the MoE statistics sweep only adds.
     """
-    return _loop_floor(costs, virtual, microbatches, remat) + _ticks_and_step(costs, cluster, virtual, microbatches)
+    return _loop_floor(costs, virtual, microbatches, remat, kind) \
+        + _ticks_and_step(costs, cluster, virtual, microbatches)
 
 
 def _ticks_and_step(costs: MeshCosts, cluster: ClusterSpec, virtual: int, microbatches: int) -> float:
-    """The rest of `layout_floor`: the transfers of at least 2 M V + 2 (P - 1) ticks, and the once-per-step sums
-    for at least ceil(L / S) layers a stage."""
+    """The rest of `layout_floor`: the sends (`sends`), at least 2 (M V + P - 2) of them whatever the schedule
+    (device 0's M V forwards all send a stage input, each in a tick of its own, and the last of them is followed by
+    the P - 2 stages before the last, each a tick later; device P-1's backwards and the stages after the first
+    alike send cotangents), and the once-per-step sums for at least ceil(L / S) layers a stage."""
     P, M = costs.mesh["pipe"], microbatches
     sync, _ = once_per_step(costs, [math.ceil(costs.layers / (P * virtual))], virtual, cluster)
-    return (2 * M * virtual + 2 * (P - 1)) * transfer_seconds(costs, M, cluster) + sum(sync.values())
+    return (M * virtual + P - 2) * transfer_seconds(costs, M, cluster) + sum(sync.values())
 
 
-def _loop_floor(costs: MeshCosts, virtual: int, microbatches: int, remat: str) -> float:
-    """The compute part of `layout_floor`: a lower bound on the lockstep loop's slowest ops, for any split."""
+def _loop_floor(costs: MeshCosts, virtual: int, microbatches: int, remat: str, kind: str = "1f1b") -> float:
+    """The compute part of `layout_floor`: a lower bound on the lockstep loop's slowest ops, for any split.
+
+    zb (V = 1) splits each backward into B and W, and a W need not wait for the earlier stages: the chains before
+    and after device p's ops are of forwards and Bs only. With u_s = F_s + B_s (w_s less its W), device p's ticks
+    cost at least B_p = sum(u_s, s < p) + M u_p (the forwards before its first op, its M F and M B ops, the Bs of
+    the earlier stages after its last B), so `spread` holds with u for w; and the last device's, whose last W
+    runs in the tick after its last B (`planner.schedule._place_zb`), sum(u_s, s < S-1) + M w_(S-1) - W_(S-1)
+    = sum(u_s) + (M - 1) w_(S-1): `through` with sum(u) for sum(w). The longest stage's M w stands (3 M ops in
+    distinct ticks), computed from `stage_ticks`, whose backward is B + W."""
     P, L, V, M = costs.mesh["pipe"], costs.layers, virtual, microbatches
     S = P * V
     longest = L - S + 1
     ends = [stage_ticks(costs, _even(L - n, S - 1) + [n], M, remat) for n in (1, longest)]
-    total = [float(fwd.sum() + bwd.sum()) for fwd, bwd in ends]
+    weights = [np.asarray(_even(L - n, S - 1) + [n], float) * weight_seconds(costs, M) if kind == "zb"
+               else np.zeros(S) for n in (1, longest)]
+    total = [float(fwd.sum() + bwd.sum() - w.sum()) for (fwd, bwd), w in zip(ends, weights)]
     last = [float(bwd[-1]) for _, bwd in ends]
     share = (np.arange(1, longest + 1) - 1) / max(longest - 1, 1)
     total_n = total[0] + (total[1] - total[0]) * share
@@ -843,8 +959,8 @@ def split_floor(costs: MeshCosts, cluster: ClusterSpec, kind: str, virtual: int,
     stage takes at most cap_p(U_p) layers, and the totals reachable after each stage form an interval whose top
     grows with the top before (U + cap_p(U) never falls as U grows, because a <= M a). Bisection on tau keeps the
     largest tau shown unreachable: a lower bound on every split's max_p B_p."""
-    if virtual != 1 or cheap * (1 - 1e-9) > bar:
-        return cheap
+    if virtual != 1 or kind == "zb" or cheap * (1 - 1e-9) > bar:
+        return cheap  # (zb: its B_p are of F + B before device p, `_loop_floor`; `cheap` is still its bound)
     P, L, M = costs.mesh["pipe"], costs.layers, microbatches
     rest = _ticks_and_step(costs, cluster, virtual, M)
     f1, b1 = stage_ticks(costs, [1] * P, M, remat)
@@ -931,9 +1047,8 @@ def _floors(costs: MeshCosts, cluster: ClusterSpec, budget: float, local_batch: 
             microbatches: int | None, virtual: int | None, remats: tuple[str, ...]
             ) -> list[tuple[float, tuple[str, int, int], str]]:
     """(`layout_floor`, layout, remat) of each layout and remat mode `choose` tries whose memory floor fits."""
-    layouts = _layouts(costs, local_batch, schedule, microbatches, virtual)
     return [(layout_floor(costs, cluster, kind, V, M, r), (kind, V, M), r) for r in modes(remats)
-            for kind, V, M in layouts
+            for kind, V, M in _layouts(costs, local_batch, schedule, microbatches, virtual, r)
             if not exceeds(layout_memory_floor(costs, kind, V, M, r), budget)]
 
 
@@ -943,9 +1058,9 @@ def least_memory(costs: MeshCosts, local_batch: int, *, schedule: str | None = N
     `below` if none needs less (a layout whose `layout_memory_floor` is above it is not built)."""
     best = below
     layouts = _layouts(costs, local_batch, schedule, microbatches, virtual)
-    floors = {x: min(layout_memory_floor(costs, *x, r) for r in PIPELINE_MODES) for x in layouts}
+    floors = {x: min(layout_memory_floor(costs, *x, r) for r in _modes_of(x[0])) for x in layouts}
     for kind, V, M in sorted(layouts, key=floors.get):  # least floor first: the rest are mostly not built
-        remats = [r for r in PIPELINE_MODES if not exceeds(layout_memory_floor(costs, kind, V, M, r), best)]
+        remats = [r for r in _modes_of(kind) if not exceeds(layout_memory_floor(costs, kind, V, M, r), best)]
         if not remats:
             continue
         counts = _even(costs.layers, costs.mesh["pipe"] * V)
@@ -955,11 +1070,19 @@ def least_memory(costs: MeshCosts, local_batch: int, *, schedule: str | None = N
     return best
 
 
+def _modes_of(kind: str) -> tuple[str, ...]:
+    """The pipeline modes a schedule runs in: zb only with the stash (its W reads the forward's residuals)."""
+    return tuple(r for r in PIPELINE_MODES if kind != "zb" or stashes(r))
+
+
 def _layouts(costs: MeshCosts, local_batch: int, schedule: str | None, microbatches: int | None,
-             virtual: int | None) -> list[tuple[str, int, int]]:
-    """(schedule, virtual, microbatches) combinations to try on this mesh."""
+             virtual: int | None, remat: str | None = None) -> list[tuple[str, int, int]]:
+    """(schedule, virtual, microbatches) combinations to try on this mesh (in pipeline mode `remat`, when given:
+    zb only in mode "none", `planner.schedule.check`)."""
     P, L = costs.mesh["pipe"], costs.layers
-    kinds = [schedule] if schedule else ["1f1b", "gpipe", "interleaved"]
+    # (zb: not with MoE layers, whose statistics sweep the executor does not split into B and W yet)
+    kinds = [schedule] if schedule else ["1f1b", "gpipe", "interleaved"] + ([] if costs.sweep else ["zb"])
+    stash = None if remat is None else stashes(remat)
     micro = [microbatches] if microbatches else microbatch_options(local_batch)
     out = []
     for kind in kinds:
@@ -970,7 +1093,7 @@ def _layouts(costs: MeshCosts, local_batch: int, schedule: str | None, microbatc
         for V in vs:
             for M in micro:
                 try:
-                    check(kind, P, M, V, L)
+                    check(kind, P, M, V, L, stash=stash)
                 except PlanError:
                     continue
                 if local_batch % M == 0:

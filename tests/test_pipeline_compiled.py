@@ -98,8 +98,11 @@ def test_collective_permutes_match_the_table(compiled, token_batch, schedule):
     report = compiled[schedule]
     sched = make_schedule(schedule, 2, MICRO, stash=True)
     micro_bytes = _stage_input_bytes(token_batch)
-    assert report["comm_counts"]["pipe/collective-permute"] == 2 * sched.ticks
-    assert report["comm_bytes"]["pipe/collective-permute"] == 2 * sched.ticks * micro_bytes
+    # a tick's ppermute runs only where some device sends (`Schedule.sends`), fewer than two every tick
+    sends = int(sched.sends.sum())
+    assert sends < 2 * sched.ticks and report["branches_exact"] is True
+    assert report["comm_counts"]["pipe/collective-permute"] == sends
+    assert report["comm_bytes"]["pipe/collective-permute"] == sends * micro_bytes
     # the gradient reduction over data is one all-reduce per step for the layer weights and one for the rest
     assert report["comm_counts"].get("data/all-reduce", 0) + report["comm_counts"].get("pipe+data/all-reduce", 0) <= 3
 
