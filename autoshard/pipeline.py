@@ -220,9 +220,6 @@ class Pipeline:
         own = {p: self._own_axes(p) for p in flat}
         batch_spec = emit.batch_specs(self.plan, batch)  # the layout the trainer placed each leaf in
         metric_names, moe = self._probe(rest, batch)
-        if moe is not None and self.schedule.w_ticks is not None:
-            raise PlanError("the zb schedule does not run MoE layers yet (their balancing statistics sweep is not "
-                            "split into B and W): use --schedule 1f1b or gpipe")
         if moe is not None and self.stash and self.schedule.forwards_first:  # the sweep keeps the last stage's too
             self.schedule = make_schedule(self.plan.pipeline.schedule, self.P, self.M, self.V, True, stash_last=True)
 
@@ -419,7 +416,8 @@ class _DeviceProgram:
         self.stash = _Stash.probe(self.stage_fn, self.chunk_of(0), c0, self.zero_x) if self.pipeline.stash else None
         # zb: the backward cut into B (the input gradient) and W (the weight gradients), which shares what
         # it needs from B through grad slots (`_Split`)
-        self.split = _Split.probe(self.stash, self.chunk_of(0), c0, self.zero_x, self.varying) if self.zb else None
+        self.split = _Split.probe(self.stash, self.chunk_of(0), c0, self.zero_x, self.stage_fn, self.varying) \
+            if self.zb else None
         self.n_kept = len(self.stash.shapes) if self.stash is not None else 0
 
     # -- the model's parts on this device's weights -------------------------------------------------------------
@@ -799,11 +797,15 @@ class _Split:
     n_weights: int
 
     @classmethod
-    def probe(cls, stash: _Stash, w: list[jax.Array], c: jax.Array, h: jax.Array, zeros: Callable) -> "_Split":
-        """The stash's backward `(kept, w, c, h, ct) -> (dw, dh)` traced once (never run) and cut; W is given the
-        residuals, weights and chunk, not the stage input or the cotangent (their buffers are reused by then)."""
+    def probe(cls, stash: _Stash, w: list[jax.Array], c: jax.Array, h: jax.Array, fn: Callable, zeros: Callable
+              ) -> "_Split":
+        """The stash's backward `(kept, w, c, h, ct) -> (dw, dh)` of `fn(w, c, h) -> (out, aux)` traced once
+        (never run) and cut; W is given the residuals, weights and chunk, not the stage input or the cotangent of
+        `out` (their buffers are reused by then)."""
         kept = [zeros(a.shape, a.dtype) for a in stash.shapes]
-        closed = jax.make_jaxpr(lambda k, w, c, h, ct: stash.backward(k, w, c, h, ct))(kept, w, c, h, h)
+        out = jax.eval_shape(lambda w, h: fn(w, c, h)[0], w, h)
+        ct = jax.tree.map(lambda a: zeros(a.shape, a.dtype), out)
+        closed = jax.make_jaxpr(lambda k, w, c, h, ct: stash.backward(k, w, c, h, ct))(kept, w, c, h, ct)
         n = len(kept) + len(w) + 1
         cut = split_backward(closed, [False] * len(w) + [True], [True] * n + [False] * (len(closed.jaxpr.invars) - n))
         return cls(cut, len(w))
@@ -811,11 +813,12 @@ class _Split:
     def b(self, kept: list[jax.Array], w: list[jax.Array], c: jax.Array, h: jax.Array, ct: jax.Array,
           vary: tuple[str, ...]) -> tuple[jax.Array, list[jax.Array]]:
         """(dh, what W needs)."""
-        (dh,), saved = self.cut.b(*kept, *w, c, h, ct)
+        (dh,), saved = self.cut.b(*kept, *w, c, h, *jax.tree.leaves(ct))
         return dh, [_vary_all(x, vary) for x in saved]
 
     def w(self, kept: list[jax.Array], w: list[jax.Array], c: jax.Array, saved: list[jax.Array]) -> list[jax.Array]:
-        return self.cut.w(*kept, *w, c, None, None, *saved)
+        n = len(self.cut.w_inputs) - len(kept) - len(w) - 1  # the stage input and the cotangent's leaves
+        return self.cut.w(*kept, *w, c, *[None] * n, *saved)
 
     def buffers(self, slots: int, zeros: Callable) -> list[jax.Array]:
         return [zeros((slots,) + tuple(a.shape), a.dtype) for a in self.cut.interface_avals]

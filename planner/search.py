@@ -759,9 +759,6 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
     if fixes.get("schedule") == "zb" and remat not in (None, "none"):  # (`planner.schedule.check`'s rule)
         raise AutoshardError(f"the zb schedule needs remat none (its weight gradients reuse the forward's "
                              f"residuals), not remat {remat}: drop --remat or use --schedule 1f1b")
-    if fixes.get("schedule") == "zb" and seq_expert.op_shapes(graph).is_moe:  # (as `autoshard.pipeline` says)
-        raise AutoshardError("the zb schedule does not run MoE layers yet (their balancing statistics sweep is not "
-                             "split into B and W): use --schedule 1f1b or gpipe")
     graph = graph_for(graph, pin, remat)  # pins that split a loop's blocks apart: plan it op by op
     pinned = None
     if pin:

@@ -1080,8 +1080,7 @@ def _layouts(costs: MeshCosts, local_batch: int, schedule: str | None, microbatc
     """(schedule, virtual, microbatches) combinations to try on this mesh (in pipeline mode `remat`, when given:
     zb only in mode "none", `planner.schedule.check`)."""
     P, L = costs.mesh["pipe"], costs.layers
-    # (zb: not with MoE layers, whose statistics sweep the executor does not split into B and W yet)
-    kinds = [schedule] if schedule else ["1f1b", "gpipe", "interleaved"] + ([] if costs.sweep else ["zb"])
+    kinds = [schedule] if schedule else ["1f1b", "gpipe", "interleaved", "zb"]
     stash = None if remat is None else stashes(remat)
     micro = [microbatches] if microbatches else microbatch_options(local_batch)
     out = []

@@ -42,11 +42,12 @@ def moe_reference(token_batch, built_moe):
     return runs, analyze(trainer.compile(token_batch, grads=True), trainer.mesh)["flops_per_device"]
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "zb"])
 def test_pipeline_with_moe_layers(schedule, token_batch, built_moe, moe_reference):
     """Expert parallelism inside the stages (expert manual in the executor), and the balancing loss of the whole
-    batch (not a mean over microbatches), with the MoE metrics of the unpipelined step: under 1F1B from a
-    forward-only statistics sweep, under GPipe from the forward phase itself, which keeps the residuals for the
+    batch (not a mean over microbatches), with the MoE metrics of the unpipelined step: under 1F1B and zb (its
+    backward split into B and W, the cotangent of the probability sums included) from a forward-only statistics
+    sweep, under GPipe from the forward phase itself, which keeps the residuals for the
     backward ticks (no sweep and no recompute: the unpipelined step's FLOPs over the 8 devices, where the sweep
     made it 1.34x)."""
     abstract = models.abstract("moe-tiny")

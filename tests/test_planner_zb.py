@@ -121,8 +121,7 @@ def test_zb_is_a_layout_in_mode_none_only(costs):
     layouts = {m: stages._layouts(costs, 8, None, None, None, m) for m in ("none", "recompute", "full")}
     assert ("zb", 1, 8) in layouts["none"]
     assert not any(k == "zb" for m in ("recompute", "full") for k, _, _ in layouts[m])
-    assert not any(k == "zb" for k, _, _ in stages._layouts(dataclasses.replace(costs, sweep=True), 8, None, None,
-                                                             None, "none"))  # MoE: the executor refuses zb
+    assert ("zb", 1, 8) in stages._layouts(dataclasses.replace(costs, sweep=True), 8, None, None, None, "none")
     # a fixed zb that does not fit in mode "none" falls back to nothing, not to a zb that recomputes
     fixed = dict(schedule="zb", microbatches=8)
     fits = stages.choose(costs, CPU8, 1e12, 8, **fixed)
