@@ -31,6 +31,7 @@ from typing import Any
 
 from autoshard import argtypes, distributed
 from planner.errors import AutoshardError
+from planner.plan import SCHEDULES
 
 DEFAULT_DEVICES = 8
 """Emulated CPU devices when --devices is not given (on GPU / TPU: all the real devices)."""
@@ -106,9 +107,9 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pipeline (with pipe > 1 in --mesh)")
-    g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zb"), default=None,
-                   help="pipeline schedule (default 1f1b; zb: zero bubble, each backward split into input and "
-                        "weight gradients, needs remat none)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="pipeline schedule (default 1f1b; zb, zb-h1: zero bubble, each backward split into input "
+                        "and weight gradients, needs remat none)")
     g.add_argument("--microbatches", type=argtypes.positive_int, default=None, metavar="M",
                    help="microbatches per step; must divide the per-replica batch (default: the largest divisor "
                         "of it up to 4 x pipe)")
@@ -395,9 +396,9 @@ def add_plan(sub) -> None:
                    help="without --cluster, plan for cpu:N (default: the number of local devices)")
     g = p.add_argument_group("pipeline (the planner considers pipe > 1 for models with a layer stack; fixing any "
                              "of these plans a pipeline)")
-    g.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved", "zb"), default=None,
-                   help="fix the pipeline schedule (default: the planner chooses; zb: zero bubble, needs remat "
-                        "none)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="fix the pipeline schedule (default: the planner chooses; zb, zb-h1: zero bubble, needs "
+                        "remat none)")
     g.add_argument("--microbatches", type=argtypes.positive_int, default=None, metavar="M",
                    help="fix the microbatches per step (must divide the per-replica batch)")
     g.add_argument("--virtual-stages", type=argtypes.positive_int, default=None, metavar="V",

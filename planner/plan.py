@@ -25,7 +25,7 @@ BATCH_AXES: tuple[str, ...] = ("expert", "data", "fsdp")
 """Mesh axes the global batch is split over, major to minor. Expert parallelism doubles as data parallelism outside
 the experts, and its shard_map takes contiguous batch blocks per expert device, so `expert` is the major one."""
 
-SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zb")
+SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zb", "zb-h1")
 SEQUENCE_METHODS: tuple[str, ...] = ("ulysses", "ring")
 REMAT: tuple[str, ...] = ("none", "full", "dots")
 ACTIVATIONS: tuple[str, ...] = ("layer_input",)

@@ -47,6 +47,11 @@ weight gradient of (chunk, microbatch) from its stashed residuals and the grad s
 
 F, B, W = "F", "B", "W"
 
+ZERO_BUBBLE = ("zb", "zb-h1")
+"""The schedules that split each backward into B and W (`_place_zb`): "zb" defers a W only into a tick its device
+would idle, one grad slot a device; "zb-h1" (ZB-H1 of Qi et al. 2023) defers them further, up to P grad slots, for
+P - 1 fewer ticks."""
+
 
 PIPELINE_MODES = ("none", "recompute", "full")
 """How a pipeline's backward gets its stage's residuals, fastest first: "none" keeps them from the forward (the
@@ -206,8 +211,8 @@ def device_orders(kind: str, devices: int, microbatches: int, virtual: int = 1) 
     """Per device, its ordered ops (F or B, chunk, microbatch): `_order_ids` decoded; zb's with its W ops, read off
     its placement (where a W goes depends on when the Bs around it can run)."""
     M = microbatches
-    if kind == "zb":
-        ticks, w = _place_zb(devices, M)
+    if kind in ZERO_BUBBLE:
+        ticks, w = _place_zb(devices, M, kind == "zb-h1")
         return [[op for _, op in sorted([((int(ticks[p, b, i]), b), (B if b else F, 0, i))
                                          for b in (0, 1) for i in range(M)]
                                         + [((int(w[p, i]), 2), (W, 0, i)) for i in range(M)])] for p in range(devices)]
@@ -223,7 +228,7 @@ def warmup(kind: str, devices: int, microbatches: int, virtual: int, device: int
     P, M, V, p = devices, microbatches, virtual, device
     if kind == "gpipe":
         return M * V
-    if kind in ("1f1b", "zb"):
+    if kind in ("1f1b", *ZERO_BUBBLE):
         return min(P - p - 1, M)
     return min(2 * (P - p - 1) + (V - 1) * P, M * V)
 
@@ -264,12 +269,12 @@ def check(kind: str, devices: int, microbatches: int, virtual: int = 1, layers: 
         raise PlanError(f"unknown pipeline schedule {kind!r}: use one of {', '.join(SCHEDULES)}")
     if microbatches < 1 or virtual < 1:
         raise PlanError("pipeline microbatches and virtual stages must be >= 1")
-    if kind == "zb" and virtual != 1:
-        raise PlanError(f"the zb schedule needs one stage per device, not virtual stages {virtual}: drop "
+    if kind in ZERO_BUBBLE and virtual != 1:
+        raise PlanError(f"the {kind} schedule needs one stage per device, not virtual stages {virtual}: drop "
                         f"--virtual-stages or use --schedule interleaved")
-    if kind == "zb" and stash is False:
-        raise PlanError("the zb schedule needs the stash (pipeline mode \"none\": remat none, pipeline stash true; "
-                        "its weight gradients reuse the forward's residuals): change them or use --schedule 1f1b")
+    if kind in ZERO_BUBBLE and stash is False:
+        raise PlanError(f"the {kind} schedule needs the stash (pipeline mode \"none\": remat none, pipeline stash "
+                        "true; its weight gradients reuse the forward's residuals): change them or use --schedule 1f1b")
     if kind != "interleaved" and virtual != 1:
         raise PlanError(f"virtual stages ({virtual}) need --schedule interleaved, not {kind}")
     if kind == "interleaved" and microbatches % devices:
@@ -290,7 +295,7 @@ def make_schedule(kind: str, devices: int, microbatches: int, virtual: int = 1, 
     it); `stash_last`: the last stage's forward too (run by a statistics sweep, not by this table)."""
     check(kind, devices, microbatches, virtual, stash=stash)
     P, M, V = devices, microbatches, virtual
-    ticks, w = _place_zb(P, M) if kind == "zb" else (_place(kind, P, M, V), None)
+    ticks, w = _place_zb(P, M, kind == "zb-h1") if kind in ZERO_BUBBLE else (_place(kind, P, M, V), None)
     T = int(ticks.max() if w is None else max(ticks.max(), w.max())) + 1
     code, chunk, mb, phase = _op_tables(ticks, T, P, w)
     acts, cots, kept, grads = _buffer_intervals(ticks, P, stash, stash_last, w)
@@ -324,7 +329,7 @@ def _place(kind: str, P: int, M: int, V: int) -> np.ndarray:
     return done[:none].reshape(S, 2, M)
 
 
-def _place_zb(P: int, M: int) -> tuple[np.ndarray, np.ndarray]:
+def _place_zb(P: int, M: int, h1: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """zb's (ticks of the F and B ops as `_place`'s [stage, 2, M], ticks of the W ops [stage, M]), by greedy list
     scheduling with unit ops: at each tick a device runs the next F / B of 1F1B's order if its inputs were produced
     at earlier ticks and, for an F, if that keeps its microbatches in flight (forward run, W not yet) within 1F1B's
@@ -337,7 +342,7 @@ def _place_zb(P: int, M: int) -> tuple[np.ndarray, np.ndarray]:
     B (the next F held back by the bound, or the next B waiting for the next device's), so one grad slot a device
     (both checked for P <= 12, M < 40). ZB-H1 proper bounds every device by device 0's P (the same peak stash
     slots) and reaches 3M + P-1, the last device's fill and its 3M ops, but its later devices run their last Bs back
-    to back, their Ws deferred: up to P grad slots a device, against one here."""
+    to back, their Ws deferred: up to P grad slots a device, against one here; `h1` places that ("zb-h1")."""
     n = 2 * M
     ids = _order_ids("zb", P, M, 1)
     s, backward, i = ids // (2 * M), (ids // M) % 2 == 1, ids % M
@@ -348,7 +353,7 @@ def _place_zb(P: int, M: int) -> tuple[np.ndarray, np.ndarray]:
     done[none] = -1
     rows = np.arange(P)
     w_done = np.full((P, M), -1, np.int64)
-    bound = np.minimum(P - rows, M)
+    bound = np.minimum(np.full(P, P) if h1 else P - rows, M)
     pos, forwards, wpos, t = np.zeros(P, np.int64), np.zeros(P, np.int64), np.zeros(P, np.int64), 0
     while (wpos < M).any():
         k = np.minimum(pos, n - 1)

@@ -27,6 +27,7 @@ from planner.plan import AXES, BATCH_AXES, Plan, SpecEntry
 from planner import jax_internals as jint
 from planner import seq_expert
 from planner.layouts import PARTIAL
+from planner.schedule import ZERO_BUBBLE
 from planner.trace import Graph, dtype_kind, matmul_flops, trace
 
 SEARCH_AXES = ("data", "fsdp", "tensor")
@@ -756,9 +757,9 @@ def plan_graph(graph: Graph, cluster: ClusterSpec | str, batch: int, *, mesh: di
     fixes = {k: v for k, v in (("schedule", schedule), ("microbatches", microbatches), ("virtual", virtual))
              if v is not None}
     mesh = _pipeline_fixes(graph, batch, dict(mesh or {}), fixes)
-    if fixes.get("schedule") == "zb" and remat not in (None, "none"):  # (`planner.schedule.check`'s rule)
-        raise AutoshardError(f"the zb schedule needs remat none (its weight gradients reuse the forward's "
-                             f"residuals), not remat {remat}: drop --remat or use --schedule 1f1b")
+    if fixes.get("schedule") in ZERO_BUBBLE and remat not in (None, "none"):  # (`planner.schedule.check`'s rule)
+        raise AutoshardError(f"the {fixes['schedule']} schedule needs remat none (its weight gradients reuse the "
+                             f"forward's residuals), not remat {remat}: drop --remat or use --schedule 1f1b")
     graph = graph_for(graph, pin, remat)  # pins that split a loop's blocks apart: plan it op by op
     pinned = None
     if pin:

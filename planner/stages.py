@@ -54,7 +54,8 @@ from planner.collectives import axis_collective_time, axis_span, bytes_sent, col
 from planner.ilp import PRODUCT_OPS, ParamChoice, Problem, Solution, exceeds, optimizer_copies
 from planner.layouts import local_nbytes
 from planner.plan import PipelineSpec
-from planner.schedule import IDLE, PIPELINE_MODES, Schedule, check, make_schedule, mode_settings, stashes, warmup
+from planner.schedule import (IDLE, PIPELINE_MODES, ZERO_BUBBLE, Schedule, check, make_schedule, mode_settings,
+                              stashes, warmup)
 from planner.trace import BOUNDARY, CONTRACTIONS, Graph, dtype_kind, itemsize
 
 REGIONS = ("embed", "layer", "head")
@@ -396,7 +397,7 @@ def tick_seconds(costs: MeshCosts, counts: list[int], microbatches: int, remat: 
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(forward, backward, weight-gradient) seconds a tick of each stage, as `lockstep_seconds` takes them: zb's
     (`zb_ticks`, its backward the B op) or `stage_ticks`' with no W op (None)."""
-    if kind == "zb":
+    if kind in ZERO_BUBBLE:
         return zb_ticks(costs, counts, microbatches)
     return (*stage_ticks(costs, counts, microbatches, remat), None)
 
@@ -502,7 +503,7 @@ def layout_memory_floor(costs: MeshCosts, kind: str, virtual: int, microbatches:
     one grad slot, at least, `make_schedule`'s)."""
     P, M = costs.mesh["pipe"], microbatches
     longest = math.ceil(costs.layers / (P * virtual))
-    grads = 1 if kind == "zb" else 0
+    grads = 1 if kind in ZERO_BUBBLE else 0
     if stashes(remat):
         buffers = slot_bytes(costs, longest, M, 2, max(held_residuals(kind, P, M, virtual), 1), grads)
     else:
@@ -614,7 +615,7 @@ def sweep_seconds(sched: Schedule, fwd: np.ndarray, transfer: float) -> float:
 def _tick_tables(kind: str, P: int, M: int, V: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(stage, computing forward, backward, weight gradient) per tick and device of a schedule (the ops do not
     depend on the stash, which zb needs)."""
-    sched = make_schedule(kind, P, M, V, kind == "zb")
+    sched = make_schedule(kind, P, M, V, kind in ZERO_BUBBLE)
     stage = sched.chunk * P + np.arange(P)[None, :]
     return stage, (sched.phase == 1) & (sched.code != IDLE), sched.phase == 2, sched.phase == 3
 
@@ -924,16 +925,18 @@ def _loop_floor(costs: MeshCosts, virtual: int, microbatches: int, remat: str, k
     cost at least B_p = sum(u_s, s < p) + M u_p (the forwards before its first op, its M F and M B ops, the Bs of
     the earlier stages after its last B), so `spread` holds with u for w; and the last device's, whose last W
     runs in the tick after its last B (`planner.schedule._place_zb`), sum(u_s, s < S-1) + M w_(S-1) - W_(S-1)
-    = sum(u_s) + (M - 1) w_(S-1): `through` with sum(u) for sum(w). The longest stage's M w stands (3 M ops in
+    = sum(u_s) + (M - 1) w_(S-1): `through` with sum(u) for sum(w); zb-h1 may run that device's Ws alongside the
+    earlier stages' Bs, so its chain is sum(u_s) + (M - 1) u_(S-1). The longest stage's M w stands (3 M ops in
     distinct ticks), computed from `stage_ticks`, whose backward is B + W."""
     P, L, V, M = costs.mesh["pipe"], costs.layers, virtual, microbatches
     S = P * V
     longest = L - S + 1
     ends = [stage_ticks(costs, _even(L - n, S - 1) + [n], M, remat) for n in (1, longest)]
-    weights = [np.asarray(_even(L - n, S - 1) + [n], float) * weight_seconds(costs, M) if kind == "zb"
+    weights = [np.asarray(_even(L - n, S - 1) + [n], float) * weight_seconds(costs, M) if kind in ZERO_BUBBLE
                else np.zeros(S) for n in (1, longest)]
     total = [float(fwd.sum() + bwd.sum() - w.sum()) for (fwd, bwd), w in zip(ends, weights)]
-    last = [float(bwd[-1]) for _, bwd in ends]
+    # (zb-h1 may defer the last device's Ws past the earlier stages' Bs: its chain counts its F and B ops only)
+    last = [float(bwd[-1] - (w[-1] if kind == "zb-h1" else 0.0)) for (_, bwd), w in zip(ends, weights)]
     share = (np.arange(1, longest + 1) - 1) / max(longest - 1, 1)
     total_n = total[0] + (total[1] - total[0]) * share
     last_n = last[0] + (last[1] - last[0]) * share
@@ -959,7 +962,7 @@ def split_floor(costs: MeshCosts, cluster: ClusterSpec, kind: str, virtual: int,
     stage takes at most cap_p(U_p) layers, and the totals reachable after each stage form an interval whose top
     grows with the top before (U + cap_p(U) never falls as U grows, because a <= M a). Bisection on tau keeps the
     largest tau shown unreachable: a lower bound on every split's max_p B_p."""
-    if virtual != 1 or kind == "zb" or cheap * (1 - 1e-9) > bar:
+    if virtual != 1 or kind in ZERO_BUBBLE or cheap * (1 - 1e-9) > bar:
         return cheap  # (zb: its B_p are of F + B before device p, `_loop_floor`; `cheap` is still its bound)
     P, L, M = costs.mesh["pipe"], costs.layers, microbatches
     rest = _ticks_and_step(costs, cluster, virtual, M)
@@ -1072,7 +1075,7 @@ def least_memory(costs: MeshCosts, local_batch: int, *, schedule: str | None = N
 
 def _modes_of(kind: str) -> tuple[str, ...]:
     """The pipeline modes a schedule runs in: zb only with the stash (its W reads the forward's residuals)."""
-    return tuple(r for r in PIPELINE_MODES if kind != "zb" or stashes(r))
+    return tuple(r for r in PIPELINE_MODES if kind not in ZERO_BUBBLE or stashes(r))
 
 
 def _layouts(costs: MeshCosts, local_batch: int, schedule: str | None, microbatches: int | None,
@@ -1080,7 +1083,7 @@ def _layouts(costs: MeshCosts, local_batch: int, schedule: str | None, microbatc
     """(schedule, virtual, microbatches) combinations to try on this mesh (in pipeline mode `remat`, when given:
     zb only in mode "none", `planner.schedule.check`)."""
     P, L = costs.mesh["pipe"], costs.layers
-    kinds = [schedule] if schedule else ["1f1b", "gpipe", "interleaved", "zb"]
+    kinds = [schedule] if schedule else ["1f1b", "gpipe", "interleaved", *ZERO_BUBBLE]
     stash = None if remat is None else stashes(remat)
     micro = [microbatches] if microbatches else microbatch_options(local_batch)
     out = []

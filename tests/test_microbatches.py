@@ -40,13 +40,13 @@ def exhaustive(costs, cluster, budget, local_batch):
     batch, in `choose`'s order, each stage split by `_fit`; a later layout replaces the best when 1e-9 faster; full
     remat only when nothing fits without."""
     P, L = costs.mesh["pipe"], costs.layers
-    layouts = [(kind, V, M) for kind in ("1f1b", "gpipe", "interleaved", "zb")
+    layouts = [(kind, V, M) for kind in ("1f1b", "gpipe", "interleaved", "zb", "zb-h1")
                for V in ([1] if kind != "interleaved" else range(2, stages.MAX_VIRTUAL + 1))
                for M in range(1, local_batch + 1) if local_batch % M == 0 and runs(kind, P, M, V, L)]
     for remat in ("none", "full"):
         best = None
         for kind, V, M in layouts:
-            if kind == "zb" and not stashes(remat):  # zb runs with the stash only
+            if kind.startswith("zb") and not stashes(remat):  # zb and zb-h1 run with the stash only
                 continue
             c = stages._fit(costs, cluster, budget, kind, M, V, remat)
             if c is not None and (best is None or c.step_seconds < best.step_seconds * (1 - 1e-9)):

@@ -128,6 +128,7 @@ CASES = [  # (mesh, schedule, microbatches, virtual, layers per stage or None fo
     ("pipe=4,tensor=2", "interleaved", 4, 2, None, "none"),
     ("pipe=4,fsdp=2", "gpipe", 2, 1, None, "full"),  # no stash: the backward ticks recompute the forward
     pytest.param("pipe=4,tensor=2", "zb", 4, 1, None, "none", marks=pytest.mark.smoke),  # B and W apart
+    ("pipe=4,data=2", "zb-h1", 8, 1, None, "none"),  # Ws deferred: several grad slots a device
 ]
 
 

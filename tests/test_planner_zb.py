@@ -98,28 +98,29 @@ def test_b_and_w_split_the_fused_backward(zb_pair):
     assert "stage_weight_seconds" not in op
 
 
-def test_zb_floors_are_lower_bounds(costs):
-    """`layout_floor` (its chains count F + B only for zb) and `layout_memory_floor` (its grad slot) under every
-    stage split of every microbatch count."""
+@pytest.mark.parametrize("kind", ["zb", "zb-h1"])
+def test_zb_floors_are_lower_bounds(costs, kind):
+    """`layout_floor` (its chains count F + B only for zb; zb-h1's last device's Ws may run beside the earlier
+    stages' Bs) and `layout_memory_floor` (its grad slot) under every stage split of every microbatch count."""
     P, L = 4, 8
     for M in stages.microbatch_options(8):
-        floor = stages.layout_floor(costs, CPU8, "zb", 1, M, "none")
-        mem_floor = stages.layout_memory_floor(costs, "zb", 1, M, "none")
+        floor = stages.layout_floor(costs, CPU8, kind, 1, M, "none")
+        mem_floor = stages.layout_memory_floor(costs, kind, 1, M, "none")
         best = np.inf
         for cut in itertools.combinations(range(1, L), P - 1):
             ends = [*cut, L]
-            spec = PipelineSpec([[s, e] for s, e in zip([0, *cut], ends)], M, "zb", 1, stash=True)
+            spec = PipelineSpec([[s, e] for s, e in zip([0, *cut], ends)], M, kind, 1, stash=True)
             choice = stages.evaluate(costs, spec, CPU8, "none")
             assert floor <= choice.step_seconds * (1 + 1e-12), (M, cut)
             assert mem_floor <= max(choice.memory) * (1 + 1e-12), (M, cut)
             best = min(best, choice.step_seconds)
         assert floor >= 0.5 * best  # and not vacuous
-    assert stages.layout_floor(costs, CPU8, "zb", 1, 8, "none") < stages.layout_floor(costs, CPU8, "1f1b", 1, 8, "none")
+    assert stages.layout_floor(costs, CPU8, kind, 1, 8, "none") < stages.layout_floor(costs, CPU8, "1f1b", 1, 8, "none")
 
 
 def test_zb_is_a_layout_in_mode_none_only(costs):
     layouts = {m: stages._layouts(costs, 8, None, None, None, m) for m in ("none", "recompute", "full")}
-    assert ("zb", 1, 8) in layouts["none"]
+    assert ("zb", 1, 8) in layouts["none"] and ("zb-h1", 1, 8) in layouts["none"]
     assert not any(k == "zb" for m in ("recompute", "full") for k, _, _ in layouts[m])
     assert ("zb", 1, 8) in stages._layouts(dataclasses.replace(costs, sweep=True), 8, None, None, None, "none")
     # a fixed zb that does not fit in mode "none" falls back to nothing, not to a zb that recomputes

@@ -282,3 +282,24 @@ def test_other_kinds_unchanged(case, counts, digest, seconds, orders):
     assert hashlib.sha256(repr(device_orders(kind, P, M, V)).encode()).hexdigest()[:16] == orders
     assert sched.w_ticks is None and sched.grad_slots == 0 and (sched.grad_slot == -1).all()
     assert not (sched.phase == 3).any() and not (sched.code == WGT).any()
+
+
+@pytest.mark.parametrize("P,M", SHAPES)
+def test_zb_h1_defers_weight_gradients_for_the_least_ticks(P, M):
+    """zb-h1 (ZB-H1): every device bounded by device 0's in flight, so later devices defer their Ws: every
+    dependency holds, every buffer holds its value until read, the residual slots stay 1F1B's (every device's
+    buffers are the largest device's, one program), up to P grad slots, and P - 1 fewer ticks than zb's where
+    M >= P (3M + P - 1: the last device's fill and its 3M ops)."""
+    h1 = make_schedule.__wrapped__("zb-h1", P, M, 1, True, False)
+    zb, one = _zb(P, M), make_schedule("1f1b", P, M, stash=True)
+    ops = _op_ticks_from_table(h1)
+    f, b, w = ops["F"], ops["B"], ops["W"]
+    assert (f >= 0).all() and (b >= 0).all() and (w >= 0).all() and ((h1.phase > 0).sum(axis=0) == 3 * M).all()
+    assert (f[1:] > f[:-1]).all() and (b > f).all() and (b[:-1] > b[1:]).all() and (w > b).all()
+    live = _simulate(h1)
+    assert live["grad"].max() == h1.grad_slots <= P and h1.stash_slots == one.stash_slots
+    assert h1.ticks <= zb.ticks
+    if M >= P:
+        assert h1.ticks == 3 * M + P - 1 and h1.ticks == zb.ticks - (P - 1)
+    ones = np.ones(P)
+    assert step_time(h1, ones, ones, wgt=ones) <= step_time(zb, ones, ones, wgt=ones)
