@@ -313,6 +313,35 @@ def split_on_last_input(closed: Any) -> tuple[list[bool], Body]:
     return needs, Body(rest, ())
 
 
+def stacked_residual_bytes(closed: Any, n_params: int, stacked: int) -> int:
+    """Bytes, at the traced shapes, of the residuals JAX's vjp of the closed jaxpr's first output with respect to
+    its first `n_params` inputs keeps that depend on the other inputs (the batch) and are stacked by a loop of
+    `stacked` iterations (leading dimension `stacked`): a layer stack's per-layer residuals x `stacked`, what a
+    pipeline stage's forward keeps for its backward (`autoshard.pipeline._Stash`: the closure's leaves that
+    depend on the stage input; those made from the weights alone are made again). Traced, never run. A leaf of
+    another region whose leading dimension happens to equal `stacked` is counted too."""
+    from jax._src.interpreters.partial_eval import convert_constvars_jaxpr, dce_jaxpr
+
+    body = open_jaxpr(closed)
+
+    def leaves(*args):
+        _, vjp_fn = jax.vjp(lambda *p: eval_jaxpr(body, *p, *args[n_params:])[0], *args[:n_params])
+        return [x for x in jax.tree.leaves(vjp_fn) if isinstance(x, jax.Array)]
+
+    lin = jax.make_jaxpr(leaves)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in body.jaxpr.invars])
+    jaxpr = convert_constvars_jaxpr(lin.jaxpr)
+    batch = range(len(lin.jaxpr.constvars) + n_params, len(jaxpr.invars))
+    n, total = len(jaxpr.outvars), 0
+    for k, v in enumerate(jaxpr.outvars):
+        shape = getattr(v.aval, "shape", ())
+        if len(shape) < 2 or shape[0] != stacked or is_literal(v):
+            continue
+        _, used = dce_jaxpr(jaxpr, [j == k for j in range(n)])
+        if any(used[i] for i in batch):
+            total += int(np.prod(shape)) * np.dtype(v.aval.dtype).itemsize
+    return total
+
+
 def eval_jaxpr_hooked(body: Body, args: list[Any], hook: Callable[[tuple[int, ...], Any, list[Any]], list[Any]],
                       path: tuple[int, ...] = ()) -> list[Any]:
     """Run an open jaxpr on `args` as `jax.core.eval_jaxpr` does, the bodies of `INLINE_CALLS` inlined, passing

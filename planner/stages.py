@@ -20,8 +20,9 @@ As the executor (`autoshard.pipeline`) runs a stage:
   the rest (`zb_ticks`); B saves each weight op's output cotangent for its W (a grad slot, `grad_bytes`), and a
   microbatch's residuals are held from its forward to its W;
 - memory: the schedule's stage-input and cotangent buffers, and with the stash each in-flight microbatch's
-  residuals of the longest stage (`stash_bytes`: what JAX's linearization saves per layer, `Problem.saved`, counted,
-  not fitted: a loop carry XLA cannot fuse into), zb's grad slots, plus one microbatch's backward working set
+  residuals of the longest stage (`stash_bytes`: what JAX's linearization saves per layer, `Problem.saved`, less
+  what the vjp closure does not keep, `unkept_bytes`; counted, not fitted: a loop carry XLA cannot fuse into),
+  zb's grad slots, plus one microbatch's backward working set
   (`_working_set`);
 - a tick ends with up to two point-to-point sends of one microbatch's stage input (activation forward, cotangent
   backward) over the link between neighbouring pipe devices (pipe is the outermost mesh axis), each paying the
@@ -51,7 +52,8 @@ from planner.cluster import ClusterSpec
 from planner.calibration import GRAD_COPIES, WORKING_SET_SHARE
 from planner.errors import PlanError
 from planner.collectives import axis_collective_time, axis_span, bytes_sent, collective_time
-from planner.ilp import PRODUCT_OPS, ParamChoice, Problem, Solution, exceeds, optimizer_copies
+from planner import jax_internals as jint
+from planner.ilp import PRODUCT_OPS, ParamChoice, Problem, Solution, _shared, exceeds, optimizer_copies
 from planner.layouts import local_nbytes
 from planner.plan import PipelineSpec
 from planner.schedule import (IDLE, PIPELINE_MODES, ZERO_BUBBLE, Schedule, check, make_schedule, mode_settings,
@@ -99,8 +101,9 @@ class MeshCosts:
     """Region -> one row per priced op: (executions, compute s over the batch, compute s per call, memory s over the
     batch, memory s per call); its roofline at M = 1 is the ops' share of `work` (`microbatch_seconds`)."""
     linearized: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Bytes JAX's linearization saves by region (`Problem.saved`: before XLA fuses any away): what a stashing
-    pipeline's forward keeps in its residual slot, a loop carry XLA cannot fuse into (`stash_bytes`)."""
+    """Bytes JAX's linearization saves by region (`Problem.saved`: before XLA fuses any away; per layer less what
+    the vjp closure does not keep, `unkept_bytes`): what a stashing pipeline's forward keeps in its residual slot,
+    a loop carry XLA cannot fuse into (`stash_bytes`)."""
     call_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     """Region -> seconds of the in-stage collectives that every call pays whatever its size (latency, overhead, and
     whole conversions of values without a batch dimension); `layer`: one layer."""
@@ -175,6 +178,10 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
             other_bytes += nb
             other_f += nb if f_ok else 0.0
     residuals, linearized = (_by_region(problem, sol, region, kept) for kept in (problem.residuals(), problem.saved()))
+    if "layer" in linearized:  # what the vjp closure keeps, not all the rule counts (`unkept_bytes`)
+        extra = unkept_bytes(problem)
+        linearized["layer"] = max(linearized["layer"] - extra / (problem.b * problem.t), 0.0) if extra >= 0 \
+            else linearized["layer"] - extra / problem.b
     wops = [i for i in weight_ops(problem) if region[i] == "layer"]
     weight_terms = _op_terms(problem, sol, region, wops, passes=1.0)["layer"]
     weight_terms[:, 0] /= L
@@ -190,6 +197,27 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
                      layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0, linearized=linearized,
                      optimizer_copies=optimizer_copies(g), op_terms=terms, call_seconds=dict(call_seconds),
                      weight_terms=weight_terms, interface=interface.get("layer", 0.0))
+
+
+def unkept_bytes(problem: Problem) -> float:
+    """Bytes per layer, at the traced (global) shapes, that `Problem.saved` counts and a pipeline stage's forward
+    does not keep: the rule's per-layer values less the vjp closure's per-layer leaves that depend on the batch
+    (`jax_internals.stacked_residual_bytes`: JAX's own linearization of the traced loss, what
+    `autoshard.pipeline._Stash` keeps). The rule counts values the closure does not (gpt-tiny: a third score
+    matrix, two tanh-GELU intermediates, 0.27 of the rule at sequence 64; the share changes with the sequence
+    length, so it is counted for each model and shape, never fitted). `mesh_costs` takes these off the per-device
+    rule as if each were split over the batch shards and tensor, the most it can be split, so the stash is never
+    under-priced; at tensor = 1 that is exact. Negative where the closure keeps more than the rule (then added as
+    split over the batch alone); 0 where the graph has no traced scan (a folded Python loop): the rule alone."""
+    g = problem.g
+    if g.jaxpr is None or g.stack != "scan" or g.layers < 2:
+        return 0.0
+
+    def unkept() -> float:
+        rule = sum(local_nbytes(g.values[v], 1) * n for v, n in problem.saved().items() if n >= g.layers)
+        kept = jint.stacked_residual_bytes(g.jaxpr, len(g.param_values), g.layers)
+        return (rule - kept) / g.layers if kept else 0.0
+    return _shared(g, ("unkept_bytes", problem.attention_residuals), unkept)
 
 
 def weight_ops(problem: Problem) -> list[int]:

@@ -116,6 +116,9 @@ class Graph:
     optimizer_copies: float | None = None
     """The optimizer's state per parameter, in copies of it (Adam: 2, SGD: 0); None: the planner's default,
     `planner.ilp.OPT_STATE_COPIES` (AdamW, what `autoshard train` runs). Set with `with_optimizer`."""
+    jaxpr: Any = dataclasses.field(default=None, repr=False, compare=False)
+    """The traced loss (a ClosedJaxpr over the parameters, then the batch), for what needs JAX itself on it:
+    `planner.stages.stash_share` linearizes it."""
 
     def with_optimizer(self, copies: float) -> "Graph":
         """This graph (and the op-by-op one behind a folded loop) priced for an optimizer keeping `copies`."""
@@ -411,7 +414,7 @@ def _trace(fn, params, batch, param_paths, param_infos, batch_dims, fold) -> Gra
     for note in t.notes:
         warnings.warn(note, stacklevel=3)  # (at the caller of `trace`)
     graph = Graph(t.values, t.ops, dict(param_infos), param_values, inputs, out, t.layers, t.carries, t.notes,
-                  stack="scan" if t.layers > 1 else None)
+                  stack="scan" if t.layers > 1 else None, jaxpr=closed)
     return fold_blocks(graph, sigs) if fold else graph
 
 

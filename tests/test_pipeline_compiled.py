@@ -122,8 +122,9 @@ def test_pipeline_flops_are_the_single_device_flops(compiled, token_batch, built
 
 def test_1f1b_uses_less_memory_than_gpipe(compiled, token_batch):
     """GPipe holds every microbatch's stage input and residuals, 1F1B those in flight: the difference is those
-    slots, a residual slot priced as the planner does (`planner.stages.stash_bytes`: what JAX's linearization saves,
-    counted on the traced graph, a bound on the vjp closure's leaves the executor keeps: 0.73 of it on gpt-tiny)."""
+    slots, a residual slot priced as the planner does (`planner.stages.stash_bytes`: the rule's values less those
+    the vjp closure does not keep, `unkept_bytes`, counted by linearizing the traced loss; here with tensor=2,
+    where the dropped values are taken off as split over tensor: never under)."""
     memory = {schedule: compiled[schedule]["memory_bytes_per_device"] for schedule in ("gpipe", "1f1b")}
     gpipe, one_f = (make_schedule(kind, 2, MICRO, stash=True) for kind in ("gpipe", "1f1b"))
     slots, kept = gpipe.act_slots - one_f.act_slots, gpipe.stash_slots - one_f.stash_slots
@@ -131,4 +132,4 @@ def test_1f1b_uses_less_memory_than_gpipe(compiled, token_batch):
     per_slot = compiled["stash_bytes_per_slot"]
     assert slots > 0 and kept > 0
     predicted = slots * _stage_input_bytes(token_batch) + kept * per_slot
-    assert saved <= predicted <= 1.4 * saved
+    assert saved <= predicted <= 1.01 * saved  # measured +0.01% (it was +12..40% by the rule alone)

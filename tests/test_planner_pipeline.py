@@ -127,9 +127,9 @@ def test_gpipe_minus_1f1b_memory_matches_the_compiled_difference(compiled_pair):
     predicted = gp.predicted["memory_bytes_per_device"] - op.predicted["memory_bytes_per_device"]
     compiled = gs["memory_bytes_per_device"] - os_["memory_bytes_per_device"]
     assert compiled > 0
-    # the residual slots are priced at what JAX's linearization saves (`planner.stages.stash_bytes`), a bound on
-    # the vjp closure's leaves the executor keeps (0.73 of it on gpt-tiny): on the safe side, by less than 40%
-    assert compiled <= predicted <= 1.4 * compiled
+    # the residual slots are priced at what the vjp closure keeps (`planner.stages.stash_bytes`, `unkept_bytes`:
+    # the traced loss linearized by JAX), measured +0.02% (by the rule alone, which counts 1 / 0.73 of it: +37%)
+    assert compiled <= predicted <= 1.01 * compiled
 
 
 def test_predict_reproduces_the_search_for_a_pipeline_plan(compiled_pair):
