@@ -85,7 +85,9 @@ def compiled(token_batch, built):
         trainer = parallelize(built, make_optimizer(), plan, devices=jax.devices()[:plan.num_devices])
         out[schedule] = analyze(trainer.compile(token_batch), trainer.mesh)
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in token_batch.items()}
-    out["stash_bytes_per_slot"] = predict(plans["1f1b"], abstract, shapes, "cpu:8")["pipeline"]["stash_bytes_per_slot"]
+    pipeline = predict(plans["1f1b"], abstract, shapes, "cpu:8")["pipeline"]
+    out["stash_bytes_per_slot"] = pipeline["stash_bytes_per_slot"]
+    out["stash_bytes_kept_per_slot"] = pipeline["stash_bytes_kept_per_slot"]
     return out
 
 
@@ -122,14 +124,15 @@ def test_pipeline_flops_are_the_single_device_flops(compiled, token_batch, built
 
 def test_1f1b_uses_less_memory_than_gpipe(compiled, token_batch):
     """GPipe holds every microbatch's stage input and residuals, 1F1B those in flight: the difference is those
-    slots, a residual slot priced as the planner does (`planner.stages.stash_bytes`: the rule's values less those
-    the vjp closure does not keep, `unkept_bytes`, counted by linearizing the traced loss; here with tensor=2,
-    where the dropped values are taken off as split over tensor: never under)."""
+    slots. A residual slot as the planner prices it (`planner.stages.stash_bytes`: the rule, `Problem.saved`, over
+    what the closure keeps) and as it counts what the slot holds (`kept=True`: the rule less `unkept_bytes`, counted
+    by linearizing the traced loss; with tensor=2 here, the values dropped taken off as split over tensor)."""
     memory = {schedule: compiled[schedule]["memory_bytes_per_device"] for schedule in ("gpipe", "1f1b")}
     gpipe, one_f = (make_schedule(kind, 2, MICRO, stash=True) for kind in ("gpipe", "1f1b"))
     slots, kept = gpipe.act_slots - one_f.act_slots, gpipe.stash_slots - one_f.stash_slots
     saved = memory["gpipe"] - memory["1f1b"]
-    per_slot = compiled["stash_bytes_per_slot"]
     assert slots > 0 and kept > 0
-    predicted = slots * _stage_input_bytes(token_batch) + kept * per_slot
-    assert saved <= predicted <= 1.01 * saved  # measured +0.01% (it was +12..40% by the rule alone)
+    priced, counted = (slots * _stage_input_bytes(token_batch) + kept * compiled[k]
+                       for k in ("stash_bytes_per_slot", "stash_bytes_kept_per_slot"))
+    assert saved <= priced <= 1.4 * saved
+    assert saved <= counted <= 1.01 * saved  # measured +0.01%
