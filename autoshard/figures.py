@@ -374,8 +374,8 @@ class ScheduleTimes:
     length: np.ndarray
     """[T] seconds each tick lasts (its slowest op plus the point-to-point sends)."""
     busy: np.ndarray
-    """[T, P] seconds each device computes in each tick (0: idle, or the last stage's forward, which its backward
-    recomputes)."""
+    """[T, P] seconds each device computes in each tick (0: idle, or without the stash the last stage's forward,
+    which its backward recomputes)."""
     phase: np.ndarray
     """[T, P] 0 idle, 1 forward, 2 backward (zb: its B, the input gradient), 3 weight gradient (zb's W)."""
     chunk: np.ndarray

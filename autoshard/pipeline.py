@@ -26,8 +26,10 @@ tick keeps its stage's `jax.vjp` residuals (the closure's leaves, weights left o
 until its backward tick, which then runs the backward alone: the step does the unpipelined step's work
 (runs/benchmarks/pipeline_efficiency.md). Under remat "full" (`planner.schedule.stashes`) a backward recomputes its
 stage's forward from the stage input instead, and only stage inputs are kept. Either way a device holds as many
-slots as the table says, which is what makes 1F1B lighter than GPipe; the last stage's forward tick is empty, its
-backward runs its forward (through the head and loss). Parameters are made varying over the batch and seq axes once
+slots as the table says, which is what makes 1F1B lighter than GPipe. With the stash the last stage's forward is an
+op of its own (FWD_LAST: its output kept where its input was, for its backward: the head, loss and backward); under
+modes "recompute" and "full" its forward tick is empty and its backward runs its forward (through the head and
+loss). Parameters are made varying over the batch and seq axes once
 before the loop, so the gradient reduction is one all-reduce after it, not one per tick (expert weights, split over
 `expert`, are not summed over it). Parameters sharded over fsdp are gathered by XLA once per step on entry (inside
 a pipeline fsdp behaves like ZeRO-2: it shards optimizer state, not live weights).
@@ -67,14 +69,14 @@ from planner.errors import PlanError
 from planner.params import path_str
 from planner.plan import BATCH_AXES, Plan, SpecEntry
 from planner.rules import ParamInfo
-from planner.schedule import (BWD, BWD_FIRST, BWD_LAST, FWD, FWD_FIRST, WGT, Schedule, check, make_schedule,
-                              pipeline_mode, receive_permutations, stashes)
+from planner.schedule import (BWD, BWD_FIRST, BWD_LAST, FWD, FWD_FIRST, FWD_LAST, WGT, Schedule, check,
+                              make_schedule, pipeline_mode, receive_permutations, stashes)
 
 LAYERS = "blocks"
 """Attribute (and state-path prefix) of the stacked layer module a pipelinable model exposes."""
 PRE_LAST = 3
-"""Op code of the last stage's forward in the statistics sweep (its forward is folded into its backward in the
-main table); the sweep's other codes are IDLE, FWD and FWD_FIRST."""
+"""Op code of the last stage's forward in the statistics sweep (FWD_LAST in the main table, or without the stash
+folded into its backward); the sweep's other codes are IDLE, FWD and FWD_FIRST."""
 
 
 def is_layer_param(path: str) -> bool:
@@ -220,8 +222,6 @@ class Pipeline:
         own = {p: self._own_axes(p) for p in flat}
         batch_spec = emit.batch_specs(self.plan, batch)  # the layout the trainer placed each leaf in
         metric_names, moe = self._probe(rest, batch)
-        if moe is not None and self.stash and self.schedule.forwards_first:  # the sweep keeps the last stage's too
-            self.schedule = make_schedule(self.plan.pipeline.schedule, self.P, self.M, self.V, True, stash_last=True)
 
         def body(layer_vals, other_vals, rest, batch, tables):
             return self._body(dict(zip(layer_paths, layer_vals)), dict(zip(other_paths, other_vals)), rest, batch,
@@ -269,9 +269,9 @@ class Pipeline:
             return {**{name: jnp.asarray(getattr(s, name)) for name in names},
                     **{k: jnp.asarray(v) for k, v in flags.items()}}
         # the forward-only sweep for layer statistics (MoE): the forward ticks in the same order, with the last
-        # stage's forward (folded into its backward in the main table) as an op of its own
+        # stage's forward (FWD_LAST in the main table, or IDLE there without the stash) as PRE_LAST
         rows = np.nonzero(np.any(s.phase == 1, axis=1))[0]
-        code = np.where(s.phase == 1, np.where(s.code == 0, PRE_LAST, s.code), 0)
+        code = np.where(s.phase == 1, np.where((s.code == 0) | (s.code == FWD_LAST), PRE_LAST, s.code), 0)
         pre = {"code": jnp.asarray(code[rows]), **{name: jnp.asarray(getattr(s, name)[rows]) for name in
                                                    ("chunk", "microbatch", "in_slot", "recv_act")
                                                    + (("stash_slot",) if self.stash else ())}}
@@ -584,8 +584,8 @@ class _DeviceProgram:
 
     def pre_last(self, c, i, h, acc, kept):
         """Kept (GPipe), its output goes where its input was (`pre_tick`); sent, it is dropped.
-        Else its backward runs it again."""
-        if self.schedule.stash_last:
+        Else the main table runs it again."""
+        if self.sweep_keeps:
             y, st, kept = self.forward(c, h)
             return y, self.add_stats(acc, c, st), kept
         y, st = self.run_chunk(self.chunk_of(c), self.counts[c], h)
@@ -609,7 +609,7 @@ class _DeviceProgram:
         out, acc, kept = jax.lax.switch(code, self._sweep_branches(), (row["chunk"][me], row["microbatch"][me], h,
                                                                        acc, kept))
         bufs = self.write_back(bufs, slot, kept)
-        if self.schedule.stash_last:
+        if self.sweep_keeps:
             acts = _receive(acts, jnp.where(code == PRE_LAST, read, -1), out)
         return (_receive(acts, row["recv_act"][me], self.send(out)), acc, bufs), None
 
@@ -623,6 +623,11 @@ class _DeviceProgram:
 
     def fwd_first(self, c, i, h, g, acc: _Acc, kept):
         return self.fwd(c, i, self.embed(i), g, acc, kept)
+
+    def fwd_last(self, c, i, h, g, acc: _Acc, kept):
+        """The last stage's forward, its residuals kept; its output goes where its input was (`tick`), for its
+        backward (`bwd_last`), which then runs the head, the loss and the backward alone."""
+        return self.fwd(c, i, h, g, acc, kept)
 
     def bwd(self, c, i, h, g, acc: _Acc, kept):
         n_kept = self.n_kept
@@ -650,16 +655,15 @@ class _DeviceProgram:
             y, aux = (out[0], jnp.sum(self.index(self.coef, c) * out[1])) if moe else (out, 0.0)
             loss, metrics = head(o, y)
             return loss + aux, metrics
-        if self.split is not None:  # zb: its forward, then its B; its W comes later from what both keep
-            y, _, new = self.forward(c, h)
-            _, vjp, (loss, metrics) = jax.vjp(head, self.other_list, y, has_aux=True)
-            do, dy = vjp(one)
-            dh, saved = self.split.b(new, self.chunk_of(c), c, h, self.cotangent(c, dy), self.vary)
-            dw, kept = None, new + saved
-        elif self.schedule.stash_last:  # its forward ran in the sweep: h is its output
+        if self.schedule.stash_last:  # its forward ran in its own tick (or the sweep's): h is its output
             _, vjp, (loss, metrics) = jax.vjp(head, self.other_list, h, has_aux=True)
             do, dy = vjp(one)
-            dw, dh = self.backward(c, h, dy, kept)
+            if self.split is not None:  # zb: its B; its W comes later from the residuals and what B saves
+                n_kept = self.n_kept
+                dh, saved = self.split.b(kept[:n_kept], self.chunk_of(c), c, h, self.cotangent(c, dy), self.vary)
+                dw, kept = None, kept[:n_kept] + saved
+            else:
+                dw, dh = self.backward(c, h, dy, kept)
         else:
             _, vjp, (loss, metrics) = jax.vjp(f, self.chunk_of(c), self.other_list, h, has_aux=True)
             dw, do, dh = vjp(one)
@@ -689,7 +693,11 @@ class _DeviceProgram:
     def _branches(self) -> list[Callable]:
         """The tick ops by code (`planner.schedule`), each taking its operands as one tuple (for `lax.switch`)."""
         ops_by_code = ((0, self.idle), (FWD, self.fwd), (FWD_FIRST, self.fwd_first), (BWD, self.bwd),
-                       (BWD_LAST, self.bwd_last), (BWD_FIRST, self.bwd_first)) + (((WGT, self.wgt),) if self.zb else ())
+                       (BWD_LAST, self.bwd_last), (BWD_FIRST, self.bwd_first))
+        if self.zb or self.schedule.stash_last:  # (a code past the last branch would run the last branch)
+            ops_by_code += ((WGT, self.wgt if self.zb else self.idle),)
+        if self.schedule.stash_last:
+            ops_by_code += ((FWD_LAST, self.fwd_last),)
         branches = [None] * len(ops_by_code)
         for code, fn in ops_by_code:
             branches[code] = fn
@@ -705,6 +713,7 @@ class _DeviceProgram:
         slot, kept = self.kept_slot(bufs, row)
         send_act, send_cot, acc, kept = jax.lax.switch(code, self._branches(), (c, i, h, g, acc, kept))
         bufs = self.write_back(bufs, slot, kept)
+        acts = _receive(acts, jnp.where(code == FWD_LAST, row["in_slot"][me], -1), send_act)  # (`fwd_last`)
         got_act = jax.lax.cond(row["send_act"], self.send, lambda x: x, send_act)
         got_cot = jax.lax.cond(row["send_cot"], self.send_back, lambda x: x, send_cot)
         acts = _receive(acts, row["recv_act"][me], got_act)

@@ -9,12 +9,13 @@ and each in-stage collective's fixed terms per microbatch, the rest 1/M of the p
 
 As the executor (`autoshard.pipeline`) runs a stage:
 
-- a forward tick costs the stage's forward (1/passes of its training work); the last stage's is empty;
+- a forward tick costs the stage's forward (1/passes of its training work); without the stash the last stage's is
+  empty;
 - a backward tick runs the backward alone from the residuals its forward kept (pipeline mode "none",
   `planner.schedule.PIPELINE_MODES`); in mode "recompute" it recomputes the forward from the stage input and runs
   the backward, the full training work (passes x forward), and under "full" one more forward of its layers. The
-  last stage's backward always runs its forward too (its forward tick is empty), and the first stage's embeds its
-  microbatch again (a lookup);
+  last stage's backward runs its head and loss, and without the stash its forward too (its forward tick empty);
+  the first stage's embeds its microbatch again (a lookup);
 - zb (`planner.schedule`, mode "none" and V = 1 only) splits each backward tick into B and W: W is the stage's
   weight gradients, each weight op's (`weight_ops`: a matmul or convolution with a weight) costing its forward, B
   the rest (`zb_ticks`); B saves each weight op's output cotangent for its W (a grad slot, `grad_bytes`), and a
@@ -397,17 +398,20 @@ def _roofline(terms: np.ndarray, microbatches: int) -> float:
 def stage_ticks(costs: MeshCosts, counts: list[int], microbatches: int, remat: str = "none"
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Seconds of one microbatch's forward tick and backward tick on each stage (stage order): the backward alone
-    where the forward kept its residuals (`stashes`), else the forward again, plus the remat's recompute."""
+    where the forward kept its residuals (`stashes`; the last stage's forward too, an op of its own, its backward
+    tick the head, loss and backward), else the forward again, plus the remat's recompute (the last stage's forward
+    then runs in its backward tick)."""
     S = len(counts)
     w = microbatch_seconds(costs, microbatches)
     n = np.asarray(counts, float)
     fwd = n * w["layer"] / costs.passes
     again = fwd if remat == "full" else np.zeros(S)  # the remat's recompute
     bwd = n * w["layer"] + again - (fwd if stashes(remat) else 0.0)
-    bwd[S - 1] = n[S - 1] * w["layer"] + again[S - 1] + w["head"]  # its forward runs in its backward tick
+    bwd[S - 1] += w["head"]
     fwd[0] += w["embed"] / costs.passes
     bwd[0] += w["embed"]
-    fwd[S - 1] = 0.0
+    if not stashes(remat):
+        fwd[S - 1] = 0.0
     return fwd, bwd
 
 
@@ -616,7 +620,8 @@ def lockstep_seconds(sched: Schedule, fwd: np.ndarray, bwd: np.ndarray, transfer
                      wgt: np.ndarray | None = None) -> float:
     """`planner.schedule.step_time`, vectorised (the search evaluates many layouts); from tick `start` on; `wgt`:
     the W ops' seconds of each stage (zb only, and needed there)."""
-    stage, is_f, is_b, is_w = _tick_tables(sched.kind, sched.devices, sched.microbatches, sched.virtual)
+    stage, is_f, is_b, is_w = _tick_tables(sched.kind, sched.devices, sched.microbatches, sched.virtual,
+                                           sched.stash_last)
     if is_w.any() and wgt is None:
         raise ValueError("lockstep_seconds of a zb schedule needs wgt, the seconds of each stage's weight gradient")
     cost = np.where(is_f, fwd[stage], 0.0)
@@ -647,10 +652,12 @@ def sweep_seconds(sched: Schedule, fwd: np.ndarray, transfer: float) -> float:
 
 
 @functools.lru_cache(maxsize=512)
-def _tick_tables(kind: str, P: int, M: int, V: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(stage, computing forward, backward, weight gradient) per tick and device of a schedule (the ops do not
-    depend on the stash, which zb needs)."""
-    sched = make_schedule(kind, P, M, V, kind in ZERO_BUBBLE)
+def _tick_tables(kind: str, P: int, M: int, V: int, stash_last: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(stage, computing forward, backward, weight gradient) per tick and device of a schedule (the ops depend on the
+    stash only through the last stage's forward, an op of its own with `stash_last`, else folded into its
+    backward; zb needs the stash)."""
+    sched = make_schedule(kind, P, M, V, stash_last or kind in ZERO_BUBBLE, stash_last)
     stage = sched.chunk * P + np.arange(P)[None, :]
     return stage, (sched.phase == 1) & (sched.code != IDLE), sched.phase == 2, sched.phase == 3
 
@@ -663,8 +670,6 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
     sched = make_schedule(spec.schedule, P, M, V, stashes(remat))
     fwd, bwd, wgt = tick_seconds(costs, counts, M, remat, spec.schedule)
     last_fwd = counts[-1] * microbatch_seconds(costs, M)["layer"] / costs.passes
-    if costs.sweep and sched.forwards_first and stashes(remat):
-        bwd[-1] -= last_fwd  # GPipe's statistics sweep runs the last stage's forward and keeps its residuals
     transfer = transfer_seconds(costs, M, cluster)
     loop = lockstep_seconds(sched, fwd, bwd, transfer, wgt=wgt)
     sync_s, sync_b = once_per_step(costs, counts, V, cluster)
@@ -923,7 +928,7 @@ def layout_floor(costs: MeshCosts, cluster: ClusterSpec, kind: str, virtual: int
     The argument holds for any table the schedule builds (one op per device per tick; a stage's forward after the
     previous stage's, its backward after its forward and after the next stage's backward) under
     `lockstep_seconds`, which charges each tick its slowest op. Let w_s be stage s's forward + backward per
-    microbatch (`stage_ticks`; the last stage's forward is recomputed in its backward, so it is 0).
+    microbatch (`stage_ticks`; without the stash the last stage's forward is recomputed in its backward, its F 0).
     - Device p runs M forwards and M backwards of each of its stages. Before its first op (a forward of its first
       stage, p) the forwards of stages 0..p-1 of that microbatch run in distinct earlier ticks; after its last op
       (a backward of stage p) the backwards of stages p-1..0. So the loop costs at least
@@ -972,7 +977,7 @@ def _loop_floor(costs: MeshCosts, virtual: int, microbatches: int, remat: str, k
                else np.zeros(S) for n in (1, longest)]
     total = [float(fwd.sum() + bwd.sum() - w.sum()) for (fwd, bwd), w in zip(ends, weights)]
     # (zb-h1 may defer the last device's Ws past the earlier stages' Bs: its chain counts its F and B ops only)
-    last = [float(bwd[-1] - (w[-1] if kind == "zb-h1" else 0.0)) for (_, bwd), w in zip(ends, weights)]
+    last = [float(fwd[-1] + bwd[-1] - (w[-1] if kind == "zb-h1" else 0.0)) for (fwd, bwd), w in zip(ends, weights)]
     share = (np.arange(1, longest + 1) - 1) / max(longest - 1, 1)
     total_n = total[0] + (total[1] - total[0]) * share
     last_n = last[0] + (last[1] - last[0]) * share
