@@ -107,8 +107,8 @@ class MeshCosts:
     kept_layer: float = 0.0
     """Bytes per device of one layer's residuals the vjp closure keeps, what a residual slot holds: `linearized`'s
     layer less `unkept_bytes` (`stash_bytes`' `kept`). Exact against the compiled slots (GPipe - 1F1B: +0.01%,
-    +0.02%), but the rest of the pipeline memory model under-predicts by 7-21% without the rule's surplus
-    (runs/benchmarks/memory_accuracy.md held-out pipelines: -13.4..-20.9%), so the slots stay priced by the rule
+    +0.02%), but the rest of the pipeline memory model under-predicts without the rule's surplus
+    (runs/benchmarks/memory_accuracy.md held-out pipelines: -9.0..-11.2%), so the slots stay priced by the rule
     until the backward's working set is derived: reported (`evaluate`'s `stash_bytes_kept_per_slot`), not summed."""
     call_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     """Region -> seconds of the in-stage collectives that every call pays whatever its size (latency, overhead, and
