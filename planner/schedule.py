@@ -315,14 +315,9 @@ def _place(kind: str, P: int, M: int, V: int) -> np.ndarray:
     at each tick, each device runs the next op of its order if that op's inputs were produced at earlier ticks (a
     forward needs the previous stage's forward, a backward its own forward and the next stage's backward). One
     step of the loop is one tick of every device at once."""
-    S, n = P * V, 2 * M * V
-    ids = _order_ids(kind, P, M, V)
-    s, backward, i = ids // (2 * M), (ids // M) % 2 == 1, ids % M
-    none = 2 * S * M  # an input that is always there: the last entry, at tick -1
-    first = np.where(backward, _op_id(F, s, i, M), np.where(s > 0, _op_id(F, s - 1, i, M), none))
-    second = np.where(backward & (s < S - 1), _op_id(B, s + 1, i, M), none)
-    done = np.full(none + 1, np.iinfo(np.int64).max)
-    done[none] = -1
+    n = 2 * M * V
+    ids, backward, first, second, done = _dependencies(kind, P, M, V)
+    none = len(done) - 1
     pos, rows, t = np.zeros(P, np.int64), np.arange(P), 0
     while (active := pos < n).any():
         k = np.minimum(pos, n - 1)
@@ -332,7 +327,23 @@ def _place(kind: str, P: int, M: int, V: int) -> np.ndarray:
         done[ids[rows[ready], k[ready]]] = t
         pos += ready
         t += 1
-    return done[:none].reshape(S, 2, M)
+    return done[:none].reshape(P * V, 2, M)
+
+
+def _dependencies(kind: str, P: int, M: int, V: int) -> tuple[np.ndarray, ...]:
+    """(each device's ordered op ids `_order_ids`, whether each is a backward, the op it waits for first and second
+    (a forward the previous stage's forward, a backward its own forward and the next stage's backward; the last
+    entry, at tick -1, where there is none), the tick each op ran, all not yet but that last entry): what the
+    greedy placements `_place` and `_place_zb` start from."""
+    S = P * V
+    ids = _order_ids(kind, P, M, V)
+    s, backward, i = ids // (2 * M), (ids // M) % 2 == 1, ids % M
+    none = 2 * S * M  # an input that is always there: the last entry, at tick -1
+    first = np.where(backward, _op_id(F, s, i, M), np.where(s > 0, _op_id(F, s - 1, i, M), none))
+    second = np.where(backward & (s < S - 1), _op_id(B, s + 1, i, M), none)
+    done = np.full(none + 1, np.iinfo(np.int64).max)
+    done[none] = -1
+    return ids, backward, first, second, done
 
 
 def _place_zb(P: int, M: int, h1: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -350,13 +361,8 @@ def _place_zb(P: int, M: int, h1: bool = False) -> tuple[np.ndarray, np.ndarray]
     slots) and reaches 3M + P-1, the last device's fill and its 3M ops, but its later devices run their last Bs back
     to back, their Ws deferred: up to P grad slots a device, against one here; `h1` places that ("zb-h1")."""
     n = 2 * M
-    ids = _order_ids("zb", P, M, 1)
-    s, backward, i = ids // (2 * M), (ids // M) % 2 == 1, ids % M
-    none = 2 * P * M  # an input that is always there: the last entry, at tick -1
-    first = np.where(backward, _op_id(F, s, i, M), np.where(s > 0, _op_id(F, s - 1, i, M), none))
-    second = np.where(backward & (s < P - 1), _op_id(B, s + 1, i, M), none)
-    done = np.full(none + 1, np.iinfo(np.int64).max)
-    done[none] = -1
+    ids, backward, first, second, done = _dependencies("zb", P, M, 1)
+    none = len(done) - 1
     rows = np.arange(P)
     w_done = np.full((P, M), -1, np.int64)
     bound = np.minimum(np.full(P, P) if h1 else P - rows, M)
