@@ -50,8 +50,11 @@ CASES = [  # (model, mesh, schedule, virtual, pipeline mode: planner.schedule.PI
     ("gpt-tiny:layers=4", "pipe=2,data=4", "1f1b", 1, "full"),
     ("gpt-tiny:layers=4", "pipe=4,data=2", "gpipe", 1, "none"),
     ("gpt-tiny:layers=4", "pipe=4,data=2", "1f1b", 1, "none"),
+    ("gpt-tiny:layers=4", "pipe=2,data=4", "zb", 1, "none"),
+    ("gpt-tiny:layers=4", "pipe=4,data=2", "zb-h1", 1, "none"),
     ("moe-tiny", "pipe=2,data=2,expert=2", "gpipe", 1, "none"),
     ("moe-tiny", "pipe=2,data=2,expert=2", "1f1b", 1, "none"),
+    ("moe-tiny", "pipe=2,data=2,expert=2", "zb", 1, "none"),
 ]
 
 
@@ -130,8 +133,9 @@ def main() -> None:
              "buffered input, and the remat each layer's once more (1.38x). Before this run the executor applied "
              "no remat at all (it traced its layers outside the plan's ops context): its \"full\" row was the "
              "no-remat program. MoE GPipe's forward phase is the "
-             "statistics sweep, which keeps the residuals (the last stage's too). MoE 1F1B adds the forward-only "
-             "statistics sweep.", "",
+             "statistics sweep, which keeps the residuals (the last stage's too). MoE 1F1B and zb add the forward-only "
+             "statistics sweep. zb and zb-h1 split each backward into B and W with no equation run twice "
+             "(`planner.jax_internals.split_backward`).", "",
              "Before the stash (git d2c22f1, the same cases but the recompute row, in order): 1.156, 1.156, 1.167, "
              "1.156, 1.167, 1.167, 1.185, 1.343; memory compiled 4.45, 4.42, 3.33, 4.42, 3.11, 3.11, 2.52, 2.49 MiB "
              "(the remat \"full\" row without remat: see above). The residual "
