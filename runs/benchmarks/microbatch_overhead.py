@@ -23,8 +23,8 @@ group: the slope of each group is listed too.
 Verdict (planner/stages.py follows it): a constant is not defensible on this machine, so `planner.stages` adds none
 and prices only what its model knows (each tick's sends with the link's latency, each op's roofline at the
 microbatch's size). The fitted c_tick is lost in the noise (two runs of this script on the same code gave -0.21 and
-+0.02 ms per tick), the slopes of the groups differ by an order of magnitude (0.13 to 1.85 ms per tick in the run
-below), and the fitted step times miss by 20-30% on average on both sets: 8 emulated devices share 2 cores, so
++0.02 ms per tick; the run below -0.77), the slopes of the groups differ in size and sign (-0.90 to +0.60 ms per
+tick in the run below; 0.13 to 1.85 in an earlier one), and the fitted step times miss by 20-35% on average: 8 emulated devices share 2 cores, so
 their ticks do not run in lockstep as accelerators' do, and the step time is mostly a per-step cost (optimizer,
 gradient sums) that moves by tens of percent from run to run.
 """
@@ -138,8 +138,8 @@ def summarize(rows: list[dict], c0: float, c_tick: float, slopes: dict[str, floa
     errs = {name: [abs(r["fitted_error"]) for r in rows if r["set"] == name] for name in ("fit", "validate")}
     priced = max(r["transfer_per_tick_s"] for r in rows)
     alone = np.mean([abs(r["planner_error"]) for r in rows if r["set"] == "validate"])
-    return (f"c_tick = {c_tick * 1e3:.3f} ms per tick beyond the {priced * 1e3:.3f} ms the planner prices (its two "
-            f"sends), c0 = {c0 * 1e3:.2f} ms per step; mean |error| fit {np.mean(errs['fit']):.1%} (max "
+    return (f"c_tick = {c_tick * 1e3:.3f} ms per tick beyond the {priced * 1e3:.3f} ms the planner prices for a tick "
+            f"that makes both sends, c0 = {c0 * 1e3:.2f} ms per step; mean |error| fit {np.mean(errs['fit']):.1%} (max "
             f"{max(errs['fit']):.1%}), validate {np.mean(errs['validate']):.1%} (max {max(errs['validate']):.1%}); "
             f"planner alone: validate mean |error| {alone:.1%}. Slope of measured time against ticks per group (ms "
             "per tick): " + ", ".join(f"{k} {v * 1e3:+.2f}" for k, v in slopes.items()) + ".")
