@@ -18,21 +18,21 @@ unchanged. `seq` and `expert` are manual here because jax 0.10 cannot differenti
 partially manual one: the attention and MoE ops see them manual (`sequence.is_manual`) and run their per-device
 bodies directly, on the local sequence block (positions offset by `ops.positions`) and the local experts. The local
 batch is cut into M microbatches; at every tick each device looks up its op in the table and runs it under
-`lax.switch` (idle, forward, first-stage forward, backward, last-stage backward, first-stage backward, and zb's
-weight gradients: `_DeviceProgram`), then activations move to the next device and cotangents to the previous one
-with `ppermute`. Collectives of the ops inside the switch run on devices of one stage only; on XLA:CPU a ppermute
-there would deadlock, so the sequence ops build theirs from all-to-alls (`sequence.ppermute_deadlocks`). A forward
-tick keeps its stage's `jax.vjp` residuals (the closure's leaves, weights left out: `_Stash`) in a residual slot
-until its backward tick, which then runs the backward alone: the step does the unpipelined step's work
-(runs/benchmarks/pipeline_efficiency.md). Under remat "full" (`planner.schedule.stashes`) a backward recomputes its
-stage's forward from the stage input instead, and only stage inputs are kept. Either way a device holds as many
-slots as the table says, which is what makes 1F1B lighter than GPipe. With the stash the last stage's forward is an
-op of its own (FWD_LAST: its output kept where its input was, for its backward: the head, loss and backward); under
-modes "recompute" and "full" its forward tick is empty and its backward runs its forward (through the head and
-loss). Parameters are made varying over the batch and seq axes once
-before the loop, so the gradient reduction is one all-reduce after it, not one per tick (expert weights, split over
-`expert`, are not summed over it). Parameters sharded over fsdp are gathered by XLA once per step on entry (inside
-a pipeline fsdp behaves like ZeRO-2: it shards optimizer state, not live weights).
+`lax.switch` (idle, forward, first-stage forward, last-stage forward, backward, last-stage backward, first-stage
+backward, and zb's weight gradients: `_DeviceProgram`), then activations move to the next device and cotangents
+to the previous one with `ppermute`, on the ticks where some device sends one. Collectives of the ops inside the
+switch run on devices of one stage only; on XLA:CPU a ppermute there would deadlock, so the sequence ops build
+theirs from all-to-alls (`sequence.ppermute_deadlocks`). A forward tick keeps its stage's `jax.vjp` residuals (the
+closure's leaves, weights left out: `_Stash`) in a residual slot until its backward tick, which then runs the
+backward alone: the step does the unpipelined step's work (runs/benchmarks/pipeline_efficiency.md). The last
+stage's forward is then an op of its own too (FWD_LAST: its output kept where its input was, for its backward:
+the head, loss and backward). In modes "recompute" and "full" (`planner.schedule.stashes`) a backward recomputes
+its stage's forward from the stage input instead, only stage inputs are kept, and the last stage's forward tick is
+empty: its backward runs its forward through the head and loss. Either way a device holds as many slots as the
+table says, which is what makes 1F1B lighter than GPipe. Parameters are made varying over the batch and seq axes
+once before the loop, so the gradient reduction is one all-reduce after it, not one per tick (expert weights, split
+over `expert`, are not summed over it). Parameters sharded over fsdp are gathered by XLA once per step on entry
+(inside a pipeline fsdp behaves like ZeRO-2: it shards optimizer state, not live weights).
 
 The loss is the mean over all tokens: each device's head loss is a mean over its tokens (its sequences, or its
 block of each sequence under seq), all of equal count, scaled by 1 / (microbatches x shards). MoE layers' balancing
@@ -346,7 +346,8 @@ class _DeviceProgram:
     layer chunks as functions of their weights, the MoE statistics sweep, and the scan over the schedule table's
     ticks, where `lax.switch` runs this device's op of each tick.
 
-    Every tick op (a branch: `idle`, `fwd`, `fwd_first`, `bwd`, `bwd_last`, `bwd_first`, zb's `wgt`) maps (chunk c,
+    Every tick op (a branch: `idle`, `fwd` (the last stage's too), `fwd_first`, `bwd`, `bwd_last`, `bwd_first`,
+    zb's `wgt`) maps (chunk c,
     microbatch i, stage input h, output cotangent g, accumulators, kept slots) to (the activation sent to the next
     device, the cotangent sent to the previous one, accumulators, kept slots): the one signature `lax.switch` needs,
     with zeros where an op sends nothing. Kept slots are the residuals of the tick's stash slot and (zb) what a B
@@ -528,11 +529,22 @@ class _DeviceProgram:
         return (g, self.index(self.coef, c)) if self.moe else g
 
     def backward(self, c: jax.Array, h: jax.Array, g: jax.Array, kept: list[jax.Array]):
-        """(dw, dh) of the chunk: from the kept residuals, or recomputing its forward from h."""
+        """(dw, dh, kept) of the chunk: from the kept residuals, or recomputing its forward from h; zb's B: dh alone
+        (dw None), what its W needs saved in the kept grad slot."""
+        if self.split is not None:
+            n = self.n_kept
+            dh, saved = self.split.b(kept[:n], self.chunk_of(c), c, h, self.cotangent(c, g), self.vary)
+            return None, dh, kept[:n] + saved
         if self.stash is not None:
-            return self.stash.backward(kept, self.chunk_of(c), c, h, self.cotangent(c, g))
+            dw, dh = self.stash.backward(kept, self.chunk_of(c), c, h, self.cotangent(c, g))
+            return dw, dh, kept
         _, vjp, _ = jax.vjp(lambda w, h: self.stage_fn(w, c, h), self.chunk_of(c), h, has_aux=True)
-        return vjp(self.cotangent(c, g))
+        dw, dh = vjp(self.cotangent(c, g))
+        return dw, dh, kept
+
+    def add_grads(self, acc: list[jax.Array], c: jax.Array, dw: list[jax.Array] | None) -> list[jax.Array]:
+        """The layer gradients accumulated with the chunk's `dw` (None: zb's B, whose W adds them later)."""
+        return acc if dw is None else self.add_chunk(acc, c, dw)
 
     # -- the MoE statistics sweep -------------------------------------------------------------------------------
     @property
@@ -624,18 +636,9 @@ class _DeviceProgram:
     def fwd_first(self, c, i, h, g, acc: _Acc, kept):
         return self.fwd(c, i, self.embed(i), g, acc, kept)
 
-    def fwd_last(self, c, i, h, g, acc: _Acc, kept):
-        """The last stage's forward, its residuals kept; its output goes where its input was (`tick`), for its
-        backward (`bwd_last`), which then runs the head, the loss and the backward alone."""
-        return self.fwd(c, i, h, g, acc, kept)
-
     def bwd(self, c, i, h, g, acc: _Acc, kept):
-        n_kept = self.n_kept
-        if self.split is not None:  # B: the input gradient, saving what W needs
-            dh, saved = self.split.b(kept[:n_kept], self.chunk_of(c), c, h, self.cotangent(c, g), self.vary)
-            return self.zero_x, dh, acc, kept[:n_kept] + saved
-        dw, dh = self.backward(c, h, g, kept)
-        return self.zero_x, dh, (self.add_chunk(acc[0], c, dw), acc[1], acc[2]), kept
+        dw, dh, kept = self.backward(c, h, g, kept)
+        return self.zero_x, dh, (self.add_grads(acc[0], c, dw), acc[1], acc[2]), kept
 
     def wgt(self, c, i, h, g, acc: _Acc, kept):
         """zb's W: the chunk's weight gradients from its residuals and what its B saved."""
@@ -643,7 +646,8 @@ class _DeviceProgram:
         return self.zero_x, self.zero_x, (self.add_chunk(acc[0], c, dw), acc[1], acc[2]), kept
 
     def bwd_last(self, c, i, h, g, acc: _Acc, kept):
-        """The last stage's backward, its forward (through the head and loss) included; the loss and metrics."""
+        """The last stage's backward through the head and loss (with the stash its forward ran in its own tick
+        and h is its output, else its forward runs here too); the loss and metrics."""
         batch_i, moe, one = self.mb(i), self.moe, self.one
 
         def head(o, y):
@@ -658,35 +662,24 @@ class _DeviceProgram:
         if self.schedule.stash_last:  # its forward ran in its own tick (or the sweep's): h is its output
             _, vjp, (loss, metrics) = jax.vjp(head, self.other_list, h, has_aux=True)
             do, dy = vjp(one)
-            if self.split is not None:  # zb: its B; its W comes later from the residuals and what B saves
-                n_kept = self.n_kept
-                dh, saved = self.split.b(kept[:n_kept], self.chunk_of(c), c, h, self.cotangent(c, dy), self.vary)
-                dw, kept = None, kept[:n_kept] + saved
-            else:
-                dw, dh = self.backward(c, h, dy, kept)
+            dw, dh, kept = self.backward(c, h, dy, kept)
         else:
             _, vjp, (loss, metrics) = jax.vjp(f, self.chunk_of(c), self.other_list, h, has_aux=True)
             dw, do, dh = vjp(one)
         values = [loss] + [metrics[k] for k in self.metric_names]
         sums = [s + v.astype(jnp.float32) * self.scale for s, v in zip(acc[2], values)]
-        layers_acc = acc[0] if dw is None else self.add_chunk(acc[0], c, dw)
-        return self.zero_x, dh, (layers_acc, [a + d for a, d in zip(acc[1], do)], sums), kept
+        return self.zero_x, dh, (self.add_grads(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)], sums), kept
 
     def bwd_first(self, c, i, h, g, acc: _Acc, kept):
         """The first stage's backward, through the embedding into the other gradients."""
-        batch_i, n_kept = self.mb(i), self.n_kept
+        batch_i = self.mb(i)
 
         def embed_o(o):
             return self.model_of(dict(zip(self.other_paths, o))).embed_inputs(batch_i)
         x, vjp = jax.vjp(embed_o, self.other_list)  # the stage input again: a lookup, no matmul
-        if self.split is not None:
-            dh, saved = self.split.b(kept[:n_kept], self.chunk_of(c), c, x, self.cotangent(c, g), self.vary)
-            (do,) = vjp(dh)
-            return self.zero_x, self.zero_x, (acc[0], [a + d for a, d in zip(acc[1], do)], acc[2]), \
-                kept[:n_kept] + saved
-        dw, dh = self.backward(c, x, g, kept)
+        dw, dh, kept = self.backward(c, x, g, kept)
         (do,) = vjp(dh)
-        return self.zero_x, self.zero_x, (self.add_chunk(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)],
+        return self.zero_x, self.zero_x, (self.add_grads(acc[0], c, dw), [a + d for a, d in zip(acc[1], do)],
                                           acc[2]), kept
 
     # -- the ticks ----------------------------------------------------------------------------------------------
@@ -696,8 +689,8 @@ class _DeviceProgram:
                        (BWD_LAST, self.bwd_last), (BWD_FIRST, self.bwd_first))
         if self.zb or self.schedule.stash_last:  # (a code past the last branch would run the last branch)
             ops_by_code += ((WGT, self.wgt if self.zb else self.idle),)
-        if self.schedule.stash_last:
-            ops_by_code += ((FWD_LAST, self.fwd_last),)
+        if self.schedule.stash_last:  # the last stage's forward: `tick` puts its output where its input was
+            ops_by_code += ((FWD_LAST, self.fwd),)
         branches = [None] * len(ops_by_code)
         for code, fn in ops_by_code:
             branches[code] = fn
@@ -713,7 +706,8 @@ class _DeviceProgram:
         slot, kept = self.kept_slot(bufs, row)
         send_act, send_cot, acc, kept = jax.lax.switch(code, self._branches(), (c, i, h, g, acc, kept))
         bufs = self.write_back(bufs, slot, kept)
-        acts = _receive(acts, jnp.where(code == FWD_LAST, row["in_slot"][me], -1), send_act)  # (`fwd_last`)
+        # the last stage's forward (FWD_LAST) keeps its output where its input was, for its backward (`bwd_last`)
+        acts = _receive(acts, jnp.where(code == FWD_LAST, row["in_slot"][me], -1), send_act)
         got_act = jax.lax.cond(row["send_act"], self.send, lambda x: x, send_act)
         got_cot = jax.lax.cond(row["send_cot"], self.send_back, lambda x: x, send_cot)
         acts = _receive(acts, row["recv_act"][me], got_act)

@@ -13,7 +13,10 @@ microbatches M. Each device runs an ordered list of forward (F) and backward (B)
   device would idle (`_place_zb`), a microbatch "in flight" (its residuals held) from its forward to its W, at most
   1F1B's P-p on device p. With unit F, B, W that is 3M + 2(P-1) ticks, a bubble of (P-1)(F+B) against 1F1B's
   (P-1)(F+B+W) with the fused backward, and one grad slot a device. It needs V=1 and the stash (mode "none"): W
-  reads the forward's residuals and the cotangents its B saved ("grad" slots), never recomputing.
+  reads the forward's residuals and the cotangents its B saved ("grad" slots), never recomputing;
+- `zb-h1`: zb with every device bounded by device 0's in-flight count, as ZB-H1 does: the later devices defer
+  their Ws, 3M + P - 1 ticks, up to P grad slots a device (the same residual slots: every device's buffers are the
+  largest device's).
 
 The lists are placed on a common clock by greedy list scheduling with unit-time ops: an op runs at the first tick
 at which its inputs have arrived (a forward needs the previous stage's forward of that microbatch, a backward the
@@ -25,8 +28,9 @@ table is the planner's cost: ticks, bubble fraction, peak live buffers, transfer
 In pipeline mode "none" (`PIPELINE_MODES`, `stashes`) a forward keeps its stage's vjp residuals in a stash slot
 until its backward, which then runs the backward alone; an arriving stage input is then held only until its forward
 reads it. The last stage's forward is an op of its own too (FWD_LAST): its output takes its input's slot until its
-backward, which runs the head, the loss and the backward (folded into the backward, as before, every tick holding
-the last stage's backward cost its forward too: 13-17% of the predicted loop on gpt-tiny and gpt-6.7b pipelines).
+backward, which runs the head, the loss and the backward. (Folded into that backward, as it was before, every
+lockstep tick holding the last stage's backward paid its forward too: gpt-tiny:layers=8 pipe=4 x data=2 1F1B was
+predicted 27.93 ms a step with it folded, 23.84 ms without; runs/benchmarks/zero_bubble.md at 65be34f and bbdf0fd.)
 Under "recompute" and "full" a backward recomputes its stage's forward from the stage input, held until then.
 """
 
@@ -95,7 +99,7 @@ class Schedule:
     virtual: int
     microbatches: int
     code: np.ndarray
-    """What each device computes at each tick (IDLE, FWD, FWD_FIRST, BWD, BWD_LAST, BWD_FIRST, WGT)."""
+    """What each device computes at each tick (IDLE, FWD, FWD_FIRST, BWD, BWD_LAST, BWD_FIRST, WGT, FWD_LAST)."""
     chunk: np.ndarray
     """Which of the device's V layer chunks the op runs (0 when idle)."""
     microbatch: np.ndarray
@@ -149,7 +153,7 @@ class Schedule:
     @property
     def stash_slot(self) -> np.ndarray:
         """The residual slot a forward writes (at the end of its tick) and its backward reads (-1: none); zb: its W
-        reads it too, and the last stage's B (BWD_LAST, its forward folded in) writes it for its W."""
+        reads it too (without `stash_last`, the last stage's B, its forward folded in, writes it for its W)."""
         return self._slot_tables[4]
 
     @property
@@ -300,13 +304,13 @@ def make_schedule(kind: str, devices: int, microbatches: int, virtual: int = 1, 
     it); `stash_last`: the last stage's forward too, an op of its own (FWD_LAST; default: with the stash)."""
     check(kind, devices, microbatches, virtual, stash=stash)
     P, M, V = devices, microbatches, virtual
-    stash_last = stash and (stash if stash_last is None else stash_last)
+    stash_last = stash and (stash_last is None or stash_last)
     ticks, w = _place_zb(P, M, kind == "zb-h1") if kind in ZERO_BUBBLE else (_place(kind, P, M, V), None)
     T = int(ticks.max() if w is None else max(ticks.max(), w.max())) + 1
     code, chunk, mb, phase = _op_tables(ticks, T, P, w, stash_last)
     acts, cots, kept, grads = _buffer_intervals(ticks, P, stash, stash_last, w)
     return Schedule(kind, P, V, M, code, chunk, mb, max(_most_live(*acts[:3]), 1), max(_most_live(*cots[:3]), 1),
-                    phase, ticks, stash, max(_most_live(*kept[:3]), 1) if stash else 0, stash and stash_last, w,
+                    phase, ticks, stash, max(_most_live(*kept[:3]), 1) if stash else 0, stash_last, w,
                     max(_most_live(*grads[:3]), 1) if w is not None else 0)
 
 

@@ -21,10 +21,9 @@ As the executor (`autoshard.pipeline`) runs a stage:
   the rest (`zb_ticks`); B saves each weight op's output cotangent for its W (a grad slot, `grad_bytes`), and a
   microbatch's residuals are held from its forward to its W;
 - memory: the schedule's stage-input and cotangent buffers, and with the stash each in-flight microbatch's
-  residuals of the longest stage (`stash_bytes`: what JAX's linearization saves per layer, `Problem.saved`, less
-  what the vjp closure does not keep, `unkept_bytes`; counted, not fitted: a loop carry XLA cannot fuse into),
-  zb's grad slots, plus one microbatch's backward working set
-  (`_working_set`);
+  residuals of the longest stage (`stash_bytes`: what JAX's linearization saves per layer, `Problem.saved`,
+  counted, not fitted: a loop carry XLA cannot fuse into; what the slot holds, less, is reported: `unkept_bytes`),
+  zb's grad slots, plus one microbatch's backward working set (`_working_set`);
 - a tick ends with up to two point-to-point sends of one microbatch's stage input (activation forward, cotangent
   backward) over the link between neighbouring pipe devices (pipe is the outermost mesh axis), each paying the
   link's latency (`transfer_seconds`), where some device has one to send (`planner.schedule.Schedule.sends`);
@@ -213,8 +212,8 @@ def unkept_bytes(problem: Problem) -> float:
     matrix, two tanh-GELU intermediates, 0.27 of the rule at sequence 64; the share changes with the sequence
     length, so it is counted for each model and shape, never fitted). `mesh_costs` takes these off the per-device
     rule as if each were split over the batch shards and tensor, the most it can be split (`MeshCosts.kept_layer`:
-    never under what the slot holds; at tensor = 1 exact). Negative where the closure keeps more than the rule (then added as
-    split over the batch alone); 0 where the graph has no traced scan (a folded Python loop): the rule alone."""
+    never under what the slot holds; at tensor = 1 exact). Negative where the closure keeps more than the rule
+    (then added as split over the batch alone); 0 where the graph has no traced scan (a folded Python loop)."""
     g = problem.g
     if g.jaxpr is None or g.stack != "scan" or g.layers < 2:
         return 0.0
@@ -566,8 +565,8 @@ def held_inputs(kind: str, devices: int, microbatches: int, virtual: int = 1) ->
 @functools.lru_cache(maxsize=512)
 def held_residuals(kind: str, devices: int, microbatches: int, virtual: int = 1) -> int:
     """A lower bound on a stashing schedule's residual slots, as `held_inputs` argues: at a device's first
-    backward the residuals of every forward it ran before, of a stage other than the last (whose forward runs in
-    its backward), are all held (zb's 1F1B order holds them longer, to each W: still a bound)."""
+    backward the residuals of every forward it ran before, of a stage other than the last, are all held (the last
+    stage's too with the stash, and zb's 1F1B order holds them longer, to each W: still a bound)."""
     P, V = devices, virtual
     return max(sum(1 for k in range(n) if (k // P) % V * P + p != P * V - 1)
                for p, n in enumerate(_forwards_first(kind, devices, microbatches, virtual)))
@@ -584,8 +583,9 @@ def _forwards_first(kind: str, devices: int, microbatches: int, virtual: int) ->
 def transfer_seconds(costs: MeshCosts, microbatches: int, cluster: ClusterSpec) -> float:
     """What a tick costs besides its ops when it makes both sends (activation and cotangent) of one microbatch's
     stage input between pipe neighbours (`sends`: a tick pays half of this for each it makes), each paying the
-    link's latency and overhead whatever its size, so more microbatches (more ticks) are not free. A pair of neighbours is inside a node while the pipe group fits one, else the
-    slowest pairs cross nodes. No executor constant is added here: see `runs/benchmarks/microbatch_overhead.md`."""
+    link's latency and overhead whatever its size, so more microbatches (more ticks) are not free. A pair of
+    neighbours is inside a node while the pipe group fits one, else the slowest pairs cross nodes. No executor
+    constant is added here: see `runs/benchmarks/microbatch_overhead.md`."""
     span = axis_span(costs.mesh, ("pipe",), cluster.devices_per_node)
     pair = (1, 2) if span.nodes > 1 else (2, 1)
     return 2 * collective_time("collective-permute", costs.carry_wire_bytes / microbatches, pair, cluster)
@@ -645,7 +645,7 @@ def sweep_ticks(sched: Schedule) -> int:
 def sweep_seconds(sched: Schedule, fwd: np.ndarray, transfer: float) -> float:
     """The forward-only sweep over the schedule's forward ticks (MoE statistics), in lockstep, one send a tick."""
     stage = _tick_tables(sched.kind, sched.devices, sched.microbatches, sched.virtual)[0]
-    forward = sched.phase == 1  # the last stage's forward (idle in the main table) is an op of its own here
+    forward = sched.phase == 1  # the last stage's forward too (without the stash idle in the main table)
     rows = forward.any(axis=1)
     cost = np.where(forward, fwd[stage], 0.0)[rows]
     return float(cost.max(axis=1).sum() + rows.sum() * transfer)
