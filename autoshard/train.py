@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from autoshard import distributed, emit, ops
+from autoshard import attention_rewrite, distributed, emit, ops
 from autoshard.pipeline import Pipeline
 from autoshard.functional import FunctionModel
 from planner.errors import AutoshardError, PlanError
@@ -179,12 +179,15 @@ class Trainer:
             return self._plain_loss(params, rest, batch)
         closed, shapes = jax.make_jaxpr(self._plain_loss, return_shape=True)(params, rest, batch)
 
-        def constrain(key, eqn, outs):
+        def constrained(key, values, position):
             want = specs.get(key, {})
             return [jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, emit.partition_spec(want[k])))
-                    if k in want and len(want[k]) == np.ndim(x) else x for k, x in enumerate(outs)]
+                    if (k := position(j)) in want and len(want[k]) == np.ndim(x) else x for j, x in enumerate(values)]
 
-        outs = jint.eval_jaxpr_hooked(jint.open_jaxpr(closed), jax.tree.leaves((params, rest, batch)), constrain)
+        outs = jint.eval_jaxpr_hooked(
+            jint.open_jaxpr(closed), jax.tree.leaves((params, rest, batch)),
+            lambda key, eqn, outs: constrained(key, outs, lambda j: j),
+            before=lambda key, eqn, ins: constrained(key, ins, lambda j: -1 - j))
         return jax.tree.unflatten(jax.tree.structure(shapes), outs)
 
     def _specs_for(self, batch: Any) -> dict:
@@ -212,8 +215,15 @@ class Trainer:
             return {}
 
     def _plain_loss(self, params, rest, batch):
-        """Loss, metrics and the model's non-parameter state after the call (RNG counters, statistics)."""
+        """Loss, metrics and the model's non-parameter state after the call (RNG counters, statistics). With seq > 1,
+        attention the model writes itself runs as `ops.attention` (`autoshard.attention_rewrite`), so as the plan's
+        ring or Ulysses attention; the rewrite traces this method again, which then runs as written."""
         with ops.context(self.ops_context):
+            if self.plan.mesh["seq"] > 1 and not attention_rewrite.active():
+                name = getattr(self.abstract, "__qualname__", type(self.abstract).__name__)
+                rewrite = self.__dict__.setdefault("_attention", attention_rewrite.AttentionRewrite(self._plain_loss,
+                                                                                                    name))
+                return rewrite(params, rest, batch)
             if self.function is not None:
                 key, sub = jax.random.split(rest["rng"]) if rest["rng"] is not None else (None, None)
                 loss, metrics, state = self.function.call(params, rest["state"], batch, sub)

@@ -343,10 +343,11 @@ def stacked_residual_bytes(closed: Any, n_params: int, stacked: int) -> int:
 
 
 def eval_jaxpr_hooked(body: Body, args: list[Any], hook: Callable[[tuple[int, ...], Any, list[Any]], list[Any]],
-                      path: tuple[int, ...] = ()) -> list[Any]:
+                      path: tuple[int, ...] = (), before: Callable | None = None) -> list[Any]:
     """Run an open jaxpr on `args` as `jax.core.eval_jaxpr` does, the bodies of `INLINE_CALLS` inlined, passing
-    every equation's outputs through `hook(path, eqn, outputs)`; `path` is the equation's index at each level of
-    inlined calls (`planner.trace.Op.eqns` names equations the same way)."""
+    every equation's outputs through `hook(path, eqn, outputs)` (and, given `before`, its operands through
+    `before(path, eqn, operands)`); `path` is the equation's index at each level of inlined calls
+    (`planner.trace.Op.eqns` names equations the same way)."""
     from jax._src import source_info_util
 
     env: dict[Any, Any] = {}
@@ -357,8 +358,9 @@ def eval_jaxpr_hooked(body: Body, args: list[Any], hook: Callable[[tuple[int, ..
         key, ins = (*path, i), [read(v) for v in eqn.invars]
         inner = call_body(eqn) if eqn.primitive.name in INLINE_CALLS else None
         if inner is not None:
-            outs = eval_jaxpr_hooked(inner, ins[len(ins) - len(inner.jaxpr.invars):], hook, key)
+            outs = eval_jaxpr_hooked(inner, ins[len(ins) - len(inner.jaxpr.invars):], hook, key, before)
         else:
+            ins = before(key, eqn, ins) if before is not None else ins
             name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
             with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
                 out = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
@@ -454,6 +456,12 @@ def _bind_eqn(eqn: Any, ins: list[Any]) -> list[Any]:
     with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
         out = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def bind_eqn(eqn: Any, ins: list[Any]) -> list[Any]:
+    """Run one equation on `ins` (its outputs as a list), as `jax.core.eval_jaxpr` would: for code that re-runs a
+    jaxpr with some equations replaced (`autoshard.attention_rewrite`) or folds constants (`planner.attention_match`)."""
+    return _bind_eqn(eqn, ins)
 
 
 def _mark(atoms: Sequence[Any], flags: Sequence[bool], need: set[Any]) -> None:

@@ -26,7 +26,7 @@ from planner.params import param_table, path_str
 from planner.plan import AXES, BATCH_AXES, Plan, SpecEntry
 from planner import jax_internals as jint
 from planner import seq_expert
-from planner.layouts import PARTIAL
+from planner.layouts import PARTIAL, Layout
 from planner.schedule import ZERO_BUBBLE
 from planner.trace import Graph, dtype_kind, matmul_flops, trace
 
@@ -44,12 +44,13 @@ the compiled program is checked against."""
 
 
 def trace_model(model: nnx.Module, batch: dict[str, Any], loss_fn: Callable | None = None,
-                fold: bool = True) -> Graph:
+                fold: bool = True, rewrite: Callable[[Callable], Callable] | None = None) -> Graph:
     """Trace an NNX model's loss (`model.loss(batch)` by default) on abstract inputs.
 
     The model's non-parameter state (RNG streams, statistics) is traced as inputs too: neither parameters nor
     batch, it is replicated and carries no batch dimension. `fold`: fold a Python loop over identical blocks into
-    a layer stack (`planner.trace.fold_blocks`).
+    a layer stack (`planner.trace.fold_blocks`). `rewrite` wraps the loss before it is traced (the runtime's
+    attention rewrite, so that attention the model writes itself is planned as the op it will run as).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss_fn = loss_fn or (lambda m, b: m.loss(b))
@@ -64,7 +65,8 @@ def trace_model(model: nnx.Module, batch: dict[str, Any], loss_fn: Callable | No
     abstract = jax.tree.map(shape, params)
     inputs = {"batch": jax.tree.map(shape, batch), "rest": jax.tree.map(shape, rest)}
     batch_dims = {"batch": jax.tree.map(lambda _: 0, batch), "rest": jax.tree.map(lambda _: -1, rest)}
-    return trace(loss, abstract, inputs, paths, param_table(model), batch_dims, fold=fold)
+    fn = loss if rewrite is None else rewrite(loss)
+    return trace(fn, abstract, inputs, paths, param_table(model), batch_dims, fold=fold)
 
 
 def layer_bodies(model: nnx.Module, batches: list[dict[str, Any]], loss_fn: Callable | None = None,
@@ -1004,26 +1006,39 @@ def activation_specs(plan: Plan, graph: Graph) -> dict[tuple[int, ...], dict[int
     """The layout `predict` gives each activation the runtime can constrain, so the compiled program is the one
     predicted: jaxpr equation (`Op.eqns`) -> output position -> spec (the batch dimension over the batch axes, the
     tensor split where the solution puts one). Parameters and their casts keep their own specs (a constraint
-    there would gather a ZeRO-3 weight's gradient whole), partial sums and integer values are left to XLA."""
+    there would gather a ZeRO-3 weight's gradient whole), partial sums and integer values are left to XLA.
+
+    Where an op reads an operand in another layout than the value has (a conversion the prediction prices), the
+    operand is constrained too, under key `-1 - position`: XLA otherwise may run the op in the value's layout and
+    convert its output instead (the zoo's GQA decoder squared the embedding's split output, then gathered both)."""
     graph, problem, sol, _ = _plan_solution(plan, graph, f"cpu:{plan.num_devices}")  # byte-optimal: any cluster
     used = [a for a in BATCH_AXES if plan.mesh[a] > 1]
     batch: SpecEntry = None if not used else used[0] if len(used) == 1 else used
+
+    def spec_of(vid: int, layout: Layout) -> list[SpecEntry] | None:
+        v = graph.values[vid]
+        if not v.shape or v.param is not None or dtype_kind(v.dtype) != "float" or layout == PARTIAL:
+            return None
+        spec: list[SpecEntry] = [None] * len(v.shape)
+        if v.batch_dim is not None:
+            spec[v.batch_dim] = batch
+        if isinstance(layout, int) and spec[layout] is None:
+            spec[layout] = "tensor"
+        return spec
+
     out: dict[tuple[int, ...], dict[int, list[SpecEntry]]] = {}
     for op in graph.ops:
-        for pos, vid in enumerate(op.outputs):
-            v = graph.values[vid]
-            if not op.eqns or not v.shape or v.param is not None or dtype_kind(v.dtype) != "float":
+        if not op.eqns:
+            continue
+        specs = {pos: spec_of(vid, problem.layout_of(vid, sol.ops, sol.params)) for pos, vid in enumerate(op.outputs)}
+        strategy = sol.ops.get(op.index)
+        for pos, vid in enumerate(op.inputs):
+            if vid is None or strategy is None or graph.values[vid].producer is None:
                 continue
-            layout = problem.layout_of(vid, sol.ops, sol.params)
-            if layout == PARTIAL:
-                continue
-            spec: list[SpecEntry] = [None] * len(v.shape)
-            if v.batch_dim is not None:
-                spec[v.batch_dim] = batch
-            if isinstance(layout, int) and spec[layout] is None:
-                spec[layout] = "tensor"
-            for key in op.eqns:
-                out.setdefault(key, {})[pos] = spec
+            if strategy.ins[pos] != problem.layout_of(vid, sol.ops, sol.params):
+                specs[-1 - pos] = spec_of(vid, strategy.ins[pos])
+        for key in op.eqns:
+            out.setdefault(key, {}).update({k: v for k, v in specs.items() if v is not None})
     return out
 
 

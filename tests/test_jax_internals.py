@@ -159,6 +159,12 @@ def test_eval_jaxpr_hooked_names_equations_as_the_tracer_does():
     assert any(n in jint.CALLS for n in names.values())  # the custom_jvp call itself, run whole
     graph = trace(lambda p, b: f(p["w"], b["x"]), {"w": w}, {"x": x}, ["w"], {})
     assert {e for op in graph.ops for e in op.eqns} <= set(names)  # the tracer names the same equations
+    # `before` sees (and may replace) each equation's operands under the same names: doubling the dot's left
+    # operand doubles the product, inside the inlined call as at the top level
+    dot = next(k for k, n in seen if n == "dot_general")
+    twice = jint.eval_jaxpr_hooked(jint.open_jaxpr(closed), [w, x], lambda key, eqn, outs: outs,
+                                   before=lambda key, eqn, ins: [2 * ins[0], ins[1]] if key == dot else ins)[0]
+    np.testing.assert_allclose(twice, f(w, 2 * x), rtol=1e-6)
 
 
 def test_eval_jaxpr_runs_a_scan_body_on_its_own():

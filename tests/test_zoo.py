@@ -24,12 +24,9 @@ from zoo import MODELS, PLANS, ZooModel, plan_kwargs
 STEPS = 3
 
 KNOWN_OFF: dict[tuple[str, str], set[str]] = {
-    # data=4,tensor=2: XLA computes dropout's select unsplit (gathering both operands over tensor, then slicing)
-    # and so gathers the head's kernel for its input gradient: 576 B of tensor all-gathers not priced (-12%)
+    # data=4,tensor=2: XLA gathers the head's kernel for its input gradient, a backward choice the forward's
+    # operand constraints do not reach: 576 B of tensor all-gathers not priced (-12%)
     ("cnn", "tensor"): {"tensor/all-gather"},
-    # data=2,fsdp=2,tensor=2: XLA squares the embedding's D-split output before gathering it for RMSNorm, so it
-    # gathers both x and x^2 (two 4 KiB all-gathers) where one gather of x serves both: -33% (4 KiB)
-    ("gqa", "tensor"): {"tensor/all-gather"},
     # every weight replicated over fsdp and split over tensor: memory over-predicted (+17%, the safe side)
     ("encoder", "tensor"): {"memory/device"},
 }

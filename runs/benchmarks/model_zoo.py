@@ -140,12 +140,12 @@ def write_markdown(results: list[dict], meta: dict) -> str:
               "ranges at the peak: ZeRO-3 plans hold every block's gathered weights (58-75 KiB), tensor plans only "
               "layout copies of the 3-D attention kernels (16-29 KiB); the fitted working-set term stands in for "
               "both, so it is 40-60 KiB high for tensor plans.",
-              "- `gqa` / tensor: XLA gathers the tied embedding for `attend` (priced since this run: "
-              "`Problem.moves_weight`), and squares the embedding's split output before gathering it for RMSNorm: "
-              "it gathers x and x^2 (4 KiB unpriced).",
-              "- `cnn` / tensor: XLA computes dropout's select unsplit (it gathers both operands over tensor, then "
-              "slices) and so gathers the head's kernel for its input gradient: 576 B of tensor all-gathers not "
-              "priced.",
+              "- `gqa` / tensor: XLA gathers the tied embedding for `attend` (priced: `Problem.moves_weight`). It "
+              "also squared the embedding's split output before gathering it for RMSNorm, gathering x and x^2 (-33% "
+              "before 2026-12-01); the runtime now constrains each operand the plan converts to the layout the op "
+              "reads it in (`planner.search.activation_specs`), so XLA gathers x once, as predicted.",
+              "- `cnn` / tensor: XLA gathers the head's kernel over tensor for its input gradient (576 B not "
+              "priced): a backward choice of the partitioner that the forward's operand constraints do not reach.",
               "- The known misses are listed, with these causes, in `tests/test_zoo.py` (`KNOWN_OFF`); a listed "
               "figure that comes within tolerance fails that test until it is taken off the list.", ""]
     lines += ["", "## All rows", ""]
