@@ -73,11 +73,6 @@ def _abstract(model: nnx.Module | Callable[[], nnx.Module]) -> nnx.Module:
     return model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
 
 
-def _compute_dtype(model) -> str:
-    """The dtype matmuls run in (the shipped models' `cfg.dtype`; float32 otherwise)."""
-    return str(getattr(getattr(_abstract(model), "cfg", None), "dtype", "float32"))
-
-
 def local_cluster(num_devices: int | None = None) -> ClusterSpec:
     """A cluster description of the local devices (CPU figures unless a profile calibrates them)."""
     n = num_devices or len(jax.devices())
@@ -132,22 +127,21 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
     """The traced graph of an NNX model or (with `params`) a plain loss function, priced for `optimizer`'s state
     (default: AdamW's), and its compute dtype."""
     if params is not None:
-        from autoshard.functional import FunctionModel, compute_dtype, trace
+        from autoshard.functional import FunctionModel, trace
 
         if loss_fn is not None or isinstance(model, nnx.Module):
             raise AutoshardError("with params=, pass the loss function itself as the model: "
                                  "autoshard.plan(loss_fn, batch, params=variables)")
         function = FunctionModel(model, params, rng)
         graph = trace(function, example_batch)
-        dtype = compute_dtype(graph)
         trained = function.abstract().split()[0]
     else:
         abstract = _abstract(model)
-        graph, dtype = trace_model(abstract, example_batch, loss_fn), _compute_dtype(model)
+        graph = trace_model(abstract, example_batch, loss_fn)
         trained = nnx.state(abstract, nnx.Param)
     if optimizer is not None:
         graph.with_optimizer(optimizer_copies(optimizer, trained))
-    return graph, dtype
+    return graph, graph.compute_dtype()
 
 
 def optimizer_copies(optimizer: optax.GradientTransformation, params: Any) -> float:

@@ -131,15 +131,3 @@ def trace(model: FunctionModel, batch: Any):
     batch_dims = {"batch": jax.tree.map(lambda _: 0, batch), "state": jax.tree.map(lambda _: -1, state),
                   "rng": None if model.rng is None else -1}
     return trace_fn(loss, params, inputs, paths, model.table(), batch_dims)
-
-
-def compute_dtype(graph) -> str:
-    """The dtype the traced model multiplies in: that of its contractions' outputs, weighted by their FLOPs."""
-    from planner.trace import CONTRACTIONS
-
-    work: dict[str, float] = {}
-    for op in graph.ops:
-        if op.primitive in CONTRACTIONS:
-            dtype = graph.values[op.outputs[0]].dtype
-            work[dtype] = work.get(dtype, 0.0) + op.flops * op.count
-    return max(work, key=work.get) if work else "float32"

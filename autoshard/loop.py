@@ -219,6 +219,7 @@ def check_settings(recorded: dict[str, Any], meta: dict[str, Any], where: Any) -
 def default_speed(trainer, batch: Any) -> Speed:
     """Training FLOPs of the step traced on `batch`'s shapes, the local devices' peak (`autoshard.metrics`), and
     the plan's predicted step time."""
-    from autoshard.metrics import peak_flops, training_flops
+    from autoshard.metrics import peak_flops, step_work
 
-    return Speed(training_flops(trainer, batch), peak_flops(trainer), trainer.plan.predicted.get("step_seconds"))
+    flops, dtype = step_work(trainer, batch)
+    return Speed(flops, peak_flops(trainer, dtype=dtype), trainer.plan.predicted.get("step_seconds"))

@@ -111,22 +111,24 @@ def read_events(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def training_flops(trainer, batch: Any) -> float | None:
-    """FLOPs of one training step on batches shaped like `batch` (all devices together), from the traced graph;
-    None when the model cannot be traced for it."""
+def step_work(trainer, batch: Any) -> tuple[float | None, str]:
+    """(FLOPs of one training step on batches shaped like `batch`, all devices together; the dtype its matmuls
+    run in), both from the traced graph; (None, "float32") when the model cannot be traced for it."""
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
                                                          if not hasattr(x, "dtype") else x.dtype), batch)
     try:
         if trainer.function is not None:
             from autoshard.functional import trace
 
-            return float(trace(trainer.function, shapes).training_flops())
-        from planner.search import trace_model
+            graph = trace(trainer.function, shapes)
+        else:
+            from planner.search import trace_model
 
-        loss_fn = None if trainer.loss_fn.__name__ == "_default_loss" else trainer.loss_fn
-        return float(trace_model(trainer.abstract, shapes, loss_fn).training_flops())
+            loss_fn = None if trainer.loss_fn.__name__ == "_default_loss" else trainer.loss_fn
+            graph = trace_model(trainer.abstract, shapes, loss_fn)
     except Exception:  # noqa: BLE001  (MFU is a figure to show, never a reason to stop training)
-        return None
+        return None, "float32"
+    return float(graph.training_flops()), graph.compute_dtype()
 
 
 def device_cluster(devices: list) -> ClusterSpec | None:
@@ -141,17 +143,11 @@ def device_cluster(devices: list) -> ClusterSpec | None:
     return None
 
 
-def compute_dtype(trainer) -> str:
-    cfg = getattr(trainer.abstract, "cfg", None)
-    return str(getattr(cfg, "dtype", "float32"))
-
-
-def peak_flops(trainer, cluster: ClusterSpec | None = None) -> float | None:
-    """Peak FLOP/s of the trainer's devices together for its compute dtype (`cluster`'s figures, else the
-    devices' preset); None when unknown."""
+def peak_flops(trainer, cluster: ClusterSpec | None = None, dtype: str = "float32") -> float | None:
+    """Peak FLOP/s of the trainer's devices together for compute dtype `dtype` (`step_work`'s; `cluster`'s
+    figures, else the devices' preset); None when unknown."""
     devices = list(trainer.mesh.devices.flat)
     cluster = cluster or device_cluster(devices)
     if cluster is None:
         return None
-    dtype = compute_dtype(trainer)
     return cluster.peak_flops.get(dtype, cluster.peak_flops["float32"]) * len(devices)

@@ -136,6 +136,17 @@ jax.tree_util.register_dataclass(MoEStats, data_fields=["aux_loss", "dropped", "
                                  meta_fields=[])
 
 
+def moe_metrics(stats: MoEStats | None) -> dict[str, Array]:
+    """The metrics of a stack of MoE layers' statistics (stacked on a leading layers axis): the balancing loss
+    averaged over layers, which a model adds to its loss times its `aux_loss_weight`, the dropped assignments and
+    each layer's expert loads. One definition for the model's own loss and the pipeline's (which rebuilds `stats`
+    for the whole batch from its microbatches); {} without MoE layers."""
+    if stats is None:
+        return {}
+    return {"moe_aux_loss": jnp.mean(stats.aux_loss), "dropped_tokens": jnp.sum(stats.dropped),
+            "expert_load": stats.load}
+
+
 def moe(x: Array, router: Array, experts: Any, expert_fn: Callable[[Any, Array], Array], *, top_k: int,
         capacity_factor: float) -> tuple[Array, MoEStats]:
     """Top-k routed mixture of experts with a capacity per (sequence, expert) and token dropping.

@@ -1,11 +1,11 @@
 """Pipeline parallelism: a `shard_map` program over the `pipe` axis that runs a static schedule table.
 
-A model pipelines when it comes in three parts (as `models.decoder.Decoder` does):
+A model pipelines when it comes in three parts (`autoshard.protocols.StagedModel`, as `models.decoder.Decoder`):
 
 - `model.embed_inputs(batch) -> x`: the first stage's prologue (embedding);
 - `model.blocks`: an NNX module whose parameters are stacked on a leading layers axis; called on one layer's slice
-  it maps `x -> (x, aux)`, aux None or an `ops.MoEStats` (MoE layers; the model then has `cfg.aux_loss_weight`, and
-  may have `_aux(stats)` for its metrics, as `Decoder`);
+  it maps `x -> (x, aux)`, aux None or an `ops.MoEStats` (MoE layers: the model is then an
+  `autoshard.protocols.MoEModel`, with the `aux_loss_weight` of its balancing loss);
 - `model.head_loss(x, batch) -> (loss, metrics)`: the last stage's epilogue (final norm, head, loss).
 
 Layer parameters live in a *staged layout* [P, V, Lmax, ...]: device p holds chunk v of stage s = v*P + p, padded to
@@ -62,7 +62,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from autoshard import emit, ops
+from autoshard import emit, ops, protocols
 from planner.jax_internals import (BackwardSplit, eval_jaxpr, split_backward, split_on_last_input,
                                    varying_axes)
 from planner.errors import PlanError
@@ -85,10 +85,11 @@ def is_layer_param(path: str) -> bool:
 
 def check_pipelinable(model: nnx.Module) -> int:
     """The number of stacked layers; a one-line error when the model lacks the three pipeline parts."""
-    missing = [name for name in ("embed_inputs", LAYERS, "head_loss") if not hasattr(model, name)]
-    if missing:
-        raise PlanError(f"{type(model).__name__} cannot be pipelined: it lacks {', '.join(missing)} (a pipelinable "
-                        f"model has embed_inputs(batch), stacked layers in .{LAYERS}, and head_loss(x, batch))")
+    lacks = protocols.missing(model, protocols.StagedModel)
+    if lacks:
+        raise PlanError(f"{type(model).__name__} cannot be pipelined: it lacks {', '.join(lacks)} (a pipelinable "
+                        f"model has embed_inputs(batch), stacked layers in .{LAYERS}, and head_loss(x, batch): "
+                        f"autoshard.protocols.StagedModel)")
     leaves = jax.tree.leaves(nnx.state(getattr(model, LAYERS), nnx.Param))
     if not leaves:
         raise PlanError(f"{type(model).__name__}.{LAYERS} has no parameters to split into pipeline stages")
@@ -305,18 +306,18 @@ class Pipeline:
         if self.seq_axes:
             raise PlanError(f"pipe={self.P} with seq={self.plan.mesh['seq']} cannot run MoE layers (their routing "
                             f"groups are whole sequences): use seq=1 in a pipeline, or no pipeline")
-        weight = getattr(getattr(self.abstract, "cfg", None), "aux_loss_weight", None)
-        if weight is None:
-            raise PlanError(f"{type(self.abstract).__name__} has MoE layers but no cfg.aux_loss_weight: a pipeline "
-                            f"adds weight x the mean balancing loss over layers, as Decoder.loss does")
-        return names, {"experts": int(aux.load.shape[-1]), "weight": float(weight)}
+        if protocols.missing(self.abstract, protocols.MoEModel):
+            raise PlanError(f"{type(self.abstract).__name__} has MoE layers but no aux_loss_weight: a pipeline adds "
+                            f"aux_loss_weight x the mean balancing loss over layers, as Decoder.loss does "
+                            f"(autoshard.protocols.MoEModel)")
+        return names, {"experts": int(aux.load.shape[-1]), "weight": float(self.abstract.aux_loss_weight)}
 
     def _moe_loss(self, ce: jax.Array, metrics: dict[str, jax.Array], moe: dict[str, Any], aux: jax.Array,
                   load: jax.Array, dropped: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The loss and metrics of `Decoder.loss` from the whole batch's per-layer balancing loss, expert loads and
         dropped assignments (staged [P, V, Lmax, ...])."""
         stats = ops.MoEStats(*(self.layout.from_staged(a) for a in (aux, dropped, load)))    # [L, ...]
-        extra = getattr(self.abstract, "_aux", _moe_metrics)(stats)
+        extra = ops.moe_metrics(stats)
         return ce + moe["weight"] * extra["moe_aux_loss"], {**metrics, **extra}
 
     def _body(self, layers: dict[str, jax.Array], other: dict[str, jax.Array], rest: nnx.State,
@@ -845,12 +846,6 @@ def _vary_all(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 def _axes_of(spec: tuple) -> set[str]:
     return {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
-
-
-def _moe_metrics(stats: ops.MoEStats) -> dict[str, jax.Array]:
-    """The MoE metrics of a model without its own `_aux` (the names `Decoder` reports)."""
-    return {"moe_aux_loss": jnp.mean(stats.aux_loss), "dropped_tokens": jnp.sum(stats.dropped),
-            "expert_load": stats.load}
 
 
 def _rebuild(template: nnx.State, values: dict[str, jax.Array]) -> nnx.State:

@@ -1,8 +1,8 @@
 """Routing traces of a mixture-of-experts model: which experts each token picks in each MoE layer.
 
 The trace feeds expert placement (`planner.placement`): run a (trained) model on sample batches with the ops
-context recording routing, and stack every layer's top-k choices. The model must have the pipeline parts of
-`models.decoder.Decoder` (`embed_inputs`, and `layer_stack` returning per-layer MoE statistics).
+context recording routing, and stack every layer's top-k choices. The model is an `autoshard.protocols.MoEModel`
+(`embed_inputs`, and `layer_stack` returning per-layer MoE statistics).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from autoshard import ops
+from autoshard import ops, protocols
 from planner.errors import AutoshardError
 
 EXPERT_AXES = ("experts", "router_experts")
@@ -22,8 +22,10 @@ EXPERT_AXES = ("experts", "router_experts")
 
 def routing_trace(model: nnx.Module, batches: Iterable[dict[str, np.ndarray]]) -> np.ndarray:
     """expert_ids [layers, tokens, k] of `model` on `batches` (tokens of all batches, in order)."""
-    if not (hasattr(model, "embed_inputs") and hasattr(model, "layer_stack")):
-        raise AutoshardError(f"{type(model).__name__} has no embed_inputs / layer_stack: cannot record its routing")
+    lacks = [name for name in protocols.missing(model, protocols.MoEModel) if name != "aux_loss_weight"]
+    if lacks:
+        raise AutoshardError(f"{type(model).__name__} has no {' / '.join(lacks)}: cannot record its routing "
+                             f"(autoshard.protocols.MoEModel)")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit

@@ -174,14 +174,12 @@ class Decoder(nnx.Module):
     def __call__(self, tokens: Array) -> tuple[Array, dict[str, Array]]:
         """tokens: [B, S] int -> logits [B, S, V] (float32) and auxiliary outputs (MoE statistics)."""
         x, stats = self.layer_stack(self.embed_inputs({"inputs": tokens}))
-        return self.logits(x), self._aux(stats)
+        return self.logits(x), ops.moe_metrics(stats)
 
-    @staticmethod
-    def _aux(stats: ops.MoEStats | None) -> dict[str, Array]:
-        if stats is None:
-            return {}
-        return {"moe_aux_loss": jnp.mean(stats.aux_loss), "dropped_tokens": jnp.sum(stats.dropped),
-                "expert_load": stats.load}
+    @property
+    def aux_loss_weight(self) -> float:
+        """Weight of the MoE balancing loss in the training loss (`autoshard.protocols.MoEModel`)."""
+        return self.cfg.aux_loss_weight
 
     def check_batch(self, batch: dict[str, Any]) -> None:
         """A one-line error for token ids outside [0, vocab) in a host batch: the embedding lookup would read
@@ -203,7 +201,7 @@ class Decoder(nnx.Module):
         """Mean next-token cross-entropy (plus the weighted MoE balancing loss) and metrics."""
         x, stats = self.layer_stack(self.embed_inputs(batch))
         ce, metrics = self.head_loss(x, batch)
-        aux = self._aux(stats)
+        aux = ops.moe_metrics(stats)
         metrics = {**metrics, **aux}
-        loss = ce + self.cfg.aux_loss_weight * aux["moe_aux_loss"] if "moe_aux_loss" in aux else ce
+        loss = ce + self.aux_loss_weight * aux["moe_aux_loss"] if "moe_aux_loss" in aux else ce
         return loss, metrics

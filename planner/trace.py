@@ -132,6 +132,17 @@ class Graph:
         fwd = sum(op.flops * op.count for op in self.ops if op.primitive in CONTRACTIONS)
         return self.training_flops() / fwd if fwd else 3.0
 
+    def compute_dtype(self) -> str:
+        """The dtype the model multiplies in: that of its contractions' outputs, weighted by their FLOPs (float32
+        without any). Read off the trace, so a model needs no dtype attribute for the planner to price its matmuls
+        at the right peak."""
+        work: dict[str, float] = {}
+        for op in self.ops:
+            if op.primitive in CONTRACTIONS:
+                dtype = self.values[op.outputs[0]].dtype
+                work[dtype] = work.get(dtype, 0.0) + op.flops * op.count
+        return max(work, key=work.get) if work else "float32"
+
     def training_flops(self) -> float:
         """Contraction FLOPs of a training step, from the forward graph: each matmul or convolution once forward,
         and once more for each operand that needs a gradient (a floating value computed from a parameter), which

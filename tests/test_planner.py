@@ -429,6 +429,28 @@ def test_a_pinned_parameter_keeps_its_spec_and_the_rest_is_searched(token_batch)
         api.plan(model, token_batch, cluster=CPU8, pin={"blocks/nope": [None]})
 
 
+class _HalfMLP(nnx.Module):
+    """A user model that multiplies in bfloat16 (weights kept in float32) and has no `cfg.dtype` to read."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Linear(8, 32, dtype=jnp.bfloat16, rngs=rngs)
+        self.down = nnx.Linear(32, 8, dtype=jnp.bfloat16, rngs=rngs)
+
+    def loss(self, batch):
+        return jnp.mean((self.down(jax.nn.relu(self.up(batch["x"]))).astype(jnp.float32) - batch["y"]) ** 2), {}
+
+
+def test_the_compute_dtype_is_read_off_the_trace():
+    """The planner prices matmuls at the peak of the dtype the traced contractions run in, model attributes aside:
+    a user model casting to bfloat16, the shipped decoder in either dtype."""
+    batch = {"x": jax.ShapeDtypeStruct((8, 8), jnp.float32), "y": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
+    assert trace_model(nnx.eval_shape(lambda: _HalfMLP(nnx.Rngs(0))), batch).compute_dtype() == "bfloat16"
+    toks = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+    for dtype in ("float32", "bfloat16"):
+        graph = trace_model(models.abstract(f"gpt-tiny:dtype={dtype}"), {"inputs": toks, "targets": toks})
+        assert graph.compute_dtype() == dtype
+
+
 def _conv_classifier(params, batch):
     """A first layer that reads the batch: its input needs no gradient, so its backward is one product, not two."""
     x = jax.lax.conv_general_dilated(batch["x"], params["conv"], (1, 1), "SAME",

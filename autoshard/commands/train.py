@@ -421,7 +421,7 @@ def _train(args: argparse.Namespace, stop, attempt: _Attempt) -> int:
     from autoshard import emit, runs
     from autoshard.checkpoint import DEFAULT_KEEP, Checkpoints
     from autoshard.loop import Speed, fit, resume_from
-    from autoshard.metrics import MetricsLog, device_cluster, peak_flops, training_flops
+    from autoshard.metrics import MetricsLog, device_cluster, peak_flops, step_work
     from autoshard.train import make_optimizer, make_schedule, parallelize
     from planner.plan import Plan
 
@@ -512,7 +512,8 @@ def _train(args: argparse.Namespace, stop, attempt: _Attempt) -> int:
         plan.save(run.path / "plan.json")
         _write_config(run.path, args, cfg, plan, plan_source, devices, corpus, start)
     predicted = plan.predicted.get("step_seconds") or _predict(plan, abstract, example, cluster)
-    speed = Speed(training_flops(trainer, example), peak_flops(trainer, cluster), predicted)
+    flops, dtype = step_work(trainer, example)
+    speed = Speed(flops, peak_flops(trainer, cluster, dtype), predicted)
     log = MetricsLog(run.path, start_step=start) if write else None
     progress = attempt.progress = Progress(args.steps, args.log_every or max(1, args.steps // 20), start=start)
     where = "no checkpoints" if ckpt is None else (
@@ -523,7 +524,7 @@ def _train(args: argparse.Namespace, stop, attempt: _Attempt) -> int:
           f"{run.path}; {where}" + (f"; resumed at step {start}" if start else ""), file=sys.stderr)
     peak_cluster = cluster or device_cluster(devices)
     if speed.peak_flops and peak_cluster is not None:
-        print(f"MFU against {speed.peak_flops / 1e9:,.0f} GFLOP/s peak ({peak_cluster.label}, {cfg.dtype}"
+        print(f"MFU against {speed.peak_flops / 1e9:,.0f} GFLOP/s peak ({peak_cluster.label}, {dtype}"
               + ("; the cpu preset's placeholder figure, so a relative measure" if peak_cluster.name == "cpu" else "")
               + ")", file=sys.stderr)
 
