@@ -115,7 +115,7 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
         fixed = {}
     cluster = load_cluster(cluster) if cluster is not None and not isinstance(cluster, ClusterSpec) else cluster
     cluster = cluster or local_cluster()
-    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer)
+    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer, attention=fixed.get("seq", 1) > 1)
     provenance = _recorded((graph.unfolded or graph).params, provenance)  # real names, not a folded loop's
     return plan_graph(graph, cluster, batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
                       remat=remat, progress=progress, provenance=provenance, compute_dtype=dtype, pin=pin,
@@ -123,9 +123,12 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
 
 
 def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any, rng: Any,
-           optimizer: optax.GradientTransformation | None = None) -> tuple[Graph, str]:
+           optimizer: optax.GradientTransformation | None = None, attention: bool = False) -> tuple[Graph, str]:
     """The traced graph of an NNX model or (with `params`) a plain loss function, priced for `optimizer`'s state
-    (default: AdamW's), and its compute dtype."""
+    (default: AdamW's), and its compute dtype. With `attention` (a mesh with seq > 1: only then does the runtime
+    rewrite it), attention the model writes itself is traced as the `ops.attention` it will run as
+    (`autoshard.attention_rewrite`); other plans keep the model's own program, which is what they compile."""
+    rewrite = _attention_rewrite(model) if attention else None
     if params is not None:
         from autoshard.functional import FunctionModel, trace
 
@@ -133,15 +136,23 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
             raise AutoshardError("with params=, pass the loss function itself as the model: "
                                  "autoshard.plan(loss_fn, batch, params=variables)")
         function = FunctionModel(model, params, rng)
-        graph = trace(function, example_batch)
+        graph = trace(function, example_batch, rewrite)
         trained = function.abstract().split()[0]
     else:
         abstract = _abstract(model)
-        graph = trace_model(abstract, example_batch, loss_fn)
+        graph = trace_model(abstract, example_batch, loss_fn, rewrite=rewrite)
         trained = nnx.state(abstract, nnx.Param)
     if optimizer is not None:
         graph.with_optimizer(optimizer_copies(optimizer, trained))
     return graph, graph.compute_dtype()
+
+
+def _attention_rewrite(model: Any) -> Callable[[Callable], Callable]:
+    """What wraps the traced loss so that hand-written attention is planned as `ops.attention`."""
+    from autoshard.attention_rewrite import AttentionRewrite
+
+    name = getattr(model, "__qualname__", type(model).__name__)
+    return lambda fn: AttentionRewrite(fn, name)
 
 
 def optimizer_copies(optimizer: optax.GradientTransformation, params: Any) -> float:
@@ -159,7 +170,7 @@ def predict(plan: Plan, model: nnx.Module | Callable, example_batch: Any, cluste
             optimizer: optax.GradientTransformation | None = None) -> dict[str, Any]:
     """The planner's predictions (time, memory, communication) for a given plan, e.g. a hand-written one; `model`,
     `loss_fn`, `params`, `rng` and `optimizer` as for `plan`."""
-    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer)
+    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer, attention=plan.mesh["seq"] > 1)
     cluster = load_cluster(cluster) if isinstance(cluster, str) else (cluster or local_cluster(plan.num_devices))
     return _predict(plan, graph, cluster, dtype)
 

@@ -116,8 +116,9 @@ class FunctionModel:
         return FunctionModel(self.loss_fn, jax.tree.map(to_shape, self.variables, is_leaf=_is_box), rng)
 
 
-def trace(model: FunctionModel, batch: Any):
-    """The planner's dataflow graph of `model`'s loss on batches like `batch` (shapes only)."""
+def trace(model: FunctionModel, batch: Any, rewrite: Callable[[Callable], Callable] | None = None):
+    """The planner's dataflow graph of `model`'s loss on batches like `batch` (shapes only); `rewrite` wraps the
+    loss before it is traced (as `planner.search.trace_model`'s)."""
     from planner.trace import trace as trace_fn
 
     model = model.abstract()
@@ -130,4 +131,4 @@ def trace(model: FunctionModel, batch: Any):
     inputs = {"batch": jax.tree.map(_shape, batch), "state": state, "rng": model.rng}
     batch_dims = {"batch": jax.tree.map(lambda _: 0, batch), "state": jax.tree.map(lambda _: -1, state),
                   "rng": None if model.rng is None else -1}
-    return trace_fn(loss, params, inputs, paths, model.table(), batch_dims)
+    return trace_fn(loss if rewrite is None else rewrite(loss), params, inputs, paths, model.table(), batch_dims)

@@ -94,9 +94,13 @@ def positions(length: int) -> Array:
 
 # -- attention -------------------------------------------------------------------------------------------------------
 def attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Array:
-    """Softmax attention. q: [B, S, H, D]; k, v: [B, S, Hkv, D] with Hkv dividing H (grouped-query)."""
+    """Softmax attention. q: [B, S, H, D]; k, v: [B, S, Hkv, D] with Hkv dividing H (grouped-query).
+
+    Its ops run under the scope `autoshard.attention`, and `autoshard.attention/causal` when causal: the planner
+    reads whether the ring must balance it from that (`planner.seq_expert.op_shapes`; the mask's own ops sit in
+    jitted helpers, whose equations do not carry the caller's scope)."""
     impl = ATTENTION_IMPLS[current().attention]
-    with jax.named_scope("autoshard.attention"):
+    with jax.named_scope("autoshard.attention"), jax.named_scope("causal" if causal else "full"):
         return impl(q, k, v, causal=causal)
 
 

@@ -141,6 +141,8 @@ class OpShapes:
     kv_heads: int = 0
     head_dim: int = 0
     attention_layers: int = 0
+    causal: bool = True
+    """Whether the attention is causal (ring attention then balances it over 2 x seq chunks, zigzag)."""
     dtype: str = "float32"
     """The attention inputs' dtype (what a collective moves of it is the cluster's to say: `wire_itemsize`)."""
     experts: int = 0
@@ -168,8 +170,9 @@ class OpShapes:
 
 def op_shapes(graph: Any) -> OpShapes:
     """Read attention heads / sequence length and MoE experts / capacity off a traced graph (`planner.trace`):
-    parameters' logical axis names give head and expert counts, the ops under the `autoshard.attention` /
-    `autoshard.moe` scopes give how often they run and the MoE buffer [experts, batch, capacity, hidden]."""
+    parameters' logical axis names give head and expert counts (where they carry none, the attention ops' own q
+    and k shapes do: `_attention_sizes`), the ops under the `autoshard.attention` / `autoshard.moe` scopes give how
+    often they run, whether the attention is causal and the MoE buffer [experts, batch, capacity, hidden]."""
     sizes: dict[str, int] = {}
     expert_params = set()
     for path, info in graph.params.items():
@@ -180,14 +183,19 @@ def op_shapes(graph: Any) -> OpShapes:
                 expert_params.add(path)
     seq_len = next((graph.values[i].shape[1] for i in graph.inputs
                     if graph.values[i].batch_dim == 0 and len(graph.values[i].shape) >= 2), 0)
-    attn = [op for op in graph.ops if op.primitive == "dot_general" and "autoshard.attention" in op.scope]
+    scoped = [op for op in graph.ops if "autoshard.attention" in op.scope]
+    attn = [op for op in scoped if op.primitive == "dot_general"]
     moe = [op for op in graph.ops if op.primitive == "dot_general" and "autoshard.moe" in op.scope
            and any(i is not None and graph.values[i].param in expert_params for i in op.inputs)]
-    out = dict(seq_len=seq_len, heads=sizes.get("heads", 0), kv_heads=sizes.get("kv_heads", sizes.get("heads", 0)),
-               head_dim=sizes.get("head_dim", 0), expert_params=frozenset(expert_params))
-    if attn:
+    seen = _attention_sizes(graph, scoped)
+    heads = sizes.get("heads") or seen.get("heads", 0)
+    out = dict(seq_len=seq_len or seen.get("seq_len", 0), heads=heads,
+               kv_heads=sizes.get("kv_heads") or (seen.get("kv_heads", heads) if "heads" not in sizes else heads),
+               head_dim=sizes.get("head_dim") or seen.get("head_dim", 0), expert_params=frozenset(expert_params))
+    if attn:  # each attention is two products (q.k, probs.v), each run `count` times per step
         dtype = graph.values[attn[0].inputs[0]].dtype
-        out.update(attention_layers=attn[0].count, dtype=str(dtype))
+        out.update(attention_layers=max(1, round(sum(op.count for op in attn) / 2)), dtype=str(dtype),
+                   causal=any("autoshard.attention/causal" in op.scope for op in attn))
     if moe and sizes.get("experts"):
         h = graph.values[next(i for i in moe[0].inputs if graph.values[i].param is None)]
         if len(h.shape) == 4:  # [E, B, C, D]
@@ -195,10 +203,21 @@ def op_shapes(graph: Any) -> OpShapes:
     return OpShapes(**out)
 
 
+def _attention_sizes(graph: Any, scoped: list[Any]) -> dict[str, int]:
+    """Heads, kv heads, head size and length of the first `ops.attention` in the graph, from its grouping of q
+    ([B, S, H, D] -> [B, S, Hkv, H/Hkv, D], `ops.dense_attention`'s first op); empty when there is none."""
+    for op in scoped:
+        if op.primitive == "reshape" and op.inputs and op.inputs[0] is not None:
+            src, dst = graph.values[op.inputs[0]].shape, graph.values[op.outputs[0]].shape
+            if len(src) == 4 and len(dst) == 5:
+                return {"seq_len": src[1], "heads": src[2], "kv_heads": dst[2], "head_dim": src[3]}
+    return {}
+
+
 # -- which degrees are valid ------------------------------------------------------------------------------------------
 def sequence_methods(shapes: OpShapes, n: int, tensor: int) -> list[str]:
     """Sequence methods the runtime can run at seq degree n (with `tensor` splitting heads): ring needs the length
-    divisible by 2n (causal zigzag), Ulysses heads and kv_heads divisible by tensor x n (each tensor shard splits
+    divisible by 2n (causal: zigzag) or n, Ulysses heads and kv_heads divisible by tensor x n (each tensor shard splits
     its own heads; otherwise XLA all-gathers heads around the exchange) and the length by n."""
     if n == 1:
         return [None]
@@ -207,7 +226,7 @@ def sequence_methods(shapes: OpShapes, n: int, tensor: int) -> list[str]:
     out = []
     if shapes.seq_len % n == 0 and shapes.heads % (tensor * n) == 0 and shapes.kv_heads % (tensor * n) == 0:
         out.append("ulysses")
-    if shapes.seq_len % (2 * n) == 0:
+    if shapes.seq_len % (2 * n if shapes.causal else n) == 0:
         out.append("ring")
     return out
 
@@ -223,16 +242,17 @@ def check_fixed(shapes: OpShapes, fixed: dict[str, int], method: str | None, bat
     if method is not None and method not in SEQUENCE_METHODS:
         raise PlanError(f"unknown sequence method {method!r}: use one of {', '.join(SEQUENCE_METHODS)}")
     if s > 1 and not shapes.has_attention:
-        raise PlanError(f"seq={s} but the model has no autoshard attention op to split: drop seq from the mesh")
+        raise PlanError(f"seq={s} but the model has no attention to split (ops.attention, or softmax attention with "
+                        f"no mask or a causal one): drop seq from the mesh")
     if s > 1 and shapes.seq_len % s:
         raise PlanError(f"seq={s} does not divide the sequence length {shapes.seq_len}: choose a seq degree that "
                         f"divides it")
-    if s > 1 and method == "ring" and shapes.seq_len % (2 * s):
-        raise PlanError(f"causal ring attention needs the sequence length ({shapes.seq_len}) divisible by 2 x seq="
-                        f"{2 * s}: change the seq degree or use --sequence ulysses")
+    if s > 1 and method == "ring" and shapes.causal and shapes.seq_len % (2 * s):
+        raise PlanError(f"causal ring attention needs the sequence length ({shapes.seq_len}) divisible by 2 x seq = "
+                        f"{2 * s}: change the seq degree or use sequence ulysses")
     if s > 1 and method == "ulysses" and (shapes.heads % (t * s) or shapes.kv_heads % (t * s)):
-        raise PlanError(f"ulysses needs heads ({shapes.heads}) and kv_heads ({shapes.kv_heads}) divisible by "
-                        f"tensor x seq = {t * s}: use --sequence ring or a smaller seq degree")
+        raise PlanError(f"ulysses needs heads ({shapes.heads}) and kv heads ({shapes.kv_heads}) of the attention "
+                        f"divisible by tensor x seq = {t * s}: use sequence ring or a smaller seq degree")
     if e > 1 and not shapes.is_moe:
         raise PlanError(f"expert={e} but the model has no mixture-of-experts layer: drop expert from the mesh")
     if e > 1 and shapes.experts % e:
@@ -287,12 +307,12 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
         alone = _alone(mesh, "seq")
         wire = cluster.wire_itemsize(shapes.dtype)
         if method == "ring":
-            nbytes = ring_bytes(*args, itemsize=wire)
+            nbytes = ring_bytes(*args, itemsize=wire, causal=shapes.causal)
             kind = "collective-permute"
             if cpu_pipe:
                 kind, nbytes = "all-to-all", nbytes * (s - 1)
             # per layer: n-1 K/V rotations forward, n backward (K/V with dK/dV, then dK/dV home), the relayouts
-            calls = 2 * s - 1 + 4
+            calls = 2 * s - 1 + (4 if shapes.causal else 0)
             saved, transient = ring_memory(*args, itemsize=shapes.itemsize)
             layers = 1 if remat == "full" else shapes.attention_layers
             out.memory["ring attention residuals"] = saved * layers

@@ -1,0 +1,146 @@
+"""Attention the model writes itself (flax's MultiHeadAttention, einsums, jax.nn.dot_product_attention) is found in
+its jaxpr (`planner.attention_match`) and runs as `ops.attention` (`autoshard.attention_rewrite`), so as ring or
+Ulysses attention when the plan splits the sequence: the same losses and weights as a plain single-device run."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import autoshard
+from autoshard.attention_rewrite import AttentionRewrite
+from planner import attention_match
+from planner.errors import AutoshardError
+from zoo import D, HEADS, KV_HEADS, MODELS, VOCAB, ZooModel, token_batch
+
+STEPS = 3
+
+
+class JaxNNAttentionLM(nnx.Module):
+    """One block whose attention is `jax.nn.dot_product_attention(..., is_causal=True)` (grouped-query)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        hd = D // HEADS
+        self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+        self.q = nnx.Linear(D, HEADS * hd, use_bias=False, rngs=rngs)
+        self.kv = nnx.Linear(D, 2 * KV_HEADS * hd, use_bias=False, rngs=rngs)
+        self.out = nnx.Linear(HEADS * hd, D, use_bias=False, rngs=rngs)
+
+    def loss(self, batch):
+        x = self.embed(batch["inputs"])
+        b, s, _ = x.shape
+        q = self.q(x).reshape(b, s, HEADS, -1)
+        k, v = jnp.split(self.kv(x).reshape(b, s, 2 * KV_HEADS, -1), 2, axis=2)
+        x = x + self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, s, -1))
+        logits = self.embed.attend(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean(), {}
+
+
+JAXNN = ZooModel("jaxnn", lambda: token_batch(23), lambda: optax.sgd(0.1),
+                 factory=lambda: JaxNNAttentionLM(nnx.Rngs(0)))
+ALL = {**{k: MODELS[k] for k in ("encoder", "gqa", "linen_lm")}, "jaxnn": JAXNN}
+
+
+def _found(model: ZooModel) -> list[attention_match.Match]:
+    """The attention the recogniser finds in the model's loss."""
+    batch = model.batch()
+    if model.factory is not None:
+        graphdef, state = nnx.split(model.factory())
+        fn, args = (lambda s, b: nnx.merge(graphdef, s).loss(b)[0]), (state, batch)
+    else:
+        fn, args = model.loss_fn, (model.variables(), batch)
+    return [m for _, m in attention_match.find(jax.make_jaxpr(fn)(*args))]
+
+
+@pytest.mark.parametrize("name, want", [
+    ("encoder", [("none", True)] * 2),
+    ("gqa", [("sliding window of 4", False), ("causal", True)]),
+    ("linen_lm", [("causal", True)] * 2),
+    ("jaxnn", [("causal", True)]),
+])
+def test_the_recogniser_finds_the_attention(name, want):
+    found = _found(ALL[name])
+    assert [(m.mask, m.supported) for m in found] == want
+    heads, kv = (HEADS, KV_HEADS) if name in ("gqa", "jaxnn") else (HEADS, HEADS)
+    for m in found:
+        assert (m.heads, m.kv_heads, m.seq_len, m.head_dim) == (heads, kv, 16, D // HEADS)
+        assert m.scale == pytest.approx(1 / np.sqrt(D // HEADS), rel=1e-6)
+
+
+def test_the_rewritten_function_equals_the_original_on_one_device():
+    """gqa: the global layer runs as ops.attention, the local one stays dense (one warning, not one per layer)."""
+    graphdef, state = nnx.split(MODELS["gqa"].factory())
+    batch = MODELS["gqa"].batch()
+    fn = lambda s, b: nnx.merge(graphdef, s).loss(b)[0]  # noqa: E731
+    rewrite = AttentionRewrite(fn, "gqa")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = jax.jit(jax.value_and_grad(rewrite))(state, batch)
+        jax.jit(jax.value_and_grad(rewrite))(state, batch)  # traced again: no second warning
+    assert [str(w.message) for w in caught] == [
+        "1 attention layer(s) of gqa stay dense (not split over seq): a sliding window of 4 mask"]
+    want = jax.jit(jax.value_and_grad(fn))(state, batch)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+def test_unrecognised_attention_is_left_alone():
+    """A padding mask built from the inputs: found, left as the model wrote it (the function itself runs)."""
+    def fn(x, keep):
+        scores = jnp.einsum("bshd,bthd->bhst", x, x) / 2.0
+        probs = jax.nn.softmax(jnp.where(keep[:, None, None, :], scores, -1e9), axis=-1)
+        return jnp.sum(jnp.einsum("bhst,bthd->bshd", probs, x))
+
+    x, keep = jnp.ones((2, 8, 2, 4)), jnp.arange(8)[None, :] < jnp.array([[5], [8]])
+    rewrite = AttentionRewrite(fn, "padded")
+    with pytest.warns(UserWarning, match="padded stay dense.*a mask computed from the inputs"):
+        assert rewrite(x, keep) == fn(x, keep)
+    assert jax.make_jaxpr(rewrite)(x, keep).eqns.__len__() == jax.make_jaxpr(fn)(x, keep).eqns.__len__()
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, tuple]:
+    return {}
+
+
+CASES = [(name, method) for name in ALL for method in ("ring", "ulysses")]
+
+
+@pytest.mark.parametrize("name, method", CASES)
+def test_seq_parallel_trains_like_one_device(references, name, method):
+    model = ALL[name]
+    if name not in references:
+        references[name] = model.reference(model.batch(), STEPS)
+    want_losses, want = references[name]
+    kwargs = {} if model.factory is not None else {"params": model.variables()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gqa's sliding-window layer (its own test)
+        plan = autoshard.plan(model.factory or model.loss_fn, model.batch(), mesh={"seq": 2}, cluster="cpu:2",
+                              sequence=method, **kwargs)
+        trainer = autoshard.parallelize(model.factory() if model.factory else model.loss_fn, model.optimizer(), plan,
+                                        devices=jax.devices()[:2], **kwargs)
+        losses = [trainer.step(model.batch())["loss"] for _ in range(STEPS)]
+    assert plan.sequence["method"] == method
+    assert any(k.startswith("seq/") for k in plan.predicted["comm_bytes"])
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    got = model.trained(trainer)
+    for path, value in want.items():
+        np.testing.assert_allclose(got[path], value, rtol=1e-5, atol=1e-6, err_msg=f"{method}: {path}")
+
+
+def test_bad_seq_degrees_are_one_line_errors():
+    """Heads that Ulysses cannot split, a length the ring cannot: one line before compiling."""
+    model = ALL["jaxnn"]
+    with pytest.raises(AutoshardError, match=r"ulysses needs heads \(4\) and kv heads \(2\)") as e:
+        autoshard.plan(model.factory, model.batch(), mesh={"seq": 4}, cluster="cpu:4", sequence="ulysses")
+    assert "\n" not in str(e.value)
+    short = {k: v[:, :12] for k, v in model.batch().items()}
+    with pytest.raises(AutoshardError, match=r"divisible by 2 x seq = 8") as e:
+        autoshard.plan(model.factory, short, mesh={"seq": 4}, cluster="cpu:4", sequence="ring")
+    assert "\n" not in str(e.value)
