@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from autoshard import protocols, staging
 from autoshard.emit import batch_size
 from planner.cluster import ClusterSpec, load_cluster
 from planner.errors import AutoshardError, PlanError
@@ -115,7 +116,9 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
         fixed = {}
     cluster = load_cluster(cluster) if cluster is not None and not isinstance(cluster, ClusterSpec) else cluster
     cluster = cluster or local_cluster()
-    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer, attention=fixed.get("seq", 1) > 1)
+    pipelined = fixed.get("pipe", 1) > 1 or any(x is not None for x in (schedule, microbatches, virtual))
+    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer, attention=fixed.get("seq", 1) > 1,
+                          pipelined=pipelined)
     provenance = _recorded((graph.unfolded or graph).params, provenance)  # real names, not a folded loop's
     return plan_graph(graph, cluster, batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
                       remat=remat, progress=progress, provenance=provenance, compute_dtype=dtype, pin=pin,
@@ -123,11 +126,14 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
 
 
 def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any, rng: Any,
-           optimizer: optax.GradientTransformation | None = None, attention: bool = False) -> tuple[Graph, str]:
+           optimizer: optax.GradientTransformation | None = None, attention: bool = False,
+           pipelined: bool = False) -> tuple[Graph, str]:
     """The traced graph of an NNX model or (with `params`) a plain loss function, priced for `optimizer`'s state
     (default: AdamW's), and its compute dtype. With `attention` (a mesh with seq > 1: only then does the runtime
     rewrite it), attention the model writes itself is traced as the `ops.attention` it will run as
-    (`autoshard.attention_rewrite`); other plans keep the model's own program, which is what they compile."""
+    (`autoshard.attention_rewrite`); other plans keep the model's own program, which is what they compile.
+    `pipelined` (a plan with a pipeline): an NNX model whose blocks are a Python loop is traced as the
+    `autoshard.staging.Staged` model the trainer will pipeline."""
     rewrite = _attention_rewrite(model) if attention else None
     if params is not None:
         from autoshard.functional import FunctionModel, trace
@@ -140,6 +146,10 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
         trained = function.abstract().split()[0]
     else:
         abstract = _abstract(model)
+        if pipelined and protocols.missing(abstract, protocols.StagedModel):
+            staged = staging.Staged(abstract, loss_fn)
+            staged.check_cut(abstract, example_batch)
+            abstract, loss_fn = staged, None
         graph = trace_model(abstract, example_batch, loss_fn, rewrite=rewrite)
         trained = nnx.state(abstract, nnx.Param)
     if optimizer is not None:
@@ -170,7 +180,8 @@ def predict(plan: Plan, model: nnx.Module | Callable, example_batch: Any, cluste
             optimizer: optax.GradientTransformation | None = None) -> dict[str, Any]:
     """The planner's predictions (time, memory, communication) for a given plan, e.g. a hand-written one; `model`,
     `loss_fn`, `params`, `rng` and `optimizer` as for `plan`."""
-    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer, attention=plan.mesh["seq"] > 1)
+    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer, attention=plan.mesh["seq"] > 1,
+                          pipelined=plan.pipeline is not None)
     cluster = load_cluster(cluster) if isinstance(cluster, str) else (cluster or local_cluster(plan.num_devices))
     return _predict(plan, graph, cluster, dtype)
 

@@ -186,6 +186,13 @@ class Pipeline:
         self.graphdef, self.param_template, _ = nnx.split(abstract, nnx.Param, ...)
         self.blocks_graphdef, self.blocks_template = nnx.split(getattr(abstract, LAYERS), nnx.Param)
 
+    def call_block(self, block: nnx.Module, x: jax.Array) -> tuple[jax.Array, Any]:
+        """(y, aux) of one layer: the model's own way of calling a block where it has one (`call_block`, as
+        `autoshard.staging.Staged`: the loss's other block arguments), and a block returning y alone has aux None."""
+        call = getattr(self.abstract, "call_block", None)
+        out = call(block, x) if call is not None else block(x)
+        return out if isinstance(out, tuple) else (out, None)
+
     # -- layouts ------------------------------------------------------------------------------------------------
     def staged_table(self, table: dict[str, ParamInfo]) -> dict[str, ParamInfo]:
         """The parameter table in the staged layout (layer parameters [P, V, Lmax, ...])."""
@@ -289,7 +296,7 @@ class Pipeline:
             model = nnx.merge(self.graphdef, params, rest, copy=True)
             x = model.embed_inputs(batch)
             graphdef, stacked = nnx.split(getattr(model, LAYERS))
-            _, aux = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))(x)
+            _, aux = self.call_block(nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked)), x)
             return model.head_loss(x, batch)[1], aux
 
         shapes, aux = jax.eval_shape(probe, self.param_template, rest, batch)
@@ -433,7 +440,7 @@ class _DeviceProgram:
         prefix = len(LAYERS) + 1
         values = {p[prefix:]: v for p, v in zip(self.layer_paths, layer_vals)}
         block = nnx.merge(self.pipeline.blocks_graphdef, _rebuild(self.pipeline.blocks_template, values))
-        y, aux = block(ops.boundary(x, "layer_input"))
+        y, aux = self.pipeline.call_block(block, ops.boundary(x, "layer_input"))
         if self.moe is None:
             return y, None
         stats = {"load": aux.load, "prob_sum": aux.prob_sum, "dropped": aux.dropped}

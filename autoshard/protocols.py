@@ -30,7 +30,10 @@ class StagedModel(Protocol):
 
     blocks: Any
     """An NNX module whose parameters are stacked on a leading layers axis; called on one layer's slice it maps
-    `x -> (x, aux)`, aux None or the layer's `ops.MoEStats`."""
+    `x -> (x, aux)` (aux None or the layer's `ops.MoEStats`) or `x -> x`. A model may also say how a block is
+    called (`call_block(block, x)`, as `autoshard.staging.Staged` does with the loss's other block arguments).
+    A model whose blocks are a Python loop over a list need not implement this protocol: `autoshard.staging`
+    restages it."""
 
     def embed_inputs(self, batch: Any) -> jax.Array:
         """The first block's input for `batch` (the first stage's prologue: embedding)."""

@@ -17,9 +17,10 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from autoshard import emit
+from autoshard import emit, staging
 from autoshard.pipeline import is_layer_param
 from planner.errors import AutoshardError
 from planner.search import key_path
@@ -81,7 +82,30 @@ def model_layout(trainer) -> Tables:
     if trainer.pipeline is not None:
         convert = jax.jit(convert)
     params, opt_state, rest = convert(trainer.params, trainer.opt_state, trainer.rest)
-    return {"params": flatten(params), "opt_state": flatten(opt_state), "rest": flatten(rest)}
+    return _to_user(trainer, {"params": flatten(params), "opt_state": flatten(opt_state), "rest": flatten(rest)})
+
+
+def _weights(trainer) -> list[str]:
+    """Paths of the trainer's model's weights (and non-parameter state): the names the tables' keys end with."""
+    _, params, rest = nnx.split(trainer.abstract, nnx.Param, ...)
+    return list(flatten(params)) + list(flatten(rest))
+
+
+def _to_user(trainer, tables: Tables) -> Tables:
+    """Tables of a model pipelined from a Python loop of blocks (`autoshard.staging.Staged`) in the user's own
+    structure and paths (one entry per block), so checkpoints do not depend on the plan; others unchanged."""
+    if getattr(trainer, "staged_from", None) is None:
+        return tables
+    names = _weights(trainer)
+    return {k: staging.user_tables(trainer.abstract, t, names) for k, t in tables.items()}
+
+
+def _from_user(trainer, tables: Tables) -> Tables:
+    """The inverse of `_to_user`: per-block entries stacked back into the staged model's paths."""
+    if getattr(trainer, "staged_from", None) is None:
+        return tables
+    names = _weights(trainer)
+    return {k: staging.staged_tables(trainer.abstract, t, names) for k, t in tables.items()}
 
 
 def _model_sharding(trainer, path: str, ndim: int) -> NamedSharding:
@@ -111,12 +135,13 @@ def targets(trainer) -> Tables:
     else:
         opt_state = jax.tree.map(sds, opt_state, trainer.opt_shardings)
     rest = jax.tree.map(lambda x: sds(x, replicated), rest)
-    return {"params": flatten(params), "opt_state": flatten(opt_state), "rest": flatten(rest)}
+    return _to_user(trainer, {"params": flatten(params), "opt_state": flatten(opt_state), "rest": flatten(rest)})
 
 
 def load(trainer, tables: Tables, step: int) -> None:
     """Put model-layout `tables` (as `targets` shapes them) into the trainer, in its plan's layout; `step` steps done."""
     pipeline = trainer.pipeline
+    tables = _from_user(trainer, tables)
     shapes = jax.eval_shape(_model_layout_fn(trainer), trainer.params, trainer.opt_state, trainer.rest)
     params = unflatten(shapes[0], tables["params"])
     opt_state = unflatten(shapes[1], tables["opt_state"])

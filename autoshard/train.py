@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from autoshard import attention_rewrite, distributed, emit, ops
+from autoshard import attention_rewrite, distributed, emit, ops, protocols, staging
 from autoshard.pipeline import Pipeline
 from autoshard.functional import FunctionModel
 from planner.errors import AutoshardError, PlanError
@@ -82,9 +82,16 @@ class Trainer:
     def _init_module(self, model: nnx.Module | Callable[[], nnx.Module], loss_fn: LossFn | None) -> None:
         """Parameters (`self.params`) and non-parameter state (`self.rest`) of an NNX model, laid out by the plan."""
         plan = self.plan
-        self.loss_fn = loss_fn or _default_loss
         built = isinstance(model, nnx.Module)
         abstract = model if built else nnx.eval_shape(model)
+        self.staged_from: nnx.Module | None = None
+        """A model whose blocks are a Python loop, pipelined as `autoshard.staging.Staged` (its structure: what
+        `model()` returns and checkpoints store); None otherwise."""
+        if plan.pipeline is not None and protocols.missing(abstract, protocols.StagedModel):
+            self.staged_from, user_loss, loss_fn = abstract, loss_fn, None
+            model = staging.Staged(model, user_loss) if built else (lambda: staging.Staged(model(), user_loss))
+            abstract = staging.Staged(abstract, user_loss)
+        self.loss_fn = loss_fn or _default_loss
         self.abstract = abstract
         """The model's structure (shapes only when built from a constructor): what the planner traces."""
         table = param_table(abstract)
@@ -363,7 +370,8 @@ class Trainer:
             raise AutoshardError("this trainer runs a plain loss function: its trained values are "
                                  "trainer.variables()")
         if self.pipeline is not None:
-            return nnx.merge(self.graphdef, jax.jit(self.pipeline.from_staged)(self.params), self.rest)
+            model = nnx.merge(self.graphdef, jax.jit(self.pipeline.from_staged)(self.params), self.rest)
+            return model.to_user(self.staged_from) if self.staged_from is not None else model
         return nnx.merge(self.graphdef, self.params, self.rest)
 
 

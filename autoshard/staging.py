@@ -1,0 +1,351 @@
+"""Pipelines for models whose blocks are a Python loop: the model restaged as a `protocols.StagedModel`.
+
+A user's NNX model keeps its repeated blocks in a list (`self.blocks = nnx.List([...])`, run as
+`for block in self.blocks: x = block(x)`). A pipeline needs them as one stack of weights with a leading layers
+axis, and the model cut around them: what runs before the first block (the first stage's prologue) and after the
+last one, loss included (the last stage's epilogue). `Staged` is that model, built from the user's without
+changing its code:
+
+- `blocks`: the blocks' weights stacked (the first block's module structure over [layers, ...] arrays);
+- `outer`: a copy of the user's model whose block list holds stateless stand-ins (`_Stand`): run in *prologue*
+  mode, the first stand-in stops the loss and hands back its input (`embed_inputs`); run in *epilogue* mode, every
+  stand-in returns the last block's output given to it (`head_loss`), so the code after the loop runs on it;
+- `loss`: the same loss with the blocks run by `lax.scan` over the stack, which is what the planner traces, so
+  it plans this model's pipeline as it does the shipped decoder's.
+
+The cut is checked before anything compiles: the user's loss and prologue -> blocks -> epilogue must run the same
+primitives (after dead code is dropped), so a loop that does more than call its blocks (or uses a block's output
+twice) is refused with one line, as are blocks that hold state other than weights or take array inputs besides x.
+The trainer keeps `Staged`'s layout; `user_state`, `user_tables` and `staged_tables` convert to and from the
+user's own structure and paths, which are what `Trainer.model()` returns and checkpoints store.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from autoshard import ops
+from planner import jax_internals as jint
+from planner.errors import PlanError
+from planner.params import path_str
+
+OUTER = "outer"
+"""Attribute of `Staged` holding the user's model (its block list replaced by stand-ins)."""
+
+
+@dataclasses.dataclass
+class _Mode:
+    kind: str | None = None
+    """None (stand-ins refuse to run), "prologue" or "epilogue"."""
+    x: Any = None
+    """Epilogue: the last block's output, what every stand-in returns."""
+    calls: list = dataclasses.field(default_factory=list)
+    """(args, kwargs) of each stand-in call beyond x, as the prologue saw them."""
+
+
+_mode: list[_Mode] = [_Mode()]
+_static: dict[int, tuple[tuple, tuple]] = {}
+"""Per `Staged` model (its `token`): the blocks' arguments beyond x, (args, sorted kwargs items), as the loss passes
+them; recorded by the prologue, which runs before any block does."""
+_tokens = iter(range(1 << 62))
+
+
+class _Reached(Exception):
+    """Raised by the first stand-in in prologue mode: the loss stops there with the first block's input."""
+
+    def __init__(self, x: Any):
+        super().__init__("the first block was reached")
+        self.x = x
+
+
+class _Stand(nnx.Module):
+    """Stands in for one block of the user's list in `Staged.outer` (no state of its own)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        mode = _mode[-1]
+        if mode.kind == "prologue":
+            mode.calls.append((args, kwargs))
+            raise _Reached(x)
+        if mode.kind == "epilogue":
+            return mode.x
+        raise PlanError("a pipelined model's blocks run only inside the pipeline's stages")
+
+
+@contextlib.contextmanager
+def _running(mode: _Mode) -> Iterator[_Mode]:
+    _mode.append(mode)
+    try:
+        yield mode
+    finally:
+        _mode.pop()
+
+
+# -- finding the blocks ----------------------------------------------------------------------------------------------
+def find_blocks(model: nnx.Module) -> tuple[tuple[Any, ...], list[nnx.Module]] | None:
+    """(attribute path, blocks) of the model's largest list of at least two structurally identical blocks (same
+    module structure and weight shapes), or None."""
+    best, size = None, 0
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, (nnx.List, list, tuple)) or len(node) < 2:
+            continue
+        if not all(isinstance(b, nnx.Module) for b in node):
+            continue
+        first = _signature(node[0])
+        if any(_signature(b) != first for b in node[1:]):
+            continue
+        n = sum(int(np.prod(np.shape(x))) for b in node for x in jax.tree.leaves(nnx.state(b, nnx.Param)))
+        if n > size:
+            best, size = (tuple(path), list(node)), n
+    return best
+
+
+def _signature(block: nnx.Module) -> tuple:
+    graphdef, state = nnx.split(block)
+    return graphdef, tuple((path_str(p), np.shape(v.get_value()), str(v.get_value().dtype), type(v).__name__)
+                           for p, v in nnx.to_flat_state(state))
+
+
+# -- the restaged model ----------------------------------------------------------------------------------------------
+class Staged(nnx.Module):
+    """A user's NNX model cut around its repeated blocks (module docstring); a `protocols.StagedModel`."""
+
+    def __init__(self, model: nnx.Module, loss_fn: Callable | None = None):
+        found = find_blocks(model)
+        if found is None:
+            raise PlanError(f"{type(model).__name__} cannot be pipelined: it has no list of two or more identical "
+                            f"blocks (same modules, same weight shapes) to split into stages")
+        path, blocks = found
+        non_weights = [path_str(p) for p, _ in nnx.to_flat_state(nnx.split(blocks[0], nnx.Param, ...)[2])]
+        if non_weights:
+            raise PlanError(f"{type(model).__name__}'s blocks hold state other than weights ({non_weights[0]}): a "
+                            f"pipeline carries only weights between stages; move it out of the blocks or use pipe=1")
+        self.list_path = path
+        self.layers = len(blocks)
+        self.user_graphdef = nnx.graphdef(model)
+        self.loss_fn = loss_fn or (lambda m, b: m.loss(b))
+        self.block_graphdef = nnx.graphdef(blocks[0])
+        states = [nnx.state(b, nnx.Param) for b in blocks]
+        self.blocks = nnx.merge(self.block_graphdef, jax.tree.map(_stack, *states))
+        outer = nnx.merge(*nnx.split(model))  # a copy: the user's model keeps its blocks
+        _set(outer, path, nnx.List([_Stand(i) for i in range(len(blocks))]))
+        self.outer = outer
+        self.token = next(_tokens)
+
+    # -- the three parts -----------------------------------------------------------------------------------------
+    def embed_inputs(self, batch: Any) -> jax.Array:
+        """The first block's input: the loss run up to it."""
+        return self._prologue(self.outer, batch)
+
+    def head_loss(self, x: jax.Array, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(loss, metrics) of the loss run from the last block's output `x` on."""
+        return self._epilogue(self.outer, x, batch)
+
+    def _prologue(self, outer: nnx.Module, batch: Any) -> jax.Array:
+        with _running(_Mode("prologue")) as mode:
+            try:
+                self.loss_fn(outer, batch)
+            except _Reached as reached:
+                self._check_static(*mode.calls[0])
+                return reached.x
+        raise PlanError("the loss never called its blocks: there is nothing to pipeline")
+
+    def _epilogue(self, outer: nnx.Module, x: jax.Array, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        with _running(_Mode("epilogue", x)):
+            out = self.loss_fn(outer, batch)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        return loss, dict(metrics or {})
+
+    def call_block(self, block: nnx.Module, x: jax.Array) -> jax.Array:
+        """One block on x, with the loss's other (static) arguments (`autoshard.pipeline` calls blocks so)."""
+        args, kwargs = _static.get(self.token, ((), ()))
+        return block(x, *args, **dict(kwargs))
+
+    def loss(self, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The user's loss with the blocks run by a `lax.scan` over their stacked weights (what the planner
+        traces: a layer stack it can cut into stages)."""
+        x = self.embed_inputs(batch)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, state):
+            x = ops.boundary(x, "layer_input")
+            return self.call_block(nnx.merge(graphdef, state), x), None
+
+        x, _ = jax.lax.scan(ops.remat(layer), ops.boundary(x, "layer_input"), stacked)
+        return self.head_loss(x, batch)
+
+    def _check_static(self, args: tuple, kwargs: dict) -> None:
+        arrays = [a for a in jax.tree.leaves((args, kwargs)) if isinstance(a, (jax.Array, np.ndarray))
+                  or hasattr(a, "aval")]
+        if arrays:
+            raise PlanError("the blocks take array inputs besides x: a pipeline passes one activation between "
+                            "stages; compute them inside the block, or use pipe=1")
+        try:
+            _static[self.token] = (tuple(args), tuple(sorted(kwargs.items())))
+            hash(_static[self.token])
+        except TypeError:
+            raise PlanError("the blocks take arguments besides x that are not plain values: a pipeline passes one "
+                            "activation between stages; use pipe=1") from None
+
+    # -- checks and the user's structure -------------------------------------------------------------------------
+    def check_cut(self, model: nnx.Module, batch: Any) -> None:
+        """A one-line error unless prologue -> blocks -> epilogue runs what the user's loss runs."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        shapes = jax.tree.map(_shape, batch)
+
+        def original(p, b):
+            out = self.loss_fn(nnx.merge(graphdef, p, rest, copy=True), b)
+            return out[0] if isinstance(out, tuple) else out
+
+        def cut(p, b):
+            m = nnx.merge(graphdef, p, rest, copy=True)
+            blocks = list(_get(m, self.list_path))
+            _set(m, self.list_path, nnx.List([_Stand(i) for i in range(len(blocks))]))
+            x = self._prologue(m, b)
+            for block in blocks:
+                x = self.call_block(block, x)
+            return self._epilogue(m, x, b)[0]
+
+        mine, theirs = _primitives(cut, params, shapes), _primitives(original, params, shapes)
+        if mine != theirs:
+            extra = sorted((theirs - mine) + (mine - theirs))
+            raise PlanError(f"the loop over {type(model).__name__}'s blocks does more than call them in turn "
+                            f"(e.g. {extra[0]}): a pipeline can cut only `for block in blocks: x = block(x)`; "
+                            f"use pipe=1")
+
+    def to_user(self, user: nnx.Module) -> nnx.Module:
+        """The user's model (`user`: its structure, e.g. abstract) holding this model's weights and state."""
+        graphdef, params, rest = nnx.split(user, nnx.Param, ...)
+        _, mine, my_rest = nnx.split(self, nnx.Param, ...)
+        flat = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(mine)}
+        flat.update({path_str(p): v.get_value() for p, v in nnx.to_flat_state(my_rest)})
+        prefix = "/".join(map(str, self.list_path)) + "/"
+
+        def value(path: str) -> Any:
+            if path.startswith(prefix):
+                i, suffix = path[len(prefix):].split("/", 1)
+                return flat["blocks/" + suffix][int(i)]
+            return flat[f"{OUTER}/{path}"]
+
+        fill = lambda state: nnx.map_state(lambda p, v: v.replace(value(path_str(p))), state)  # noqa: E731
+        return nnx.merge(graphdef, fill(params), fill(rest))
+
+
+def _primitives(fn: Callable, *args: Any) -> collections.Counter:
+    """How often each primitive runs in `fn(*args)`'s jaxpr once dead code is dropped (calls and loops opened)."""
+    from jax._src.interpreters.partial_eval import dce_jaxpr
+
+    closed = jax.make_jaxpr(fn)(*args)
+    jaxpr, _ = dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    counts: collections.Counter = collections.Counter()
+
+    def walk(j):
+        for eqn in j.eqns:
+            subs = list(jint.sub_jaxprs(eqn))
+            if not subs or eqn.primitive.name not in jint.INLINE_CALLS:
+                counts[eqn.primitive.name] += 1
+            for sub in subs:
+                walk(sub)
+    walk(jaxpr)
+    return counts
+
+
+def user_paths(staged: Staged, path: str) -> list[str]:
+    """The user's path(s) of a `Staged` weight path: one, or one per block for a stacked weight."""
+    if path.startswith(OUTER + "/"):
+        return [path[len(OUTER) + 1:]]
+    prefix = "/".join(map(str, staged.list_path))
+    return [f"{prefix}/{i}/{path[len('blocks/'):]}" for i in range(staged.layers)]
+
+
+def user_tables(staged: Staged, table: dict[str, Any], params: list[str]) -> dict[str, Any]:
+    """A flat table keyed by `Staged` paths (weights, or optimizer state whose keys end in a weight's path) ->
+    keyed by the user's paths, stacked block values split per block."""
+    out = {}
+    for key, value in table.items():
+        hit = _weight_of(key, params)
+        if hit is None:
+            out[key] = value
+            continue
+        head = key[: len(key) - len(hit)]
+        names = user_paths(staged, hit)
+        if len(names) == 1:
+            out[head + names[0]] = value
+        else:
+            out.update({head + n: _index(value, i) for i, n in enumerate(names)})
+    return out
+
+
+def _index(value: Any, i: int) -> Any:
+    """Block i of a stacked value; of a restore target (a ShapeDtypeStruct), its shape and sharding less the
+    layers dimension."""
+    if not isinstance(value, jax.ShapeDtypeStruct):
+        return value[i]
+    sharding = value.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+    return jax.ShapeDtypeStruct(value.shape[1:], value.dtype, sharding=sharding)
+
+
+def staged_tables(staged: Staged, table: dict[str, Any], params: list[str]) -> dict[str, Any]:
+    """The inverse of `user_tables`: per-block values stacked back (a missing block is a one-line error)."""
+    out = dict(table)
+    for weight in params:
+        names = user_paths(staged, weight)
+        heads = {k[: len(k) - len(names[0])] for k in table if k.endswith(names[0])
+                 and (len(k) == len(names[0]) or k[len(k) - len(names[0]) - 1] == "/")}
+        for head in heads:
+            missing = [n for n in names if head + n not in table]
+            if missing:
+                raise PlanError(f"the checkpoint lacks {head + missing[0]}: it does not hold this model's blocks")
+            values = [out.pop(head + n) for n in names]
+            out[head + weight] = values[0] if len(names) == 1 else _stack(*values)
+    return out
+
+
+def _weight_of(key: str, params: list[str]) -> str | None:
+    """The weight path `key` ends with (a whole path component), the longest one."""
+    best = None
+    for p in params:
+        if key.endswith(p) and (len(key) == len(p) or key[len(key) - len(p) - 1] == "/"):
+            best = p if best is None or len(p) > len(best) else best
+    return best
+
+
+# -- small helpers ---------------------------------------------------------------------------------------------------
+def _stack(*xs: Any) -> Any:
+    if isinstance(xs[0], jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(xs),) + xs[0].shape, xs[0].dtype)
+    if isinstance(xs[0], np.ndarray):
+        return np.stack(xs)
+    return jnp.stack(xs)
+
+
+def _shape(x: Any) -> jax.ShapeDtypeStruct:
+    return x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
+                                                                               if not hasattr(x, "dtype") else x.dtype)
+
+
+def _get(obj: Any, path: tuple) -> Any:
+    for k in path:
+        obj = obj[k] if isinstance(k, int) or isinstance(obj, (list, tuple, nnx.List)) else getattr(obj, k)
+    return obj
+
+
+def _set(obj: Any, path: tuple, value: Any) -> None:
+    parent, last = _get(obj, path[:-1]), path[-1]
+    if isinstance(last, int) or isinstance(parent, (list, nnx.List)):
+        parent[last] = value
+    else:
+        setattr(parent, last, value)

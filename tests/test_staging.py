@@ -1,0 +1,128 @@
+"""Pipelines for NNX models whose blocks are a Python loop (`autoshard.staging`): the zoo's encoder (an
+`nnx.List` of blocks with `nnx.MultiHeadAttention`, [B] labels) trains under pipe=2 as on one device, its weights
+and checkpoints keep the model's own structure, and what cannot be cut into stages is refused in one line."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import autoshard
+from autoshard import state
+from planner.errors import PlanError
+from zoo import MODELS
+
+STEPS = 3
+CASES = {"gpipe": {"pipe": 2, "data": 4}, "1f1b": {"pipe": 2, "data": 2, "tensor": 2}}
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    model = MODELS["encoder"]
+    batch = model.batch()
+    return model, batch, model.reference(batch, STEPS)
+
+
+@pytest.fixture(scope="module")
+def trained(encoder):
+    """One trainer per schedule, trained STEPS steps: (trainer, losses)."""
+    model, batch, _ = encoder
+    out = {}
+    for schedule, mesh in CASES.items():
+        plan = model.plan(batch, cluster="cpu:8", mesh=mesh, schedule=schedule, microbatches=2)
+        trainer = model.parallelize(plan)
+        out[schedule] = trainer, [float(trainer.step(batch)["loss"]) for _ in range(STEPS)]
+    return out
+
+
+@pytest.mark.parametrize("schedule", list(CASES))
+def test_a_python_loop_of_blocks_pipelines_as_one_device_trains(encoder, trained, schedule):
+    model, batch, (ref_losses, ref_params) = encoder
+    trainer, losses = trained[schedule]
+    assert trainer.plan.pipeline.schedule == schedule and trainer.plan.mesh["pipe"] == 2
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    got = model.trained(trainer)  # the user's own structure: blocks/0/..., blocks/1/...
+    assert sorted(got) == sorted(ref_params)
+    for path, want in ref_params.items():
+        np.testing.assert_allclose(got[path], want, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_the_pipelined_plan_verifies(encoder, trained):
+    _, batch, _ = encoder
+    result = autoshard.verify(trained["gpipe"][0], batch)
+    assert result.ok, str(result)
+
+
+def test_checkpoints_keep_the_models_own_paths_and_restore_under_another_plan(encoder, trained):
+    model, batch, _ = encoder
+    trainer = trained["1f1b"][0]
+    tables = state.model_layout(trainer)
+    user = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model.factory(), nnx.Param))}
+    assert set(tables["params"]) == user
+    assert set(state.targets(trainer)["params"]) == user
+    adam = autoshard.parallelize(model.factory(), optax.adam(1e-3), trainer.plan)  # optimizer state by weight too
+    moments = {k for k in state.model_layout(adam)["opt_state"] if "/mu/" in k}
+    assert moments == {k for k in state.targets(adam)["opt_state"] if "/mu/" in k}
+    assert {k[k.index("/mu/") + 4:] for k in moments} == user
+    flat = lambda tree: {"/".join(map(str, p)): np.asarray(v.get_value())  # noqa: E731
+                         for p, v in nnx.to_flat_state(nnx.state(tree, nnx.Param))}
+    # the same tables into a trainer of another plan (no pipeline): the weights arrive where they belong
+    other = model.parallelize(model.plan(batch, cluster="cpu:8", mesh={"data": 8}))
+    host = {k: {p: np.asarray(v) for p, v in t.items()} for k, t in tables.items()}
+    state.load(other, {**host, "opt_state": state.model_layout(other)["opt_state"]}, step=STEPS)
+    want, got = flat(trainer.model()), flat(other.model())
+    assert set(want) == set(got)
+    for path in want:
+        np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+    # and back into the pipelined trainer, blocks stacked again
+    state.load(trainer, host, step=STEPS)
+    for path, value in flat(trainer.model()).items():
+        np.testing.assert_array_equal(value, want[path], err_msg=path)
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.w = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x, scale=None):
+        return jnp.tanh(self.w(x)) if scale is None else jnp.tanh(self.w(x)) * scale
+
+
+class _Loop(nnx.Module):
+    """Blocks in a Python loop, written three ways: plainly, with an array passed to every block, and with work
+    between the blocks that a cut around them would lose."""
+
+    def __init__(self, how: str, rngs: nnx.Rngs):
+        self.how = how
+        self.blocks = nnx.List([_Block(rngs) for _ in range(2)])
+
+    def loss(self, batch):
+        x = batch["x"]
+        for block in self.blocks:
+            x = block(x, batch["x"]) if self.how == "side input" else block(x)
+            if self.how == "between":
+                x = x * 0.5
+        return jnp.mean(x ** 2), {}
+
+
+@pytest.mark.parametrize("how, message", [
+    ("side input", "the blocks take array inputs besides x"),
+    ("between", "does more than call them in turn"),
+    ("plain", "pipe=4 exceeds the model.s 2 layers: use pipe <= 2"),
+])
+def test_what_cannot_be_cut_into_stages_is_one_line(how, message):
+    batch = {"x": np.ones((8, 8), np.float32)}
+    pipe = 4 if how == "plain" else 2
+    with pytest.raises(Exception, match=message) as info:
+        autoshard.plan(lambda: _Loop(how, nnx.Rngs(0)), batch, cluster="cpu:8", mesh={"pipe": pipe},
+                       schedule="gpipe")
+    assert "\n" not in str(info.value)
+
+
+def test_blocks_that_differ_are_refused():
+    with pytest.raises(PlanError, match="no list of two or more identical blocks"):
+        autoshard.plan(MODELS["gqa"].factory, MODELS["gqa"].batch(), cluster="cpu:8", mesh={"pipe": 2},
+                       schedule="gpipe")
