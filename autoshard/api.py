@@ -20,6 +20,7 @@ from planner.params import param_table
 from planner.plan import AXES, REMAT, PipelineSpec, Plan, normalize_mesh
 from planner.rules import ParamInfo, rule_plan as _rule_plan
 from planner.search import plan_graph, predict as _predict, trace_model
+from planner.seq_expert import op_shapes
 from planner.trace import Graph
 
 
@@ -117,12 +118,49 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
     cluster = load_cluster(cluster) if cluster is not None and not isinstance(cluster, ClusterSpec) else cluster
     cluster = cluster or local_cluster()
     pipelined = fixed.get("pipe", 1) > 1 or any(x is not None for x in (schedule, microbatches, virtual))
-    graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer, attention=fixed.get("seq", 1) > 1,
-                          pipelined=pipelined)
-    provenance = _recorded((graph.unfolded or graph).params, provenance)  # real names, not a folded loop's
-    return plan_graph(graph, cluster, batch_size(example_batch), mesh=fixed, memory_budget=memory_budget,
-                      remat=remat, progress=progress, provenance=provenance, compute_dtype=dtype, pin=pin,
-                      schedule=schedule, microbatches=microbatches, virtual=virtual, sequence=sequence)
+
+    def search(pipelined: bool, attention: bool) -> tuple[Graph, Plan | None, AutoshardError | None]:
+        graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer, attention=attention,
+                              pipelined=pipelined)
+        recorded = _recorded((graph.unfolded or graph).params, provenance)  # real names, not a folded loop's
+        try:
+            return graph, plan_graph(graph, cluster, batch_size(example_batch), mesh=fixed,
+                                     memory_budget=memory_budget, remat=remat, progress=progress,
+                                     provenance=recorded, compute_dtype=dtype, pin=pin, schedule=schedule,
+                                     microbatches=microbatches, virtual=virtual, sequence=sequence), None
+        except AutoshardError as e:
+            if "no plan fits" not in str(e):
+                raise
+            return graph, None, e
+
+    graph, best, error = search(pipelined, fixed.get("seq", 1) > 1)
+    for axis in _restaged_axes(model, params, graph, fixed, pipelined, best, cluster):
+        try:
+            _, alternative, _ = search(axis == "pipe", axis == "seq")
+        except AutoshardError:  # the model cannot be restaged for this axis: the plan without it stands
+            continue
+        if alternative is not None and alternative.mesh[axis] > 1 and (
+                best is None or alternative.predicted["step_seconds"] < best.predicted["step_seconds"]):
+            best = alternative
+    if best is None:
+        raise error
+    return best
+
+
+def _restaged_axes(model: Any, params: Any, graph: Graph, fixed: dict[str, int], pipelined: bool,
+                   best: Plan | None, cluster: ClusterSpec) -> list[str]:
+    """Axes a user's model gets only through a restaged program (`autoshard.staging` for pipe: blocks in a Python
+    loop; `autoshard.attention_rewrite` for seq: attention written by hand), worth a second search: when memory
+    calls for them (no plan fits, or the best one recomputes its layers) or the cluster spans several nodes. An
+    axis the mesh fixes is not searched again, nor one the traced program already offers."""
+    if best is not None and best.remat == "none" and cluster.num_nodes <= 1:
+        return []
+    out = []
+    if "pipe" not in fixed and not pipelined and params is None and graph.stack == "loop":
+        out.append("pipe")
+    if "seq" not in fixed and not op_shapes(graph).has_attention:
+        out.append("seq")
+    return out
 
 
 def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any, rng: Any,

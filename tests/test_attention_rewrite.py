@@ -144,3 +144,39 @@ def test_bad_seq_degrees_are_one_line_errors():
     with pytest.raises(AutoshardError, match=r"divisible by 2 x seq = 8") as e:
         autoshard.plan(model.factory, short, mesh={"seq": 4}, cluster="cpu:4", sequence="ring")
     assert "\n" not in str(e.value)
+
+
+class _LongEncoder(nnx.Module):
+    """Blocks of nnx.MultiHeadAttention and an MLP in a Python loop (planned on shapes only)."""
+
+    def __init__(self, rngs: nnx.Rngs, d: int = 2048, heads: int = 16, layers: int = 8):
+        self.embed = nnx.Embed(256, d, rngs=rngs)
+        self.blocks = nnx.List([_LongBlock(d, heads, rngs) for _ in range(layers)])
+        self.head = nnx.Linear(d, 256, rngs=rngs)
+
+    def loss(self, batch):
+        x = self.embed(batch["tokens"])
+        for block in self.blocks:
+            x = block(x)
+        return -jnp.mean(jax.nn.log_softmax(self.head(x))[..., 0]), {}
+
+
+class _LongBlock(nnx.Module):
+    def __init__(self, d: int, heads: int, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
+        self.up = nnx.Linear(d, 4 * d, rngs=rngs)
+        self.down = nnx.Linear(4 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.norm(x), deterministic=True)
+        return x + self.down(jax.nn.gelu(self.up(x)))
+
+
+def test_the_free_search_splits_a_long_sequence_of_hand_written_attention():
+    """32k-token sequences on two nodes: the search also plans the rewritten attention and keeps a seq split."""
+    batch = {"tokens": jax.ShapeDtypeStruct((8, 32768), jnp.int32)}
+    plan = autoshard.plan(lambda: _LongEncoder(nnx.Rngs(0)), batch, cluster="a100-80g:16")
+    assert plan.mesh["seq"] > 1 and plan.sequence["method"] in ("ring", "ulysses")
+    dense = autoshard.plan(lambda: _LongEncoder(nnx.Rngs(0)), batch, cluster="a100-80g:16", mesh={"seq": 1})
+    assert plan.predicted["step_seconds"] < dense.predicted["step_seconds"]
