@@ -134,7 +134,7 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
             return graph, None, e
 
     graph, best, error = search(pipelined, fixed.get("seq", 1) > 1)
-    for axis in _restaged_axes(model, params, graph, fixed, pipelined, best, cluster):
+    for axis in _restaged_axes(rng, graph, fixed, pipelined, best, cluster):
         try:
             _, alternative, _ = search(axis == "pipe", axis == "seq")
         except AutoshardError:  # the model cannot be restaged for this axis: the plan without it stands
@@ -147,16 +147,17 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
     return best
 
 
-def _restaged_axes(model: Any, params: Any, graph: Graph, fixed: dict[str, int], pipelined: bool,
-                   best: Plan | None, cluster: ClusterSpec) -> list[str]:
+def _restaged_axes(rng: Any, graph: Graph, fixed: dict[str, int], pipelined: bool, best: Plan | None,
+                   cluster: ClusterSpec) -> list[str]:
     """Axes a user's model gets only through a restaged program (`autoshard.staging` for pipe: blocks in a Python
-    loop; `autoshard.attention_rewrite` for seq: attention written by hand), worth a second search: when memory
+    loop, NNX or Linen, without a dropout key; `autoshard.attention_rewrite` for seq: attention written by hand),
+    worth a second search: when memory
     calls for them (no plan fits, or the best one recomputes its layers) or the cluster spans several nodes. An
     axis the mesh fixes is not searched again, nor one the traced program already offers."""
     if best is not None and best.remat == "none" and cluster.num_nodes <= 1:
         return []
     out = []
-    if "pipe" not in fixed and not pipelined and params is None and graph.stack == "loop":
+    if "pipe" not in fixed and not pipelined and rng is None and graph.stack == "loop":
         out.append("pipe")
     if "seq" not in fixed and not op_shapes(graph).has_attention:
         out.append("seq")
@@ -173,6 +174,8 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
     `pipelined` (a plan with a pipeline): an NNX model whose blocks are a Python loop is traced as the
     `autoshard.staging.Staged` model the trainer will pipeline."""
     rewrite = _attention_rewrite(model) if attention else None
+    if params is not None and loss_fn is None and not isinstance(model, nnx.Module) and pipelined:
+        model, params = _linen_staged(model, params, rng, example_batch), None  # traced as the NNX model it trains as
     if params is not None:
         from autoshard.functional import FunctionModel, trace
 
@@ -193,6 +196,19 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
     if optimizer is not None:
         graph.with_optimizer(optimizer_copies(optimizer, trained))
     return graph, graph.compute_dtype()
+
+
+def _linen_staged(loss_fn: Callable, variables: Any, rng: Any, example_batch: Any) -> nnx.Module:
+    """A plain loss function over Linen variables restaged for a pipeline (`staging.LinenStaged`, on shapes)."""
+    from autoshard.functional import FunctionModel
+
+    if rng is not None:
+        raise PlanError("a pipelined loss function takes no dropout key (it is not carried between stages): drop "
+                        "rng= or use pipe=1")
+    abstract = FunctionModel(loss_fn, variables).abstract().variables
+    staged = staging.LinenStaged(loss_fn, abstract)
+    staged.check_cut(abstract, example_batch)
+    return staged
 
 
 def _attention_rewrite(model: Any) -> Callable[[Callable], Callable]:

@@ -16,8 +16,12 @@ changing its code:
 The cut is checked before anything compiles: the user's loss and prologue -> blocks -> epilogue must run the same
 primitives (after dead code is dropped), so a loop that does more than call its blocks (or uses a block's output
 twice) is refused with one line, as are blocks that hold state other than weights or take array inputs besides x.
-The trainer keeps `Staged`'s layout; `user_state`, `user_tables` and `staged_tables` convert to and from the
+The trainer keeps `Staged`'s layout; `Staged.to_user`, `user_tables` and `staged_tables` convert to and from the
 user's own structure and paths, which are what `Trainer.model()` returns and checkpoints store.
+
+`LinenStaged` does the same for a plain loss function over Linen variables whose model runs numbered blocks
+(`layers_0`, `layers_1`, ...): Linen's method interception plays the stand-ins' part, and `Trainer.variables()`
+gives the variables back in the user's structure, boxes included.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -175,15 +180,7 @@ class Staged(nnx.Module):
     def loss(self, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The user's loss with the blocks run by a `lax.scan` over their stacked weights (what the planner
         traces: a layer stack it can cut into stages)."""
-        x = self.embed_inputs(batch)
-        graphdef, stacked = nnx.split(self.blocks)
-
-        def layer(x, state):
-            x = ops.boundary(x, "layer_input")
-            return self.call_block(nnx.merge(graphdef, state), x), None
-
-        x, _ = jax.lax.scan(ops.remat(layer), ops.boundary(x, "layer_input"), stacked)
-        return self.head_loss(x, batch)
+        return _scanned_loss(self, batch)
 
     def _check_static(self, args: tuple, kwargs: dict) -> None:
         arrays = [a for a in jax.tree.leaves((args, kwargs)) if isinstance(a, (jax.Array, np.ndarray))
@@ -199,6 +196,10 @@ class Staged(nnx.Module):
                             "activation between stages; use pipe=1") from None
 
     # -- checks and the user's structure -------------------------------------------------------------------------
+    def block_path(self, i: int) -> str:
+        """The user's path of block i (`blocks/3`)."""
+        return "/".join(map(str, self.list_path + (i,)))
+
     def check_cut(self, model: nnx.Module, batch: Any) -> None:
         """A one-line error unless prologue -> blocks -> epilogue runs what the user's loss runs."""
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -217,12 +218,7 @@ class Staged(nnx.Module):
                 x = self.call_block(block, x)
             return self._epilogue(m, x, b)[0]
 
-        mine, theirs = _primitives(cut, params, shapes), _primitives(original, params, shapes)
-        if mine != theirs:
-            extra = sorted((theirs - mine) + (mine - theirs))
-            raise PlanError(f"the loop over {type(model).__name__}'s blocks does more than call them in turn "
-                            f"(e.g. {extra[0]}): a pipeline can cut only `for block in blocks: x = block(x)`; "
-                            f"use pipe=1")
+        _same_program(cut, original, type(model).__name__, params, shapes)
 
     def to_user(self, user: nnx.Module) -> nnx.Module:
         """The user's model (`user`: its structure, e.g. abstract) holding this model's weights and state."""
@@ -240,6 +236,28 @@ class Staged(nnx.Module):
 
         fill = lambda state: nnx.map_state(lambda p, v: v.replace(value(path_str(p))), state)  # noqa: E731
         return nnx.merge(graphdef, fill(params), fill(rest))
+
+
+def _scanned_loss(staged: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`staged`'s loss with its blocks run by a `lax.scan` over their stacked weights."""
+    x = staged.embed_inputs(batch)
+    graphdef, stacked = nnx.split(staged.blocks)
+
+    def layer(x, state):
+        x = ops.boundary(x, "layer_input")
+        return staged.call_block(nnx.merge(graphdef, state), x), None
+
+    x, _ = jax.lax.scan(ops.remat(layer), ops.boundary(x, "layer_input"), stacked)
+    return staged.head_loss(x, batch)
+
+
+def _same_program(cut: Callable, original: Callable, name: str, *args: Any) -> None:
+    """A one-line error unless `cut` (prologue -> blocks -> epilogue) runs the primitives `original` runs."""
+    mine, theirs = _primitives(cut, *args), _primitives(original, *args)
+    if mine != theirs:
+        extra = sorted((theirs - mine) + (mine - theirs))
+        raise PlanError(f"the loop over {name}'s blocks does more than call them in turn (e.g. {extra[0]}): a "
+                        f"pipeline can cut only `for block in blocks: x = block(x)`; use pipe=1")
 
 
 def _primitives(fn: Callable, *args: Any) -> collections.Counter:
@@ -261,15 +279,14 @@ def _primitives(fn: Callable, *args: Any) -> collections.Counter:
     return counts
 
 
-def user_paths(staged: Staged, path: str) -> list[str]:
+def user_paths(staged: Any, path: str) -> list[str]:
     """The user's path(s) of a `Staged` weight path: one, or one per block for a stacked weight."""
     if path.startswith(OUTER + "/"):
         return [path[len(OUTER) + 1:]]
-    prefix = "/".join(map(str, staged.list_path))
-    return [f"{prefix}/{i}/{path[len('blocks/'):]}" for i in range(staged.layers)]
+    return [f"{staged.block_path(i)}/{path[len('blocks/'):]}" for i in range(staged.layers)]
 
 
-def user_tables(staged: Staged, table: dict[str, Any], params: list[str]) -> dict[str, Any]:
+def user_tables(staged: Any, table: dict[str, Any], params: list[str]) -> dict[str, Any]:
     """A flat table keyed by `Staged` paths (weights, or optimizer state whose keys end in a weight's path) ->
     keyed by the user's paths, stacked block values split per block."""
     out = {}
@@ -298,7 +315,7 @@ def _index(value: Any, i: int) -> Any:
     return jax.ShapeDtypeStruct(value.shape[1:], value.dtype, sharding=sharding)
 
 
-def staged_tables(staged: Staged, table: dict[str, Any], params: list[str]) -> dict[str, Any]:
+def staged_tables(staged: Any, table: dict[str, Any], params: list[str]) -> dict[str, Any]:
     """The inverse of `user_tables`: per-block values stacked back (a missing block is a one-line error)."""
     out = dict(table)
     for weight in params:
@@ -321,6 +338,156 @@ def _weight_of(key: str, params: list[str]) -> str | None:
         if key.endswith(p) and (len(key) == len(p) or key[len(key) - len(p) - 1] == "/"):
             best = p if best is None or len(p) > len(best) else best
     return best
+
+
+# -- Linen: a loss function over variables whose blocks are numbered submodules ------------------------------------
+class LinenStaged(nnx.Module):
+    """A plain loss function over Linen variables (`autoshard.functional`) whose model runs numbered blocks
+    (`layers_0`, `layers_1`, ... in a Python loop), cut around them as `Staged` cuts an NNX model: Linen's method
+    interception stops the loss at the first block (prologue) or has every block return the last block's output
+    (epilogue), and a block runs alone as its own module applied to its slice of the stacked weights. Only a
+    `params` collection and no dropout key: state collections and RNG streams are not carried between stages."""
+
+    def __init__(self, loss_fn: Callable, variables: Any):
+        from autoshard.functional import FunctionModel
+
+        function = FunctionModel(loss_fn, variables)
+        params, state = function.split()
+        if not function.linen or state:
+            raise PlanError("a pipelined loss function takes Linen variables with a params collection only: state "
+                            "collections (batch statistics) are not carried between stages; use pipe=1")
+        found = _numbered_blocks(params)
+        if found is None:
+            raise PlanError("the loss function's parameters have no numbered blocks (layers_0, layers_1, ... with the "
+                            "same weight shapes) to split into pipeline stages")
+        self.prefix, names = found
+        self.layers = len(names)
+        self.loss_fn = loss_fn
+        self.token = next(_tokens)
+        self.outer = _to_nnx({k: v for k, v in params.items() if k not in names})
+        self.blocks = _to_nnx(jax.tree.map(_stack, *[params[n] for n in names]))
+
+    def block_path(self, i: int) -> str:
+        return f"{self.prefix}{i}"
+
+    def embed_inputs(self, batch: Any) -> jax.Array:
+        return self._prologue(_plain(self.outer), batch)
+
+    def head_loss(self, x: jax.Array, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return self._epilogue(_plain(self.outer), x, batch)
+
+    def call_block(self, block: Any, x: jax.Array) -> jax.Array:
+        module, args, kwargs = _static[self.token]
+        return module.apply({"params": _plain(block)}, x, *args, **kwargs)
+
+    def loss(self, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return _scanned_loss(self, batch)
+
+    def _intercept(self, mode: _Mode) -> Any:
+        from flax import linen as nn
+
+        first = (self.block_path(0),)
+
+        def interceptor(next_fun, args, kwargs, context):
+            scope = getattr(context.module, "scope", None)
+            path = tuple(scope.path) if scope is not None else ()
+            if context.method_name != "__call__" or not path or not re.fullmatch(
+                    re.escape(self.prefix) + r"\d+", path[-1]) or len(path) != 1:
+                return next_fun(*args, **kwargs)
+            if mode.kind == "epilogue":
+                return mode.x
+            if path == first:
+                _static[self.token] = (context.module.clone(parent=None), tuple(args[1:]), dict(kwargs))
+                self._check_static(args[1:], kwargs)
+                raise _Reached(args[0])
+            return next_fun(*args, **kwargs)
+        return nn.intercept_methods(interceptor)
+
+    def _check_static(self, args: tuple, kwargs: dict) -> None:
+        if any(isinstance(a, jax.Array) or hasattr(a, "aval") for a in jax.tree.leaves((args, kwargs))):
+            raise PlanError("the blocks take array inputs besides x: a pipeline passes one activation between "
+                            "stages; compute them inside the block, or use pipe=1")
+
+    def _prologue(self, outer: dict, batch: Any) -> jax.Array:
+        mode = _Mode("prologue")
+        with self._intercept(mode):
+            try:
+                self.loss_fn({"params": outer}, batch)
+            except _Reached as reached:
+                return reached.x
+        raise PlanError("the loss never called its blocks: there is nothing to pipeline")
+
+    def _epilogue(self, outer: dict, x: jax.Array, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        with self._intercept(_Mode("epilogue", x)):
+            out = self.loss_fn({"params": outer}, batch)
+        loss, aux = out if isinstance(out, tuple) else (out, {})
+        return loss, {k: v for k, v in dict(aux or {}).items()}
+
+    def check_cut(self, variables: Any, batch: Any) -> None:
+        """A one-line error unless prologue -> blocks -> epilogue runs what the loss runs."""
+        from autoshard.functional import unbox
+
+        params = jax.tree.map(_shape, unbox(variables)["params"])
+        shapes = jax.tree.map(_shape, batch)
+        names = [self.block_path(i) for i in range(self.layers)]
+
+        def original(p, b):
+            out = self.loss_fn({"params": p}, b)
+            return out[0] if isinstance(out, tuple) else out
+
+        def cut(p, b):
+            outer = {k: v for k, v in p.items() if k not in names}
+            x = self._prologue(outer, b)
+            for name in names:
+                module, args, kwargs = _static[self.token]
+                x = module.apply({"params": p[name]}, x, *args, **kwargs)
+            return self._epilogue(outer, x, b)[0]
+
+        _same_program(cut, original, "the loss function", params, shapes)
+
+    def user_params(self) -> dict[str, Any]:
+        """The weights in the loss function's own `params` structure (stacked blocks split per block)."""
+        out = dict(_plain(self.outer))
+        stacked = _plain(self.blocks)
+        for i in range(self.layers):
+            out[self.block_path(i)] = jax.tree.map(lambda a, i=i: a[i], stacked)
+        return out
+
+
+def _numbered_blocks(params: dict) -> tuple[str, list[str]] | None:
+    """(prefix, names) of the largest run of top-level entries `<prefix>0 ... <prefix>n-1` (n >= 2) whose weights
+    have the same structure and shapes, or None."""
+    groups: dict[str, dict[int, str]] = collections.defaultdict(dict)
+    for name in params:
+        m = re.fullmatch(r"(.*?)(\d+)", str(name))
+        if m:
+            groups[m.group(1)][int(m.group(2))] = name
+    best = None
+    for prefix, by_index in groups.items():
+        n = len(by_index)
+        if n < 2 or sorted(by_index) != list(range(n)):
+            continue
+        shapes = [jax.tree.map(np.shape, params[by_index[i]]) for i in range(n)]
+        if any(s != shapes[0] for s in shapes[1:]):
+            continue
+        size = sum(int(np.prod(np.shape(x))) for i in range(n) for x in jax.tree.leaves(params[by_index[i]]))
+        if best is None or size > best[0]:
+            best = (size, prefix, [by_index[i] for i in range(n)])
+    return None if best is None else (best[1], best[2])
+
+
+def _to_nnx(tree: Any) -> Any:
+    """A nested dict of arrays as NNX weights (nested `nnx.Dict`s of `nnx.Param`s)."""
+    if isinstance(tree, dict):
+        return nnx.Dict({k: _to_nnx(v) for k, v in tree.items()})
+    return nnx.Param(tree)
+
+
+def _plain(node: Any) -> Any:
+    """The nested dict of arrays an `_to_nnx` tree holds."""
+    if isinstance(node, nnx.Variable):
+        return node.get_value()
+    return {k: _plain(v) for k, v in node.items()}
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------------

@@ -65,7 +65,9 @@ class Trainer:
         self.pipeline: Pipeline | None = None
         self.function: FunctionModel | None = None
         """The plain loss function and its variables, on the function path (`params=`)."""
-        if params is not None:
+        if params is not None and plan.pipeline is not None:  # a loss function over Linen variables, restaged
+            self._init_staged_function(model, loss_fn, params, rng)
+        elif params is not None:
             self._init_function(model, loss_fn, params, rng)
         else:
             self._init_module(model, loss_fn)
@@ -84,7 +86,7 @@ class Trainer:
         plan = self.plan
         built = isinstance(model, nnx.Module)
         abstract = model if built else nnx.eval_shape(model)
-        self.staged_from: nnx.Module | None = None
+        self.staged_from: nnx.Module | FunctionModel | None = None
         """A model whose blocks are a Python loop, pipelined as `autoshard.staging.Staged` (its structure: what
         `model()` returns and checkpoints store); None otherwise."""
         if plan.pipeline is not None and protocols.missing(abstract, protocols.StagedModel):
@@ -118,14 +120,23 @@ class Trainer:
                                   out_shardings=self.param_shardings)()
             self.rest = jax.jit(lambda: nnx.split(model(), nnx.Param, ...)[2], out_shardings=replicated)()
 
+    def _init_staged_function(self, loss_fn: Callable, unused: Any, variables: Any, rng: jax.Array | None) -> None:
+        """A plain loss function over Linen variables under a pipeline: trained as the NNX model
+        `staging.LinenStaged` makes of it; `variables()` gives the user's structure back."""
+        if unused is not None or isinstance(loss_fn, nnx.Module):
+            raise AutoshardError("with params=, pass the loss function itself in the model's place: "
+                                 "autoshard.parallelize(loss_fn, optimizer, plan, params=variables)")
+        if rng is not None:
+            raise PlanError("a pipelined loss function takes no dropout key (it is not carried between stages): "
+                            "drop rng= or use pipe=1")
+        self._init_module(staging.LinenStaged(loss_fn, variables), None)
+        self.staged_from = FunctionModel(loss_fn, variables)
+
     def _init_function(self, loss_fn: Callable, unused: Any, variables: Any, rng: jax.Array | None) -> None:
         """Trained parameters and carried state (other collections, the dropout key) of a plain loss function."""
         if unused is not None or isinstance(loss_fn, nnx.Module):
             raise AutoshardError("with params=, pass the loss function itself in the model's place: "
                                  "autoshard.parallelize(loss_fn, optimizer, plan, params=variables)")
-        if self.plan.pipeline is not None:
-            raise PlanError("pipelines run NNX models with a scanned layer stack for now: plan a plain loss "
-                            "function with pipe=1")
         if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(variables)):
             raise AutoshardError("params= holds shapes only: pass the initialised variables (model.init(...))")
         self.function = FunctionModel(loss_fn, variables, rng)
@@ -366,18 +377,23 @@ class Trainer:
 
     def model(self) -> nnx.Module:
         """The model with the current (sharded) parameters."""
-        if self.function is not None:
+        if self.function is not None or isinstance(self.staged_from, FunctionModel):
             raise AutoshardError("this trainer runs a plain loss function: its trained values are "
                                  "trainer.variables()")
+        return self._model()
+
+    def _model(self) -> nnx.Module:
         if self.pipeline is not None:
             model = nnx.merge(self.graphdef, jax.jit(self.pipeline.from_staged)(self.params), self.rest)
-            return model.to_user(self.staged_from) if self.staged_from is not None else model
+            return model.to_user(self.staged_from) if isinstance(self.staged_from, nnx.Module) else model
         return nnx.merge(self.graphdef, self.params, self.rest)
 
 
     def variables(self) -> Any:
         """On the function path: the trained variables in the structure `params=` had (Linen boxes included),
         state collections as the last step left them."""
+        if isinstance(self.staged_from, FunctionModel):
+            return self.staged_from.rebox(self._model().user_params(), None)
         if self.function is None:
             raise AutoshardError("this trainer runs an NNX model: its trained values are trainer.model()")
         return self.function.rebox(self.params, self.rest["state"])

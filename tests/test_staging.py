@@ -1,6 +1,8 @@
-"""Pipelines for NNX models whose blocks are a Python loop (`autoshard.staging`): the zoo's encoder (an
-`nnx.List` of blocks with `nnx.MultiHeadAttention`, [B] labels) trains under pipe=2 as on one device, its weights
-and checkpoints keep the model's own structure, and what cannot be cut into stages is refused in one line."""
+"""Pipelines for models whose blocks are a Python loop (`autoshard.staging`): the zoo's NNX encoder (an `nnx.List`
+of blocks with `nnx.MultiHeadAttention`, [B] labels) and its Linen LM (a plain loss function over variables with
+logical partitioning boxes) train under pipe=2 as on one device, their weights and checkpoints keep the model's own
+structure, the free search pipelines such a model where it pays, and what cannot be cut into stages is refused in
+one line."""
 
 from __future__ import annotations
 
@@ -18,48 +20,53 @@ from zoo import MODELS
 
 STEPS = 3
 CASES = {"gpipe": {"pipe": 2, "data": 4}, "1f1b": {"pipe": 2, "data": 2, "tensor": 2}}
+NAMES = ("encoder", "linen_lm")
+"""The zoo's NNX encoder (an `nnx.List` of blocks) and its Linen LM (numbered `layers_i` submodules, logical
+partitioning metadata, through the function path)."""
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    model = MODELS["encoder"]
-    batch = model.batch()
-    return model, batch, model.reference(batch, STEPS)
+def references():
+    return {name: MODELS[name].reference(MODELS[name].batch(), STEPS) for name in NAMES}
 
 
 @pytest.fixture(scope="module")
-def trained(encoder):
-    """One trainer per schedule, trained STEPS steps: (trainer, losses)."""
-    model, batch, _ = encoder
+def trained():
+    """One trainer per model and schedule, trained STEPS steps: {(model, schedule): (trainer, losses)}."""
     out = {}
-    for schedule, mesh in CASES.items():
-        plan = model.plan(batch, cluster="cpu:8", mesh=mesh, schedule=schedule, microbatches=2)
-        trainer = model.parallelize(plan)
-        out[schedule] = trainer, [float(trainer.step(batch)["loss"]) for _ in range(STEPS)]
+    for name in NAMES:
+        model, batch = MODELS[name], MODELS[name].batch()
+        for schedule, mesh in CASES.items():
+            plan = model.plan(batch, cluster="cpu:8", mesh=mesh, schedule=schedule, microbatches=2)
+            trainer = model.parallelize(plan)
+            out[name, schedule] = trainer, [float(trainer.step(batch)["loss"]) for _ in range(STEPS)]
     return out
 
 
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("schedule", list(CASES))
-def test_a_python_loop_of_blocks_pipelines_as_one_device_trains(encoder, trained, schedule):
-    model, batch, (ref_losses, ref_params) = encoder
-    trainer, losses = trained[schedule]
+def test_a_python_loop_of_blocks_pipelines_as_one_device_trains(references, trained, name, schedule):
+    model = MODELS[name]
+    ref_losses, ref_params = references[name]
+    trainer, losses = trained[name, schedule]
     assert trainer.plan.pipeline.schedule == schedule and trainer.plan.mesh["pipe"] == 2
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    got = model.trained(trainer)  # the user's own structure: blocks/0/..., blocks/1/...
+    got = model.trained(trainer)  # the user's own structure: blocks/0/..., layers_1/...
     assert sorted(got) == sorted(ref_params)
     for path, want in ref_params.items():
         np.testing.assert_allclose(got[path], want, rtol=1e-5, atol=1e-6, err_msg=path)
 
 
-def test_the_pipelined_plan_verifies(encoder, trained):
-    _, batch, _ = encoder
-    result = autoshard.verify(trained["gpipe"][0], batch)
+@pytest.mark.parametrize("name", NAMES)
+def test_the_pipelined_plans_verify(trained, name):
+    result = autoshard.verify(trained[name, "gpipe"][0], MODELS[name].batch())
     assert result.ok, str(result)
 
 
-def test_checkpoints_keep_the_models_own_paths_and_restore_under_another_plan(encoder, trained):
-    model, batch, _ = encoder
-    trainer = trained["1f1b"][0]
+def test_checkpoints_keep_the_models_own_paths_and_restore_under_another_plan(trained):
+    model = MODELS["encoder"]
+    batch = model.batch()
+    trainer = trained["encoder", "1f1b"][0]
     tables = state.model_layout(trainer)
     user = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model.factory(), nnx.Param))}
     assert set(tables["params"]) == user
@@ -121,6 +128,13 @@ def test_what_cannot_be_cut_into_stages_is_one_line(how, message):
         autoshard.plan(lambda: _Loop(how, nnx.Rngs(0)), batch, cluster="cpu:8", mesh={"pipe": pipe},
                        schedule="gpipe")
     assert "\n" not in str(info.value)
+
+
+def test_a_pipelined_loss_function_takes_no_dropout_key():
+    model = MODELS["linen_lm"]
+    with pytest.raises(PlanError, match="a pipelined loss function takes no dropout key"):
+        autoshard.plan(model.loss_fn, model.batch(), params=model.variables(), rng=jax.random.key(0),
+                       cluster="cpu:8", mesh={"pipe": 2})
 
 
 def test_blocks_that_differ_are_refused():
