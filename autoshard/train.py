@@ -63,6 +63,9 @@ class Trainer:
         self.optimizer = optimizer
         self.mesh = emit.make_mesh(plan, devices)
         self.pipeline: Pipeline | None = None
+        self.staged_from: nnx.Module | FunctionModel | None = None
+        """A model whose blocks are a Python loop (or a Linen loss function), pipelined as restaged by
+        `autoshard.staging` (its structure: what `model()` / `variables()` return and checkpoints store)."""
         self.function: FunctionModel | None = None
         """The plain loss function and its variables, on the function path (`params=`)."""
         if params is not None and plan.pipeline is not None:  # a loss function over Linen variables, restaged
@@ -86,9 +89,6 @@ class Trainer:
         plan = self.plan
         built = isinstance(model, nnx.Module)
         abstract = model if built else nnx.eval_shape(model)
-        self.staged_from: nnx.Module | FunctionModel | None = None
-        """A model whose blocks are a Python loop, pipelined as `autoshard.staging.Staged` (its structure: what
-        `model()` returns and checkpoints store); None otherwise."""
         if plan.pipeline is not None and protocols.missing(abstract, protocols.StagedModel):
             self.staged_from, user_loss, loss_fn = abstract, loss_fn, None
             model = staging.Staged(model, user_loss) if built else (lambda: staging.Staged(model(), user_loss))

@@ -109,7 +109,9 @@ def references() -> dict[str, tuple]:
     return {}
 
 
-CASES = [(name, method) for name in ALL for method in ("ring", "ulysses")]
+CASES = [("encoder", "ring"), ("gqa", "ulysses"), ("linen_lm", "ring"), ("jaxnn", "ulysses")]
+"""Each model under one method, each method for non-causal, grouped-query, Linen and jax.nn attention (both
+methods ran every model when this was written, all equal to one device; the pairs keep the suite's time)."""
 
 
 @pytest.mark.parametrize("name, method", CASES)
