@@ -98,10 +98,11 @@ def _running(mode: _Mode) -> Iterator[_Mode]:
 
 
 # -- finding the blocks ----------------------------------------------------------------------------------------------
-def find_blocks(model: nnx.Module) -> tuple[tuple[Any, ...], list[nnx.Module]] | None:
+def find_blocks(model: nnx.Module) -> tuple[tuple[Any, ...], list[nnx.Module]]:
     """(attribute path, blocks) of the model's largest list of at least two structurally identical blocks (same
-    module structure and weight shapes), or None."""
-    best, size = None, 0
+    module structure, static attributes and weight shapes); a one-line error naming a list whose blocks differ,
+    or saying there is none."""
+    best, size, differ = None, 0, None
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, (nnx.List, list, tuple)) or len(node) < 2:
             continue
@@ -109,10 +110,18 @@ def find_blocks(model: nnx.Module) -> tuple[tuple[Any, ...], list[nnx.Module]] |
             continue
         first = _signature(node[0])
         if any(_signature(b) != first for b in node[1:]):
+            differ = differ or "/".join(map(str, path))
             continue
         n = sum(int(np.prod(np.shape(x))) for b in node for x in jax.tree.leaves(nnx.state(b, nnx.Param)))
         if n > size:
             best, size = (tuple(path), list(node)), n
+    if best is None and differ is not None:
+        raise PlanError(f"{type(model).__name__} cannot be pipelined: the blocks of {differ} are not identical "
+                        f"(their modules, static attributes or weight shapes differ); a pipeline stacks identical "
+                        f"blocks: use pipe=1")
+    if best is None:
+        raise PlanError(f"{type(model).__name__} cannot be pipelined: it has no list of two or more identical "
+                        f"blocks (same modules, same weight shapes) to split into stages")
     return best
 
 
@@ -127,22 +136,16 @@ class Staged(nnx.Module):
     """A user's NNX model cut around its repeated blocks (module docstring); a `protocols.StagedModel`."""
 
     def __init__(self, model: nnx.Module, loss_fn: Callable | None = None):
-        found = find_blocks(model)
-        if found is None:
-            raise PlanError(f"{type(model).__name__} cannot be pipelined: it has no list of two or more identical "
-                            f"blocks (same modules, same weight shapes) to split into stages")
-        path, blocks = found
+        path, blocks = find_blocks(model)
         non_weights = [path_str(p) for p, _ in nnx.to_flat_state(nnx.split(blocks[0], nnx.Param, ...)[2])]
         if non_weights:
             raise PlanError(f"{type(model).__name__}'s blocks hold state other than weights ({non_weights[0]}): a "
                             f"pipeline carries only weights between stages; move it out of the blocks or use pipe=1")
         self.list_path = path
         self.layers = len(blocks)
-        self.user_graphdef = nnx.graphdef(model)
         self.loss_fn = loss_fn or (lambda m, b: m.loss(b))
-        self.block_graphdef = nnx.graphdef(blocks[0])
         states = [nnx.state(b, nnx.Param) for b in blocks]
-        self.blocks = nnx.merge(self.block_graphdef, jax.tree.map(_stack, *states))
+        self.blocks = nnx.merge(nnx.graphdef(blocks[0]), jax.tree.map(_stack, *states))
         outer = nnx.merge(*nnx.split(model))  # a copy: the user's model keeps its blocks
         _set(outer, path, nnx.List([_Stand(i) for i in range(len(blocks))]))
         self.outer = outer
@@ -162,7 +165,7 @@ class Staged(nnx.Module):
             try:
                 self.loss_fn(outer, batch)
             except _Reached as reached:
-                self._check_static(*mode.calls[0])
+                _static[self.token] = _plain_arguments(*mode.calls[0])
                 return reached.x
         raise PlanError("the loss never called its blocks: there is nothing to pipeline")
 
@@ -181,19 +184,6 @@ class Staged(nnx.Module):
         """The user's loss with the blocks run by a `lax.scan` over their stacked weights (what the planner
         traces: a layer stack it can cut into stages)."""
         return _scanned_loss(self, batch)
-
-    def _check_static(self, args: tuple, kwargs: dict) -> None:
-        arrays = [a for a in jax.tree.leaves((args, kwargs)) if isinstance(a, (jax.Array, np.ndarray))
-                  or hasattr(a, "aval")]
-        if arrays:
-            raise PlanError("the blocks take array inputs besides x: a pipeline passes one activation between "
-                            "stages; compute them inside the block, or use pipe=1")
-        try:
-            _static[self.token] = (tuple(args), tuple(sorted(kwargs.items())))
-            hash(_static[self.token])
-        except TypeError:
-            raise PlanError("the blocks take arguments besides x that are not plain values: a pipeline passes one "
-                            "activation between stages; use pipe=1") from None
 
     # -- checks and the user's structure -------------------------------------------------------------------------
     def block_path(self, i: int) -> str:
@@ -236,6 +226,21 @@ class Staged(nnx.Module):
 
         fill = lambda state: nnx.map_state(lambda p, v: v.replace(value(path_str(p))), state)  # noqa: E731
         return nnx.merge(graphdef, fill(params), fill(rest))
+
+
+def _plain_arguments(args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
+    """(args, sorted kwargs items) a block is called with besides x, which must be plain (hashable, not arrays):
+    a pipeline passes one activation between stages."""
+    if any(isinstance(a, (jax.Array, np.ndarray)) or hasattr(a, "aval") for a in jax.tree.leaves((args, kwargs))):
+        raise PlanError("the blocks take array inputs besides x: a pipeline passes one activation between stages; "
+                        "compute them inside the block, or use pipe=1")
+    out = (tuple(args), tuple(sorted(kwargs.items())))
+    try:
+        hash(out)
+    except TypeError:
+        raise PlanError("the blocks take arguments besides x that are not plain values: a pipeline passes one "
+                        "activation between stages; use pipe=1") from None
+    return out
 
 
 def _scanned_loss(staged: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -397,16 +402,11 @@ class LinenStaged(nnx.Module):
             if mode.kind == "epilogue":
                 return mode.x
             if path == first:
-                _static[self.token] = (context.module.clone(parent=None), tuple(args[1:]), dict(kwargs))
-                self._check_static(args[1:], kwargs)
+                rest, named = _plain_arguments(args[1:], kwargs)
+                _static[self.token] = (context.module.clone(parent=None), rest, dict(named))
                 raise _Reached(args[0])
             return next_fun(*args, **kwargs)
         return nn.intercept_methods(interceptor)
-
-    def _check_static(self, args: tuple, kwargs: dict) -> None:
-        if any(isinstance(a, jax.Array) or hasattr(a, "aval") for a in jax.tree.leaves((args, kwargs))):
-            raise PlanError("the blocks take array inputs besides x: a pipeline passes one activation between "
-                            "stages; compute them inside the block, or use pipe=1")
 
     def _prologue(self, outer: dict, batch: Any) -> jax.Array:
         mode = _Mode("prologue")

@@ -145,7 +145,7 @@ def test_a_pipelined_loss_function_takes_no_dropout_key():
 
 
 def test_blocks_that_differ_are_refused():
-    with pytest.raises(PlanError, match="no list of two or more identical blocks"):
+    with pytest.raises(PlanError, match="the blocks of blocks are not identical"):
         autoshard.plan(MODELS["gqa"].factory, MODELS["gqa"].batch(), cluster="cpu:8", mesh={"pipe": 2},
                        schedule="gpipe")
 
