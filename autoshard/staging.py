@@ -137,10 +137,11 @@ class Staged(nnx.Module):
 
     def __init__(self, model: nnx.Module, loss_fn: Callable | None = None):
         path, blocks = find_blocks(model)
-        non_weights = [path_str(p) for p, _ in nnx.to_flat_state(nnx.split(blocks[0], nnx.Param, ...)[2])]
+        non_weights = [path_str(p) for p, _ in nnx.to_flat_state(nnx.split(model, nnx.Param, ...)[2])]
         if non_weights:
-            raise PlanError(f"{type(model).__name__}'s blocks hold state other than weights ({non_weights[0]}): a "
-                            f"pipeline carries only weights between stages; move it out of the blocks or use pipe=1")
+            raise PlanError(f"{type(model).__name__} holds state other than weights ({non_weights[0]}: RNG streams, "
+                            f"batch statistics): a pipeline carries only weights between its stages and "
+                            f"microbatches; use pipe=1")
         self.list_path = path
         self.layers = len(blocks)
         self.loss_fn = loss_fn or (lambda m, b: m.loss(b))
