@@ -6,8 +6,11 @@ write attention themselves (`jax.nn.dot_product_attention`, flax's `nnx.MultiHea
 it traces the function to a jaxpr, finds each attention there (`planner.attention_match`), and re-runs the jaxpr
 equation by equation with each one replaced by `ops.attention` on its q, k, v brought to the op's layout (the scale
 folded into q), the result laid out as the model's own. Functions with no attention it can run this way are called
-as they are. Attention it finds but cannot run as the op (a sliding-window, padding or arbitrary mask, a bias,
-dropout on the probabilities, ...) stays dense, with one warning per rewrite that says why.
+as they are. A key (padding) mask computed from the inputs (`jnp.where(keep[:, None, None, :], ...)`,
+`jax.nn.dot_product_attention(mask=..., key_value_seq_lengths=...)`), alone or ANDed with a causal mask, is passed
+as the op's `key_mask`. Attention it finds but cannot run as the op (a sliding-window or arbitrary mask, a mask from
+the inputs that varies over query positions, a bias, dropout on the probabilities, ...) stays dense, with one
+warning per rewrite that says why.
 
 Reached: the function's top level and the bodies of inlined calls (`jit`), `scan` loops (`nnx.scan`, a layer scan)
 and `remat`; attention inside a `custom_jvp` / `custom_vjp` body, a `cond` or a `while` loop stays dense.
@@ -128,6 +131,13 @@ def _canonical(x: jax.Array, operand: Operand) -> jax.Array:
     return jnp.transpose(x, operand.perm).reshape(operand.shape)
 
 
+def _key_mask(m: Match, read: Callable[[Any], Any], batch: int, keys: int) -> jax.Array | None:
+    """The match's key (padding) mask as `ops.attention` takes it: [B, T] bool, True = attend."""
+    if m.key_mask is None:
+        return None
+    return jnp.broadcast_to(_canonical(read(m.key_mask.var), m.key_mask).astype(bool), (batch, keys))
+
+
 def attend(m: Match, read: Callable[[Any], Any]) -> jax.Array:
     """The match's output computed by `ops.attention`: q, k, v in its layout (the match's scale folded into q: the
     op scales by 1/sqrt(head_dim)), the result in the layout of the model's own probs.v product."""
@@ -135,7 +145,7 @@ def attend(m: Match, read: Callable[[Any], Any]) -> jax.Array:
     extra = m.scale * math.sqrt(m.head_dim)
     if abs(extra - 1.0) > 1e-6:
         q = q * jnp.asarray(extra, q.dtype)
-    out = ops.attention(q, k, v, causal=m.causal)
+    out = ops.attention(q, k, v, causal=m.causal, key_mask=_key_mask(m, read, q.shape[0], k.shape[1]))
     return jnp.transpose(out.reshape(m.out_shape), m.out_perm).astype(m.out.aval.dtype)
 
 

@@ -93,25 +93,35 @@ def positions(length: int) -> Array:
 
 
 # -- attention -------------------------------------------------------------------------------------------------------
-def attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Array:
+def attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None) -> Array:
     """Softmax attention. q: [B, S, H, D]; k, v: [B, S, Hkv, D] with Hkv dividing H (grouped-query).
+
+    key_mask: None or [B, T] bool, True where a key may be attended (a padding mask), combined with `causal`. A row
+    left with no key to attend gets the mean of all the values, as a dense softmax over a constant very negative
+    fill gives (`dense_attention`), so that rewritten models keep their losses (`autoshard.attention_rewrite`).
 
     Its ops run under the scope `autoshard.attention`, and `autoshard.attention/causal` when causal: the planner
     reads whether the ring must balance it from that (`planner.seq_expert.op_shapes`; the mask's own ops sit in
     jitted helpers, whose equations do not carry the caller's scope)."""
     impl = ATTENTION_IMPLS[current().attention]
+    masked = {} if key_mask is None else {"key_mask": key_mask}  # implementations registered elsewhere may not mask
     with jax.named_scope("autoshard.attention"), jax.named_scope("causal" if causal else "full"):
-        return impl(q, k, v, causal=causal)
+        return impl(q, k, v, causal=causal, **masked)
 
 
-def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Array:
+def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None) -> Array:
+    """Attention with the [B, H, S, T] logits in memory; masked logits are set to the float32 minimum (a finite
+    fill: a row with every key masked gets uniform probabilities, not NaN)."""
     b, s, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, s, hkv, h // hkv, d)
     logits = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / math.sqrt(d)
-    if causal:
-        mask = jnp.tril(jnp.ones((s, k.shape[1]), dtype=bool))
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    keep = jnp.tril(jnp.ones((s, k.shape[1]), dtype=bool)) if causal else None
+    if key_mask is not None:
+        keys = key_mask.astype(bool)[:, None, None, None, :]
+        keep = keys if keep is None else keys & keep
+    if keep is not None:
+        logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h, d)

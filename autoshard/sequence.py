@@ -149,7 +149,8 @@ def all_to_all(x: Array, axis: str, split_axis: int, concat_axis: int, *, native
 
 
 # -- Ulysses ---------------------------------------------------------------------------------------------------------
-def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Array:
+def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True,
+                      key_mask: Array | None = None) -> Array:
     """All-to-all sequence parallelism (DeepSpeed-Ulysses).
 
     Per device: all_to_all q, k, v from sequence-sharded [B, S/n, H, D] to head-sharded [B, S, H/n, D], attention
@@ -162,13 +163,16 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> A
 
     With other mesh axes > 1 left to XLA (data, fsdp, tensor, ...) the exchanges are `all_to_all`'s ppermute form
     (compiled as `seq/collective-permute`, same bytes); otherwise native all-to-alls (`seq/all-to-all`).
+
+    A key mask [B, S] (`ops.attention`) is all-gathered over `seq` (B*S bools): each device attends over the whole
+    sequence (and fills rows with no key to attend with its heads' mean values, `_fill_empty_rows`).
     """
     from autoshard import ops  # imported here: ops imports this module to register it
 
     mesh = ops.current().mesh
     n = axis_size(mesh, "seq")
     if n == 1:
-        return ops.dense_attention(q, k, v, causal=causal)
+        return ops.dense_attention(q, k, v, causal=causal, key_mask=key_mask)
     b, s, h, d = q.shape
     s = s * n if is_manual("seq") else s  # the global length
     hkv = k.shape[2]
@@ -193,13 +197,15 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> A
         x = all_to_all(x, "seq", split_axis=1, concat_axis=3, native=native)
         return x.reshape(bl, sf // n, hl * n, dx)
 
-    def body(q: Array, k: Array, v: Array) -> Array:
-        o = _local_flash(causal)(seq_to_heads(q), seq_to_heads(k), seq_to_heads(v))
+    def body(q: Array, k: Array, v: Array, keys: Array | None = None) -> Array:
+        whole = _gather_keys(keys)
+        q, k, v = seq_to_heads(q), seq_to_heads(k), seq_to_heads(v)
+        o = _local_flash(causal)(q, k, v, whole)
+        if whole is not None:  # the whole sequence is here: the values' mean needs no exchange
+            o = _fill_empty_rows(o, jnp.mean(v.astype(jnp.float32), axis=1), whole, causal, 0)
         return heads_to_seq(o)
 
-    spec = P(None, "seq")
-    return manual_over("seq", body, (spec, spec, spec), spec, mesh, q, k, v)
-
+    return _run_seq(body, mesh, q, k, v, key_mask)
 
 
 
@@ -215,7 +221,8 @@ def _scores(q: Array, k: Array) -> Array:
 def _block(q: Array, k: Array, v: Array, keep: Array | None) -> tuple[Array, Array, Array]:
     """Unnormalised attention of q [B, Tq, H, D] over k, v [B, Tk, Hkv, D] (grouped query, no KV repeat).
 
-    keep: None or a float32 [Tq, Tk] of 1 (attend) and 0 (masked). Returns o [B, Tq, H, D] (float32, sum of p*v),
+    keep: None or a float32 of 1 (attend) and 0 (masked) broadcasting to [B, Hkv, G, Tq, Tk] (`_keep`: [Tq, Tk]
+    causal, [B, 1, 1, 1, Tk] keys, or their product). Returns o [B, Tq, H, D] (float32, sum of p*v),
     m [B, Hkv, G, Tq] (row max) and l [B, Hkv, G, Tq] (sum of p). Fully masked rows give m=_NEG, l=0, o=0. Only
     the forward of the ring's custom_vjp runs it (never autodiff).
     """
@@ -230,6 +237,15 @@ def _block(q: Array, k: Array, v: Array, keep: Array | None) -> tuple[Array, Arr
     l = jnp.sum(p, axis=-1)
     o = jnp.einsum("bkgqt,btkd->bqkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(b, tq, h, d), m, l
+
+
+def _keep(causal: Array | None, keys: Array | None) -> Array | None:
+    """The float32 keep factor of one block: its causal [Tq, Tk] (or None) times its key mask [B, Tk] (or None)
+    laid out over the scores [B, Hkv, G, Tq, Tk]."""
+    if keys is None:
+        return causal
+    keys = keys.astype(jnp.float32)[:, None, None, None, :]
+    return keys if causal is None else keys * causal
 
 
 def _block_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
@@ -296,51 +312,58 @@ def _causal_keep(x: Array, q0: Array | int, tq: int, k0: Array | int, tk: int) -
     return (rows[:, None] >= (k0 + jnp.arange(tk))[None, :]).astype(jnp.float32)
 
 
-def _flash_forward(q: Array, k: Array, v: Array, causal: bool) -> tuple[Array, Array, Array]:
+def _flash_forward(q: Array, k: Array, v: Array, causal: bool,
+                   keys: Array | None = None) -> tuple[Array, Array, Array]:
     """`_block` over chunks (online softmax across key chunks), so the transient is one chunk pair's probabilities;
-    with `causal` (q and k the same local rows) chunk pairs above the diagonal are skipped."""
+    with `causal` (q and k the same local rows) chunk pairs above the diagonal are skipped. keys: None or the key
+    mask [B, Tk] (bool) of k's rows."""
     tq, tk = q.shape[1], k.shape[1]
     cq, ck = _chunk(tq), _chunk(tk)
     if cq == tq and ck == tk:
-        return _block(q, k, v, _causal_keep(q, 0, tq, 0, tk) if causal else None)
+        return _block(q, k, v, _keep(_causal_keep(q, 0, tq, 0, tk) if causal else None, keys))
+    key_chunks = None if keys is None else _chunks(keys, ck)
 
     def row(args: tuple[Array, Array]) -> tuple[Array, Array, Array]:
         qi, qc = args
         # start from key chunk 0 (never skipped) rather than zeros: constants would be hoisted (`_causal_keep`)
-        init = _block(qc, k[:, :ck], v[:, :ck], _causal_keep(qc, qi * cq, cq, 0, ck) if causal else None)
+        init = _block(qc, k[:, :ck], v[:, :ck], _keep(_causal_keep(qc, qi * cq, cq, 0, ck) if causal else None,
+                                                       None if keys is None else key_chunks[0]))
 
         def step(acc, x):
-            kj, kc, vc = x
+            kj, kc, vc, mc = x
             if not causal:
-                return _merge(acc, _block(qc, kc, vc, None)), None
+                return _merge(acc, _block(qc, kc, vc, _keep(None, mc))), None
             return jax.lax.cond(kj * ck > qi * cq + cq - 1, lambda a: a,
-                                lambda a: _merge(a, _block(qc, kc, vc, _causal_keep(qc, qi * cq, cq, kj * ck, ck))),
+                                lambda a: _merge(a, _block(qc, kc, vc, _keep(_causal_keep(qc, qi * cq, cq, kj * ck,
+                                                                                          ck), mc))),
                                 acc), None
 
-        return jax.lax.scan(step, init, (jnp.arange(1, tk // ck), _chunks(k, ck)[1:], _chunks(v, ck)[1:]))[0]
+        xs = (jnp.arange(1, tk // ck), _chunks(k, ck)[1:], _chunks(v, ck)[1:],
+              None if keys is None else key_chunks[1:])
+        return jax.lax.scan(step, init, xs)[0]
 
     o, m, l = jax.lax.map(row, (jnp.arange(tq // cq), _chunks(q, cq)))
     return _unchunk(o), _row_unchunk(m), _row_unchunk(l)
 
 
-def _flash_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
-                 causal: bool) -> tuple[Array, Array, Array]:
+def _flash_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array, causal: bool,
+                 keys: Array | None = None) -> tuple[Array, Array, Array]:
     """`_block_grads` over chunks: per key chunk, a loop over query chunks accumulates its dK/dV and emits dq
-    contributions; with `causal` chunk pairs above the diagonal are skipped."""
+    contributions; with `causal` chunk pairs above the diagonal are skipped. keys: as in `_flash_forward`."""
     tq, tk = q.shape[1], k.shape[1]
     cq, ck = _chunk(tq), _chunk(tk)
     if cq == tq and ck == tk:
-        return _block_grads(q, k, v, do, lse, delta, _causal_keep(q, 0, tq, 0, tk) if causal else None)
+        return _block_grads(q, k, v, do, lse, delta, _keep(_causal_keep(q, 0, tq, 0, tk) if causal else None, keys))
     rows = (jnp.arange(tq // cq), _chunks(q, cq), _chunks(do, cq), _row_chunks(lse, cq), _row_chunks(delta, cq))
 
     def col(dq, x):
-        kj, kc, vc = x
+        kj, kc, vc, mc = x
 
         def row(acc, y):
             qi, qc, doc, lc, dc = y
 
             def compute(acc):
-                keep = _causal_keep(qc, qi * cq, cq, kj * ck, ck) if causal else None
+                keep = _keep(_causal_keep(qc, qi * cq, cq, kj * ck, ck) if causal else None, mc)
                 gq, gk, gv = _block_grads(qc, kc, vc, doc, lc, dc, keep)
                 return (acc[0] + gk, acc[1] + gv), gq
 
@@ -354,7 +377,8 @@ def _flash_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Arr
         return dq + _unchunk(gq), (gk, gv)
 
     dq, (dk, dv) = jax.lax.scan(col, jnp.zeros_like(q, jnp.float32),
-                                (jnp.arange(tk // ck), _chunks(k, ck), _chunks(v, ck)))
+                                (jnp.arange(tk // ck), _chunks(k, ck), _chunks(v, ck),
+                                 None if keys is None else _chunks(keys, ck)))
     return dq, _unchunk(dk), _unchunk(dv)
 
 
@@ -424,21 +448,24 @@ def _ring(n: int) -> list[tuple[int, int]]:
     return [(j, (j + 1) % n) for j in range(n)]
 
 
-def _ring_forward(q: Array, k: Array, v: Array, n: int, causal: bool) -> tuple[Array, Array]:
-    """Output o [B, T, H, D] (q.dtype) and log-sum-exp [B, Hkv, G, T] (float32) of the local (zigzag) queries."""
+def _ring_forward(q: Array, k: Array, v: Array, n: int, causal: bool,
+                  keys: Array | None) -> tuple[Array, Array]:
+    """Output o [B, T, H, D] (q.dtype) and log-sum-exp [B, Hkv, G, T] (float32) of the local (zigzag) queries.
+    keys: None or the whole key mask [B, S] (contiguous order), indexed by each visiting block's source."""
     me = jax.lax.axis_index("seq")
     c = q.shape[1] // 2
-    acc = _flash_forward(q, k, v, causal)  # the diagonal step: causal over the local rows (zigzag or not)
+    acc = _flash_forward(q, k, v, causal, _key_block(keys, me, n, causal))  # the diagonal step
 
     def visit(kv: tuple[Array, Array], src: Array) -> tuple[Array, Array, Array]:
+        mask = _key_block(keys, src, n, causal)
         if not causal:
-            return _flash_forward(q, *kv, False)
+            return _flash_forward(q, *kv, False, mask)
 
         def earlier(k, v):  # src < i: both query chunks see K/V chunk src only
-            return _flash_forward(q, k[:, :c], v[:, :c], False)
+            return _flash_forward(q, k[:, :c], v[:, :c], False, None if mask is None else mask[:, :c])
 
         def later(k, v):  # src > i: query chunk 2n-1-i sees both K/V chunks; chunk i sees none
-            o, m, l = _flash_forward(q[:, c:], k, v, False)
+            o, m, l = _flash_forward(q[:, c:], k, v, False, mask)
             pad = [(0, 0)] * 3 + [(c, 0)]
             return (jnp.pad(o, [(0, 0), (c, 0), (0, 0), (0, 0)]), jnp.pad(m, pad, constant_values=_NEG),
                     jnp.pad(l, pad))
@@ -455,9 +482,11 @@ def _ring_forward(q: Array, k: Array, v: Array, n: int, causal: bool) -> tuple[A
 
 
 def _normalise(o: Array, m: Array, l: Array, dtype: Any) -> tuple[Array, Array]:
-    """Output (o / l, in `dtype`) and float32 log-sum-exp (m + log l) of an online-softmax accumulator."""
+    """Output (o / l, in `dtype`) and float32 log-sum-exp (m + log l) of an online-softmax accumulator. A row with
+    no key to attend (l = 0: its output is 0, replaced by `_fill_empty_rows`) gets lse = +inf, so the backward's
+    exp(scores - lse) is 0 there rather than exp(score - _NEG) = inf times a 0 mask = NaN."""
     safe = jnp.where(l == 0.0, 1.0, l)
-    return (o / _rows(safe, o)).astype(dtype), m + jnp.log(safe)
+    return (o / _rows(safe, o)).astype(dtype), jnp.where(l == 0.0, jnp.inf, m + jnp.log(safe))
 
 
 def _delta(do: Array, o: Array, lse: Array) -> Array:
@@ -465,26 +494,28 @@ def _delta(do: Array, o: Array, lse: Array) -> Array:
     return _stats(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1), lse)
 
 
-def _ring_backward(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array, n: int,
+def _ring_backward(q: Array, k: Array, v: Array, o: Array, lse: Array, keys: Array | None, do: Array, n: int,
                    causal: bool) -> tuple[Array, Array, Array]:
     """dq, dk, dv of the local blocks: K/V travel the ring again with their float32 dK/dV accumulators; each step
     recomputes its probability block from q, k and lse; after n-1 steps one more rotation brings dK/dV home."""
     me = jax.lax.axis_index("seq")
     c = q.shape[1] // 2
     delta = _delta(do, o, lse)
-    dq, dk, dv = _flash_grads(q, k, v, do, lse, delta, causal)
+    dq, dk, dv = _flash_grads(q, k, v, do, lse, delta, causal, _key_block(keys, me, n, causal))
 
     def visit(kv: tuple[Array, Array], src: Array) -> tuple[Array, Array, Array]:
+        mask = _key_block(keys, src, n, causal)
         if not causal:
-            return _flash_grads(q, *kv, do, lse, delta, False)
+            return _flash_grads(q, *kv, do, lse, delta, False, mask)
 
         def earlier(k, v):  # src < i: both query chunks, K/V chunk src only
-            dq, dk, dv = _flash_grads(q, k[:, :c], v[:, :c], do, lse, delta, False)
+            dq, dk, dv = _flash_grads(q, k[:, :c], v[:, :c], do, lse, delta, False,
+                                      None if mask is None else mask[:, :c])
             pad = [(0, 0), (0, c), (0, 0), (0, 0)]
             return dq, jnp.pad(dk, pad), jnp.pad(dv, pad)
 
         def later(k, v):  # src > i: query chunk 2n-1-i, both K/V chunks
-            dq, dk, dv = _flash_grads(q[:, c:], k, v, do[:, c:], lse[..., c:], delta[..., c:], False)
+            dq, dk, dv = _flash_grads(q[:, c:], k, v, do[:, c:], lse[..., c:], delta[..., c:], False, mask)
             return jnp.pad(dq, [(0, 0), (c, 0), (0, 0), (0, 0)]), dk, dv
 
         return jax.lax.cond(src < me, earlier, later, *kv)
@@ -500,23 +531,63 @@ def _ring_backward(q: Array, k: Array, v: Array, o: Array, lse: Array, do: Array
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+# -- key (padding) masks ---------------------------------------------------------------------------------------------
+def _gather_keys(keys: Array | None) -> Array | None:
+    """The whole key mask [B, S] from each device's contiguous block [B, S/n] (an all-gather over `seq` of B*S
+    bools, negligible next to the attention's exchanges): Ulysses attends over the whole sequence, the ring indexes
+    it by each visiting block's source, and both need it to find rows with no key to attend."""
+    return None if keys is None else jax.lax.all_gather(keys, "seq", axis=1, tiled=True)
+
+
+def _key_block(keys: Array | None, src: Array | int, n: int, causal: bool) -> Array | None:
+    """The key mask of the K/V block device `src` holds, laid out as the ring carries it: contiguous block src,
+    or with `causal` its zigzag chunks src and 2n-1-src (`_to_zigzag`). None when there is no mask."""
+    if keys is None:
+        return None
+    if not causal:
+        size = keys.shape[1] // n
+        return jax.lax.dynamic_slice_in_dim(keys, src * size, size, axis=1)
+    c = keys.shape[1] // (2 * n)
+    return jnp.concatenate([jax.lax.dynamic_slice_in_dim(keys, src * c, c, axis=1),
+                            jax.lax.dynamic_slice_in_dim(keys, (2 * n - 1 - src) * c, c, axis=1)], axis=1)
+
+
+def _fill_empty_rows(o: Array, mean: Array, keys: Array, causal: bool, first_row: Array | int) -> Array:
+    """The output block o [B, T, H, D] (rows first_row.. of the sequence) with each row that has no key to attend
+    (every key masked, or with `causal` every key up to the row's position) set to the mean of all values, which
+    is what dense attention with a finite fill gives the model (all logits equal the fill: uniform
+    probabilities); the flash kernels leave such rows 0.
+
+    mean: the mean of all values [B, Hkv, D] (float32); keys: the whole key mask [B, S] (`_gather_keys`)."""
+    b, t, h, _ = o.shape
+    total = keys.shape[1]
+    some = jnp.any(keys, axis=1)
+    if causal:
+        first = jnp.where(some, jnp.argmax(keys, axis=1), total)  # the first key any row may attend
+        empty = (first_row + jnp.arange(t))[None, :] < first[:, None]
+    else:
+        empty = jnp.broadcast_to(~some[:, None], (b, t))
+    mean = jnp.repeat(mean, h // mean.shape[1], axis=1)[:, None].astype(o.dtype)  # [B, 1, H, D], query head order
+    return jnp.where(empty[:, :, None, None], mean, o)
+
+
 def _local_flash(causal: bool) -> Any:
-    """Chunked attention of local q [B, T, H, D] over k, v [B, T, Hkv, D] as a `jax.custom_vjp` (Ulysses' per-device
-    attention over the whole sequence): it keeps q, k, v, the output and the float32 log-sum-exp, not the
-    [B, H, T, T] probabilities, and recomputes them chunk by chunk in the backward."""
+    """Chunked attention of local q [B, T, H, D] over k, v [B, T, Hkv, D] (and a key mask [B, T] or None) as a
+    `jax.custom_vjp` (Ulysses' per-device attention over the whole sequence): it keeps q, k, v, the output and the
+    float32 log-sum-exp, not the [B, H, T, T] probabilities, and recomputes them chunk by chunk in the backward."""
 
-    def forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple]:
-        o, lse = _normalise(*_flash_forward(q, k, v, causal), q.dtype)
-        return o, (q, k, v, o, lse)
+    def forward(q: Array, k: Array, v: Array, keys: Array | None) -> tuple[Array, tuple]:
+        o, lse = _normalise(*_flash_forward(q, k, v, causal, keys), q.dtype)
+        return o, (q, k, v, o, lse, keys)
 
-    def backward(res: tuple, do: Array) -> tuple[Array, Array, Array]:
-        q, k, v, o, lse = res
-        dq, dk, dv = _flash_grads(q, k, v, do, lse, _delta(do, o, lse), causal)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    def backward(res: tuple, do: Array) -> tuple[Array, Array, Array, None]:
+        q, k, v, o, lse, keys = res
+        dq, dk, dv = _flash_grads(q, k, v, do, lse, _delta(do, o, lse), causal, keys)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
     @jax.custom_vjp
-    def attend(q: Array, k: Array, v: Array) -> Array:
-        return forward(q, k, v)[0]
+    def attend(q: Array, k: Array, v: Array, keys: Array | None) -> Array:
+        return forward(q, k, v, keys)[0]
 
     attend.defvjp(forward, backward)
     return attend
@@ -525,30 +596,55 @@ def _local_flash(causal: bool) -> Any:
 def _ring_vjp(n: int, causal: bool) -> Any:
     """Ring attention of per-device (sequence-sharded contiguous) blocks, for a shard_map manual over `seq`, as a
     `jax.custom_vjp`: the forward keeps only the local (zigzag when causal) q, k, v, output and float32
-    log-sum-exp blocks, the backward runs the ring again (`_ring_backward`). The zigzag relayouts are inside both.
+    log-sum-exp blocks (and the whole key mask, when there is one), the backward runs the ring again
+    (`_ring_backward`). The zigzag relayouts are inside both.
     """
 
-    def forward(q: Array, k: Array, v: Array) -> tuple[Array, tuple]:
+    def forward(q: Array, k: Array, v: Array, keys: Array | None) -> tuple[Array, tuple]:
         me = jax.lax.axis_index("seq")
         if causal:
             q, k, v = (_to_zigzag(x, n, me) for x in (q, k, v))
-        o, lse = _ring_forward(q, k, v, n, causal)
-        return (_from_zigzag(o, n, me) if causal else o), (q, k, v, o, lse)
+        o, lse = _ring_forward(q, k, v, n, causal, keys)
+        return (_from_zigzag(o, n, me) if causal else o), (q, k, v, o, lse, keys)
 
-    def backward(res: tuple, do: Array) -> tuple[Array, Array, Array]:
+    def backward(res: tuple, do: Array) -> tuple[Array, Array, Array, None]:
         me = jax.lax.axis_index("seq")
         grads = _ring_backward(*res, _to_zigzag(do, n, me) if causal else do, n, causal)
-        return tuple(_from_zigzag(g, n, me) for g in grads) if causal else grads
+        return (*(tuple(_from_zigzag(g, n, me) for g in grads) if causal else grads), None)
 
     @jax.custom_vjp
-    def attend(q: Array, k: Array, v: Array) -> Array:
-        return forward(q, k, v)[0]
+    def attend(q: Array, k: Array, v: Array, keys: Array | None) -> Array:
+        return forward(q, k, v, keys)[0]
 
     attend.defvjp(forward, backward)
     return attend
 
 
-def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Array:
+def _ring_body(n: int, causal: bool) -> Any:
+    """The ring's per-device body, with an optional key mask block [B, S/n]: `_ring_vjp` on the whole key mask,
+    then rows with no key to attend filled as dense attention fills them (`_fill_empty_rows`; the values' mean
+    costs an all-reduce of [B, Hkv, D] over `seq`, forward and backward)."""
+    attend = _ring_vjp(n, causal)
+
+    def body(q: Array, k: Array, v: Array, keys: Array | None = None) -> Array:
+        whole = _gather_keys(keys)
+        o = attend(q, k, v, whole)
+        if whole is None:
+            return o
+        mean = jax.lax.psum(jnp.sum(v.astype(jnp.float32), axis=1), "seq") / whole.shape[1]
+        return _fill_empty_rows(o, mean, whole, causal, jax.lax.axis_index("seq") * o.shape[1])
+
+    return body
+
+
+def _run_seq(body: Any, mesh: Any, q: Array, k: Array, v: Array, key_mask: Array | None) -> Array:
+    """`body` manual over `seq` on sequence-sharded q, k, v (and key mask [B, S], when there is one)."""
+    spec = P(None, "seq")
+    args = (q, k, v) if key_mask is None else (q, k, v, key_mask.astype(bool))
+    return manual_over("seq", body, (spec,) * len(args), spec, mesh, *args)
+
+
+def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None) -> Array:
     """Ring attention: K/V blocks travel around the `seq` axis (ppermute), online softmax in float32.
 
     Causal attention is load balanced with the zigzag layout: the sequence is cut into 2n chunks and device i works
@@ -567,21 +663,22 @@ def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True) -> Arra
     zigzag skipping. Within a step, queries and keys go in chunks of up to `RING_CHUNK` tokens (online softmax
     across key chunks; causal chunk pairs above the diagonal skipped), so per device the op holds O(S/n)
     residuals plus a transient of a few [B, H, chunk, chunk] float32 blocks (`planner.seq_expert.ring_memory`).
+
+    A key mask [B, S] (`ops.attention`) does not travel: it is all-gathered once (B*S bools) and each step takes
+    the block of the visiting K/V's source (`_key_block`), in the zigzag layout when causal.
     """
     from autoshard import ops  # imported here: ops imports this module to register it
 
     mesh = ops.current().mesh
     n = axis_size(mesh, "seq")
     if n == 1:
-        return ops.dense_attention(q, k, v, causal=causal)
+        return ops.dense_attention(q, k, v, causal=causal, key_mask=key_mask)
     s = q.shape[1] * (n if is_manual("seq") else 1)  # the global length
     parts = 2 * n if causal else n
     if s % parts:
         raise PlanError(f"{'causal ' if causal else ''}ring attention needs the sequence length ({s}) divisible by "
                         f"{parts} (= {'2 x ' if causal else ''}seq={n}): change the seq degree or the sequence length")
-
-    spec = P(None, "seq")
-    return manual_over("seq", _ring_vjp(n, causal), (spec, spec, spec), spec, mesh, q, k, v)
+    return _run_seq(_ring_body(n, causal), mesh, q, k, v, key_mask)
 
 
 __all__ = ["all_to_all", "axis_size", "free_axes", "ring_attention", "ring_bytes", "shard_map_mesh",

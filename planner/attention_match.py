@@ -10,6 +10,9 @@ very negative fill), `row` (constant along the key axis: the row max and whateve
 with an outside value v over the key axis ends the match. Masks, fills, scales and biases must be constants of
 the program (literals, closed-over arrays, `iota` arithmetic): they are folded with numpy (`Scope.fold`), kept
 compact (size 1 along the axes they do not vary on), so a [S, T] causal mask costs [S, T], not [B, H, S, T].
+One exception: a `jnp.where` mask computed from the inputs that is, possibly ANDed with constants, one value
+varying over batch and key positions only (a padding mask, `_dynamic_select`, `_key_operand`) becomes the match's
+`key_mask`, which `ops.attention` takes; masks from the inputs that vary over query positions or heads stay dense.
 
 The module is read-only over jaxprs (it imports neither `autoshard` nor the model) and sees through calls
 (`jit`, `custom_jvp_call`, `remat`, ...) inside a match; `find` also looks inside the bodies of inlined calls,
@@ -210,6 +213,9 @@ class _Sym:
     token: int = 0
     """Which `exp` an exp / sum / inv / prob comes from (the division must be by that exp's own sum)."""
     problems: tuple[str, ...] = ()
+    key_mask: tuple[Any, tuple[int | None, ...]] | None = None
+    """A mask computed from the inputs that `keep` is ANDed with: a value of the match's level and, per axis, the
+    score axis it is (None: size 1). `_finish` checks it is a key mask (batch and key axes only)."""
 
 
 @dataclasses.dataclass
@@ -409,12 +415,117 @@ def _select(region: _Region, scope: Scope, eqn: Any, ins: list[_Sym | None]) -> 
     if any(f is None for f in fills):
         raise _NoMatch("scores selected against a non-constant")
     pred = scope.fold(eqn.invars[0])
+    fill = max(fills) if sym.keep is None and sym.key_mask is None else max(max(fills), sym.fill)
     if pred is None:
-        return dataclasses.replace(sym, problems=sym.problems + ("a mask computed from the inputs",))
+        return _dynamic_select(region, scope, eqn.invars[0], sym, case, fill)
     pred = _to_scores(region, sym.dims, pred)
     keep = (pred == case) if pred.dtype != np.bool_ else (pred == bool(case))
-    fill = max(fills) if sym.keep is None else max(max(fills), sym.fill)
     return dataclasses.replace(sym, keep=keep if sym.keep is None else sym.keep & keep, fill=fill)
+
+
+def _dynamic_select(region: _Region, scope: Scope, pred: Any, sym: _Sym, case: int, fill: float) -> _Sym:
+    """jnp.where(mask, scores, fill) with a mask computed from the inputs: split into its constant part (a causal
+    mask, kept in `keep`) and one value of the match's level it is ANDed with (`key_mask`), which `_finish` accepts
+    if it is a key (padding) mask. Anything else stays dense: "a mask computed from the inputs"."""
+    unsupported = dataclasses.replace(sym, problems=sym.problems + ("a mask computed from the inputs",))
+    if case != 1 or sym.key_mask is not None or pred.aval.dtype != np.bool_:
+        return unsupported
+    try:
+        keep, leaf = _mask_terms(region, scope, pred, sym.dims)
+    except _NoMatch:
+        return unsupported
+    if leaf is None:  # a constant too large to fold
+        return unsupported
+    if keep is not None:
+        keep = keep if sym.keep is None else sym.keep & keep
+    return dataclasses.replace(sym, keep=keep if keep is not None else sym.keep, fill=fill, key_mask=leaf)
+
+
+_TRUTH = frozenset({"convert_element_type", "copy", "copy_p"})
+_MASK_LAYOUT = frozenset({"broadcast_in_dim", "transpose", "reshape", "squeeze"})
+
+
+def _mask_terms(region: _Region, scope: Scope, var: Any, dims: tuple[int | None, ...]
+                ) -> tuple[np.ndarray | None, tuple[Any, tuple[int | None, ...]] | None]:
+    """A boolean mask (`var` of `scope`, its axes the score axes `dims`) as a constant keep in score layout (or
+    None) AND at most one value of the match's level (with its score axes), by following it back through
+    relayouts, `and`, truthiness-preserving casts, `x != 0` and calls. The dynamic value is the deepest one reached
+    at the match's level, so a mask broadcast from [B, T] is found as [B, T]."""
+    value = scope.fold(var)
+    if value is not None:
+        return _to_scores(region, dims, np.asarray(value) != 0), None
+    if scope is not region.scope and var in scope.links:
+        parent, outer = scope.links[var]
+        return _mask_terms(region, parent, outer, dims)
+    eqn = scope.producer.get(var, (None, None))[1]
+    name = None if eqn is None else eqn.primitive.name
+    try:
+        if name in jint.CALLS and jint.call_body(eqn) is not None:
+            body = jint.call_body(eqn)
+            skip = len(eqn.invars) - len(body.jaxpr.invars)
+            child = Scope(body, {v: (scope, o) for v, o in zip(body.jaxpr.invars, eqn.invars[skip:])})
+            return _mask_terms(region, child, body.jaxpr.outvars[list(eqn.outvars).index(var)], dims)
+        if name == "and":
+            return _and_terms(region, scope, eqn, dims)
+        if name in _MASK_LAYOUT or (name in _TRUTH and _keeps_truth(eqn)):
+            return _mask_terms(region, scope, eqn.invars[0], _mask_dims(eqn, dims))
+        if name == "ne" and _scalar(scope.fold(eqn.invars[1])) == 0.0 and not jint.is_literal(eqn.invars[0]):
+            return _mask_terms(region, scope, eqn.invars[0], dims)
+    except _NoMatch:
+        pass
+    if scope is not region.scope:
+        raise _NoMatch("a mask computed inside a call")
+    return None, (var, dims)
+
+
+def _and_terms(region: _Region, scope: Scope, eqn: Any, dims: tuple[int | None, ...]
+               ) -> tuple[np.ndarray | None, tuple[Any, tuple[int | None, ...]] | None]:
+    """Both operands of a mask's `and`: their constant parts ANDed, at most one dynamic value between them."""
+    keep, leaf = None, None
+    shape = tuple(eqn.outvars[0].aval.shape)
+    for operand in eqn.invars:
+        src = tuple(operand.aval.shape)
+        if src and len(src) != len(shape):
+            raise _NoMatch("an and of masks of other ranks")
+        # operands broadcast along their axes of size 1 (and scalars everywhere)
+        k, lf = _mask_terms(region, scope, operand, tuple(d if n == m else None for d, n, m in zip(dims, src, shape)))
+        if lf is not None:
+            if leaf is not None:
+                raise _NoMatch("two masks computed from the inputs")
+            leaf = lf
+        if k is not None:
+            keep = k if keep is None else keep & k
+    return keep, leaf
+
+
+def _keeps_truth(eqn: Any) -> bool:
+    """Whether a cast keeps which elements are nonzero: from bool, to bool, or from an integer."""
+    src, dst = np.dtype(eqn.invars[0].aval.dtype), np.dtype(eqn.outvars[0].aval.dtype)
+    return src == np.bool_ or dst == np.bool_ or np.issubdtype(src, np.integer)
+
+
+def _mask_dims(eqn: Any, dims: tuple[int | None, ...]) -> tuple[int | None, ...]:
+    """The score axes of a relayout's operand, given those of its result (None: the operand has size 1 there)."""
+    name, p = eqn.primitive.name, eqn.params
+    src = tuple(eqn.invars[0].aval.shape)
+    out = tuple(eqn.outvars[0].aval.shape)
+    if name in _TRUTH:
+        return dims
+    if name == "broadcast_in_dim":
+        return tuple(dims[j] if src[i] == out[j] else None for i, j in enumerate(p["broadcast_dimensions"]))
+    if name == "transpose":
+        inv = [0] * len(src)
+        for j, i in enumerate(p["permutation"]):
+            inv[i] = dims[j]
+        return tuple(inv)
+    if name == "squeeze":
+        gone = {d % len(src) for d in p["dimensions"]}
+        it = iter(dims)
+        return tuple(None if i in gone else next(it) for i in range(len(src)))
+    if name == "reshape" and [n for n in src if n != 1] == [n for n in out if n != 1]:
+        big = iter(d for d, n in zip(dims, out) if n != 1)
+        return tuple(next(big) if n != 1 else None for n in src)
+    raise _NoMatch(f"{name} of a mask")
 
 
 def _call(region: _Region, scope: Scope, eqn: Any, ins: list[_Sym | None]) -> list[_Sym | None]:
@@ -481,6 +592,9 @@ class Match:
     """The probs.v result: canonical [B, S, H, D] reshaped to `out_shape`, then transposed by `out_perm`."""
     out_shape: tuple[int, ...]
     out_perm: tuple[int, ...]
+    key_mask: Operand | None = None
+    """A key (padding) mask computed from the inputs, ANDed with `mask`: its value becomes [B or 1, T or 1] by
+    `perm` and `shape`, nonzero = attend; it broadcasts to `ops.attention`'s key_mask [B, T]."""
 
     @property
     def supported(self) -> bool:
@@ -618,10 +732,10 @@ def _mask_kind(sym: _Sym, s_axis: int, t_axis: int, shape: tuple[int, ...]) -> t
             np.broadcast_to(keep, np.broadcast_shapes(sym.bias.shape, keep.shape))]
         if kept.size and not np.all(kept == kept.flat[0]):
             problems.append("an additive bias on the scores (relative positions, ALiBi, ...)")
+    if (sym.key_mask is not None or (keep is not None and not keep.all())) and sym.fill > VERY_NEGATIVE:
+        problems.append(f"masked scores are set to {sym.fill:g}, not a very negative value")
     if keep is None or keep.all():
         return "none", tuple(problems)
-    if sym.fill > VERY_NEGATIVE:
-        problems.append(f"masked scores are set to {sym.fill:g}, not a very negative value")
     for axis in range(keep.ndim):
         if axis not in (s_axis, t_axis) and keep.shape[axis] > 1:
             if not np.all(keep == np.take(keep, [0], axis=axis)):
@@ -657,12 +771,32 @@ def _finish(region: _Region, b_index: int, b: Any, states: dict[Any, _Sym]) -> M
     scores = tuple(a.outvars[0].aval.shape)
     mask, problems = _mask_kind(prob, roles.q_seq[1], region.key, scores)
     problems = (*prob.problems, *problems)
+    key_mask = None if prob.key_mask is None else _key_operand(prob.key_mask, roles, region.key)
+    if prob.key_mask is not None and key_mask is None:
+        problems += ("a mask computed from the inputs",)
     if v.shape[3] != q.shape[3]:
         problems += ("values of another head size than queries and keys",)
     covered = frozenset({region.start, b_index, *region.covered})
     problems += _leaks(region.scope, covered, b_index)
     return Match((region.start, b_index), covered, q, k, v, prob.scale, mask, tuple(dict.fromkeys(problems)),
-                 b.outvars[0], out_shape, out_perm)
+                 b.outvars[0], out_shape, out_perm, key_mask)
+
+
+def _key_operand(leaf: tuple[Any, tuple[int | None, ...]], roles: _QK, key: int) -> Operand | None:
+    """The mask value as an operand [B or 1, T or 1] if it varies over the batch and key positions only (a key
+    mask); None if it varies over heads or query positions (it then stays dense)."""
+    var, dims = leaf
+    shape = tuple(var.aval.shape)
+    batch = roles.batch[2] if roles.batch else None
+    big = [a for a in range(len(shape)) if shape[a] != 1]
+    if any(dims[a] is None or dims[a] not in (batch, key) for a in big):
+        return None
+    by_batch = [a for a in big if dims[a] == batch]
+    by_key = [a for a in big if dims[a] == key]
+    if len(by_batch) > 1 or len(by_key) > 1:
+        return None
+    perm = (*by_batch, *by_key, *(a for a in range(len(shape)) if a not in big))
+    return Operand(var, perm, (shape[by_batch[0]] if by_batch else 1, shape[by_key[0]] if by_key else 1))
 
 
 def _leaks(scope: Scope, covered: frozenset[int], b_index: int) -> tuple[str, ...]:

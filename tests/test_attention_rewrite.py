@@ -44,7 +44,56 @@ class JaxNNAttentionLM(nnx.Module):
 
 JAXNN = ZooModel("jaxnn", lambda: token_batch(23), lambda: optax.sgd(0.1),
                  factory=lambda: JaxNNAttentionLM(nnx.Rngs(0)))
-ALL = {**{k: MODELS[k] for k in ("encoder", "gqa", "linen_lm")}, "jaxnn": JAXNN}
+
+
+class PaddedLM(nnx.Module):
+    """One block over tokens padded with 0 (`keep = tokens != 0`, a mask from the batch), its attention written
+    with einsums and `jnp.where(keep & causal, scores, -1e9)` (`einsum`) or as
+    `jax.nn.dot_product_attention(..., mask=keep[:, None, None, :])`, non-causal and grouped-query (`jaxnn`); the
+    loss counts the kept tokens only."""
+
+    def __init__(self, rngs: nnx.Rngs, style: str):
+        hd = D // HEADS
+        self.style, self.kv_heads = style, KV_HEADS if style == "jaxnn" else HEADS
+        self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+        self.q = nnx.Linear(D, HEADS * hd, use_bias=False, rngs=rngs)
+        self.kv = nnx.Linear(D, 2 * self.kv_heads * hd, use_bias=False, rngs=rngs)
+        self.out = nnx.Linear(HEADS * hd, D, use_bias=False, rngs=rngs)
+
+    def attend(self, q, k, v, keep):
+        if self.style == "jaxnn":
+            return jax.nn.dot_product_attention(q, k, v, mask=keep[:, None, None, :])
+        s = q.shape[1]
+        scores = jnp.einsum("bshd,bthd->bhst", q, k) / np.sqrt(q.shape[-1])
+        mask = keep[:, None, None, :] & jnp.tril(jnp.ones((s, s), bool))
+        return jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(jnp.where(mask, scores, -1e9), axis=-1), v)
+
+    def loss(self, batch):
+        keep = batch["inputs"] != 0
+        x = self.embed(batch["inputs"])
+        b, s, _ = x.shape
+        q = self.q(x).reshape(b, s, HEADS, -1)
+        k, v = jnp.split(self.kv(x).reshape(b, s, 2 * self.kv_heads, -1), 2, axis=2)
+        x = x + self.out(self.attend(q, k, v, keep).reshape(b, s, -1))
+        losses = optax.softmax_cross_entropy_with_integer_labels(self.embed.attend(x), batch["targets"])
+        return jnp.sum(losses * keep) / jnp.sum(keep), {}
+
+
+def padded_batch() -> dict[str, np.ndarray]:
+    """`token_batch` with 1-7 trailing positions of every row padded with 0 (and the random 0s of the vocabulary),
+    the first token of each row kept: no row is all padding."""
+    batch = token_batch(29)
+    inputs = np.where(batch["inputs"] == 0, 1, batch["inputs"])
+    lengths = 16 - np.arange(len(inputs)) % 8
+    inputs = np.where(np.arange(inputs.shape[1])[None, :] < lengths[:, None], inputs, 0)
+    inputs[::3, 5] = 0  # and a hole in some rows
+    return {"inputs": inputs.astype(np.int32), "targets": batch["targets"]}
+
+
+PADDED = {style: ZooModel(f"padded_{style}", padded_batch, lambda: optax.sgd(0.1),
+                          factory=lambda style=style: PaddedLM(nnx.Rngs(0), style)) for style in ("einsum", "jaxnn")}
+ALL = {**{k: MODELS[k] for k in ("encoder", "gqa", "linen_lm")}, "jaxnn": JAXNN,
+       **{m.name: m for m in PADDED.values()}}
 
 
 def _found(model: ZooModel) -> list[attention_match.Match]:
@@ -63,11 +112,14 @@ def _found(model: ZooModel) -> list[attention_match.Match]:
     ("gqa", [("sliding window of 4", False), ("causal", True)]),
     ("linen_lm", [("causal", True)] * 2),
     ("jaxnn", [("causal", True)]),
+    ("padded_einsum", [("causal", True)]),
+    ("padded_jaxnn", [("none", True)]),
 ])
 def test_the_recogniser_finds_the_attention(name, want):
     found = _found(ALL[name])
     assert [(m.mask, m.supported) for m in found] == want
-    heads, kv = (HEADS, KV_HEADS) if name in ("gqa", "jaxnn") else (HEADS, HEADS)
+    assert all((m.key_mask is not None) == name.startswith("padded") for m in found)
+    heads, kv = (HEADS, KV_HEADS) if name in ("gqa", "jaxnn", "padded_jaxnn") else (HEADS, HEADS)
     for m in found:
         assert (m.heads, m.kv_heads, m.seq_len, m.head_dim) == (heads, kv, 16, D // HEADS)
         assert m.scale == pytest.approx(1 / np.sqrt(D // HEADS), rel=1e-6)
@@ -90,11 +142,42 @@ def test_the_rewritten_function_equals_the_original_on_one_device():
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
+def _key_masks(fn, *args) -> list[tuple[bool, tuple]]:
+    """(supported, key-mask shape or None) of each attention the recogniser finds in fn(*args)."""
+    found = [m for _, m in attention_match.find(jax.make_jaxpr(fn)(*args))]
+    return [(m.supported, None if m.key_mask is None else m.key_mask.shape) for m in found]
+
+
+def test_key_masks_from_the_inputs_are_recognised():
+    """Masks computed from the batch that vary over batch and key positions only run as ops.attention's key_mask:
+    flax's mask argument, jax.nn's key_value_seq_lengths; masks that vary over query positions too stay dense."""
+    tokens = jnp.asarray(padded_batch()["inputs"][:2])
+    x = jax.random.normal(jax.random.key(0), (2, 16, D))
+    graphdef, state = nnx.split(nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=nnx.Rngs(0)))
+
+    def flax_mha(state, x, tokens, query_too=False):
+        keep = tokens != 0
+        mask = nnx.make_attention_mask(keep if query_too else jnp.ones_like(keep), keep)
+        return nnx.merge(graphdef, state)(x, mask=mask)
+
+    def lengths(x, tokens):
+        q = x.reshape(2, 16, HEADS, -1)
+        return jax.nn.dot_product_attention(q, q, q, key_value_seq_lengths=jnp.sum(tokens != 0, axis=1))
+
+    assert _key_masks(flax_mha, state, x, tokens) == [(True, (2, 16))]
+    assert _key_masks(lengths, x, tokens) == [(True, (2, 16))]
+    assert _key_masks(lambda *a: flax_mha(*a, query_too=True), state, x, tokens) == [(False, None)]
+    rewrite = AttentionRewrite(flax_mha, "flax")
+    np.testing.assert_allclose(jax.jit(rewrite)(state, x, tokens), flax_mha(state, x, tokens), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_unrecognised_attention_is_left_alone():
-    """A padding mask built from the inputs: found, left as the model wrote it (the function itself runs)."""
+    """A mask built from the inputs that varies over query positions (padded queries too): found, left as the
+    model wrote it (the function itself runs)."""
     def fn(x, keep):
         scores = jnp.einsum("bshd,bthd->bhst", x, x) / 2.0
-        probs = jax.nn.softmax(jnp.where(keep[:, None, None, :], scores, -1e9), axis=-1)
+        probs = jax.nn.softmax(jnp.where(keep[:, None, None, :] & keep[:, None, :, None], scores, -1e9), axis=-1)
         return jnp.sum(jnp.einsum("bhst,bthd->bshd", probs, x))
 
     x, keep = jnp.ones((2, 8, 2, 4)), jnp.arange(8)[None, :] < jnp.array([[5], [8]])
@@ -109,9 +192,11 @@ def references() -> dict[str, tuple]:
     return {}
 
 
-CASES = [("encoder", "ring"), ("gqa", "ulysses"), ("linen_lm", "ring"), ("jaxnn", "ulysses")]
+CASES = [("encoder", "ring"), ("gqa", "ulysses"), ("linen_lm", "ring"), ("jaxnn", "ulysses"),
+         ("padded_einsum", "ring"), ("padded_einsum", "ulysses"), ("padded_jaxnn", "ring"), ("padded_jaxnn", "ulysses")]
 """Each model under one method, each method for non-causal, grouped-query, Linen and jax.nn attention (both
-methods ran every model when this was written, all equal to one device; the pairs keep the suite's time)."""
+methods ran every model when this was written, all equal to one device; the pairs keep the suite's time); the
+padded models (key masks from the batch, causal and not) under both."""
 
 
 @pytest.mark.parametrize("name, method", CASES)
@@ -121,8 +206,8 @@ def test_seq_parallel_trains_like_one_device(references, name, method):
         references[name] = model.reference(model.batch(), STEPS)
     want_losses, want = references[name]
     kwargs = {} if model.factory is not None else {"params": model.variables()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # gqa's sliding-window layer (its own test)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # gqa's sliding-window layer stays dense (its own test); no other model's
         plan = autoshard.plan(model.factory or model.loss_fn, model.batch(), mesh={"seq": 2}, cluster="cpu:2",
                               sequence=method, **kwargs)
         trainer = autoshard.parallelize(model.factory() if model.factory else model.loss_fn, model.optimizer(), plan,
@@ -130,6 +215,7 @@ def test_seq_parallel_trains_like_one_device(references, name, method):
         losses = [trainer.step(model.batch())["loss"] for _ in range(STEPS)]
     assert plan.sequence["method"] == method
     assert any(k.startswith("seq/") for k in plan.predicted["comm_bytes"])
+    assert name == "gqa" or not [w for w in caught if "stay dense" in str(w.message)]
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     got = model.trained(trainer)
     for path, value in want.items():
