@@ -243,7 +243,7 @@ def check_fixed(shapes: OpShapes, fixed: dict[str, int], method: str | None, bat
         raise PlanError(f"unknown sequence method {method!r}: use one of {', '.join(SEQUENCE_METHODS)}")
     if s > 1 and not shapes.has_attention:
         raise PlanError(f"seq={s} but the model has no attention to split (ops.attention, or softmax attention with "
-                        f"no mask or a causal one): drop seq from the mesh")
+                        f"no mask, a causal or a padding one): drop seq from the mesh")
     if s > 1 and shapes.seq_len % s:
         raise PlanError(f"seq={s} does not divide the sequence length {shapes.seq_len}: choose a seq degree that "
                         f"divides it")
