@@ -193,10 +193,11 @@ def references() -> dict[str, tuple]:
 
 
 CASES = [("encoder", "ring"), ("gqa", "ulysses"), ("linen_lm", "ring"), ("jaxnn", "ulysses"),
-         ("padded_einsum", "ring"), ("padded_einsum", "ulysses"), ("padded_jaxnn", "ring"), ("padded_jaxnn", "ulysses")]
-"""Each model under one method, each method for non-causal, grouped-query, Linen and jax.nn attention (both
-methods ran every model when this was written, all equal to one device; the pairs keep the suite's time); the
-padded models (key masks from the batch, causal and not) under both."""
+         ("padded_einsum", "ring"), ("padded_jaxnn", "ulysses")]
+"""Each model under one method, each method for non-causal, grouped-query, Linen and jax.nn attention and for
+key masks from the batch (causal with the ring, non-causal with Ulysses); both methods ran every model when this
+was written, all equal to one device, and tests/test_sequence.py checks both methods with key masks, causal and
+not, against the dense form. The pairs keep the suite's time."""
 
 
 @pytest.mark.parametrize("name, method", CASES)
