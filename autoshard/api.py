@@ -175,6 +175,7 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
     `autoshard.staging.Staged` model the trainer will pipeline."""
     rewrite = _attention_rewrite(model) if attention else None
     if params is not None and loss_fn is None and not isinstance(model, nnx.Module) and pipelined:
+        staging.check_mesh({"pipe": 2, "seq": 2 if attention else 1})
         model, params = _linen_staged(model, params, rng, example_batch), None  # traced as the NNX model it trains as
     if params is not None:
         from autoshard.functional import FunctionModel, trace
@@ -188,6 +189,7 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
     else:
         abstract = _abstract(model)
         if pipelined and protocols.missing(abstract, protocols.StagedModel):
+            staging.check_mesh({"pipe": 2, "seq": 2 if attention else 1})
             staged = staging.Staged(abstract, loss_fn)
             staged.check_cut(abstract, example_batch)
             abstract, loss_fn = staged, None

@@ -97,6 +97,14 @@ def _running(mode: _Mode) -> Iterator[_Mode]:
         _mode.pop()
 
 
+def check_mesh(mesh: dict[str, int]) -> None:
+    """A one-line error for what a restaged model cannot run: its hand-written attention is rewritten to
+    `ops.attention` only outside a pipeline, and inside one the executor splits the sequence by hand (seq > 1)."""
+    if mesh.get("pipe", 1) > 1 and mesh.get("seq", 1) > 1:
+        raise PlanError("a pipeline of a model's own blocks runs with seq=1: its attention is split over seq only "
+                        "outside a pipeline; use pipe=1 or seq=1")
+
+
 # -- finding the blocks ----------------------------------------------------------------------------------------------
 def find_blocks(model: nnx.Module) -> tuple[tuple[Any, ...], list[nnx.Module]]:
     """(attribute path, blocks) of the model's largest list of at least two structurally identical blocks (same

@@ -90,6 +90,7 @@ class Trainer:
         built = isinstance(model, nnx.Module)
         abstract = model if built else nnx.eval_shape(model)
         if plan.pipeline is not None and protocols.missing(abstract, protocols.StagedModel):
+            staging.check_mesh(plan.mesh)
             self.staged_from, user_loss, loss_fn = abstract, loss_fn, None
             model = staging.Staged(model, user_loss) if built else (lambda: staging.Staged(model(), user_loss))
             abstract = staging.Staged(abstract, user_loss)
@@ -129,6 +130,7 @@ class Trainer:
         if rng is not None:
             raise PlanError("a pipelined loss function takes no dropout key (it is not carried between stages): "
                             "drop rng= or use pipe=1")
+        staging.check_mesh(self.plan.mesh)
         self._init_module(staging.LinenStaged(loss_fn, variables), None)
         self.staged_from = FunctionModel(loss_fn, variables)
 

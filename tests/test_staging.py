@@ -6,6 +6,8 @@ one line."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,6 +137,18 @@ def test_what_cannot_be_cut_into_stages_is_one_line(how, message):
         autoshard.plan(lambda: _Loop(how, nnx.Rngs(0)), batch, cluster="cpu:8", mesh={"pipe": pipe},
                        schedule="gpipe")
     assert "\n" not in str(info.value)
+
+
+def test_a_pipeline_of_a_models_own_blocks_runs_with_seq_1():
+    """Its hand-written attention becomes ops.attention only outside a pipeline: inside one it would attend within
+    each device's block of the sequence, so the plan is refused, and so is a trainer given such a plan."""
+    model = MODELS["encoder"]
+    with pytest.raises(PlanError, match="a pipeline of a model's own blocks runs with seq=1"):
+        model.plan(model.batch(), cluster="cpu:8", mesh={"pipe": 2, "seq": 2, "data": 2}, schedule="gpipe")
+    plan = model.plan(model.batch(), cluster="cpu:8", mesh={"pipe": 2, "data": 4}, schedule="gpipe")
+    plan = dataclasses.replace(plan, mesh={**plan.mesh, "data": 2, "seq": 2}, sequence={"method": "ring"})
+    with pytest.raises(PlanError, match="a pipeline of a model's own blocks runs with seq=1"):
+        model.parallelize(plan)
 
 
 def test_a_pipelined_loss_function_takes_no_dropout_key():
