@@ -8,9 +8,11 @@ equation by equation with each one replaced by `ops.attention` on its q, k, v br
 folded into q), the result laid out as the model's own. Functions with no attention it can run this way are called
 as they are. A key (padding) mask computed from the inputs (`jnp.where(keep[:, None, None, :], ...)`,
 `jax.nn.dot_product_attention(mask=..., key_value_seq_lengths=...)`), alone or ANDed with a causal mask, is passed
-as the op's `key_mask`. Attention it finds but cannot run as the op (a sliding-window or arbitrary mask, a mask from
-the inputs that varies over query positions, a bias, dropout on the probabilities, ...) stays dense, with one
-warning per rewrite that says why.
+as the op's `key_mask`; ANDed with a query mask too (flax's `make_attention_mask(keep, keep)`), the query rows it
+masks get, outside the op, what the model's softmax over a finite fill gives them: the mean of the values over every
+key. Attention it finds but cannot run as the op (a sliding-window or arbitrary mask, a mask from the inputs that
+varies over heads or over query and key positions in one value, a bias, dropout on the probabilities, ...) stays
+dense, with one warning per rewrite that says why.
 
 Reached: the function's top level and the bodies of inlined calls (`jit`), `scan` loops (`nnx.scan`, a layer scan)
 and `remat`; attention inside a `custom_jvp` / `custom_vjp` body, a `cond` or a `while` loop stays dense.
@@ -131,11 +133,11 @@ def _canonical(x: jax.Array, operand: Operand) -> jax.Array:
     return jnp.transpose(x, operand.perm).reshape(operand.shape)
 
 
-def _key_mask(m: Match, read: Callable[[Any], Any], batch: int, keys: int) -> jax.Array | None:
-    """The match's key (padding) mask as `ops.attention` takes it: [B, T] bool, True = attend."""
-    if m.key_mask is None:
+def _mask(operand: Operand | None, read: Callable[[Any], Any], batch: int, length: int) -> jax.Array | None:
+    """A key mask as `ops.attention` takes it ([B, T] bool, True = attend), or a query mask [B, S] likewise."""
+    if operand is None:
         return None
-    return jnp.broadcast_to(_canonical(read(m.key_mask.var), m.key_mask).astype(bool), (batch, keys))
+    return jnp.broadcast_to(_canonical(read(operand.var), operand).astype(bool), (batch, length))
 
 
 def attend(m: Match, read: Callable[[Any], Any]) -> jax.Array:
@@ -145,7 +147,13 @@ def attend(m: Match, read: Callable[[Any], Any]) -> jax.Array:
     extra = m.scale * math.sqrt(m.head_dim)
     if abs(extra - 1.0) > 1e-6:
         q = q * jnp.asarray(extra, q.dtype)
-    out = ops.attention(q, k, v, causal=m.causal, key_mask=_key_mask(m, read, q.shape[0], k.shape[1]))
+    out = ops.attention(q, k, v, causal=m.causal, key_mask=_mask(m.key_mask, read, q.shape[0], k.shape[1]))
+    if m.query_mask is not None:
+        # masked query rows: every key masked by a finite fill, a uniform softmax, the mean of v over all T keys
+        # (of the row's kv head, heads = kv heads x groups in that order)
+        rows = _mask(m.query_mask, read, q.shape[0], q.shape[1])
+        mean = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), q.shape[2] // v.shape[2], axis=1)
+        out = jnp.where(rows[:, :, None, None], out, mean[:, None].astype(out.dtype))
     return jnp.transpose(out.reshape(m.out_shape), m.out_perm).astype(m.out.aval.dtype)
 
 

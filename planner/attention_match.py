@@ -11,8 +11,11 @@ with an outside value v over the key axis ends the match. Masks, fills, scales a
 the program (literals, closed-over arrays, `iota` arithmetic): they are folded with numpy (`Scope.fold`), kept
 compact (size 1 along the axes they do not vary on), so a [S, T] causal mask costs [S, T], not [B, H, S, T].
 One exception: a `jnp.where` mask computed from the inputs that is, possibly ANDed with constants, one value
-varying over batch and key positions only (a padding mask, `_dynamic_select`, `_key_operand`) becomes the match's
-`key_mask`, which `ops.attention` takes; masks from the inputs that vary over query positions or heads stay dense.
+varying over batch and key positions only (a padding mask, `_dynamic_select`, `_mask_operand`) becomes the match's
+`key_mask`, which `ops.attention` takes; ANDed with one more value varying over batch and query positions only (flax's
+`make_attention_mask(keep, keep)`: keep[b, q] & keep[b, k]) that one becomes its `query_mask` (the rewrite gives
+masked query rows what the dense softmax over a finite fill gives them: the mean of the values). Other masks from the
+inputs (varying over heads, or over query and key positions in one value) stay dense.
 
 The module is read-only over jaxprs (it imports neither `autoshard` nor the model) and sees through calls
 (`jit`, `custom_jvp_call`, `remat`, ...) inside a match; `find` also looks inside the bodies of inlined calls,
@@ -213,9 +216,12 @@ class _Sym:
     token: int = 0
     """Which `exp` an exp / sum / inv / prob comes from (the division must be by that exp's own sum)."""
     problems: tuple[str, ...] = ()
-    key_mask: tuple[Any, tuple[int | None, ...]] | None = None
-    """A mask computed from the inputs that `keep` is ANDed with: a value of the match's level and, per axis, the
-    score axis it is (None: size 1). `_finish` checks it is a key mask (batch and key axes only)."""
+    masks: tuple[tuple[Any, tuple[int | None, ...]], ...] = ()
+    """Masks computed from the inputs that `keep` is ANDed with: values of the match's level and, per axis, the
+    score axis it is (None: size 1). `_finish` checks they are a key mask (batch and key axes only) and at most one
+    query mask (batch and query axes only)."""
+    mixed_fill: bool = False
+    """Whether masked scores are set to more than one fill value (a fully masked row is then not uniform)."""
 
 
 @dataclasses.dataclass
@@ -415,7 +421,10 @@ def _select(region: _Region, scope: Scope, eqn: Any, ins: list[_Sym | None]) -> 
     if any(f is None for f in fills):
         raise _NoMatch("scores selected against a non-constant")
     pred = scope.fold(eqn.invars[0])
-    fill = max(fills) if sym.keep is None and sym.key_mask is None else max(max(fills), sym.fill)
+    masked = sym.keep is not None or bool(sym.masks)
+    fill = max(fills) if not masked else max(max(fills), sym.fill)
+    mixed = sym.mixed_fill or len(set(fills)) > 1 or (masked and fills[0] != sym.fill)
+    sym = dataclasses.replace(sym, mixed_fill=mixed)
     if pred is None:
         return _dynamic_select(region, scope, eqn.invars[0], sym, case, fill)
     pred = _to_scores(region, sym.dims, pred)
@@ -425,35 +434,39 @@ def _select(region: _Region, scope: Scope, eqn: Any, ins: list[_Sym | None]) -> 
 
 def _dynamic_select(region: _Region, scope: Scope, pred: Any, sym: _Sym, case: int, fill: float) -> _Sym:
     """jnp.where(mask, scores, fill) with a mask computed from the inputs: split into its constant part (a causal
-    mask, kept in `keep`) and one value of the match's level it is ANDed with (`key_mask`), which `_finish` accepts
-    if it is a key (padding) mask. Anything else stays dense: "a mask computed from the inputs"."""
+    mask, kept in `keep`) and the values of the match's level it is ANDed with (`masks`), which `_finish` accepts
+    if they are a key (padding) mask and at most one query mask. Anything else stays dense: "a mask computed from
+    the inputs"."""
     unsupported = dataclasses.replace(sym, problems=sym.problems + ("a mask computed from the inputs",))
-    if case != 1 or sym.key_mask is not None or pred.aval.dtype != np.bool_:
+    if case != 1 or sym.masks or pred.aval.dtype != np.bool_:
         return unsupported
     try:
-        keep, leaf = _mask_terms(region, scope, pred, sym.dims)
+        keep, leaves = _mask_terms(region, scope, pred, sym.dims)
     except _NoMatch:
         return unsupported
-    if leaf is None:  # a constant too large to fold
+    if not leaves:  # a constant too large to fold
         return unsupported
     if keep is not None:
         keep = keep if sym.keep is None else sym.keep & keep
-    return dataclasses.replace(sym, keep=keep if keep is not None else sym.keep, fill=fill, key_mask=leaf)
+    return dataclasses.replace(sym, keep=keep if keep is not None else sym.keep, fill=fill, masks=leaves)
 
 
 _TRUTH = frozenset({"convert_element_type", "copy", "copy_p"})
 _MASK_LAYOUT = frozenset({"broadcast_in_dim", "transpose", "reshape", "squeeze"})
 
 
+_Leaf = tuple[Any, tuple[int | None, ...]]
+
+
 def _mask_terms(region: _Region, scope: Scope, var: Any, dims: tuple[int | None, ...]
-                ) -> tuple[np.ndarray | None, tuple[Any, tuple[int | None, ...]] | None]:
+                ) -> tuple[np.ndarray | None, tuple[_Leaf, ...]]:
     """A boolean mask (`var` of `scope`, its axes the score axes `dims`) as a constant keep in score layout (or
-    None) AND at most one value of the match's level (with its score axes), by following it back through
-    relayouts, `and`, truthiness-preserving casts, `x != 0` and calls. The dynamic value is the deepest one reached
+    None) AND at most two values of the match's level (with their score axes), by following it back through
+    relayouts, `and`, truthiness-preserving casts, `x != 0` and calls. A dynamic value is the deepest one reached
     at the match's level, so a mask broadcast from [B, T] is found as [B, T]."""
     value = scope.fold(var)
     if value is not None:
-        return _to_scores(region, dims, np.asarray(value) != 0), None
+        return _to_scores(region, dims, np.asarray(value) != 0), ()
     if scope is not region.scope and var in scope.links:
         parent, outer = scope.links[var]
         return _mask_terms(region, parent, outer, dims)
@@ -475,13 +488,13 @@ def _mask_terms(region: _Region, scope: Scope, var: Any, dims: tuple[int | None,
         pass
     if scope is not region.scope:
         raise _NoMatch("a mask computed inside a call")
-    return None, (var, dims)
+    return None, ((var, dims),)
 
 
 def _and_terms(region: _Region, scope: Scope, eqn: Any, dims: tuple[int | None, ...]
-               ) -> tuple[np.ndarray | None, tuple[Any, tuple[int | None, ...]] | None]:
-    """Both operands of a mask's `and`: their constant parts ANDed, at most one dynamic value between them."""
-    keep, leaf = None, None
+               ) -> tuple[np.ndarray | None, tuple[_Leaf, ...]]:
+    """Both operands of a mask's `and`: their constant parts ANDed, at most two dynamic values between them."""
+    keep, leaves = None, ()
     shape = tuple(eqn.outvars[0].aval.shape)
     for operand in eqn.invars:
         src = tuple(operand.aval.shape)
@@ -489,13 +502,12 @@ def _and_terms(region: _Region, scope: Scope, eqn: Any, dims: tuple[int | None, 
             raise _NoMatch("an and of masks of other ranks")
         # operands broadcast along their axes of size 1 (and scalars everywhere)
         k, lf = _mask_terms(region, scope, operand, tuple(d if n == m else None for d, n, m in zip(dims, src, shape)))
-        if lf is not None:
-            if leaf is not None:
-                raise _NoMatch("two masks computed from the inputs")
-            leaf = lf
+        leaves += lf
+        if len(leaves) > 2:
+            raise _NoMatch("more than two masks computed from the inputs")
         if k is not None:
             keep = k if keep is None else keep & k
-    return keep, leaf
+    return keep, leaves
 
 
 def _keeps_truth(eqn: Any) -> bool:
@@ -595,6 +607,10 @@ class Match:
     key_mask: Operand | None = None
     """A key (padding) mask computed from the inputs, ANDed with `mask`: its value becomes [B or 1, T or 1] by
     `perm` and `shape`, nonzero = attend; it broadcasts to `ops.attention`'s key_mask [B, T]."""
+    query_mask: Operand | None = None
+    """A query mask computed from the inputs, ANDed with `mask` and `key_mask` (flax's `make_attention_mask(keep,
+    keep)`): its value becomes [B or 1, S or 1]; a query row where it is zero has every key masked by a finite
+    very negative fill, so the model's softmax is uniform there: its output is the mean of v over all keys."""
 
     @property
     def supported(self) -> bool:
@@ -732,7 +748,7 @@ def _mask_kind(sym: _Sym, s_axis: int, t_axis: int, shape: tuple[int, ...]) -> t
             np.broadcast_to(keep, np.broadcast_shapes(sym.bias.shape, keep.shape))]
         if kept.size and not np.all(kept == kept.flat[0]):
             problems.append("an additive bias on the scores (relative positions, ALiBi, ...)")
-    if (sym.key_mask is not None or (keep is not None and not keep.all())) and sym.fill > VERY_NEGATIVE:
+    if (sym.masks or (keep is not None and not keep.all())) and sym.fill > VERY_NEGATIVE:
         problems.append(f"masked scores are set to {sym.fill:g}, not a very negative value")
     if keep is None or keep.all():
         return "none", tuple(problems)
@@ -771,32 +787,54 @@ def _finish(region: _Region, b_index: int, b: Any, states: dict[Any, _Sym]) -> M
     scores = tuple(a.outvars[0].aval.shape)
     mask, problems = _mask_kind(prob, roles.q_seq[1], region.key, scores)
     problems = (*prob.problems, *problems)
-    key_mask = None if prob.key_mask is None else _key_operand(prob.key_mask, roles, region.key)
-    if prob.key_mask is not None and key_mask is None:
-        problems += ("a mask computed from the inputs",)
+    key_mask, query_mask, why = _mask_operands(prob, roles, region.key)
+    problems += why
     if v.shape[3] != q.shape[3]:
         problems += ("values of another head size than queries and keys",)
     covered = frozenset({region.start, b_index, *region.covered})
     problems += _leaks(region.scope, covered, b_index)
     return Match((region.start, b_index), covered, q, k, v, prob.scale, mask, tuple(dict.fromkeys(problems)),
-                 b.outvars[0], out_shape, out_perm, key_mask)
+                 b.outvars[0], out_shape, out_perm, key_mask, query_mask)
 
 
-def _key_operand(leaf: tuple[Any, tuple[int | None, ...]], roles: _QK, key: int) -> Operand | None:
-    """The mask value as an operand [B or 1, T or 1] if it varies over the batch and key positions only (a key
-    mask); None if it varies over heads or query positions (it then stays dense)."""
+def _mask_operands(prob: _Sym, roles: _QK, key: int) -> tuple[Operand | None, Operand | None, tuple[str, ...]]:
+    """The match's masks from the inputs as a key mask and a query mask (`_mask_operand`), and why they cannot run
+    as ops.attention (a value varying over heads or over query and key positions, two of one kind, a query mask with
+    fills or a bias that do not leave its masked rows uniform over every key)."""
+    if not prob.masks:
+        return None, None, ()
+    dense = (None, None, ("a mask computed from the inputs",))
+    by_key = [_mask_operand(leaf, roles, key) for leaf in prob.masks]
+    by_query = [_mask_operand(leaf, roles, roles.q_seq[1]) for leaf in prob.masks]
+    key_mask = query_mask = None
+    for kop, qop in zip(by_key, by_query):
+        if kop is not None and key_mask is None:
+            key_mask = kop
+        elif qop is not None and query_mask is None:
+            query_mask = qop
+        else:
+            return dense
+    if query_mask is not None and (prob.mixed_fill or prob.bias is not None or not math.isfinite(prob.fill)):
+        return None, None, ("a query mask whose masked rows are not uniform (several fills, a bias or an "
+                            "infinite fill)",)
+    return key_mask, query_mask, ()
+
+
+def _mask_operand(leaf: _Leaf, roles: _QK, axis: int) -> Operand | None:
+    """The mask value as an operand [B or 1, N or 1] if it varies over the batch and score axis `axis` (the key or
+    the query positions) only; None if it varies over heads or other positions (it then stays dense)."""
     var, dims = leaf
     shape = tuple(var.aval.shape)
     batch = roles.batch[2] if roles.batch else None
     big = [a for a in range(len(shape)) if shape[a] != 1]
-    if any(dims[a] is None or dims[a] not in (batch, key) for a in big):
+    if any(dims[a] is None or dims[a] not in (batch, axis) for a in big):
         return None
     by_batch = [a for a in big if dims[a] == batch]
-    by_key = [a for a in big if dims[a] == key]
-    if len(by_batch) > 1 or len(by_key) > 1:
+    by_axis = [a for a in big if dims[a] == axis]
+    if len(by_batch) > 1 or len(by_axis) > 1:
         return None
-    perm = (*by_batch, *by_key, *(a for a in range(len(shape)) if a not in big))
-    return Operand(var, perm, (shape[by_batch[0]] if by_batch else 1, shape[by_key[0]] if by_key else 1))
+    perm = (*by_batch, *by_axis, *(a for a in range(len(shape)) if a not in big))
+    return Operand(var, perm, (shape[by_batch[0]] if by_batch else 1, shape[by_axis[0]] if by_axis else 1))
 
 
 def _leaks(scope: Scope, covered: frozenset[int], b_index: int) -> tuple[str, ...]:

@@ -90,8 +90,26 @@ def padded_batch() -> dict[str, np.ndarray]:
     return {"inputs": inputs.astype(np.int32), "targets": batch["targets"]}
 
 
+class PaddedQueriesLM(nnx.Module):
+    """One block of `nnx.MultiHeadAttention(x, mask=nnx.make_attention_mask(keep, keep))`: padded queries are
+    masked too (every key of their row, a uniform softmax over the fill: the mean of the values). The loss counts
+    every position, so the padded rows' outputs train too."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs)
+
+    def loss(self, batch):
+        keep = batch["inputs"] != 0
+        x = self.embed(batch["inputs"])
+        x = x + self.attn(x, mask=nnx.make_attention_mask(keep, keep), deterministic=True)
+        return optax.softmax_cross_entropy_with_integer_labels(self.embed.attend(x), batch["targets"]).mean(), {}
+
+
 PADDED = {style: ZooModel(f"padded_{style}", padded_batch, lambda: optax.sgd(0.1),
                           factory=lambda style=style: PaddedLM(nnx.Rngs(0), style)) for style in ("einsum", "jaxnn")}
+PADDED["flax"] = ZooModel("padded_flax", padded_batch, lambda: optax.sgd(0.1),
+                          factory=lambda: PaddedQueriesLM(nnx.Rngs(0)))
 ALL = {**{k: MODELS[k] for k in ("encoder", "gqa", "linen_lm")}, "jaxnn": JAXNN,
        **{m.name: m for m in PADDED.values()}}
 
@@ -114,11 +132,13 @@ def _found(model: ZooModel) -> list[attention_match.Match]:
     ("jaxnn", [("causal", True)]),
     ("padded_einsum", [("causal", True)]),
     ("padded_jaxnn", [("none", True)]),
+    ("padded_flax", [("none", True)]),
 ])
 def test_the_recogniser_finds_the_attention(name, want):
     found = _found(ALL[name])
     assert [(m.mask, m.supported) for m in found] == want
     assert all((m.key_mask is not None) == name.startswith("padded") for m in found)
+    assert all((m.query_mask is not None) == (name == "padded_flax") for m in found)
     heads, kv = (HEADS, KV_HEADS) if name in ("gqa", "jaxnn", "padded_jaxnn") else (HEADS, HEADS)
     for m in found:
         assert (m.heads, m.kv_heads, m.seq_len, m.head_dim) == (heads, kv, 16, D // HEADS)
@@ -142,15 +162,17 @@ def test_the_rewritten_function_equals_the_original_on_one_device():
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
-def _key_masks(fn, *args) -> list[tuple[bool, tuple]]:
-    """(supported, key-mask shape or None) of each attention the recogniser finds in fn(*args)."""
+def _key_masks(fn, *args) -> list[tuple]:
+    """(supported, key-mask shape or None[, query-mask shape]) of each attention the recogniser finds in fn(*args)."""
     found = [m for _, m in attention_match.find(jax.make_jaxpr(fn)(*args))]
-    return [(m.supported, None if m.key_mask is None else m.key_mask.shape) for m in found]
+    return [(m.supported, None if m.key_mask is None else m.key_mask.shape,
+             *(() if m.query_mask is None else (m.query_mask.shape,))) for m in found]
 
 
 def test_key_masks_from_the_inputs_are_recognised():
     """Masks computed from the batch that vary over batch and key positions only run as ops.attention's key_mask:
-    flax's mask argument, jax.nn's key_value_seq_lengths; masks that vary over query positions too stay dense."""
+    flax's mask argument, jax.nn's key_value_seq_lengths; ANDed with a query mask (make_attention_mask(keep, keep))
+    too; a mask from the batch that varies over query and key positions in one value stays dense."""
     tokens = jnp.asarray(padded_batch()["inputs"][:2])
     x = jax.random.normal(jax.random.key(0), (2, 16, D))
     graphdef, state = nnx.split(nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=nnx.Rngs(0)))
@@ -166,18 +188,42 @@ def test_key_masks_from_the_inputs_are_recognised():
 
     assert _key_masks(flax_mha, state, x, tokens) == [(True, (2, 16))]
     assert _key_masks(lengths, x, tokens) == [(True, (2, 16))]
-    assert _key_masks(lambda *a: flax_mha(*a, query_too=True), state, x, tokens) == [(False, None)]
+    assert _key_masks(lambda *a: flax_mha(*a, query_too=True), state, x, tokens) == [(True, (2, 16), (2, 16))]
+    pairs = lambda s, x, t: nnx.merge(graphdef, s)(x, mask=(t[:, None, :, None] <= t[:, None, None, :]))  # noqa
+    assert _key_masks(pairs, state, x, tokens) == [(False, None)]
     rewrite = AttentionRewrite(flax_mha, "flax")
     np.testing.assert_allclose(jax.jit(rewrite)(state, x, tokens), flax_mha(state, x, tokens), rtol=1e-5,
                                atol=1e-6)
 
 
+def test_padded_queries_give_the_mean_of_the_values():
+    """nnx.MultiHeadAttention with make_attention_mask(keep, keep): the rewrite (ops.attention with the key mask,
+    the padded query rows the mean of v) has the original's outputs and gradients, padded rows included."""
+    tokens = jnp.asarray(padded_batch()["inputs"][:4])
+    x = jax.random.normal(jax.random.key(1), (4, 16, D))
+    graphdef, state = nnx.split(nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=nnx.Rngs(0)))
+
+    def fn(state, x, tokens):
+        keep = tokens != 0
+        return nnx.merge(graphdef, state)(x, mask=nnx.make_attention_mask(keep, keep))
+
+    assert not bool(jnp.all(tokens != 0, axis=1).all())  # some query rows are padded
+    rewrite = AttentionRewrite(fn, "flax")
+    loss = lambda f: lambda s, x: jnp.mean(jnp.sin(f(s, x, tokens)))  # noqa: E731
+    np.testing.assert_allclose(jax.jit(rewrite)(state, x, tokens), jax.jit(fn)(state, x, tokens), rtol=1e-5,
+                               atol=1e-6)
+    got = jax.jit(jax.value_and_grad(loss(rewrite), argnums=(0, 1)))(state, x)
+    want = jax.jit(jax.value_and_grad(loss(fn), argnums=(0, 1)))(state, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_unrecognised_attention_is_left_alone():
-    """A mask built from the inputs that varies over query positions (padded queries too): found, left as the
+    """A mask built from the inputs that varies over query and key positions in one value: found, left as the
     model wrote it (the function itself runs)."""
     def fn(x, keep):
         scores = jnp.einsum("bshd,bthd->bhst", x, x) / 2.0
-        probs = jax.nn.softmax(jnp.where(keep[:, None, None, :] & keep[:, None, :, None], scores, -1e9), axis=-1)
+        probs = jax.nn.softmax(jnp.where(keep[:, None, None, :] == keep[:, None, :, None], scores, -1e9), axis=-1)
         return jnp.sum(jnp.einsum("bhst,bthd->bshd", probs, x))
 
     x, keep = jnp.ones((2, 8, 2, 4)), jnp.arange(8)[None, :] < jnp.array([[5], [8]])
@@ -193,9 +239,9 @@ def references() -> dict[str, tuple]:
 
 
 CASES = [("encoder", "ring"), ("gqa", "ulysses"), ("linen_lm", "ring"), ("jaxnn", "ulysses"),
-         ("padded_einsum", "ring"), ("padded_jaxnn", "ulysses")]
+         ("padded_einsum", "ring"), ("padded_jaxnn", "ulysses"), ("padded_flax", "ring")]
 """Each model under one method, each method for non-causal, grouped-query, Linen and jax.nn attention and for
-key masks from the batch (causal with the ring, non-causal with Ulysses); both methods ran every model when this
+key masks from the batch (causal with the ring, non-causal with Ulysses) and query masks (the ring); both methods ran every model when this
 was written, all equal to one device, and tests/test_sequence.py checks both methods with key masks, causal and
 not, against the dense form. The pairs keep the suite's time."""
 
