@@ -238,12 +238,13 @@ def references() -> dict[str, tuple]:
     return {}
 
 
-CASES = [("encoder", "ring"), ("gqa", "ulysses"), ("linen_lm", "ring"), ("jaxnn", "ulysses"),
-         ("padded_einsum", "ring"), ("padded_jaxnn", "ulysses"), ("padded_flax", "ring")]
-"""Each model under one method, each method for non-causal, grouped-query, Linen and jax.nn attention and for
-key masks from the batch (causal with the ring, non-causal with Ulysses) and query masks (the ring); both methods ran every model when this
-was written, all equal to one device, and tests/test_sequence.py checks both methods with key masks, causal and
-not, against the dense form. The pairs keep the suite's time."""
+CASES = [("encoder", "ring"), ("gqa", "ulysses"), ("linen_lm", "ring"), ("padded_einsum", "ring"),
+         ("padded_jaxnn", "ulysses"), ("padded_flax", "ring")]
+"""Each model under one method: non-causal (encoder), grouped-query (gqa), Linen and jax.nn attention (its padded
+model), key masks from the batch (causal with the ring, non-causal with Ulysses) and flax's query-and-key padding
+mask (the ring). Both methods ran every model when this was written, all equal to one device, and
+tests/test_sequence.py checks both methods with key masks against the dense form. The pairs keep the suite's
+time."""
 
 
 @pytest.mark.parametrize("name, method", CASES)

@@ -107,8 +107,9 @@ KEY_MASK = np.stack([np.arange(S) < S - 5,    # right padding
                      np.zeros(S, bool)])       # nothing to attend at all
 
 
-@pytest.mark.parametrize("method", ["ring", "ulysses"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("method, causal", [("ring", True), ("ring", False), ("ulysses", True)],
+                         ids=["causal-ring", "noncausal-ring", "causal-ulysses"])  # (non-causal Ulysses with a key
+# mask: tests/test_attention_rewrite.py trains one)
 def test_key_mask_matches_dense(monkeypatch, method, causal):
     """A padding (key) mask: values and gradients equal dense attention's, rows with no key to attend included
     (dense attention's finite fill gives them the mean of the values; no NaN), in chunks (`RING_CHUNK` 2)."""
