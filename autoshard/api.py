@@ -151,9 +151,9 @@ def _restaged_axes(rng: Any, graph: Graph, fixed: dict[str, int], pipelined: boo
                    cluster: ClusterSpec) -> list[str]:
     """Axes a user's model gets only through a restaged program (`autoshard.staging` for pipe: blocks in a Python
     loop, NNX or Linen, without a dropout key; `autoshard.attention_rewrite` for seq: attention written by hand),
-    worth a second search: when memory
-    calls for them (no plan fits, or the best one recomputes its layers) or the cluster spans several nodes. An
-    axis the mesh fixes is not searched again, nor one the traced program already offers."""
+    worth a second search when memory calls for them (no plan fits, or the best one recomputes its layers) or the
+    cluster spans several nodes. An axis the mesh fixes is not searched again, nor one the traced program already
+    offers."""
     if best is not None and best.remat == "none" and cluster.num_nodes <= 1:
         return []
     out = []
@@ -175,7 +175,7 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
     `autoshard.staging.Staged` model the trainer will pipeline."""
     rewrite = _attention_rewrite(model) if attention else None
     if params is not None and loss_fn is None and not isinstance(model, nnx.Module) and pipelined:
-        staging.check_mesh({"pipe": 2, "seq": 2 if attention else 1})
+        staging.check_seq(2 if attention else 1)
         model, params = _linen_staged(model, params, rng, example_batch), None  # traced as the NNX model it trains as
     if params is not None:
         from autoshard.functional import FunctionModel, trace
@@ -189,7 +189,7 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
     else:
         abstract = _abstract(model)
         if pipelined and protocols.missing(abstract, protocols.StagedModel):
-            staging.check_mesh({"pipe": 2, "seq": 2 if attention else 1})
+            staging.check_seq(2 if attention else 1)
             staged = staging.Staged(abstract, loss_fn)
             staged.check_cut(abstract, example_batch)
             abstract, loss_fn = staged, None
@@ -204,11 +204,8 @@ def _linen_staged(loss_fn: Callable, variables: Any, rng: Any, example_batch: An
     """A plain loss function over Linen variables restaged for a pipeline (`staging.LinenStaged`, on shapes)."""
     from autoshard.functional import FunctionModel
 
-    if rng is not None:
-        raise PlanError("a pipelined loss function takes no dropout key (it is not carried between stages): drop "
-                        "rng= or use pipe=1")
     abstract = FunctionModel(loss_fn, variables).abstract().variables
-    staged = staging.LinenStaged(loss_fn, abstract)
+    staged = staging.LinenStaged(loss_fn, abstract, rng)
     staged.check_cut(abstract, example_batch)
     return staged
 
@@ -217,8 +214,7 @@ def _attention_rewrite(model: Any) -> Callable[[Callable], Callable]:
     """What wraps the traced loss so that hand-written attention is planned as `ops.attention`."""
     from autoshard.attention_rewrite import AttentionRewrite
 
-    name = getattr(model, "__qualname__", type(model).__name__)
-    return lambda fn: AttentionRewrite(fn, name)
+    return lambda fn: AttentionRewrite.of_model(fn, model)
 
 
 def optimizer_copies(optimizer: optax.GradientTransformation, params: Any) -> float:

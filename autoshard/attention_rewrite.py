@@ -55,6 +55,12 @@ class AttentionRewrite:
     """`fn` with the attention it writes itself run as `ops.attention` (which the ops context makes ring or
     Ulysses attention); warns once per instance about attention it leaves dense."""
 
+    @classmethod
+    def of_model(cls, fn: Callable, model: Any) -> "AttentionRewrite":
+        """The rewrite of `fn`, the loss of `model` (an NNX module or a loss function), named after the model in
+        its warnings."""
+        return cls(fn, getattr(model, "__qualname__", type(model).__name__))
+
     def __init__(self, fn: Callable, name: str | None = None):
         self.fn = fn
         self.name = name or getattr(fn, "__qualname__", "the model")

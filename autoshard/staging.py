@@ -75,9 +75,6 @@ class _Reached(Exception):
 class _Stand(nnx.Module):
     """Stands in for one block of the user's list in `Staged.outer` (no state of its own)."""
 
-    def __init__(self, index: int):
-        self.index = index
-
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         mode = _mode[-1]
         if mode.kind == "prologue":
@@ -97,10 +94,10 @@ def _running(mode: _Mode) -> Iterator[_Mode]:
         _mode.pop()
 
 
-def check_mesh(mesh: dict[str, int]) -> None:
-    """A one-line error for what a restaged model cannot run: its hand-written attention is rewritten to
-    `ops.attention` only outside a pipeline, and inside one the executor splits the sequence by hand (seq > 1)."""
-    if mesh.get("pipe", 1) > 1 and mesh.get("seq", 1) > 1:
+def check_seq(seq: int) -> None:
+    """A one-line error for a restaged pipeline with seq > 1: the model's hand-written attention is rewritten to
+    `ops.attention` only outside a pipeline, and inside one the executor splits the sequence by hand."""
+    if seq > 1:
         raise PlanError("a pipeline of a model's own blocks runs with seq=1: its attention is split over seq only "
                         "outside a pipeline; use pipe=1 or seq=1")
 
@@ -156,7 +153,7 @@ class Staged(nnx.Module):
         states = [nnx.state(b, nnx.Param) for b in blocks]
         self.blocks = nnx.merge(nnx.graphdef(blocks[0]), jax.tree.map(_stack, *states))
         outer = nnx.merge(*nnx.split(model))  # a copy: the user's model keeps its blocks
-        _set(outer, path, nnx.List([_Stand(i) for i in range(len(blocks))]))
+        _set(outer, path, nnx.List([_Stand() for _ in blocks]))
         self.outer = outer
         self.token = next(_tokens)
 
@@ -211,7 +208,7 @@ class Staged(nnx.Module):
         def cut(p, b):
             m = nnx.merge(graphdef, p, rest, copy=True)
             blocks = list(_get(m, self.list_path))
-            _set(m, self.list_path, nnx.List([_Stand(i) for i in range(len(blocks))]))
+            _set(m, self.list_path, nnx.List([_Stand() for _ in blocks]))
             x = self._prologue(m, b)
             for block in blocks:
                 x = self.call_block(block, x)
@@ -334,8 +331,7 @@ def staged_tables(staged: Any, table: dict[str, Any], params: list[str]) -> dict
     out = dict(table)
     for weight in params:
         names = user_paths(staged, weight)
-        heads = {k[: len(k) - len(names[0])] for k in table if k.endswith(names[0])
-                 and (len(k) == len(names[0]) or k[len(k) - len(names[0]) - 1] == "/")}
+        heads = {k[: len(k) - len(names[0])] for k in table if _ends_with(k, names[0])}
         for head in heads:
             missing = [n for n in names if head + n not in table]
             if missing:
@@ -347,11 +343,12 @@ def staged_tables(staged: Any, table: dict[str, Any], params: list[str]) -> dict
 
 def _weight_of(key: str, params: list[str]) -> str | None:
     """The weight path `key` ends with (a whole path component), the longest one."""
-    best = None
-    for p in params:
-        if key.endswith(p) and (len(key) == len(p) or key[len(key) - len(p) - 1] == "/"):
-            best = p if best is None or len(p) > len(best) else best
-    return best
+    return max((p for p in params if _ends_with(key, p)), key=len, default=None)
+
+
+def _ends_with(key: str, path: str) -> bool:
+    """Whether table key `key` ends with weight path `path` as whole path components."""
+    return key.endswith(path) and (len(key) == len(path) or key[len(key) - len(path) - 1] == "/")
 
 
 # -- Linen: a loss function over variables whose blocks are numbered submodules ------------------------------------
@@ -362,9 +359,12 @@ class LinenStaged(nnx.Module):
     (epilogue), and a block runs alone as its own module applied to its slice of the stacked weights. Only a
     `params` collection and no dropout key: state collections and RNG streams are not carried between stages."""
 
-    def __init__(self, loss_fn: Callable, variables: Any):
+    def __init__(self, loss_fn: Callable, variables: Any, rng: Any = None):
         from autoshard.functional import FunctionModel
 
+        if rng is not None:
+            raise PlanError("a pipelined loss function takes no dropout key (it is not carried between stages): "
+                            "drop rng= or use pipe=1")
         function = FunctionModel(loss_fn, variables)
         params, state = function.split()
         if not function.linen or state:

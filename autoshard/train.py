@@ -68,6 +68,8 @@ class Trainer:
         `autoshard.staging` (its structure: what `model()` / `variables()` return and checkpoints store)."""
         self.function: FunctionModel | None = None
         """The plain loss function and its variables, on the function path (`params=`)."""
+        self._attention: attention_rewrite.AttentionRewrite | None = None
+        """With seq > 1: the loss with the attention the model writes itself run as `ops.attention`."""
         if params is not None and plan.pipeline is not None:  # a loss function over Linen variables, restaged
             self._init_staged_function(model, loss_fn, params, rng)
         elif params is not None:
@@ -90,7 +92,7 @@ class Trainer:
         built = isinstance(model, nnx.Module)
         abstract = model if built else nnx.eval_shape(model)
         if plan.pipeline is not None and protocols.missing(abstract, protocols.StagedModel):
-            staging.check_mesh(plan.mesh)
+            staging.check_seq(plan.mesh["seq"])
             self.staged_from, user_loss, loss_fn = abstract, loss_fn, None
             model = staging.Staged(model, user_loss) if built else (lambda: staging.Staged(model(), user_loss))
             abstract = staging.Staged(abstract, user_loss)
@@ -127,11 +129,8 @@ class Trainer:
         if unused is not None or isinstance(loss_fn, nnx.Module):
             raise AutoshardError("with params=, pass the loss function itself in the model's place: "
                                  "autoshard.parallelize(loss_fn, optimizer, plan, params=variables)")
-        if rng is not None:
-            raise PlanError("a pipelined loss function takes no dropout key (it is not carried between stages): "
-                            "drop rng= or use pipe=1")
-        staging.check_mesh(self.plan.mesh)
-        self._init_module(staging.LinenStaged(loss_fn, variables), None)
+        staging.check_seq(self.plan.mesh["seq"])
+        self._init_module(staging.LinenStaged(loss_fn, variables, rng), None)
         self.staged_from = FunctionModel(loss_fn, variables)
 
     def _init_function(self, loss_fn: Callable, unused: Any, variables: Any, rng: jax.Array | None) -> None:
@@ -240,10 +239,9 @@ class Trainer:
         ring or Ulysses attention; the rewrite traces this method again, which then runs as written."""
         with ops.context(self.ops_context):
             if self.plan.mesh["seq"] > 1 and not attention_rewrite.active():
-                name = getattr(self.abstract, "__qualname__", type(self.abstract).__name__)
-                rewrite = self.__dict__.setdefault("_attention", attention_rewrite.AttentionRewrite(self._plain_loss,
-                                                                                                    name))
-                return rewrite(params, rest, batch)
+                if self._attention is None:  # one instance: it warns once about attention it leaves dense
+                    self._attention = attention_rewrite.AttentionRewrite.of_model(self._plain_loss, self.abstract)
+                return self._attention(params, rest, batch)
             if self.function is not None:
                 key, sub = jax.random.split(rest["rng"]) if rest["rng"] is not None else (None, None)
                 loss, metrics, state = self.function.call(params, rest["state"], batch, sub)
