@@ -32,8 +32,8 @@ from planner.trace import Graph, dtype_kind, matmul_flops, trace
 
 SEARCH_AXES = ("data", "fsdp", "tensor")
 """Axes this planner searches; the others stay at the size the user fixes (1 by default)."""
-LOOP_PIPELINE = ("pipelines need a scanned layer stack (lax.scan over stacked weights) for now; this model's blocks "
-                 "are a Python loop: drop pipe and the pipeline options")
+LOOP_PIPELINE = ("this graph's blocks are a Python loop, which the planner pipelines only restaged as a scanned stack: "
+                 "plan it with autoshard.plan (autoshard.staging restages it), or drop pipe")
 HEADROOM = 0.9
 """Without an explicit budget, plans may use this fraction of device memory: the rest is for what the model does
 not count (runtime and collective buffers, fragmentation)."""
