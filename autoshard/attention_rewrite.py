@@ -6,13 +6,14 @@ write attention themselves (`jax.nn.dot_product_attention`, flax's `nnx.MultiHea
 it traces the function to a jaxpr, finds each attention there (`planner.attention_match`), and re-runs the jaxpr
 equation by equation with each one replaced by `ops.attention` on its q, k, v brought to the op's layout (the scale
 folded into q), the result laid out as the model's own. Functions with no attention it can run this way are called
-as they are. A key (padding) mask computed from the inputs (`jnp.where(keep[:, None, None, :], ...)`,
-`jax.nn.dot_product_attention(mask=..., key_value_seq_lengths=...)`), alone or ANDed with a causal mask, is passed
-as the op's `key_mask`; ANDed with a query mask too (flax's `make_attention_mask(keep, keep)`), the query rows it
-masks get, outside the op, what the model's softmax over a finite fill gives them: the mean of the values over every
-key. Attention it finds but cannot run as the op (a sliding-window or arbitrary mask, a mask from the inputs that
-varies over heads or over query and key positions in one value, a bias, dropout on the probabilities, ...) stays
-dense, with one warning per rewrite that says why.
+as they are. A constant causal mask runs as the op's `causal`, a causal sliding window (`(j <= i) & (i - j < w)`,
+local attention) as its `window=w`. A key (padding) mask computed from the inputs
+(`jnp.where(keep[:, None, None, :], ...)`, `jax.nn.dot_product_attention(mask=..., key_value_seq_lengths=...)`),
+alone or ANDed with a causal mask or window, is passed as the op's `key_mask`; ANDed with a query mask too (flax's
+`make_attention_mask(keep, keep)`), the query rows it masks get, outside the op, what the model's softmax over a
+finite fill gives them: the mean of the values over every key. Attention it finds but cannot run as the op (an
+arbitrary constant mask, a mask from the inputs that varies over heads or over query and key positions in one value,
+a bias, dropout on the probabilities, ...) stays dense, with one warning per rewrite that says why.
 
 Reached: the function's top level and the bodies of inlined calls (`jit`), `scan` loops (`nnx.scan`, a layer scan)
 and `remat`; attention inside a `custom_jvp` / `custom_vjp` body, a `cond` or a `while` loop stays dense.
@@ -153,7 +154,8 @@ def attend(m: Match, read: Callable[[Any], Any]) -> jax.Array:
     extra = m.scale * math.sqrt(m.head_dim)
     if abs(extra - 1.0) > 1e-6:
         q = q * jnp.asarray(extra, q.dtype)
-    out = ops.attention(q, k, v, causal=m.causal, key_mask=_mask(m.key_mask, read, q.shape[0], k.shape[1]))
+    out = ops.attention(q, k, v, causal=m.causal, window=m.window,
+                        key_mask=_mask(m.key_mask, read, q.shape[0], k.shape[1]))
     if m.query_mask is not None:
         # masked query rows: every key masked by a finite fill, a uniform softmax, the mean of v over all T keys
         # (of the row's kv head, heads = kv heads x groups in that order)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -93,30 +94,39 @@ def positions(length: int) -> Array:
 
 
 # -- attention -------------------------------------------------------------------------------------------------------
-def attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None) -> Array:
+def attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None,
+              window: int | None = None) -> Array:
     """Softmax attention. q: [B, S, H, D]; k, v: [B, S, Hkv, D] with Hkv dividing H (grouped-query).
 
     key_mask: None or [B, T] bool, True where a key may be attended (a padding mask), combined with `causal`. A row
     left with no key to attend gets the mean of all the values, as a dense softmax over a constant very negative
     fill gives (`dense_attention`), so that rewritten models keep their losses (`autoshard.attention_rewrite`).
+    window: None, or with `causal` a sliding window (local attention): query i sees keys j with
+    i - window < j <= i (`autoshard.sequence.causal_mask`), ring and Ulysses attention included.
 
-    Its ops run under the scope `autoshard.attention`, and `autoshard.attention/causal` when causal: the planner
-    reads whether the ring must balance it from that (`planner.seq_expert.op_shapes`; the mask's own ops sit in
-    jitted helpers, whose equations do not carry the caller's scope)."""
+    Its ops run under the scope `autoshard.attention`, and `autoshard.attention/causal` when causal (windowed or
+    not: the ring balances and exchanges both alike): the planner reads whether the ring must balance it from that
+    (`planner.seq_expert.op_shapes`; the mask's own ops sit in jitted helpers, whose equations do not carry the
+    caller's scope)."""
+    _sequence.check_window(window, causal)
     impl = ATTENTION_IMPLS[current().attention]
-    masked = {} if key_mask is None else {"key_mask": key_mask}  # implementations registered elsewhere may not mask
+    extra = {} if key_mask is None else {"key_mask": key_mask}  # implementations registered elsewhere may not mask
+    if window is not None:
+        extra["window"] = window
     with jax.named_scope("autoshard.attention"), jax.named_scope("causal" if causal else "full"):
-        return impl(q, k, v, causal=causal, **masked)
+        return impl(q, k, v, causal=causal, **extra)
 
 
-def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None) -> Array:
+def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None,
+                    window: int | None = None) -> Array:
     """Attention with the [B, H, S, T] logits in memory; masked logits are set to the float32 minimum (a finite
     fill: a row with every key masked gets uniform probabilities, not NaN)."""
+    _sequence.check_window(window, causal)
     b, s, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, s, hkv, h // hkv, d)
     logits = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / math.sqrt(d)
-    keep = jnp.tril(jnp.ones((s, k.shape[1]), dtype=bool)) if causal else None
+    keep = _causal_mask(s, k.shape[1], window) if causal else None
     if key_mask is not None:
         keys = key_mask.astype(bool)[:, None, None, None, :]
         keep = keys if keep is None else keys & keep
@@ -125,6 +135,13 @@ def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_ma
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h, d)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _causal_mask(s: int, t: int, window: int | None) -> Array:
+    """`autoshard.sequence.causal_mask` [s, t] of positions 0.., in a jitted helper: its equations do not carry the
+    caller's `autoshard.attention` scope (the planner reads the op's shapes off the scoped ones)."""
+    return _sequence.causal_mask(jnp.arange(s), jnp.arange(t), window)
 
 
 ATTENTION_IMPLS: dict[str, Callable[..., Array]] = {"dense": dense_attention}

@@ -20,7 +20,8 @@ of `autoshard.analysis`, for the planner's cost model (defined in `planner.seq_e
 from __future__ import annotations
 
 import math
-from typing import Any
+import numbers
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,81 @@ Array = jax.Array
 
 _NEG = -1e30
 """Finite 'minus infinity' for masked logits: exp(_NEG - m) underflows to 0 without inf - inf = NaN."""
+
+
+# -- causal and sliding-window masks ---------------------------------------------------------------------------------
+def causal_mask(rows: Array, cols: Array, window: int | None = None) -> Array:
+    """Which keys each query may attend, [Tq, Tk] bool, from their global positions rows [Tq] and cols [Tk]: the
+    keys at or before the query (causal) and, with a `window` w, only the last w of them (i - w < j <= i: a
+    sliding window, the query's own key included). The one definition dense, ring and Ulysses attention share."""
+    keep = rows[:, None] >= cols[None, :]
+    if window is not None:
+        keep = keep & (rows[:, None] - cols[None, :] < window)
+    return keep
+
+
+def check_window(window: Any, causal: bool) -> None:
+    """One-line errors for a window the attention ops cannot take (they would fail deep inside jax, or ignore it)."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"window must be a positive integer (the keys each query sees, its own included), "
+                         f"got {window!r}")
+    if not causal:
+        raise ValueError(f"window={window} needs causal=True: a sliding window looks back from each query")
+
+
+class Causal(NamedTuple):
+    """Causal masking of one block of attention by global token positions: the query rows at `rows` [Tq] see the
+    keys at `cols` [Tk] that `causal_mask` keeps. Positions increase along a block (the zigzag layout keeps them in
+    order: chunk i before chunk 2n-1-i), which `_all_masked` relies on."""
+
+    rows: Array
+    cols: Array
+    window: int | None = None
+
+
+def _at(causal: Causal | None, rows: Array, cols: Array) -> Causal | None:
+    """The same masking for a sub-block at positions rows, cols (None stays None: nothing masked)."""
+    return None if causal is None else Causal(rows, cols, causal.window)
+
+
+def _window(rows: Array, cols: Array, window: int | None) -> Causal | None:
+    """The masking of a block whose keys all precede its queries (the ring's visiting K/V): none, or the window."""
+    return None if window is None else Causal(rows, cols, window)
+
+
+def _all_masked(causal: Causal) -> Array:
+    """Whether the mask leaves nothing of the block (a bool scalar): every key after every query, or every key at
+    least `window` before every query. Exact for contiguous positions; a sufficient test otherwise."""
+    out = causal.cols[0] > causal.rows[-1]
+    if causal.window is not None:
+        out = out | (causal.rows[0] - causal.cols[-1] >= causal.window)
+    return out
+
+
+def _causal_keep(x: Array, causal: Causal | None) -> Array | None:
+    """The float32 keep factor [Tq, Tk] (1 attend, 0 masked) of `causal_mask` over a block's positions; None for
+    None.
+
+    The row positions are tied to the data `x` by an optimization barrier (no computation, no communication), and
+    the mask is applied by arithmetic rather than `jnp.where` with a constant: under a scan over layers, jax's scan
+    partial evaluation hoists data-independent values out of the loop, and masks built inside the chunk loops were
+    hoisted stacked, [chunks, chunks, B, H, chunk, chunk] per layer (measured).
+    """
+    if causal is None:
+        return None
+    rows, _ = jax.lax.optimization_barrier((causal.rows, x))
+    return causal_mask(rows, causal.cols, causal.window).astype(jnp.float32)
+
+
+def _unless_masked(causal: Causal | None, compute: Any, skipped: Any) -> Any:
+    """compute(), or skipped() where a window masks the whole block (`lax.cond` on a device-varying predicate: the
+    ring's visiting K/V beyond every local query's window). Without a window the blocks given here are never all
+    masked (the diagonal, or keys all before the queries), so no cond is built."""
+    if causal is None or causal.window is None:
+        return compute()
+    return jax.lax.cond(_all_masked(causal), skipped, compute)
 
 
 # -- mesh helpers (shared with autoshard.experts) ------------------------------------------------------------------
@@ -150,7 +226,7 @@ def all_to_all(x: Array, axis: str, split_axis: int, concat_axis: int, *, native
 
 # -- Ulysses ---------------------------------------------------------------------------------------------------------
 def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True,
-                      key_mask: Array | None = None) -> Array:
+                      key_mask: Array | None = None, window: int | None = None) -> Array:
     """All-to-all sequence parallelism (DeepSpeed-Ulysses).
 
     Per device: all_to_all q, k, v from sequence-sharded [B, S/n, H, D] to head-sharded [B, S, H/n, D], attention
@@ -166,13 +242,17 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True,
 
     A key mask [B, S] (`ops.attention`) is all-gathered over `seq` (B*S bools): each device attends over the whole
     sequence (and fills rows with no key to attend with its heads' mean values, `_fill_empty_rows`).
+
+    A causal `window` (`ops.attention`) needs nothing more: after the exchange each device has the whole sequence
+    of its heads and masks it there (`causal_mask`); the exchanges are those of plain causal attention.
     """
     from autoshard import ops  # imported here: ops imports this module to register it
 
+    check_window(window, causal)
     mesh = ops.current().mesh
     n = axis_size(mesh, "seq")
     if n == 1:
-        return ops.dense_attention(q, k, v, causal=causal, key_mask=key_mask)
+        return ops.dense_attention(q, k, v, causal=causal, key_mask=key_mask, window=window)
     b, s, h, d = q.shape
     s = s * n if is_manual("seq") else s  # the global length
     hkv = k.shape[2]
@@ -200,9 +280,9 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True,
     def body(q: Array, k: Array, v: Array, keys: Array | None = None) -> Array:
         whole = _gather_keys(keys)
         q, k, v = seq_to_heads(q), seq_to_heads(k), seq_to_heads(v)
-        o = _local_flash(causal)(q, k, v, whole)
+        o = _local_flash(causal, window)(q, k, v, whole)
         if whole is not None:  # the whole sequence is here: the values' mean needs no exchange
-            o = _fill_empty_rows(o, jnp.mean(v.astype(jnp.float32), axis=1), whole, causal, 0)
+            o = _fill_empty_rows(o, jnp.mean(v.astype(jnp.float32), axis=1), whole, causal, 0, window)
         return heads_to_seq(o)
 
     return _run_seq(body, mesh, q, k, v, key_mask)
@@ -299,86 +379,92 @@ def _row_unchunk(x: Array) -> Array:
     return jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], x.shape[0] * x.shape[4])
 
 
-def _causal_keep(x: Array, q0: Array | int, tq: int, k0: Array | int, tk: int) -> Array:
-    """Causal mask [tq, tk] (float32 1/0) of local query rows q0.. against key rows k0.. (in the zigzag layout the
-    diagonal step is plain causal over the device's 2c rows).
-
-    The row positions are tied to the data `x` by an optimization barrier (no computation, no communication), and
-    the mask is applied by arithmetic rather than `jnp.where` with a constant: under a scan over layers, jax's scan
-    partial evaluation hoists data-independent values out of the loop, and masks built inside the chunk loops were
-    hoisted stacked, [chunks, chunks, B, H, chunk, chunk] per layer (measured).
-    """
-    rows, _ = jax.lax.optimization_barrier((q0 + jnp.arange(tq), x))
-    return (rows[:, None] >= (k0 + jnp.arange(tk))[None, :]).astype(jnp.float32)
-
-
-def _flash_forward(q: Array, k: Array, v: Array, causal: bool,
+def _flash_forward(q: Array, k: Array, v: Array, causal: Causal | None,
                    keys: Array | None = None) -> tuple[Array, Array, Array]:
     """`_block` over chunks (online softmax across key chunks), so the transient is one chunk pair's probabilities;
-    with `causal` (q and k the same local rows) chunk pairs above the diagonal are skipped. keys: None or the key
-    mask [B, Tk] (bool) of k's rows."""
+    with `causal` (the global positions of q's and k's rows) chunk pairs it masks entirely are skipped (above the
+    diagonal, or beyond a window). keys: None or the key mask [B, Tk] (bool) of k's rows."""
     tq, tk = q.shape[1], k.shape[1]
     cq, ck = _chunk(tq), _chunk(tk)
     if cq == tq and ck == tk:
-        return _block(q, k, v, _keep(_causal_keep(q, 0, tq, 0, tk) if causal else None, keys))
-    key_chunks = None if keys is None else _chunks(keys, ck)
+        return _unless_masked(causal, lambda: _block(q, k, v, _keep(_causal_keep(q, causal), keys)),
+                              lambda: _nothing(q, k))
+    rows, cols = _position_chunks(causal, cq, ck)
 
-    def row(args: tuple[Array, Array]) -> tuple[Array, Array, Array]:
-        qi, qc = args
+    def row(args: tuple[Array, Array | None]) -> tuple[Array, Array, Array]:
+        qc, qpos = args
+
+        def block(kc: Array, vc: Array, kpos: Array | None, mc: Array | None) -> tuple[Array, Array, Array]:
+            return _block(qc, kc, vc, _keep(_causal_keep(qc, _at(causal, qpos, kpos)), mc))
+
         # start from key chunk 0 (never skipped) rather than zeros: constants would be hoisted (`_causal_keep`)
-        init = _block(qc, k[:, :ck], v[:, :ck], _keep(_causal_keep(qc, qi * cq, cq, 0, ck) if causal else None,
-                                                       None if keys is None else key_chunks[0]))
+        init = block(k[:, :ck], v[:, :ck], None if cols is None else cols[0], None if keys is None else keys[:, :ck])
 
         def step(acc, x):
-            kj, kc, vc, mc = x
-            if not causal:
-                return _merge(acc, _block(qc, kc, vc, _keep(None, mc))), None
-            return jax.lax.cond(kj * ck > qi * cq + cq - 1, lambda a: a,
-                                lambda a: _merge(a, _block(qc, kc, vc, _keep(_causal_keep(qc, qi * cq, cq, kj * ck,
-                                                                                          ck), mc))),
-                                acc), None
+            kc, vc, kpos, mc = x
+            if causal is None:
+                return _merge(acc, block(kc, vc, kpos, mc)), None
+            return jax.lax.cond(_all_masked(_at(causal, qpos, kpos)), lambda a: a,
+                                lambda a: _merge(a, block(kc, vc, kpos, mc)), acc), None
 
-        xs = (jnp.arange(1, tk // ck), _chunks(k, ck)[1:], _chunks(v, ck)[1:],
-              None if keys is None else key_chunks[1:])
+        xs = (_chunks(k, ck)[1:], _chunks(v, ck)[1:], None if cols is None else cols[1:],
+              None if keys is None else _chunks(keys, ck)[1:])
         return jax.lax.scan(step, init, xs)[0]
 
-    o, m, l = jax.lax.map(row, (jnp.arange(tq // cq), _chunks(q, cq)))
+    o, m, l = jax.lax.map(row, (_chunks(q, cq), rows))
     return _unchunk(o), _row_unchunk(m), _row_unchunk(l)
 
 
-def _flash_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array, causal: bool,
+def _nothing(q: Array, k: Array) -> tuple[Array, Array, Array]:
+    """`_block`'s result for a block with every key masked: o = 0, m = _NEG, l = 0 [B, Hkv, G, Tq]."""
+    b, tq, h, _ = q.shape
+    hkv = k.shape[2]
+    # zeros_like of q's values, not jnp.zeros: they vary over `seq` as q does (lax.cond wants both branches alike)
+    stats = jnp.zeros_like(jnp.moveaxis(q[..., 0], 1, 2).reshape(b, hkv, h // hkv, tq), jnp.float32)
+    return jnp.zeros_like(q, jnp.float32), stats + _NEG, stats
+
+
+def _position_chunks(causal: Causal | None, cq: int, ck: int) -> tuple[Array | None, Array | None]:
+    """The query and key positions in chunks of cq and ck, [Tq/cq, cq] and [Tk/ck, ck] (None, None without mask)."""
+    if causal is None:
+        return None, None
+    return causal.rows.reshape(-1, cq), causal.cols.reshape(-1, ck)
+
+
+def _flash_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array, causal: Causal | None,
                  keys: Array | None = None) -> tuple[Array, Array, Array]:
     """`_block_grads` over chunks: per key chunk, a loop over query chunks accumulates its dK/dV and emits dq
-    contributions; with `causal` chunk pairs above the diagonal are skipped. keys: as in `_flash_forward`."""
+    contributions; chunk pairs `causal` masks entirely are skipped. keys: as in `_flash_forward`."""
     tq, tk = q.shape[1], k.shape[1]
     cq, ck = _chunk(tq), _chunk(tk)
     if cq == tq and ck == tk:
-        return _block_grads(q, k, v, do, lse, delta, _keep(_causal_keep(q, 0, tq, 0, tk) if causal else None, keys))
-    rows = (jnp.arange(tq // cq), _chunks(q, cq), _chunks(do, cq), _row_chunks(lse, cq), _row_chunks(delta, cq))
+        return _unless_masked(
+            causal, lambda: _block_grads(q, k, v, do, lse, delta, _keep(_causal_keep(q, causal), keys)),
+            lambda: tuple(jnp.zeros_like(x, jnp.float32) for x in (q, k, v)))
+    qpos, kpos = _position_chunks(causal, cq, ck)
+    rows = (_chunks(q, cq), _chunks(do, cq), _row_chunks(lse, cq), _row_chunks(delta, cq), qpos)
 
     def col(dq, x):
-        kj, kc, vc, mc = x
+        kc, vc, kp, mc = x
 
         def row(acc, y):
-            qi, qc, doc, lc, dc = y
+            qc, doc, lc, dc, qp = y
+            mask = _at(causal, qp, kp)
 
             def compute(acc):
-                keep = _keep(_causal_keep(qc, qi * cq, cq, kj * ck, ck) if causal else None, mc)
-                gq, gk, gv = _block_grads(qc, kc, vc, doc, lc, dc, keep)
+                gq, gk, gv = _block_grads(qc, kc, vc, doc, lc, dc, _keep(_causal_keep(qc, mask), mc))
                 return (acc[0] + gk, acc[1] + gv), gq
 
-            if not causal:
+            if mask is None:
                 return compute(acc)
-            return jax.lax.cond(kj * ck > qi * cq + cq - 1, lambda a: (a, jnp.zeros_like(qc, jnp.float32)),
-                                compute, acc)
+            return jax.lax.cond(_all_masked(mask), lambda a: (a, jnp.zeros_like(qc, jnp.float32)), compute, acc)
 
         init = (jnp.zeros_like(kc, jnp.float32), jnp.zeros_like(vc, jnp.float32))
         (gk, gv), gq = jax.lax.scan(row, init, rows)
         return dq + _unchunk(gq), (gk, gv)
 
     dq, (dk, dv) = jax.lax.scan(col, jnp.zeros_like(q, jnp.float32),
-                                (jnp.arange(tk // ck), _chunks(k, ck), _chunks(v, ck),
-                                 None if keys is None else _chunks(keys, ck)))
+                                (_chunks(k, ck), _chunks(v, ck), kpos, None if keys is None else _chunks(keys, ck)))
     return dq, _unchunk(dk), _unchunk(dv)
 
 
@@ -417,6 +503,12 @@ def _zigzag_perms(n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]
     return [(d, home[2 * d]) for d in range(n)], [(d, home[2 * d + 1]) for d in range(n)]
 
 
+def _zigzag_positions(d: Array | int, n: int, c: int) -> Array:
+    """Global positions [2c] of the tokens device d holds in the zigzag layout: chunk d, then chunk 2n-1-d, of c
+    tokens each (`_to_zigzag`); increasing."""
+    return jnp.concatenate([d * c + jnp.arange(c), (2 * n - 1 - d) * c + jnp.arange(c)])
+
+
 def _ppermute(x: Array, perm: list[tuple[int, int]]) -> Array:
     """ppermute over `seq`, skipped when every device keeps its own block (the even chunks when n = 2)."""
     return x if all(i == j for i, j in perm) else ppermute(x, "seq", perm)
@@ -448,24 +540,29 @@ def _ring(n: int) -> list[tuple[int, int]]:
     return [(j, (j + 1) % n) for j in range(n)]
 
 
-def _ring_forward(q: Array, k: Array, v: Array, n: int, causal: bool,
+def _ring_forward(q: Array, k: Array, v: Array, n: int, causal: bool, window: int | None,
                   keys: Array | None) -> tuple[Array, Array]:
     """Output o [B, T, H, D] (q.dtype) and log-sum-exp [B, Hkv, G, T] (float32) of the local (zigzag) queries.
-    keys: None or the whole key mask [B, S] (contiguous order), indexed by each visiting block's source."""
+    keys: None or the whole key mask [B, S] (contiguous order), indexed by each visiting block's source. A window
+    masks the visiting blocks by their global positions; blocks wholly beyond it are skipped (`_unless_masked`)."""
     me = jax.lax.axis_index("seq")
     c = q.shape[1] // 2
-    acc = _flash_forward(q, k, v, causal, _key_block(keys, me, n, causal))  # the diagonal step
+    mine = _zigzag_positions(me, n, c)
+    diagonal = Causal(mine, mine, window) if causal else None
+    acc = _flash_forward(q, k, v, diagonal, _key_block(keys, me, n, causal))  # the diagonal step
 
     def visit(kv: tuple[Array, Array], src: Array) -> tuple[Array, Array, Array]:
         mask = _key_block(keys, src, n, causal)
         if not causal:
-            return _flash_forward(q, *kv, False, mask)
+            return _flash_forward(q, *kv, None, mask)
+        theirs = _zigzag_positions(src, n, c)
 
         def earlier(k, v):  # src < i: both query chunks see K/V chunk src only
-            return _flash_forward(q, k[:, :c], v[:, :c], False, None if mask is None else mask[:, :c])
+            return _flash_forward(q, k[:, :c], v[:, :c], _window(mine, theirs[:c], window),
+                                  None if mask is None else mask[:, :c])
 
         def later(k, v):  # src > i: query chunk 2n-1-i sees both K/V chunks; chunk i sees none
-            o, m, l = _flash_forward(q[:, c:], k, v, False, mask)
+            o, m, l = _flash_forward(q[:, c:], k, v, _window(mine[c:], theirs, window), mask)
             pad = [(0, 0)] * 3 + [(c, 0)]
             return (jnp.pad(o, [(0, 0), (c, 0), (0, 0), (0, 0)]), jnp.pad(m, pad, constant_values=_NEG),
                     jnp.pad(l, pad))
@@ -495,27 +592,32 @@ def _delta(do: Array, o: Array, lse: Array) -> Array:
 
 
 def _ring_backward(q: Array, k: Array, v: Array, o: Array, lse: Array, keys: Array | None, do: Array, n: int,
-                   causal: bool) -> tuple[Array, Array, Array]:
+                   causal: bool, window: int | None) -> tuple[Array, Array, Array]:
     """dq, dk, dv of the local blocks: K/V travel the ring again with their float32 dK/dV accumulators; each step
-    recomputes its probability block from q, k and lse; after n-1 steps one more rotation brings dK/dV home."""
+    recomputes its probability block from q, k and lse; after n-1 steps one more rotation brings dK/dV home. The
+    blocks are masked and skipped as in `_ring_forward`."""
     me = jax.lax.axis_index("seq")
     c = q.shape[1] // 2
     delta = _delta(do, o, lse)
-    dq, dk, dv = _flash_grads(q, k, v, do, lse, delta, causal, _key_block(keys, me, n, causal))
+    mine = _zigzag_positions(me, n, c)
+    diagonal = Causal(mine, mine, window) if causal else None
+    dq, dk, dv = _flash_grads(q, k, v, do, lse, delta, diagonal, _key_block(keys, me, n, causal))
 
     def visit(kv: tuple[Array, Array], src: Array) -> tuple[Array, Array, Array]:
         mask = _key_block(keys, src, n, causal)
         if not causal:
-            return _flash_grads(q, *kv, do, lse, delta, False, mask)
+            return _flash_grads(q, *kv, do, lse, delta, None, mask)
+        theirs = _zigzag_positions(src, n, c)
 
         def earlier(k, v):  # src < i: both query chunks, K/V chunk src only
-            dq, dk, dv = _flash_grads(q, k[:, :c], v[:, :c], do, lse, delta, False,
+            dq, dk, dv = _flash_grads(q, k[:, :c], v[:, :c], do, lse, delta, _window(mine, theirs[:c], window),
                                       None if mask is None else mask[:, :c])
             pad = [(0, 0), (0, c), (0, 0), (0, 0)]
             return dq, jnp.pad(dk, pad), jnp.pad(dv, pad)
 
         def later(k, v):  # src > i: query chunk 2n-1-i, both K/V chunks
-            dq, dk, dv = _flash_grads(q[:, c:], k, v, do[:, c:], lse[..., c:], delta[..., c:], False, mask)
+            dq, dk, dv = _flash_grads(q[:, c:], k, v, do[:, c:], lse[..., c:], delta[..., c:],
+                                      _window(mine[c:], theirs, window), mask)
             return jnp.pad(dq, [(0, 0), (c, 0), (0, 0), (0, 0)]), dk, dv
 
         return jax.lax.cond(src < me, earlier, later, *kv)
@@ -552,37 +654,50 @@ def _key_block(keys: Array | None, src: Array | int, n: int, causal: bool) -> Ar
                             jax.lax.dynamic_slice_in_dim(keys, (2 * n - 1 - src) * c, c, axis=1)], axis=1)
 
 
-def _fill_empty_rows(o: Array, mean: Array, keys: Array, causal: bool, first_row: Array | int) -> Array:
+def _fill_empty_rows(o: Array, mean: Array, keys: Array, causal: bool, first_row: Array | int,
+                     window: int | None = None) -> Array:
     """The output block o [B, T, H, D] (rows first_row.. of the sequence) with each row that has no key to attend
-    (every key masked, or with `causal` every key up to the row's position) set to the mean of all values, which
-    is what dense attention with a finite fill gives the model (all logits equal the fill: uniform
-    probabilities); the flash kernels leave such rows 0.
+    (every key masked, or with `causal` every key up to the row's position, or in its `window`) set to the mean of
+    all values, which is what dense attention with a finite fill gives the model (all logits equal the fill:
+    uniform probabilities); the flash kernels leave such rows 0.
 
     mean: the mean of all values [B, Hkv, D] (float32); keys: the whole key mask [B, S] (`_gather_keys`)."""
     b, t, h, _ = o.shape
-    total = keys.shape[1]
-    some = jnp.any(keys, axis=1)
     if causal:
-        first = jnp.where(some, jnp.argmax(keys, axis=1), total)  # the first key any row may attend
-        empty = (first_row + jnp.arange(t))[None, :] < first[:, None]
+        empty = _seen_keys(keys, first_row, t, window) == 0
     else:
-        empty = jnp.broadcast_to(~some[:, None], (b, t))
+        empty = jnp.broadcast_to(~jnp.any(keys, axis=1)[:, None], (b, t))
     mean = jnp.repeat(mean, h // mean.shape[1], axis=1)[:, None].astype(o.dtype)  # [B, 1, H, D], query head order
     return jnp.where(empty[:, :, None, None], mean, o)
 
 
-def _local_flash(causal: bool) -> Any:
+def _seen_keys(keys: Array, first_row: Array | int, t: int, window: int | None) -> Array:
+    """How many unmasked keys each causal row first_row..first_row+t-1 may attend, [B, t] int32: those at or before
+    it (`causal_mask`), within the last `window` positions, from a running count of the key mask [B, S]."""
+    w = keys.shape[1] if window is None else window  # a window as long as the sequence: plain causal
+    # count[:, w + 1 + p] = unmasked keys at positions <= p; the w + 1 leading zeros stand for positions < 0
+    count = jnp.pad(jnp.cumsum(keys, axis=1, dtype=jnp.int32), ((0, 0), (w + 1, 0)))
+    upto = jax.lax.dynamic_slice_in_dim(count, first_row + w + 1, t, axis=1)  # keys at positions <= row
+    before = jax.lax.dynamic_slice_in_dim(count, first_row + 1, t, axis=1)  # keys at positions <= row - w
+    return upto - before
+
+
+def _local_flash(causal: bool, window: int | None = None) -> Any:
     """Chunked attention of local q [B, T, H, D] over k, v [B, T, Hkv, D] (and a key mask [B, T] or None) as a
     `jax.custom_vjp` (Ulysses' per-device attention over the whole sequence): it keeps q, k, v, the output and the
-    float32 log-sum-exp, not the [B, H, T, T] probabilities, and recomputes them chunk by chunk in the backward."""
+    float32 log-sum-exp, not the [B, H, T, T] probabilities, and recomputes them chunk by chunk in the backward.
+    The rows are the whole sequence, positions 0..T-1, so the causal `window` applies as it is."""
+
+    def mask(t: int) -> Causal | None:
+        return Causal(jnp.arange(t), jnp.arange(t), window) if causal else None
 
     def forward(q: Array, k: Array, v: Array, keys: Array | None) -> tuple[Array, tuple]:
-        o, lse = _normalise(*_flash_forward(q, k, v, causal, keys), q.dtype)
+        o, lse = _normalise(*_flash_forward(q, k, v, mask(q.shape[1]), keys), q.dtype)
         return o, (q, k, v, o, lse, keys)
 
     def backward(res: tuple, do: Array) -> tuple[Array, Array, Array, None]:
         q, k, v, o, lse, keys = res
-        dq, dk, dv = _flash_grads(q, k, v, do, lse, _delta(do, o, lse), causal, keys)
+        dq, dk, dv = _flash_grads(q, k, v, do, lse, _delta(do, o, lse), mask(q.shape[1]), keys)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
     @jax.custom_vjp
@@ -593,7 +708,7 @@ def _local_flash(causal: bool) -> Any:
     return attend
 
 
-def _ring_vjp(n: int, causal: bool) -> Any:
+def _ring_vjp(n: int, causal: bool, window: int | None = None) -> Any:
     """Ring attention of per-device (sequence-sharded contiguous) blocks, for a shard_map manual over `seq`, as a
     `jax.custom_vjp`: the forward keeps only the local (zigzag when causal) q, k, v, output and float32
     log-sum-exp blocks (and the whole key mask, when there is one), the backward runs the ring again
@@ -604,12 +719,12 @@ def _ring_vjp(n: int, causal: bool) -> Any:
         me = jax.lax.axis_index("seq")
         if causal:
             q, k, v = (_to_zigzag(x, n, me) for x in (q, k, v))
-        o, lse = _ring_forward(q, k, v, n, causal, keys)
+        o, lse = _ring_forward(q, k, v, n, causal, window, keys)
         return (_from_zigzag(o, n, me) if causal else o), (q, k, v, o, lse, keys)
 
     def backward(res: tuple, do: Array) -> tuple[Array, Array, Array, None]:
         me = jax.lax.axis_index("seq")
-        grads = _ring_backward(*res, _to_zigzag(do, n, me) if causal else do, n, causal)
+        grads = _ring_backward(*res, _to_zigzag(do, n, me) if causal else do, n, causal, window)
         return (*(tuple(_from_zigzag(g, n, me) for g in grads) if causal else grads), None)
 
     @jax.custom_vjp
@@ -620,11 +735,11 @@ def _ring_vjp(n: int, causal: bool) -> Any:
     return attend
 
 
-def _ring_body(n: int, causal: bool) -> Any:
+def _ring_body(n: int, causal: bool, window: int | None = None) -> Any:
     """The ring's per-device body, with an optional key mask block [B, S/n]: `_ring_vjp` on the whole key mask,
     then rows with no key to attend filled as dense attention fills them (`_fill_empty_rows`; the values' mean
     costs an all-reduce of [B, Hkv, D] over `seq`, forward and backward)."""
-    attend = _ring_vjp(n, causal)
+    attend = _ring_vjp(n, causal, window)
 
     def body(q: Array, k: Array, v: Array, keys: Array | None = None) -> Array:
         whole = _gather_keys(keys)
@@ -632,7 +747,7 @@ def _ring_body(n: int, causal: bool) -> Any:
         if whole is None:
             return o
         mean = jax.lax.psum(jnp.sum(v.astype(jnp.float32), axis=1), "seq") / whole.shape[1]
-        return _fill_empty_rows(o, mean, whole, causal, jax.lax.axis_index("seq") * o.shape[1])
+        return _fill_empty_rows(o, mean, whole, causal, jax.lax.axis_index("seq") * o.shape[1], window)
 
     return body
 
@@ -644,7 +759,8 @@ def _run_seq(body: Any, mesh: Any, q: Array, k: Array, v: Array, key_mask: Array
     return manual_over("seq", body, (spec,) * len(args), spec, mesh, *args)
 
 
-def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None) -> Array:
+def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None,
+                   window: int | None = None) -> Array:
     """Ring attention: K/V blocks travel around the `seq` axis (ppermute), online softmax in float32.
 
     Causal attention is load balanced with the zigzag layout: the sequence is cut into 2n chunks and device i works
@@ -666,20 +782,25 @@ def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mas
 
     A key mask [B, S] (`ops.attention`) does not travel: it is all-gathered once (B*S bools) and each step takes
     the block of the visiting K/V's source (`_key_block`), in the zigzag layout when causal.
+
+    A causal `window` (`ops.attention`) masks each block pair by its global query and key positions
+    (`causal_mask`); K/V still travel the whole ring (the same exchanges as plain causal), but block products, and
+    chunk pairs within them, that the window leaves nothing of are skipped.
     """
     from autoshard import ops  # imported here: ops imports this module to register it
 
+    check_window(window, causal)
     mesh = ops.current().mesh
     n = axis_size(mesh, "seq")
     if n == 1:
-        return ops.dense_attention(q, k, v, causal=causal, key_mask=key_mask)
+        return ops.dense_attention(q, k, v, causal=causal, key_mask=key_mask, window=window)
     s = q.shape[1] * (n if is_manual("seq") else 1)  # the global length
     parts = 2 * n if causal else n
     if s % parts:
         raise PlanError(f"{'causal ' if causal else ''}ring attention needs the sequence length ({s}) divisible by "
                         f"{parts} (= {'2 x ' if causal else ''}seq={n}): change the seq degree or the sequence length")
-    return _run_seq(_ring_body(n, causal), mesh, q, k, v, key_mask)
+    return _run_seq(_ring_body(n, causal, window), mesh, q, k, v, key_mask)
 
 
-__all__ = ["all_to_all", "axis_size", "free_axes", "ring_attention", "ring_bytes", "shard_map_mesh",
-           "ulysses_attention", "ulysses_bytes"]
+__all__ = ["Causal", "all_to_all", "axis_size", "causal_mask", "check_window", "free_axes", "ring_attention",
+           "ring_bytes", "shard_map_mesh", "ulysses_attention", "ulysses_bytes"]

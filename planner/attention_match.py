@@ -611,6 +611,9 @@ class Match:
     """A query mask computed from the inputs, ANDed with `mask` and `key_mask` (flax's `make_attention_mask(keep,
     keep)`): its value becomes [B or 1, S or 1]; a query row where it is zero has every key masked by a finite
     very negative fill, so the model's softmax is uniform there: its output is the mean of v over all keys."""
+    window: int | None = None
+    """With a causal sliding-window `mask`, its width w (query i sees keys i-w < j <= i): `ops.attention`'s
+    `window`."""
 
     @property
     def supported(self) -> bool:
@@ -618,7 +621,8 @@ class Match:
 
     @property
     def causal(self) -> bool:
-        return self.mask == "causal"
+        """Whether ops.attention runs it causal (plain, or within `window`)."""
+        return self.mask == "causal" or self.window is not None
 
     @property
     def heads(self) -> int:
@@ -737,9 +741,12 @@ def _v_and_out(r: _QK, b: Any, prob: _Sym, pi: int) -> tuple[Operand, tuple[int,
     return operand, tuple(out[j] for j in order), tuple(int(x) for x in np.argsort(order))
 
 
-def _mask_kind(sym: _Sym, s_axis: int, t_axis: int, shape: tuple[int, ...]) -> tuple[str, tuple[str, ...]]:
+def _mask_kind(sym: _Sym, s_axis: int, t_axis: int, shape: tuple[int, ...]
+               ) -> tuple[str, int | None, tuple[str, ...]]:
     """What the constant mask is over (query, key) positions ("none", "causal", "sliding window of w",
-    "arbitrary", ...) and why it cannot run as ops.attention (a bias, a fill that is not very negative)."""
+    "arbitrary", ...), its window (w for a causal sliding window: query i sees keys i-w < j <= i, which
+    ops.attention takes as `window`; else None) and why it cannot run as ops.attention (a bias, a fill that is not
+    very negative, a mask of no kind it takes)."""
     keep, problems = sym.keep, []
     if sym.bias is not None:
         masked = sym.bias <= VERY_NEGATIVE
@@ -751,20 +758,21 @@ def _mask_kind(sym: _Sym, s_axis: int, t_axis: int, shape: tuple[int, ...]) -> t
     if (sym.masks or (keep is not None and not keep.all())) and sym.fill > VERY_NEGATIVE:
         problems.append(f"masked scores are set to {sym.fill:g}, not a very negative value")
     if keep is None or keep.all():
-        return "none", tuple(problems)
+        return "none", None, tuple(problems)
     for axis in range(keep.ndim):
         if axis not in (s_axis, t_axis) and keep.shape[axis] > 1:
             if not np.all(keep == np.take(keep, [0], axis=axis)):
-                return "a mask that varies over the batch or heads (padding)", (*problems, "a padding mask")
+                return "a mask that varies over the batch or heads (padding)", None, (*problems, "a padding mask")
             keep = np.take(keep, [0], axis=axis)
     m = np.broadcast_to(keep.reshape(keep.shape[s_axis], keep.shape[t_axis]) if s_axis < t_axis else
                         keep.reshape(keep.shape[t_axis], keep.shape[s_axis]).T, (shape[s_axis], shape[t_axis]))
     i, j = np.indices(m.shape)
     if np.array_equal(m, j <= i):
-        return "causal", tuple(problems)
+        return "causal", None, tuple(problems)
     width = int(m.sum(axis=1).max()) if m.any() else 0
-    kind = f"sliding window of {width}" if np.array_equal(m, (j <= i) & (i - j < width)) else "arbitrary"
-    return kind, (*problems, f"a {kind} mask")
+    if width and np.array_equal(m, (j <= i) & (i - j < width)):
+        return f"sliding window of {width}", width, tuple(problems)
+    return "arbitrary", None, (*problems, "an arbitrary mask")
 
 
 def _finish(region: _Region, b_index: int, b: Any, states: dict[Any, _Sym]) -> Match:
@@ -785,7 +793,7 @@ def _finish(region: _Region, b_index: int, b: Any, states: dict[Any, _Sym]) -> M
     if v.shape[:3] != k.shape[:3] or q.shape[0] != k.shape[0] or q.shape[2] % max(k.shape[2], 1):
         raise _NoMatch("q, k and v do not line up")
     scores = tuple(a.outvars[0].aval.shape)
-    mask, problems = _mask_kind(prob, roles.q_seq[1], region.key, scores)
+    mask, window, problems = _mask_kind(prob, roles.q_seq[1], region.key, scores)
     problems = (*prob.problems, *problems)
     key_mask, query_mask, why = _mask_operands(prob, roles, region.key)
     problems += why
@@ -794,7 +802,7 @@ def _finish(region: _Region, b_index: int, b: Any, states: dict[Any, _Sym]) -> M
     covered = frozenset({region.start, b_index, *region.covered})
     problems += _leaks(region.scope, covered, b_index)
     return Match((region.start, b_index), covered, q, k, v, prob.scale, mask, tuple(dict.fromkeys(problems)),
-                 b.outvars[0], out_shape, out_perm, key_mask, query_mask)
+                 b.outvars[0], out_shape, out_perm, key_mask, query_mask, window)
 
 
 def _mask_operands(prob: _Sym, roles: _QK, key: int) -> tuple[Operand | None, Operand | None, tuple[str, ...]]:

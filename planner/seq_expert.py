@@ -88,7 +88,8 @@ def ring_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n
     rotation to come home (n of them); causal adds the relayouts' transposes (dq, dk, dv in, d_out back), the
     forward's sizes. At n = 2 both one-step loops are unrolled and XLA merges the backward's single K/V rotation
     with the forward's (measured on the compiled program), so the backward sends no K/V. Remat of the attention
-    would add the forward part once more.
+    would add the forward part once more. A causal sliding window (`ops.attention(window=...)`) sends the same: K/V
+    travel the whole ring, only block products the window leaves nothing of are skipped.
     """
     if n <= 1:
         return 0.0
@@ -142,7 +143,8 @@ class OpShapes:
     head_dim: int = 0
     attention_layers: int = 0
     causal: bool = True
-    """Whether the attention is causal (ring attention then balances it over 2 x seq chunks, zigzag)."""
+    """Whether the attention is causal, within a sliding window or not (ring attention then balances it over
+    2 x seq chunks, zigzag, and both exchange the same)."""
     dtype: str = "float32"
     """The attention inputs' dtype (what a collective moves of it is the cluster's to say: `wire_itemsize`)."""
     experts: int = 0
@@ -243,7 +245,7 @@ def check_fixed(shapes: OpShapes, fixed: dict[str, int], method: str | None, bat
         raise PlanError(f"unknown sequence method {method!r}: use one of {', '.join(SEQUENCE_METHODS)}")
     if s > 1 and not shapes.has_attention:
         raise PlanError(f"seq={s} but the model has no attention to split (ops.attention, or softmax attention with "
-                        f"no mask, a causal or a padding one): drop seq from the mesh")
+                        f"no mask, a causal, sliding-window or padding one): drop seq from the mesh")
     if s > 1 and shapes.seq_len % s:
         raise PlanError(f"seq={s} does not divide the sequence length {shapes.seq_len}: choose a seq degree that "
                         f"divides it")

@@ -29,9 +29,9 @@ def _qkv(heads, kv_heads, batch=B):
             jax.random.normal(kv, (batch, S, kv_heads, D)))
 
 
-def _out_and_grads(causal, key_mask=None):
+def _out_and_grads(causal, key_mask=None, window=None):
     def loss(q, k, v):
-        o = ops.attention(q, k, v, causal=causal, key_mask=key_mask)
+        o = ops.attention(q, k, v, causal=causal, key_mask=key_mask, window=window)
         return jnp.sum(jnp.sin(o)), o
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -126,6 +126,51 @@ def test_key_mask_matches_dense(monkeypatch, method, causal):
     for g, w, name in zip(got_grads, want_grads, "qkv"):
         assert np.isfinite(g).all()
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+WINDOW_KEYS = np.stack([(np.arange(S) < 6) | (np.arange(S) >= 12),  # a hole: rows 7-11 see no key in a window of 2
+                        np.arange(S) >= 3])                            # left padding: rows 0-2 see none at all
+
+WINDOWS = [("ring", 4, 6, False), ("ring", 2, 2, True), ("ulysses", 2, 5, True)]  # method, seq, window, key mask
+
+
+@pytest.mark.parametrize("method,n,window,masked", WINDOWS,
+                         ids=[f"{c[0]}-seq{c[1]}-window{c[2]}{'-keymask' if c[3] else ''}" for c in WINDOWS])
+def test_window_matches_dense_and_bytes(monkeypatch, method, n, window, masked):
+    """A causal sliding window (local attention): values and gradients equal dense attention's, and the exchanges
+    are those of plain causal attention (`ring_bytes`, `ulysses_bytes`). The ring masks each block pair by global
+    positions and skips those beyond the window: a window longer than a device's block (6 > 4 tokens at seq=4) and
+    one shorter than a zigzag chunk (2 < 4 at seq=2), the latter with a key mask (rows whose window holds no key get
+    the values' mean) in chunks of 2 (`RING_CHUNK`)."""
+    if masked:
+        monkeypatch.setattr(sequence, "RING_CHUNK", 2)
+    q, k, v = _qkv(4, 2)
+    keep = jnp.asarray(WINDOW_KEYS) if masked else None
+    (_, want), want_grads = _out_and_grads(True, keep, window)(q, k, v)
+    mesh = _mesh(seq=n)
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "seq")))  # noqa: E731
+    with ops.context(ops.OpsContext(mesh=mesh, attention=method)):
+        args = [put(x) for x in (q, k, v)]
+        compiled = _out_and_grads(True, None if keep is None else put(keep), window).lower(*args).compile()
+    (_, got), got_grads = compiled(*args)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    for g, w, name in zip(got_grads, want_grads, "qkv"):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+    formula = sequence.ring_bytes if method == "ring" else sequence.ulysses_bytes
+    stats = analyze(compiled, mesh)
+    assert _seq_bytes(stats) == pytest.approx(formula(B, S, 4, 2, D, n), rel=1e-9 if method == "ring" else 0.1)
+
+
+def test_the_window_rule_and_bad_windows():
+    """Query i sees keys i-w < j <= i; a window without causal, or not a positive integer, is one line."""
+    i, j = np.indices((5, 5))
+    np.testing.assert_array_equal(sequence.causal_mask(jnp.arange(5), jnp.arange(5), 2), (j <= i) & (i - j < 2))
+    q, k, v = _qkv(4, 2)
+    for kwargs, match in [(dict(causal=False, window=4), "needs causal=True"), (dict(window=0), "positive integer"),
+                          (dict(window=2.5), "positive integer")]:
+        with pytest.raises(ValueError, match=match) as e:
+            jax.eval_shape(lambda q, k, v: ops.attention(q, k, v, **kwargs), q, k, v)
+        assert "\n" not in str(e.value)
 
 
 def test_ulysses_needs_divisible_heads():
