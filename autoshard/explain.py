@@ -537,7 +537,11 @@ def timeline(plan: Plan, *, width: int = WIDTH) -> list[str]:
 # -- verify: predicted vs compiled ---------------------------------------------------------------------------------
 
 COMM_TOLERANCE = 0.10
-MEMORY_TOLERANCE = 0.15
+MEMORY_TOLERANCE = 0.10
+PIPELINE_MEMORY_TOLERANCE = 0.15
+"""A pipeline plan's memory is judged wider: its stage memory still rests on fitted constants that over-predict
+by 11-16% (`planner.calibration`, runs/benchmarks/memory_accuracy.md); the backward tick's working set is not
+derived yet."""
 MIN_SHARE = 0.05
 """A communication key is judged when its bytes are at least this share of the total (predicted or compiled)."""
 
@@ -627,7 +631,7 @@ def format_comparison(result: Mapping[str, Any], *, width: int = WIDTH) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["COMM_TOLERANCE", "MEMORY_TOLERANCE", "MIN_SHARE", "alternatives_table", "breakdown_tables", "compare",
+__all__ = ["COMM_TOLERANCE", "MEMORY_TOLERANCE", "MIN_SHARE", "PIPELINE_MEMORY_TOLERANCE", "alternatives_table", "breakdown_tables", "compare",
            "describe_spec", "explain", "format_bytes", "format_comparison", "format_count", "format_percent",
            "format_seconds", "format_spec", "headline", "param_table", "pipeline_line", "relative_error",
            "remat_line", "shard_shape", "summary", "table", "timeline", "why_line"]

@@ -60,9 +60,12 @@ class Verification:
 
 
 def compare_compiled(plan: Any, predicted: Mapping[str, Any], compiled: Mapping[str, Any]) -> dict[str, Any]:
-    """`explain.compare` with the figures a plan of this kind can be judged on (not a pipeline's branch ops)."""
-    skip = PIPELINE_BRANCH_KEYS if plan.pipeline is not None else ()
-    return explain.compare(predicted, compiled, not_judged=skip)
+    """`explain.compare` with the figures a plan of this kind can be judged on (not a pipeline's branch ops), a
+    pipeline's memory at `explain.PIPELINE_MEMORY_TOLERANCE`."""
+    if plan.pipeline is None:
+        return explain.compare(predicted, compiled)
+    return explain.compare(predicted, compiled, not_judged=PIPELINE_BRANCH_KEYS,
+                           memory_tolerance=explain.PIPELINE_MEMORY_TOLERANCE)
 
 
 def verify(trainer: Any, example_batch: Any, *, cluster: Any = None,

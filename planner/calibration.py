@@ -14,9 +14,8 @@ makes of some: 1.3 x the layer's matmul output bytes (`planner.ilp.Problem.worki
 
 Fitted on: the compiled cases of tests/test_predictions.py (gpt-tiny variants, moe-tiny and an MLP; batch 16 x 64).
 Held out: runs/benchmarks/memory_accuracy.md (sequence 128, wider and deeper models, GQA, full remat, MoE, bfloat16)
-and runs/benchmarks/model_zoo.md (the zoo of tests/zoo.py, Python-loop and unrolled models; for those the term
-stands in for the ZeRO-3 weights straight-line code keeps gathered for the backward, and over-predicts tensor=2
-plans, which gather none, by 9-17%)."""
+and runs/benchmarks/model_zoo.md (the zoo of tests/zoo.py: Python-loop and unrolled models, whose working set is
+one block's and whose kept ZeRO-3 gathers are counted apart, `Problem.gathered_memory`)."""
 
 GRAD_COPIES = 5.0
 """Full-size (unsharded over fsdp) copies of a pipeline stage's weights the compiled pipelined step keeps besides

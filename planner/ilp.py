@@ -26,7 +26,7 @@ from planner.cluster import ClusterSpec
 from planner.collectives import axis_collective_time, bytes_sent
 from planner.plan import AXES
 from planner.layouts import ELEMENTWISE, PARTIAL, SOURCES, Layout, Strategy, conversion, has_rule, local_nbytes, strategies
-from planner.trace import BOUNDARY, CONTRACTIONS, Graph, Value, dtype_kind, itemsize
+from planner.trace import BLOCK_INDEX, BOUNDARY, CONTRACTIONS, Graph, Op, Value, dtype_kind, itemsize
 
 PRODUCT_OPS = CONTRACTIONS | {"mul", "div", "integer_pow", "pow"}
 SAVES_OUTPUT = {"exp", "tanh", "logistic", "rsqrt", "sqrt", "log", "log1p", "expm1", "erf"}
@@ -150,6 +150,8 @@ class Problem:
         self._uses = shared(("uses",), lambda: {path: self._count_uses(path) for path in graph.param_values})
         self._kernel_regathers = shared(("kernel regathers",), lambda: {
             path: self._reversed_kernel_uses(path) for path in graph.param_values})
+        self._kept_gathers = shared(("kept gathers",), lambda: {
+            path: self._input_gradient_uses(path) for path in graph.param_values})
         self._reductions = shared(("reductions",), lambda: {
             path: self._gradient_reductions(path) for path in graph.param_values})
         for path, choice in (fixed_params or {}).items():  # a given plan: its layouts, whatever the rules allow
@@ -206,6 +208,11 @@ class Problem:
         return sum(1 for v in self.values.values() if v.param == path for c, pos in v.consumers
                    if pos == 1 and self.g.ops[c].primitive == "conv_general_dilated"
                    and self.g.ops[c].inputs[0] in self.needs_grad)
+
+    def _input_gradient_uses(self, path: str) -> int:
+        """Matmuls with a parameter whose other operand needs a gradient (its input gradient reads the weight)."""
+        return sum(1 for v in self.values.values() if v.param == path for c, pos in v.consumers
+                   if self.g.ops[c].primitive == "dot_general" and self.g.ops[c].inputs[1 - pos] in self.needs_grad)
 
     def _gradient_reductions(self, path: str) -> int:
         """How many all-reduces over the batch axes a parameter's gradient takes: two for a table both looked up
@@ -483,9 +490,10 @@ class Problem:
         """
         info = self.g.params[path]
         nbytes = info.size * itemsize(info.dtype) / (self.t if c.layout is not None else 1) / self.expert_split(path)
-        # seq splits tokens in a dimension of its own: XLA reduces gradients over it in an all-reduce of its own
-        seq = [("all-reduce", ("seq",), nbytes / (self.mesh["fsdp"] if c.fsdp_dim is not None else 1), 1)] \
-            if self.mesh.get("seq", 1) > 1 else []
+        # seq splits tokens in a dimension of its own: XLA reduces gradients over it in all-reduces of their own,
+        # as many as over the batch axes (a tied embedding's two: measured on the zoo's GQA decoder under seq=2)
+        seq = [("all-reduce", ("seq",), nbytes / (self.mesh["fsdp"] if c.fsdp_dim is not None else 1),
+                self._reductions[path])] if self.mesh.get("seq", 1) > 1 else []
         # expert doubles as data parallelism outside the experts: one batch dimension with data (and fsdp)
         rep = ("data", "expert") if path not in self.expert_params else ("data",)
         batch_axes = tuple(a for a in ("data", "fsdp", "expert") if self.mesh.get(a, 1) > 1
@@ -551,9 +559,26 @@ class Problem:
         shards *= self.expert_split(path)
         return info.size * itemsize(info.dtype) / shards * (2 + optimizer_copies(self.g))
 
+    def gathered_memory(self, path: str, c: ParamChoice) -> float:
+        """Bytes of a ZeRO-3 weight's gathered copies that straight-line code keeps from the forward to the
+        backward: each matmul use whose other operand needs a gradient reads the gathered weight again for that
+        input gradient, and XLA keeps the forward's gather rather than gather once more (`param_sync` counts one
+        gather per use). A stacked weight is gathered again in the backward loop, a convolution's kernel gathered
+        again reversed (`_reversed_kernel_uses`), a table only looked up never gathered: none of them is kept."""
+        if c.fsdp_dim is None or self.mesh["fsdp"] == 1 or path in self._stacked or (
+                path in self._lookups and c.fsdp_dim not in self._lookups[path][1]):
+            return 0.0
+        info = self.g.params[path]
+        nbytes = info.size * itemsize(info.dtype) / (self.t if c.layout is not None else 1) / self.expert_split(path)
+        return nbytes * self._kept_gathers[path]
+
     def grad_memory(self, path: str, c: ParamChoice) -> float:
         """The gradient's share of `param_memory` (one copy of the parameter's shard)."""
         return self.param_memory(path, c) / (2 + optimizer_copies(self.g))
+
+    def reusable_grad_memory(self, path: str, c: ParamChoice) -> float:
+        """The part of `grad_memory` the backward writes after it has freed residuals (`_first_gradients`)."""
+        return self.grad_memory(path, c) * (1 - self._first_gradients[path])
 
     @property
     def grads_reuse_activations(self) -> bool:
@@ -638,11 +663,68 @@ class Problem:
         return _shared(self.g, ("working set", type(self), self.attention_residuals), self._working_set)
 
     def _working_set(self) -> list[int]:
-        body = [op for op in self.g.ops if op.in_layer] or self.g.ops
+        body = [op for op in self.g.ops if op.in_layer] or self._largest_block()
         if not self.attention_residuals:  # a sequence method's attention: its own transient (planner.seq_expert)
             body = [op for op in body if "autoshard.attention" not in op.scope]
         return [o for op in body if op.primitive in CONTRACTIONS for o in op.outputs
                 if o in self._live and dtype_kind(self.values[o].dtype) == "float"]
+
+    def _largest_block(self) -> list[Op]:
+        """The ops of the largest numbered block (`_numbered_blocks`) of straight-line code that is not a layer
+        stack (blocks that differ, a Linen loss function): the backward runs one block at a time, so its working
+        set is one block's, as a stack's is one layer's. With no numbered blocks, every op."""
+        size = lambda ops: sum(math.prod(self.values[o].shape) for op in ops  # noqa: E731
+                               if op.primitive in CONTRACTIONS for o in op.outputs)
+        return max(self._numbered_blocks, key=size, default=self.g.ops)
+
+    @property
+    def _numbered_blocks(self) -> list[list[Op]]:
+        return _shared(self.g, ("numbered blocks",), self._find_numbered_blocks)
+
+    def _find_numbered_blocks(self) -> list[list[Op]]:
+        """The ops of each numbered block (`blocks/3/...`, `layers_3/...`, at least two numbered alike), in
+        program order: an op belongs to the block whose parameter it last read (attention's products read none)."""
+        numbered: dict[str, tuple[str, str, int]] = {}
+        for path in self.g.params:
+            m = BLOCK_INDEX.search(path)
+            if m is not None and m.start() > 0:
+                numbered[path] = (path[:m.start()], m.group(1), int(m.group(2)))
+        families = Counter(key[:2] for key in set(numbered.values()))
+        groups: dict[tuple, list[Op]] = {}
+        current = None
+        for op in self.g.ops:
+            params = [self.values[i].param for i in op.inputs if i is not None and self.values[i].param is not None]
+            if params:
+                key = numbered.get(params[0])
+                current = key if key is not None and families[key[:2]] > 1 else None
+            if current is not None:
+                groups.setdefault(current, []).append(op)
+        return list(groups.values())
+
+    @property
+    def _first_gradients(self) -> dict[str, float]:
+        return _shared(self.g, ("first gradients",), self._find_first_gradients)
+
+    def _find_first_gradients(self) -> dict[str, float]:
+        """Per parameter, the share of its gradient the backward writes before it frees any residual: that of the
+        last block (one layer of a folded loop's stacked weights, the last numbered block's, else the last op
+        that reads a weight) and of every weight read after it. Only the rest can be written over freed
+        activations (`grads_reuse_activations`)."""
+        reads = [op.index for op in self.g.ops if any(i is not None and self.values[i].param is not None
+                                                        for i in op.inputs)]
+        if any(op.in_layer for op in self.g.ops):
+            start = min(op.index for op in self.g.ops if op.in_layer)
+        elif self._numbered_blocks:
+            start = self._numbered_blocks[-1][0].index
+        else:
+            start = max(reads, default=0)
+        first: dict[str, int] = {}
+        for v in self.values.values():
+            if v.param is not None:
+                for c, _ in v.consumers:
+                    first[v.param] = min(first.get(v.param, c), c)
+        return {path: (1 / self.g.layers if path in self.g.blocks else 1.0) if first.get(path, -1) >= start else 0.0
+                for path in self.g.params}
 
     def conv_copies(self) -> list[tuple[int, ...]]:
         """Per convolution whose kernel trains, the values XLA lays out anew for the kernel's gradient: it computes
@@ -700,14 +782,16 @@ class Problem:
             return min(self.value_memory(vid, lay) for lay in self.value_layout_options(vid))
 
         choices = self.param_choices.items()
-        params = sum(min(self.param_memory(p, c) for c in ch) for p, ch in choices)
+        params = sum(min(self.param_memory(p, c) + self.gathered_memory(p, c) for c in ch) for p, ch in choices)
         items = [(name, copies * least(vid)) for name, vid, copies in self.value_memory_items()]
         acts = sum(nb for name, nb in items if name == "activations")
         fixed = self.batch_memory() + sum(nb for name, nb in items if name != "activations") \
             + self.transient_memory(least)
         if not self.grads_reuse_activations:
             return fixed + params + acts
-        kept = sum(min(self.param_memory(p, c) - self.grad_memory(p, c) for c in ch) for p, ch in choices)
+        kept = sum(min(self.param_memory(p, c) + self.gathered_memory(p, c) - self.reusable_grad_memory(p, c)
+                       for c in ch)
+                   for p, ch in choices)
         return fixed + max(params, kept + acts)
 
     # -- the integer program ---------------------------------------------------------------------------------------
@@ -780,6 +864,9 @@ class Problem:
                     pay(kind, nb, count)
         mem = {"parameters and optimizer state": sum(self.param_memory(p_, c) for p_, c in params.items()),
                "activations": 0.0, "backward working set": 0.0}
+        gathered = sum(self.gathered_memory(p_, c) for p_, c in params.items())
+        if gathered:
+            mem["gathered weights kept for the backward"] = gathered
         for name, vid, copies in self.value_memory_items():
             mem[name] += copies * self.value_memory(vid, layout(vid))
         copies = self.transient_memory(lambda vid: self.value_memory(vid, layout(vid)))
@@ -787,7 +874,7 @@ class Problem:
             mem["convolution layout copies"] = copies
         mem["batch"] = self.batch_memory()
         if self.grads_reuse_activations:
-            grads = sum(self.grad_memory(p_, c) for p_, c in params.items())
+            grads = sum(self.reusable_grad_memory(p_, c) for p_, c in params.items())
             mem["gradients written over freed activations"] = -min(mem["activations"], grads)
         return Solution(ops=ops, params=params, step_seconds=sum(times.values()), memory_bytes=sum(mem.values()),
                         breakdown=dict(times), comm_bytes=dict(comm_bytes), memory=mem, solver={})
@@ -935,8 +1022,9 @@ class _Model:
         gradients written over freed activations, `reused` = min(activations, gradients) comes off."""
         pr = self.pr
         for path, choices in pr.param_choices.items():
-            self.memory += [(pr.param_memory(path, c), lit) for c, lit in zip(choices, self.p[path])]
-            self.grads += [(pr.grad_memory(path, c), lit) for c, lit in zip(choices, self.p[path])]
+            self.memory += [(pr.param_memory(path, c) + pr.gathered_memory(path, c), lit)
+                            for c, lit in zip(choices, self.p[path])]
+            self.grads += [(pr.reusable_grad_memory(path, c), lit) for c, lit in zip(choices, self.p[path])]
         for name, vid, copies in pr.value_memory_items():
             terms = [(copies * pr.value_memory(vid, lay), lit) for lay, lit in self.layouts(vid).items()]
             (self.acts if name == "activations" else self.memory).extend(terms)
@@ -1107,7 +1195,7 @@ class LoopProblem(Problem):
     figures as the op-by-op graph, from one block's variables. Where `Problem` models a `lax.scan` stack it is
     overridden: ZeRO-3 gathers each use's weight once (no backward loop gathers it again), the residuals XLA
     stores are those of straight-line code (cheap elementwise results recomputed from what they read, across
-    block boundaries), the backward working set is every block's, and a parameter outside the blocks whose first
+    block boundaries), ZeRO-3 gathers are kept for the backward (`gathered_memory`), and a parameter outside the blocks whose first
     dimension happens to equal the block count may still be split along it."""
 
     def __init__(self, graph: Graph, *args, **kw) -> None:
@@ -1133,11 +1221,6 @@ class LoopProblem(Problem):
             return super().param_options(path)
         finally:
             self.g = graph
-
-    def _working_set(self) -> list[int]:
-        body = [op for op in self.g.ops if self.attention_residuals or "autoshard.attention" not in op.scope]
-        return [o for op in body if op.primitive in CONTRACTIONS for _ in range(self.g.layers if op.in_layer else 1)
-                for o in op.outputs if o in self._live and dtype_kind(self.values[o].dtype) == "float"]
 
     def _stored(self, keep: dict[int, int]) -> dict[int, int]:
         """`Problem._stored` outside a scan, block by block: a block value stands for one value per block (a bit
