@@ -795,8 +795,10 @@ class Problem:
         return fixed + max(params, kept + acts)
 
     # -- the integer program ---------------------------------------------------------------------------------------
-    def solve(self, memory_budget: float | None = None, time_limit: float = 20.0, workers: int = 2) -> Solution | None:
-        """Optimal assignment under the budget (CP-SAT), or None when nothing fits."""
+    def solve(self, memory_budget: float | None = None, time_limit: float = 20.0, workers: int = 8) -> Solution | None:
+        """Optimal assignment under the budget (CP-SAT), or None when nothing fits. `workers`: CP-SAT's portfolio
+        has its LP- and core-based subsolvers from 8 up, which prove a budget-tight problem optimal where 2 time out
+        (docs/cost-model.md)."""
         model = _Model(self)
         if not model.build():
             return None
