@@ -252,10 +252,11 @@ def references() -> dict[str, tuple]:
 
 
 CASES = [("encoder", "ring"), ("gqa", "ring"), ("linen_lm", "ring"), ("padded_einsum", "ring"),
-         ("padded_jaxnn", "ulysses"), ("padded_flax", "ring")]
+         ("padded_jaxnn", "ulysses"), ("padded_flax", "ring"), ("padded_flax", "ulysses")]
 """Each model under one method: non-causal (encoder), grouped-query with a sliding-window layer (gqa: the window,
 4, is one zigzag chunk of the ring), Linen and jax.nn attention (its padded model), key masks from the batch (causal
-with the ring, non-causal with Ulysses) and flax's query-and-key padding mask (the ring). Both methods ran every
+with the ring, non-causal with Ulysses) and flax's query-and-key padding mask (both: each fills the padded query
+rows with the mean of the values its own way, the ring over its rotating blocks). Both methods ran every
 model when this was written, all equal to one device, and tests/test_sequence.py checks both methods with key masks
 and windows against the dense form. The pairs keep the suite's time."""
 
