@@ -25,6 +25,27 @@ import pytest  # noqa: E402
 assert len(jax.devices()) == 8, "tests need 8 emulated devices: jax was imported before conftest set XLA_FLAGS"
 
 
+LONGEST_FIRST = ["test_pipeline.py", "test_pipeline_compiled.py", "test_zoo.py", "test_checkpoint.py", "test_resume.py",
+                 "test_cli.py", "test_planner.py", "test_launch.py", "test_planner_pipeline.py", "test_predictions.py",
+                 "test_sequence.py", "test_docs.py", "test_planner_seq_expert.py"]
+"""The files that take longest (a full run's --durations), about longest first: they start first and the short files
+fill in at the end, so that the workers of `-n 2 --dist loadfile` finish together (xdist would otherwise order the
+files by their number of tests, which starts files of a few long tests, such as the compiled pipelines', last). Files
+that compile a program another file compiles too run after it: the persistent cache serves them (test_inspect.py's
+steps are test_predictions.py's, test_launch.py's one-device run is test_cli.py's)."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the files in collection order
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each file's tests keep their order)
+
+
 def pytest_unconfigure(config):
     """The session's compilation cache goes with the process that made it (the controller, or a lone pytest)."""
     if "_OWN_CACHE" in globals():

@@ -4,6 +4,8 @@ Communication: bytes sent per device per step, in total and per `axes/collective
 the total, within 10%. Memory per device (arguments + outputs + temporaries - aliases) within 15%.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,10 +52,14 @@ class MLP(nnx.Module):
         return jnp.mean(err ** 2), {}
 
 
+@functools.cache
 def build(model: str):
+    """(the model with shapes only, the model built eagerly): a built model's weights are laid out by the plan, so
+    no case compiles an initialiser of its own (the compiled step is the same program; sharded initialisation under
+    jit is tests/test_parallel.py's and tests/test_pipeline.py's FACTORY_CASE)."""
     if model == "mlp":
-        return nnx.eval_shape(lambda: MLP(nnx.Rngs(0))), lambda: MLP(nnx.Rngs(0))
-    return models.abstract(model), models.factory(model)
+        return nnx.eval_shape(lambda: MLP(nnx.Rngs(0))), MLP(nnx.Rngs(0))
+    return models.abstract(model), models.create(model)
 
 
 def communication_errors(predicted: dict, compiled: dict) -> list[str]:
@@ -76,7 +82,7 @@ _compiled: dict = {}
 def predicted_and_compiled(model: str, layout: str, batch) -> tuple[dict, dict]:
     """(plan.predicted, analysis.analyze of the compiled step), compiled once per case for both tests."""
     if (model, layout) not in _compiled:
-        abstract, factory = build(model)
+        abstract, built = build(model)
         shapes = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.int32) for k, v in batch.items()}
         if layout.startswith("planner"):
             p = plan(abstract, shapes, cluster="cpu:8", mesh=layout.partition(":")[2] or None)
@@ -84,7 +90,9 @@ def predicted_and_compiled(model: str, layout: str, batch) -> tuple[dict, dict]:
             p = rule_plan(abstract, layout.removesuffix("+remat"))
             p.remat = "full" if layout.endswith("+remat") else p.remat
             p.predicted = predict(p, abstract, shapes, "cpu:8")
-        trainer = parallelize(factory, make_optimizer(), p)
+        # (tests/test_inspect.py's optimizer: the data=8, fsdp=8, data=2,tensor=4 and data=2,fsdp=2,tensor=2 steps of
+        # gpt-tiny there are these programs, compiled once a session)
+        trainer = parallelize(built, make_optimizer(1e-3, steps=10), p)
         _compiled[(model, layout)] = (p.predicted, analyze(trainer.compile(batch), trainer.mesh))
     return _compiled[(model, layout)]
 
