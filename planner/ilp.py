@@ -488,8 +488,7 @@ class Problem:
         loop, a weight outside the stack once (per use: a tied embedding twice); a table only looked up (an embedding) and split along a looked-up
         row's length is never gathered: the lookups move to its owners with an all-to-all each way instead.
         """
-        info = self.g.params[path]
-        nbytes = info.size * itemsize(info.dtype) / (self.t if c.layout is not None else 1) / self.expert_split(path)
+        nbytes = self.fsdp_whole_bytes(path, c)
         # seq splits tokens in a dimension of its own: XLA reduces gradients over it in all-reduces of their own,
         # as many as over the batch axes (a tied embedding's two: measured on the zoo's GQA decoder under seq=2)
         seq = [("all-reduce", ("seq",), nbytes / (self.mesh["fsdp"] if c.fsdp_dim is not None else 1),
@@ -559,6 +558,12 @@ class Problem:
         shards *= self.expert_split(path)
         return info.size * itemsize(info.dtype) / shards * (2 + optimizer_copies(self.g))
 
+    def fsdp_whole_bytes(self, path: str, c: ParamChoice) -> float:
+        """Bytes of a parameter under choice `c` split over tensor (and expert), whole over fsdp: what a ZeRO-3
+        gather makes and a gradient reduction moves."""
+        info = self.g.params[path]
+        return info.size * itemsize(info.dtype) / (self.t if c.layout is not None else 1) / self.expert_split(path)
+
     def gathered_memory(self, path: str, c: ParamChoice) -> float:
         """Bytes of a ZeRO-3 weight's gathered copies that straight-line code keeps from the forward to the
         backward: each matmul use whose other operand needs a gradient reads the gathered weight again for that
@@ -568,8 +573,7 @@ class Problem:
         if c.fsdp_dim is None or self.mesh["fsdp"] == 1 or path in self._stacked or (
                 path in self._lookups and c.fsdp_dim not in self._lookups[path][1]):
             return 0.0
-        info = self.g.params[path]
-        nbytes = info.size * itemsize(info.dtype) / (self.t if c.layout is not None else 1) / self.expert_split(path)
+        nbytes = self.fsdp_whole_bytes(path, c)
         return nbytes * self._kept_gathers[path]
 
     def grad_memory(self, path: str, c: ParamChoice) -> float:

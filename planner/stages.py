@@ -263,8 +263,7 @@ def _by_region(problem: Problem, sol: Solution, region: dict[int, str], kept: di
 
 def param_bytes(problem: Problem, path: str, c: ParamChoice) -> float:
     """Bytes of a parameter per pipe device under choice `c`: split over tensor (and expert), whole over fsdp."""
-    info = problem.g.params[path]
-    return info.size * itemsize(info.dtype) / (problem.t if c.layout is not None else 1) / problem.expert_split(path)
+    return problem.fsdp_whole_bytes(path, c)
 
 
 def with_extras(costs: MeshCosts, extras: Any, layers: int, moe: bool) -> MeshCosts:
