@@ -70,6 +70,16 @@ def _forget(gid: int, ref: weakref.ref) -> None:
         del _SHARED[gid]
 
 
+def stacked_params(graph: Graph) -> set[str]:
+    """Parameters read per layer inside the stack (a slice of them enters the scan): ZeRO-3 gathers them in the
+    forward and again in the backward loop, and a pipeline splits them over its stages. Shared, read-only."""
+    def find() -> set[str]:
+        sliced = {v.param for v in graph.values.values() if v.param is not None and v.producer is None
+                  and v.id != graph.param_values[v.param]}
+        return {path for path in graph.param_values if path in sliced}
+    return _shared(graph, ("stacked",), find)
+
+
 TIGHTENINGS = 3
 """How many times `_Model.solve` tightens the budget constraint after a plan that fitted only by rounding."""
 
@@ -156,7 +166,7 @@ class Problem:
             path: self._gradient_reductions(path) for path in graph.param_values})
         for path, choice in (fixed_params or {}).items():  # a given plan: its layouts, whatever the rules allow
             self.param_choices[path] = [choice]
-        self._stacked = shared(("stacked",), self._stacked_params)
+        self._stacked = stacked_params(graph)
 
     def _batch_split_matters(self) -> bool:
         """Whether a value's batch dimension is a model dimension (not a token one) somewhere: only then does the
@@ -178,12 +188,6 @@ class Problem:
         followers = {op.index: k for op in self.g.ops if (k := self._follower_operand(op, self._live)) is not None}
         return op_strats, tuple(unplanned), followers
 
-    def _stacked_params(self) -> set[str]:
-        """Parameters read per layer inside the stack (a slice of them enters the scan): ZeRO-3 gathers them in the
-        forward and again in the backward loop."""
-        return {path for path in self.g.param_values
-                if any(v.param == path and v.producer is None and v.id != self.g.param_values[path]
-                       for v in self.values.values())}
 
     def _live_values(self) -> set[int]:
         """Values that depend on a parameter or on the batch."""
@@ -449,11 +453,19 @@ class Problem:
 
     def value_memory_items(self) -> list[tuple[str, int, float]]:
         """(breakdown entry, value, copies) of the values the step's memory holds: each residual as many times as
-        the layers store it, and each working-set value `WORKING_SET` times. What `evaluate`, the integer
-        program's memory constraint and `memory_floor` all count (with the parameters, the batch and the
-        convolution copies)."""
-        return ([("activations", vid, n) for vid, n in self.residuals().items()]
-                + [("backward working set", vid, WORKING_SET) for vid in self.working_set()])
+        the layers store it, and the backward's working set. What `evaluate`, the integer program's memory
+        constraint and `memory_floor` all count (with the parameters, the batch and the convolution copies).
+
+        The working set of a layer scan's backward without remat is counted: one layer's residuals once more (the
+        backward of a layer makes as many bytes as the residuals it reads, their cotangents; measured against the
+        compiled steps of tests/test_predictions.py and runs/benchmarks/memory_accuracy.md, docs/cost-model.md).
+        Under full remat and in straight-line code it is `WORKING_SET` x one layer's (one block's) matmul outputs.
+        """
+        residuals = self.residuals()
+        items = [("activations", vid, n) for vid, n in residuals.items()]
+        if self.remat != "full" and self.g.stack == "scan" and self.g.layers > 1:
+            return items + [("backward working set", vid, 1) for vid, n in residuals.items() if n >= self.g.layers]
+        return items + [("backward working set", vid, WORKING_SET) for vid in self.working_set()]
 
     def op_cost(self, op_index: int, s: Strategy) -> float:
         """Forward + backward (about twice the forward) seconds of one op on one device.
@@ -611,8 +623,11 @@ class Problem:
     def saved(self) -> dict[int, int]:
         """Values JAX's linearization keeps for the backward pass -> how many copies (the layer count in the stack).
 
-        The rule follows what JAX's linearization saves: the batch-dependent operands of products (dot_general,
-        mul, div) and the outputs of transcendental functions; parameters are counted with the state.
+        JAX's product rule: an operand of a product (dot_general, convolution, mul, div) is saved only when its
+        partner carries a tangent (a scaling by a constant saves nothing, a matmul with a frozen input saves only
+        what the weight's gradient needs); a power (`integer_pow`, `pow`) saves its derivative, a value the size
+        of its output; transcendental functions save their output. Parameters are counted with the state, the
+        batch with the inputs. Checked against the compiled scan's stacked residuals (docs/cost-model.md).
         """
         keep: dict[int, int] = {}
 
@@ -624,11 +639,17 @@ class Problem:
         for op in self.g.ops:
             if not self.attention_residuals and "autoshard.attention" in op.scope:
                 continue
-            live_in = [i for i in op.inputs if i is not None and i in self._live and self.values[i].param is None]
-            if op.primitive in PRODUCT_OPS and (op.primitive in CONTRACTIONS or len(set(live_in)) > 1
-                                                  or any(i in self.needs_grad for i in op.inputs if i is not None)):
-                for i in set(live_in):
-                    save(i, op.count)
+            ins = [i for i in op.inputs if i is not None]
+            tangent = [i in self.needs_grad for i in ins]
+            if not any(tangent):
+                continue
+            if op.primitive in ("integer_pow", "pow", "square"):
+                for o in op.outputs:  # the derivative, n * x ** (n - 1): as large as the output
+                    save(o, op.count)
+            elif op.primitive in PRODUCT_OPS:
+                for k, i in enumerate(ins):
+                    if any(t for j, t in enumerate(tangent) if j != k):  # the partner's tangent needs this operand
+                        save(i, op.count)
             elif op.primitive in SAVES_OUTPUT:
                 for o in op.outputs:
                     save(o, op.count)

@@ -49,11 +49,12 @@ from typing import Any
 import numpy as np
 
 from planner.cluster import ClusterSpec
-from planner.calibration import GRAD_COPIES, WORKING_SET_SHARE
+from planner.calibration import WORKING_SET
 from planner.errors import PlanError
 from planner.collectives import axis_collective_time, axis_span, bytes_sent, collective_time
 from planner import jax_internals as jint
-from planner.ilp import PRODUCT_OPS, ParamChoice, Problem, Solution, _shared, exceeds, optimizer_copies
+from planner.ilp import (PRODUCT_OPS, ParamChoice, Problem, Solution, _shared, exceeds, optimizer_copies,
+                         stacked_params)
 from planner.layouts import local_nbytes
 from planner.plan import PipelineSpec
 from planner.schedule import (IDLE, PIPELINE_MODES, ZERO_BUBBLE, Schedule, check, make_schedule, mode_settings,
@@ -105,10 +106,7 @@ class MeshCosts:
     pipeline's residual slot is priced at, a loop carry XLA cannot fuse into (`stash_bytes`)."""
     kept_layer: float = 0.0
     """Bytes per device of one layer's residuals the vjp closure keeps, what a residual slot holds: `linearized`'s
-    layer less `unkept_bytes` (`stash_bytes`' `kept`). Exact against the compiled slots (GPipe - 1F1B: +0.01%,
-    +0.02%), but the rest of the pipeline memory model under-predicts without the rule's surplus
-    (runs/benchmarks/memory_accuracy.md held-out pipelines: -9.0..-11.2%), so the slots stay priced by the rule
-    until the backward's working set is derived: reported (`evaluate`'s `stash_bytes_kept_per_slot`), not summed."""
+    layer less `unkept_bytes` (`stash_bytes`). Exact against the compiled slots (GPipe - 1F1B: +0.01%)."""
     call_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     """Region -> seconds of the in-stage collectives that every call pays whatever its size (latency, overhead, and
     whole conversions of values without a batch dimension); `layer`: one layer."""
@@ -122,6 +120,9 @@ class MeshCosts:
     over tensor as the executor's grad slots hold them (`autoshard.pipeline._Split.buffers`). Measured on gpt-tiny
     with 8 layers, 8 microbatches: the executor's interface is exactly this count on pipe=2 x data=2 x tensor=2 and
     on pipe=4 x data=2, and the compiled zb step's memory exceeds 1F1B's by 1.08x and 0.94x one grad slot."""
+    working: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Bytes per device of the matmul outputs by region (`layer`: one layer's), over the per-replica batch: what
+    the backward's working set is made of (`Problem.working_set`, `WORKING_SET` x these)."""
     _per_microbatch: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict, init=False, repr=False,
                                                                      compare=False)
 
@@ -151,8 +152,9 @@ def pipelinable(graph: Graph) -> bool:
 
 
 def is_layer_param(graph: Graph, path: str) -> bool:
-    info = graph.params[path]
-    return bool(info.shape) and info.shape[0] == graph.layers and (info.axes is None or info.axes[0] == "layers")
+    """A parameter stacked over the layers, whose slices the layer scan reads (`stacked_params`): not any weight
+    whose leading dimension happens to equal the layer count."""
+    return path in stacked_params(graph)
 
 
 def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
@@ -183,6 +185,7 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
             other_bytes += nb
             other_f += nb if f_ok else 0.0
     residuals, linearized = (_by_region(problem, sol, region, kept) for kept in (problem.residuals(), problem.saved()))
+    working = _by_region(problem, sol, region, {v: g.ops[g.values[v].producer].count for v in problem.working_set()})
     kept = linearized.get("layer", 0.0)  # what the vjp closure keeps, not all the rule counts (`unkept_bytes`)
     if kept:
         extra = unkept_bytes(problem)
@@ -201,7 +204,8 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
                      carry_bytes * problem.cluster.wire_itemsize(carry.dtype) / itemsize(carry.dtype), sol,
                      layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0, linearized=linearized,
                      optimizer_copies=optimizer_copies(g), op_terms=terms, call_seconds=dict(call_seconds),
-                     weight_terms=weight_terms, interface=interface.get("layer", 0.0), kept_layer=kept)
+                     weight_terms=weight_terms, interface=interface.get("layer", 0.0), kept_layer=kept,
+                     working=working)
 
 
 def unkept_bytes(problem: Problem) -> float:
@@ -438,11 +442,17 @@ def tick_seconds(costs: MeshCosts, counts: list[int], microbatches: int, remat: 
     return (*stage_ticks(costs, counts, microbatches, remat), None)
 
 
+GRADIENT_BUFFERS = 2
+"""Full-size (unsharded over fsdp) gradient buffers of a pipeline stage's weights besides weights and optimizer
+state at rest: the tick loop's accumulator and the gradient reduced over the batch axes after it (counted in the
+compiled buffers of gpt-tiny pipelines, docs/cost-model.md)."""
+
+
 def _state(nb: float, sharded: float, fsdp: int, copies: float) -> float:
     """Bytes kept for `nb` bytes of weights of which a `sharded` share is split over fsdp: weights and optimizer
-    state at rest, the gathered copy, the full-size gradient copies."""
+    state at rest, the gathered copy, the gradient buffers."""
     at_rest = nb * (sharded / fsdp + (1 - sharded)) * (1 + copies)
-    return at_rest + (nb * sharded if fsdp > 1 else 0.0) + GRAD_COPIES * nb
+    return at_rest + (nb * sharded if fsdp > 1 else 0.0) + GRADIENT_BUFFERS * nb
 
 
 def weights_memory(costs: MeshCosts, layer_slots: float) -> float:
@@ -489,9 +499,10 @@ def stage_memory(costs: MeshCosts, counts: list[int], sched: Schedule, remat: st
     return out
 
 
-def stash_bytes(costs: MeshCosts, lmax: int, microbatches: int, kept: bool = False) -> float:
+def stash_bytes(costs: MeshCosts, lmax: int, microbatches: int, kept: bool = True) -> float:
     """One residual slot of a stashing pipeline: a microbatch's residuals of a stage padded to `lmax` layers, as
-    priced (the rule, `MeshCosts.linearized`) or, `kept`, what the closure keeps (`MeshCosts.kept_layer`)."""
+    the vjp closure keeps them (`MeshCosts.kept_layer`, what the executor's slot holds) or, not `kept`, as the
+    rule counts them (`MeshCosts.linearized`)."""
     return lmax * (costs.kept_layer if kept else costs.linearized.get("layer", 0.0)) / microbatches
 
 
@@ -517,19 +528,23 @@ def slot_bytes(costs: MeshCosts, lmax: int, microbatches: int, carries: int, sta
 
 def _working_set(costs: MeshCosts, longest: int, first: bool, last: bool, microbatches: int, remat: str,
                  lmax: int | None = None) -> float:
-    """One microbatch's backward working set on a pipe device whose longest stage has `longest` layers (`first` /
-    `last`: it holds the embedding / the head; `lmax`: the longest stage of all). With the stash a backward tick
-    reads one residual slot (a copy, in every tick of the one program: `lmax` layers) and makes none but the last
-    stage's, whose backward runs its forward: as without the stash."""
-    layer_ws = longest * costs.residuals.get("layer", 0.0)
-    if remat == "full":
-        layer_ws = costs.residuals.get("layer", 0.0) + longest * costs.carry_bytes \
-            / WORKING_SET_SHARE  # the layer inputs a remat stage keeps are all live
+    """One microbatch's working set beyond the schedule's buffers on a pipe device whose longest stage has
+    `longest` layers (`first` / `last`: it holds the embedding / the head; `lmax`: the longest stage of all).
+
+    Counted from the compiled buffers of gpt-tiny pipelines (docs/cost-model.md): the backward of one layer makes
+    as many bytes as that layer's residuals (their cotangents), and the head's or the embedding's as theirs. With
+    the stash, a backward tick also reads a copy of its residual slot and a forward tick makes its residuals before
+    it writes them (two slot-sized sets: every tick is one program, `lmax` layers). Without it, a backward tick
+    recomputes its stage's residuals first; under remat "full" those are the layer inputs, and the one layer
+    recomputed at a time holds its residuals (with the head's, `residuals["head"]`) and the backward working set
+    of the intra-op program (`WORKING_SET`)."""
+    M, layer = microbatches, costs.residuals.get("layer", 0.0)
     ends = (costs.residuals.get("embed", 0.0) if first else 0.0) + (costs.residuals.get("head", 0.0) if last else 0.0)
     if stashes(remat):
-        return stash_bytes(costs, longest if lmax is None else lmax, microbatches) \
-            + WORKING_SET_SHARE * (ends + (layer_ws if last else 0.0)) / microbatches
-    return WORKING_SET_SHARE * (layer_ws + ends) / microbatches
+        return 2 * stash_bytes(costs, longest if lmax is None else lmax, M) + (layer + ends) / M
+    if remat == "full":
+        return (longest * layer + ends + WORKING_SET * costs.working.get("layer", 0.0)) / M
+    return (longest * layer + layer + ends) / M
 
 
 def layout_memory_floor(costs: MeshCosts, kind: str, virtual: int, microbatches: int, remat: str = "none") -> float:
@@ -714,7 +729,6 @@ def evaluate(costs: MeshCosts, spec: PipelineSpec, cluster: ClusterSpec, remat: 
                 "cot_slots": sched.cot_slots, "peak_live_buffers": sched.act_slots + sched.cot_slots,
                 "stash": sched.stash, "stash_slots": sched.stash_slots,
                 "stash_bytes_per_slot": stash_bytes(costs, lmax, M) if sched.stash else 0.0,
-                "stash_bytes_kept_per_slot": stash_bytes(costs, lmax, M, kept=True) if sched.stash else 0.0,
                 "grad_slots": sched.grad_slots,
                 "grad_bytes_per_slot": grad_bytes(costs, lmax, M) if sched.grad_slots else 0.0,
                 "stage_forward_seconds": [float(x) for x in fwd], "stage_backward_seconds": [float(x) for x in bwd],
@@ -733,8 +747,8 @@ def _memory_breakdown(costs: MeshCosts, counts: list[int], sched: Schedule, memo
     """The worst device's memory by component (the stashed residuals with the pipeline buffers)."""
     worst = int(np.argmax(memory))
     buffers = buffer_bytes(costs, max(counts), sched)
-    no_acts = stage_memory(dataclasses.replace(costs, residuals={}, linearized={}, interface=0.0, carry_bytes=0.0),
-                           counts, sched, remat)[worst]
+    no_acts = stage_memory(dataclasses.replace(costs, residuals={}, linearized={}, interface=0.0, carry_bytes=0.0,
+                                               kept_layer=0.0, working={}), counts, sched, remat)[worst]
     return {"parameters and optimizer state": no_acts, "pipeline buffers": buffers,
             "activations": memory[worst] - no_acts - buffers}
 
