@@ -118,13 +118,17 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
     cluster = load_cluster(cluster) if cluster is not None and not isinstance(cluster, ClusterSpec) else cluster
     cluster = cluster or local_cluster()
     pipelined = fixed.get("pipe", 1) > 1 or any(x is not None for x in (schedule, microbatches, virtual))
+    # an NNX model pipelines only restaged (`autoshard.staging`) unless it is a StagedModel: its own program's
+    # pipelines (a scanned stack's, under its own parameter names) would not run
+    restaged = params is None and bool(protocols.missing(_abstract(model), protocols.StagedModel))
 
     def search(pipelined: bool, attention: bool) -> tuple[Graph, Plan | None, AutoshardError | None]:
         graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer, attention=attention,
                               pipelined=pipelined)
         recorded = _recorded((graph.unfolded or graph).params, provenance)  # real names, not a folded loop's
+        mesh = {**fixed, "pipe": 1} if restaged and not pipelined else fixed
         try:
-            return graph, plan_graph(graph, cluster, batch_size(example_batch), mesh=fixed,
+            return graph, plan_graph(graph, cluster, batch_size(example_batch), mesh=mesh,
                                      memory_budget=memory_budget, remat=remat, progress=progress,
                                      provenance=recorded, compute_dtype=dtype, pin=pin, schedule=schedule,
                                      microbatches=microbatches, virtual=virtual, sequence=sequence), None
@@ -134,7 +138,7 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
             return graph, None, e
 
     graph, best, error = search(pipelined, fixed.get("seq", 1) > 1)
-    for axis in _restaged_axes(rng, graph, fixed, pipelined, best, cluster):
+    for axis in _restaged_axes(rng, graph, fixed, pipelined, best, cluster, restaged):
         try:
             _, alternative, _ = search(axis == "pipe", axis == "seq")
         except AutoshardError:  # the model cannot be restaged for this axis: the plan without it stands
@@ -148,16 +152,18 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
 
 
 def _restaged_axes(rng: Any, graph: Graph, fixed: dict[str, int], pipelined: bool, best: Plan | None,
-                   cluster: ClusterSpec) -> list[str]:
+                   cluster: ClusterSpec, restaged: bool = False) -> list[str]:
     """Axes a user's model gets only through a restaged program (`autoshard.staging` for pipe: blocks in a Python
-    loop, NNX or Linen, without a dropout key; `autoshard.attention_rewrite` for seq: attention written by hand),
+    loop, NNX or Linen, without a dropout key, or an NNX model's scanned stack (`restaged`: its own program's
+    pipelines would not run); `autoshard.attention_rewrite` for seq: attention written by hand),
     worth a second search when memory calls for them (no plan fits, or the best one recomputes its layers) or the
     cluster spans several nodes. An axis the mesh fixes is not searched again, nor one the traced program already
     offers."""
     if best is not None and best.remat == "none" and cluster.num_nodes <= 1:
         return []
     out = []
-    if "pipe" not in fixed and not pipelined and rng is None and graph.stack == "loop":
+    if "pipe" not in fixed and not pipelined and rng is None and (
+            graph.stack == "loop" or restaged and graph.stack == "scan"):
         out.append("pipe")
     if "seq" not in fixed and not op_shapes(graph).has_attention:
         out.append("seq")

@@ -32,8 +32,8 @@ class StagedModel(Protocol):
     """An NNX module whose parameters are stacked on a leading layers axis; called on one layer's slice it maps
     `x -> (x, aux)` (aux None or the layer's `ops.MoEStats`) or `x -> x`. A model may also say how a block is
     called (`call_block(block, x)`, as `autoshard.staging.Staged` does with the loss's other block arguments).
-    A model whose blocks are a Python loop over a list need not implement this protocol: `autoshard.staging`
-    restages it."""
+    A model whose blocks are a Python loop over a list, or a scan over an `nnx.vmap`-built stack, need not
+    implement this protocol: `autoshard.staging` restages it."""
 
     def embed_inputs(self, batch: Any) -> jax.Array:
         """The first block's input for `batch` (the first stage's prologue: embedding)."""

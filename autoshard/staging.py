@@ -19,6 +19,15 @@ twice) is refused with one line, as are blocks that hold state other than weight
 The trainer keeps `Staged`'s layout; `Staged.to_user`, `user_tables` and `staged_tables` convert to and from the
 user's own structure and paths, which are what `Trainer.model()` returns and checkpoints store.
 
+A model whose blocks are already stacked and run by a scan (one module built by `nnx.vmap` over the layers, its
+weights with a leading layers axis, called as `nnx.scan(lambda x, block: block(x))(x, self.blocks)` or through
+`jax.lax.scan` over its split state) is restaged the same way without restacking: `blocks` is that module and its
+paths are the user's own; in `outer` it is a `_ScanStand`, which the user's scan runs over (a [layers] counter it
+holds while the loss runs). A stand-in called inside a scan body sees the body's own carry, not the value the scan
+was given, so while the loss runs `jax.lax.scan` is wrapped (`_scans_cut`): in prologue mode the scan that reaches
+the stand-in hands back the carry it was given; in epilogue mode that scan runs again from the last block's output,
+the stand-in passing it through.
+
 `LinenStaged` does the same for a plain loss function over Linen variables whose model runs numbered blocks
 (`layers_0`, `layers_1`, ...): Linen's method interception plays the stand-ins' part, and `Trainer.variables()`
 gives the variables back in the user's structure, boxes included.
@@ -94,6 +103,89 @@ def _running(mode: _Mode) -> Iterator[_Mode]:
         _mode.pop()
 
 
+class _CarryAt(Exception):
+    """Raised out of a scan body whose stand-in was reached: which leaf of the scan's carry the stand-in was given."""
+
+    def __init__(self, index: int):
+        super().__init__("a scanned stand-in was reached")
+        self.index = index
+
+
+class _ScanStand(nnx.Module):
+    """Stands in for a user's scanned block stack in `Staged.outer`. Stored without state; while the loss runs it
+    holds a [layers] counter (`counting`), so that the user's scan has the stack's length to scan over and a call
+    on one slice of it is one block's call."""
+
+    def __init__(self, layers: int, where: str, counting: bool = False):
+        self.layers = layers
+        self.where = where
+        if counting:
+            self.layer = nnx.Variable(jnp.zeros((layers,), jnp.int32))
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        mode = _mode[-1]
+        if mode.kind is None or not hasattr(self, "layer"):
+            raise PlanError("a pipelined model's blocks run only inside the pipeline's stages")
+        if jnp.ndim(self.layer.get_value()) != 0:
+            raise PlanError(f"{self.where} cannot be pipelined as a scanned stack: its weights share a leading axis of "
+                            f"{self.layers} but the loss calls it outside a scan over them; a pipeline splits a list "
+                            f"of identical blocks or a scan of `x = block(x)` (nnx.scan, jax.lax.scan) over stacked "
+                            f"blocks: use pipe=1")
+        if mode.kind == "through":
+            return x
+        if mode.kind == "prologue":
+            mode.calls.append((args, kwargs))
+        raise _Reached(x)
+
+
+@contextlib.contextmanager
+def _scans_cut(where: str) -> Iterator[None]:
+    """While the loss runs on a `_ScanStand`: the scan whose body reaches the stand-in (`nnx.scan` and a user's
+    `jax.lax.scan` both call `jax.lax.scan`) hands back the carry it was given (prologue), or runs again from the
+    last block's output with the stand-in passing it through (epilogue). The body's own carry, which the stand-in
+    sees, is a value of the body's trace: the loss needs the one from outside."""
+    original = jax.lax.scan
+
+    def scan(f: Callable, init: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(_reaching(f, where), init, *args, **kwargs)
+        except _CarryAt as at:
+            index = at.index
+        leaves, tree = jax.tree.flatten(init)
+        mode = _mode[-1]
+        if mode.kind == "prologue":
+            raise _Reached(leaves[index])
+        leaves[index] = mode.x
+        with _running(_Mode("through")):
+            return original(f, jax.tree.unflatten(tree, leaves), *args, **kwargs)
+
+    jax.lax.scan = scan
+    try:
+        yield
+    finally:
+        jax.lax.scan = original
+
+
+def _reaching(f: Callable, where: str) -> Callable:
+    """A scan body that turns its stand-in's stop (`_Reached`, with the body's carry) into `_CarryAt`; a one-line
+    error when the stand-in is given more than the carry, or the carry holds more than x."""
+    def body(carry: Any, xs: Any) -> Any:
+        try:
+            return f(carry, xs)
+        except _Reached as reached:
+            leaves = jax.tree.leaves(carry)
+            hit = [i for i, leaf in enumerate(leaves) if leaf is reached.x]
+            if not hit:
+                raise PlanError(f"the scan over {where} calls its blocks on something other than its carry: a pipeline "
+                                f"cuts a scan of `x = block(x)`; use pipe=1") from None
+            if len(leaves) > 1:
+                raise PlanError(f"the scan over {where} carries {len(leaves)} values: a pipeline passes one activation "
+                                f"between stages; carry x alone (compute the rest inside the blocks or after the "
+                                f"scan), or use pipe=1") from None
+            raise _CarryAt(hit[0]) from None
+    return body
+
+
 def check_seq(seq: int) -> None:
     """A one-line error for a restaged pipeline with seq > 1: inside a pipeline the executor splits the sequence by
     hand, so every device would run the model's own code on its block of each sequence, and what that code
@@ -109,6 +201,20 @@ def find_blocks(model: nnx.Module) -> tuple[tuple[Any, ...], list[nnx.Module]]:
     """(attribute path, blocks) of the model's largest list of at least two structurally identical blocks (same
     module structure, static attributes and weight shapes); a one-line error naming a list whose blocks differ,
     or saying there is none."""
+    best, differ = _block_lists(model)
+    if best is None and differ is not None:
+        raise PlanError(f"{type(model).__name__} cannot be pipelined: the blocks of {differ} are not identical "
+                        f"(their modules, static attributes or weight shapes differ); a pipeline stacks identical "
+                        f"blocks: use pipe=1")
+    if best is None:
+        raise PlanError(f"{type(model).__name__} cannot be pipelined: it has no list of two or more identical "
+                        f"blocks (same modules, same weight shapes), nor blocks stacked for a scan, to split into "
+                        f"stages")
+    return best
+
+
+def _block_lists(model: nnx.Module) -> tuple[tuple[tuple[Any, ...], list[nnx.Module]] | None, str | None]:
+    """(path, blocks) of the largest list of identical blocks or None, and the path of a list whose blocks differ."""
     best, size, differ = None, 0, None
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, (nnx.List, list, tuple)) or len(node) < 2:
@@ -122,13 +228,26 @@ def find_blocks(model: nnx.Module) -> tuple[tuple[Any, ...], list[nnx.Module]]:
         n = sum(int(np.prod(np.shape(x))) for b in node for x in jax.tree.leaves(nnx.state(b, nnx.Param)))
         if n > size:
             best, size = (tuple(path), list(node)), n
-    if best is None and differ is not None:
-        raise PlanError(f"{type(model).__name__} cannot be pipelined: the blocks of {differ} are not identical "
-                        f"(their modules, static attributes or weight shapes differ); a pipeline stacks identical "
-                        f"blocks: use pipe=1")
-    if best is None:
-        raise PlanError(f"{type(model).__name__} cannot be pipelined: it has no list of two or more identical "
-                        f"blocks (same modules, same weight shapes) to split into stages")
+    return best, differ
+
+
+def find_stack(model: nnx.Module) -> tuple[tuple[Any, ...], nnx.Module, int] | None:
+    """(attribute path, module, layers) of the model's scanned block stack: a submodule whose weights all share a
+    leading axis of two or more (one block built by `nnx.vmap` over the layers), the one with the most weights
+    (then the largest, then the outermost); None if there is none. That the loss scans over it is checked when
+    the loss runs (`_ScanStand`)."""
+    best, rank = None, None
+    for path, node in nnx.iter_graph(model):
+        if not path or not isinstance(node, nnx.Module):
+            continue
+        shapes = [np.shape(x) for x in jax.tree.leaves(nnx.state(node, nnx.Param))]
+        if not shapes or min(map(len, shapes)) < 1 or max(map(len, shapes)) < 2:
+            continue
+        if len({s[0] for s in shapes}) != 1 or shapes[0][0] < 2:
+            continue
+        key = (len(shapes), sum(int(np.prod(s)) for s in shapes), -len(path))
+        if rank is None or key > rank:
+            best, rank = (tuple(path), node, int(shapes[0][0])), key
     return best
 
 
@@ -142,22 +261,35 @@ def _signature(block: nnx.Module) -> tuple:
 class Staged(nnx.Module):
     """A user's NNX model cut around its repeated blocks (module docstring); a `protocols.StagedModel`."""
 
+    scanned: bool = False
+    """Whether the user's blocks are a scanned stack (one module, weights stacked) rather than a list."""
+
     def __init__(self, model: nnx.Module, loss_fn: Callable | None = None):
-        path, blocks = find_blocks(model)
+        stack = find_stack(model) if _block_lists(model) == (None, None) else None  # no list: a scanned stack?
+        path, blocks = (stack[0], None) if stack is not None else find_blocks(model)
         non_weights = [path_str(p) for p, _ in nnx.to_flat_state(nnx.split(model, nnx.Param, ...)[2])]
         if non_weights:
             raise PlanError(f"{type(model).__name__} holds state other than weights ({non_weights[0]}: RNG streams, "
                             f"batch statistics): a pipeline carries only weights between its stages and "
                             f"microbatches; use pipe=1")
         self.list_path = path
-        self.layers = len(blocks)
         self.loss_fn = loss_fn or (lambda m, b: m.loss(b))
-        states = [nnx.state(b, nnx.Param) for b in blocks]
-        self.blocks = nnx.merge(nnx.graphdef(blocks[0]), jax.tree.map(_stack, *states))
         outer = nnx.merge(*nnx.split(model))  # a copy: the user's model keeps its blocks
-        _set(outer, path, nnx.List([_Stand() for _ in blocks]))
+        if stack is not None:
+            self.scanned, self.layers = True, stack[2]
+            self.blocks = nnx.merge(*nnx.split(stack[1], nnx.Param))  # stacked already: a copy
+            _set(outer, path, _ScanStand(self.layers, self._where(model)))
+        else:
+            self.layers = len(blocks)
+            states = [nnx.state(b, nnx.Param) for b in blocks]
+            self.blocks = nnx.merge(nnx.graphdef(blocks[0]), jax.tree.map(_stack, *states))
+            _set(outer, path, nnx.List([_Stand() for _ in blocks]))
         self.outer = outer
         self.token = next(_tokens)
+
+    def _where(self, model: nnx.Module) -> str:
+        """The user's name of the blocks, for messages (`Model.blocks`)."""
+        return ".".join([type(model).__name__, *map(str, self.list_path)])
 
     # -- the three parts -----------------------------------------------------------------------------------------
     def embed_inputs(self, batch: Any) -> jax.Array:
@@ -171,7 +303,7 @@ class Staged(nnx.Module):
     def _prologue(self, outer: nnx.Module, batch: Any) -> jax.Array:
         with _running(_Mode("prologue")) as mode:
             try:
-                self.loss_fn(outer, batch)
+                self._run(outer, batch)
             except _Reached as reached:
                 _static[self.token] = _plain_arguments(*mode.calls[0])
                 return reached.x
@@ -179,9 +311,20 @@ class Staged(nnx.Module):
 
     def _epilogue(self, outer: nnx.Module, x: jax.Array, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         with _running(_Mode("epilogue", x)):
-            out = self.loss_fn(outer, batch)
+            out = self._run(outer, batch)
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         return loss, dict(metrics or {})
+
+    def _run(self, outer: nnx.Module, batch: Any) -> Any:
+        """The user's loss on `outer`; for a scanned stack, on a copy made in the current trace (nnx.scan takes
+        only modules of its caller's trace) whose stand-in holds its counter, with the scans cut (`_scans_cut`)."""
+        if not self.scanned:
+            return self.loss_fn(outer, batch)
+        outer = nnx.merge(*nnx.split(outer))
+        stand = _get(outer, self.list_path)
+        _set(outer, self.list_path, _ScanStand(self.layers, stand.where, counting=True))
+        with _scans_cut(stand.where):
+            return self.loss_fn(outer, batch)
 
     def call_block(self, block: nnx.Module, x: jax.Array) -> jax.Array:
         """One block on x, with the loss's other (static) arguments (`autoshard.pipeline` calls blocks so)."""
@@ -209,14 +352,22 @@ class Staged(nnx.Module):
 
         def cut(p, b):
             m = nnx.merge(graphdef, p, rest, copy=True)
+            if self.scanned:
+                stack = nnx.split(_get(m, self.list_path))
+                _set(m, self.list_path, _ScanStand(self.layers, self._where(model)))
+                x = self._prologue(m, b)
+                x, _ = jax.lax.scan(lambda x, s: (_one_activation(self.call_block(nnx.merge(stack[0], s), x), x),
+                                                  None), x, stack[1])
+                return self._epilogue(m, x, b)[0]
             blocks = list(_get(m, self.list_path))
             _set(m, self.list_path, nnx.List([_Stand() for _ in blocks]))
             x = self._prologue(m, b)
             for block in blocks:
-                x = self.call_block(block, x)
+                x = _one_activation(self.call_block(block, x), x)
             return self._epilogue(m, x, b)[0]
 
-        _same_program(cut, original, type(model).__name__, params, shapes)
+        name = self._where(model) if self.scanned else type(model).__name__
+        _same_program(cut, original, name, params, shapes, scanned=self.scanned)
 
     def to_user(self, user: nnx.Module) -> nnx.Module:
         """The user's model (`user`: its structure, e.g. abstract) holding this model's weights and state."""
@@ -227,6 +378,8 @@ class Staged(nnx.Module):
         prefix = "/".join(map(str, self.list_path)) + "/"
 
         def value(path: str) -> Any:
+            if path.startswith(prefix) and self.scanned:  # the stack's own paths
+                return flat["blocks/" + path[len(prefix):]]
             if path.startswith(prefix):
                 i, suffix = path[len(prefix):].split("/", 1)
                 return flat["blocks/" + suffix][int(i)]
@@ -234,6 +387,17 @@ class Staged(nnx.Module):
 
         fill = lambda state: nnx.map_state(lambda p, v: v.replace(value(path_str(p))), state)  # noqa: E731
         return nnx.merge(graphdef, fill(params), fill(rest))
+
+
+def _one_activation(y: Any, x: jax.Array) -> jax.Array:
+    """A block's output `y`, or a one-line error unless it is one array like its input `x`: the stand-ins hand the
+    code after the blocks the last block's output alone."""
+    if not hasattr(y, "shape") or np.shape(y) != np.shape(x) or y.dtype != x.dtype:
+        what = type(y).__name__ if not hasattr(y, "shape") else f"{y.dtype}{list(np.shape(y))}"
+        raise PlanError(f"the blocks return {what} from {x.dtype}{list(np.shape(x))}: a pipeline of a model's own "
+                        f"blocks passes one activation between stages, each block's output like its input; return x "
+                        f"alone, or use pipe=1")
+    return y
 
 
 def _plain_arguments(args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
@@ -264,12 +428,17 @@ def _scanned_loss(staged: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Arr
     return staged.head_loss(x, batch)
 
 
-def _same_program(cut: Callable, original: Callable, name: str, *args: Any) -> None:
+def _same_program(cut: Callable, original: Callable, name: str, *args: Any, scanned: bool = False) -> None:
     """A one-line error unless `cut` (prologue -> blocks -> epilogue) runs the primitives `original` runs."""
     mine, theirs = _primitives(cut, *args), _primitives(original, *args)
     if mine != theirs:
-        extra = sorted((theirs - mine) + (mine - theirs))
-        raise PlanError(f"the loop over {name}'s blocks does more than call them in turn (e.g. {extra[0]}): a "
+        diff = sorted((theirs - mine) + (mine - theirs))
+        extra = next((p for p in diff if p != "scan"), diff[0])
+        if scanned:
+            what = f"e.g. {extra}" if extra != "scan" else "its body computes besides the block's call"
+            raise PlanError(f"the scan over {name} does more than `x = block(x)` ({what}): a pipeline cuts only "
+                            f"that scan over the stacked blocks; move the rest into the block, or use pipe=1")
+        raise PlanError(f"the loop over {name}'s blocks does more than call them in turn (e.g. {extra}): a "
                         f"pipeline can cut only `for block in blocks: x = block(x)`; use pipe=1")
 
 
@@ -296,6 +465,8 @@ def user_paths(staged: Any, path: str) -> list[str]:
     """The user's path(s) of a `Staged` weight path: one, or one per block for a stacked weight."""
     if path.startswith(OUTER + "/"):
         return [path[len(OUTER) + 1:]]
+    if getattr(staged, "scanned", False):  # the stack's paths are the user's own
+        return ["/".join(map(str, staged.list_path)) + "/" + path[len("blocks/"):]]
     return [f"{staged.block_path(i)}/{path[len('blocks/'):]}" for i in range(staged.layers)]
 
 

@@ -94,7 +94,8 @@ class Trainer:
         if plan.pipeline is not None and protocols.missing(abstract, protocols.StagedModel):
             staging.check_seq(plan.mesh["seq"])
             self.staged_from, user_loss, loss_fn = abstract, loss_fn, None
-            model = staging.Staged(model, user_loss) if built else (lambda: staging.Staged(model(), user_loss))
+            factory = model
+            model = staging.Staged(model, user_loss) if built else (lambda: staging.Staged(factory(), user_loss))
             abstract = staging.Staged(abstract, user_loss)
         self.loss_fn = loss_fn or _default_loss
         self.abstract = abstract
