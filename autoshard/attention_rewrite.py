@@ -7,7 +7,11 @@ it traces the function to a jaxpr, finds each attention there (`planner.attentio
 equation by equation with each one replaced by `ops.attention` on its q, k, v brought to the op's layout (the scale
 folded into q), the result laid out as the model's own. Functions with no attention it can run this way are called
 as they are. A constant causal mask runs as the op's `causal`, a causal sliding window (`(j <= i) & (i - j < w)`,
-local attention) as its `window=w`. A key (padding) mask computed from the inputs
+local attention) as its `window=w`, soft-capped scores (gemma-2: `cap * tanh(scores / cap)` before the mask and
+softmax) as its `softcap=cap`. Cross-attention (queries from one sequence, keys and values from another, of any
+length: an encoder-decoder's, `nnx.MultiHeadAttention(x, y)`) runs as the op non-causal over the other sequence's
+keys, with its key mask if it has one; under seq the op splits those keys too (ring, Ulysses) or, when seq does not
+divide their length, attends each device's queries over all of them. A key (padding) mask computed from the inputs
 (`jnp.where(keep[:, None, None, :], ...)`, `jax.nn.dot_product_attention(mask=..., key_value_seq_lengths=...)`),
 alone or ANDed with a causal mask or window, is passed as the op's `key_mask`; ANDed with a query mask too (flax's
 `make_attention_mask(keep, keep)`), the query rows it masks get, outside the op, what the model's softmax over a
@@ -149,12 +153,13 @@ def _mask(operand: Operand | None, read: Callable[[Any], Any], batch: int, lengt
 
 def attend(m: Match, read: Callable[[Any], Any]) -> jax.Array:
     """The match's output computed by `ops.attention`: q, k, v in its layout (the match's scale folded into q: the
-    op scales by 1/sqrt(head_dim)), the result in the layout of the model's own probs.v product."""
+    op scales by 1/sqrt(head_dim), then soft-caps with the match's `softcap`), the result in the layout of the
+    model's own probs.v product."""
     q, k, v = (_canonical(read(o.var), o) for o in (m.q, m.k, m.v))
     extra = m.scale * math.sqrt(m.head_dim)
     if abs(extra - 1.0) > 1e-6:
         q = q * jnp.asarray(extra, q.dtype)
-    out = ops.attention(q, k, v, causal=m.causal, window=m.window,
+    out = ops.attention(q, k, v, causal=m.causal, window=m.window, softcap=m.softcap,
                         key_mask=_mask(m.key_mask, read, q.shape[0], k.shape[1]))
     if m.query_mask is not None:
         # masked query rows: every key masked by a finite fill, a uniform softmax, the mean of v over all T keys

@@ -95,37 +95,43 @@ def positions(length: int) -> Array:
 
 # -- attention -------------------------------------------------------------------------------------------------------
 def attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None,
-              window: int | None = None) -> Array:
-    """Softmax attention. q: [B, S, H, D]; k, v: [B, S, Hkv, D] with Hkv dividing H (grouped-query).
+              window: int | None = None, softcap: float | None = None) -> Array:
+    """Softmax attention. q: [B, S, H, D]; k, v: [B, T, Hkv, D] with Hkv dividing H (grouped-query); T = S for
+    self-attention, any T for cross-attention (keys and values of another sequence: not causal).
 
     key_mask: None or [B, T] bool, True where a key may be attended (a padding mask), combined with `causal`. A row
     left with no key to attend gets the mean of all the values, as a dense softmax over a constant very negative
     fill gives (`dense_attention`), so that rewritten models keep their losses (`autoshard.attention_rewrite`).
     window: None, or with `causal` a sliding window (local attention): query i sees keys j with
     i - window < j <= i (`autoshard.sequence.causal_mask`), ring and Ulysses attention included.
+    softcap: None, or soft-capped logits (gemma-2): softcap * tanh(logits / softcap) before the mask and softmax.
 
     Its ops run under the scope `autoshard.attention`, and `autoshard.attention/causal` when causal (windowed or
     not: the ring balances and exchanges both alike): the planner reads whether the ring must balance it from that
     (`planner.seq_expert.op_shapes`; the mask's own ops sit in jitted helpers, whose equations do not carry the
     caller's scope)."""
-    _sequence.check_window(window, causal)
+    _sequence.check_attention(q, k, causal=causal, window=window, softcap=softcap)
     impl = ATTENTION_IMPLS[current().attention]
     extra = {} if key_mask is None else {"key_mask": key_mask}  # implementations registered elsewhere may not mask
     if window is not None:
         extra["window"] = window
+    if softcap is not None:
+        extra["softcap"] = softcap
     with jax.named_scope("autoshard.attention"), jax.named_scope("causal" if causal else "full"):
         return impl(q, k, v, causal=causal, **extra)
 
 
 def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None,
-                    window: int | None = None) -> Array:
-    """Attention with the [B, H, S, T] logits in memory; masked logits are set to the float32 minimum (a finite
-    fill: a row with every key masked gets uniform probabilities, not NaN)."""
-    _sequence.check_window(window, causal)
+                    window: int | None = None, softcap: float | None = None) -> Array:
+    """Attention with the [B, H, S, T] logits in memory (soft-capped first, with `softcap`); masked logits are set
+    to the float32 minimum (a finite fill: a row with every key masked gets uniform probabilities, not NaN)."""
+    _sequence.check_attention(q, k, causal=causal, window=window, softcap=softcap)
     b, s, h, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, s, hkv, h // hkv, d)
     logits = jnp.einsum("bskgd,btkd->bkgst", qg, k).astype(jnp.float32) / math.sqrt(d)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     keep = _causal_mask(s, k.shape[1], window) if causal else None
     if key_mask is not None:
         keys = key_mask.astype(bool)[:, None, None, None, :]

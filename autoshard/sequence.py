@@ -1,14 +1,15 @@
 """Sequence parallelism for `ops.attention`: Ulysses (all-to-all) and zigzag ring attention (ppermute).
 
-Both take the global view of `ops.dense_attention` (q: [B, S, H, D]; k, v: [B, S, Hkv, D], Hkv dividing H) and read
-the mesh from `ops.current().mesh`; their degree n is the size of its `seq` axis. Each is a `jax.shard_map` that is
-manual over `seq` only: the batch (data/fsdp) and heads (tensor) stay with XLA's partitioner, so they compose with
-data and tensor parallelism outside. Activations arrive sequence-sharded contiguously (device i of `seq` holds
-tokens [i*S/n, (i+1)*S/n)) and leave the same way. Inside another shard_map the ops run on the context's abstract
-mesh, which is what nested shard_maps need; when that shard_map is already manual over `seq` (the pipeline
-executor: jax 0.10 cannot differentiate a shard_map nested in a partially manual one) they run their per-device
-bodies directly on the local blocks (`is_manual`, `manual_over`). Their ppermutes go through `ppermute`, which on
-XLA:CPU inside the pipeline executor builds the exchange from an all-to-all (`ppermute_deadlocks` says why).
+Both take the global view of `ops.dense_attention` (q: [B, S, H, D]; k, v: [B, T, Hkv, D], Hkv dividing H, T = S but
+for cross-attention) and read the mesh from `ops.current().mesh`; their degree n is the size of its `seq` axis. Each
+is a `jax.shard_map` that is manual over `seq` only: the batch (data/fsdp) and heads (tensor) stay with XLA's
+partitioner, so they compose with data and tensor parallelism outside. Activations arrive sequence-sharded
+contiguously (device i of `seq` holds tokens [i*S/n, (i+1)*S/n)) and leave the same way. Inside another shard_map
+the ops run on the context's abstract mesh, which is what nested shard_maps need; when that shard_map is already
+manual over `seq` (the pipeline executor: jax 0.10 cannot differentiate a shard_map nested in a partially manual
+one) they run their per-device bodies directly on the local blocks (`is_manual`, `manual_over`). Their ppermutes go
+through `ppermute`, which on XLA:CPU inside the pipeline executor builds the exchange from an all-to-all
+(`ppermute_deadlocks` says why).
 
 XLA does not partition an all-to-all over the axes such a shard_map leaves automatic (it all-gathers the operand
 over them), so with data/fsdp/tensor > 1 the Ulysses exchange is done with ppermutes instead (`all_to_all`).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -56,6 +58,20 @@ def check_window(window: Any, causal: bool) -> None:
                          f"got {window!r}")
     if not causal:
         raise ValueError(f"window={window} needs causal=True: a sliding window looks back from each query")
+
+
+def check_attention(q: Array, k: Array, *, causal: bool, window: Any, softcap: Any) -> None:
+    """One-line errors for arguments the attention ops cannot take: a bad window (`check_window`), a causal mask
+    between queries and keys of different lengths (cross-attention is not causal), a soft cap that is not a
+    positive number."""
+    check_window(window, causal)
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal attention needs keys as long as the queries ({q.shape[1]}), got {k.shape[1]}: "
+                         f"cross-attention (keys of another sequence) takes causal=False")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
+                                or not softcap > 0):
+        raise ValueError(f"softcap must be a positive number (logits become softcap * tanh(logits / softcap)), "
+                         f"got {softcap!r}")
 
 
 class Causal(NamedTuple):
@@ -225,8 +241,8 @@ def all_to_all(x: Array, axis: str, split_axis: int, concat_axis: int, *, native
 
 
 # -- Ulysses ---------------------------------------------------------------------------------------------------------
-def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True,
-                      key_mask: Array | None = None, window: int | None = None) -> Array:
+def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None,
+                      window: int | None = None, softcap: float | None = None) -> Array:
     """All-to-all sequence parallelism (DeepSpeed-Ulysses).
 
     Per device: all_to_all q, k, v from sequence-sharded [B, S/n, H, D] to head-sharded [B, S, H/n, D], attention
@@ -244,15 +260,23 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True,
     sequence (and fills rows with no key to attend with its heads' mean values, `_fill_empty_rows`).
 
     A causal `window` (`ops.attention`) needs nothing more: after the exchange each device has the whole sequence
-    of its heads and masks it there (`causal_mask`); the exchanges are those of plain causal attention.
+    of its heads and masks it there (`causal_mask`); the exchanges are those of plain causal attention. Neither
+    does a `softcap`: it caps each block of logits before its mask and softmax (`_capped`).
+
+    Cross-attention (k, v [B, T, Hkv, D] of another length than q) exchanges K/V over T as it does q over S; when
+    seq does not divide T its K/V stay whole and each device attends its own queries over them (`_whole_kv`), when
+    it does not divide S the attention runs dense (`_unsplit_cross`).
     """
     from autoshard import ops  # imported here: ops imports this module to register it
 
-    check_window(window, causal)
+    check_attention(q, k, causal=causal, window=window, softcap=softcap)
     mesh = ops.current().mesh
     n = axis_size(mesh, "seq")
     if n == 1:
-        return ops.dense_attention(q, k, v, causal=causal, key_mask=key_mask, window=window)
+        return ops.dense_attention(q, k, v, causal=causal, key_mask=key_mask, window=window, softcap=softcap)
+    cross = _unsplit_cross(mesh, n, q, k, v, key_mask, softcap)
+    if cross is not None:
+        return cross
     b, s, h, d = q.shape
     s = s * n if is_manual("seq") else s  # the global length
     hkv = k.shape[2]
@@ -280,7 +304,7 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, causal: bool = True,
     def body(q: Array, k: Array, v: Array, keys: Array | None = None) -> Array:
         whole = _gather_keys(keys)
         q, k, v = seq_to_heads(q), seq_to_heads(k), seq_to_heads(v)
-        o = _local_flash(causal, window)(q, k, v, whole)
+        o = _local_flash(causal, window, softcap)(q, k, v, whole)
         if whole is not None:  # the whole sequence is here: the values' mean needs no exchange
             o = _fill_empty_rows(o, jnp.mean(v.astype(jnp.float32), axis=1), whole, causal, 0, window)
         return heads_to_seq(o)
@@ -298,8 +322,16 @@ def _scores(q: Array, k: Array) -> Array:
     return jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
 
 
-def _block(q: Array, k: Array, v: Array, keep: Array | None) -> tuple[Array, Array, Array]:
-    """Unnormalised attention of q [B, Tq, H, D] over k, v [B, Tk, Hkv, D] (grouped query, no KV repeat).
+def _capped(s: Array, softcap: float | None) -> Array:
+    """Soft-capped logits softcap * tanh(s / softcap) (gemma-2), or s itself without a cap. Elementwise on the
+    scores, so capping each block before its mask and softmax is exactly capping the whole [S, T] logits."""
+    return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+
+def _block(q: Array, k: Array, v: Array, keep: Array | None,
+           softcap: float | None = None) -> tuple[Array, Array, Array]:
+    """Unnormalised attention of q [B, Tq, H, D] over k, v [B, Tk, Hkv, D] (grouped query, no KV repeat), its
+    logits soft-capped (`_capped`) before the mask.
 
     keep: None or a float32 of 1 (attend) and 0 (masked) broadcasting to [B, Hkv, G, Tq, Tk] (`_keep`: [Tq, Tk]
     causal, [B, 1, 1, 1, Tk] keys, or their product). Returns o [B, Tq, H, D] (float32, sum of p*v),
@@ -307,7 +339,7 @@ def _block(q: Array, k: Array, v: Array, keep: Array | None) -> tuple[Array, Arr
     the forward of the ring's custom_vjp runs it (never autodiff).
     """
     b, tq, h, d = q.shape
-    s = _scores(q, k)
+    s = _capped(_scores(q, k), softcap)
     if keep is not None:  # arithmetic, not jnp.where: see `_causal_keep`
         s = s * keep + (1.0 - keep) * _NEG
     m = jnp.max(s, axis=-1)
@@ -328,23 +360,28 @@ def _keep(causal: Array | None, keys: Array | None) -> Array | None:
     return keys if causal is None else keys * causal
 
 
-def _block_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array,
-                 keep: Array | None) -> tuple[Array, Array, Array]:
-    """Flash-attention backward of one (query block, key block) pair, recomputing the probabilities from lse.
+def _block_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array, keep: Array | None,
+                 softcap: float | None = None) -> tuple[Array, Array, Array]:
+    """Flash-attention backward of one (query block, key block) pair, recomputing the probabilities from lse (and
+    with a `softcap`, the logits' gradient through the cap: d cap*tanh(s/cap) / ds = 1 - tanh(s/cap)^2).
 
     q, do [B, Tq, H, D]; k, v [B, Tk, Hkv, D]; lse, delta [B, Hkv, G, Tq] (float32: log-sum-exp of the query rows
     over all keys, and rowsum(do * o)). Returns the float32 contributions dq [B, Tq, H, D], dk, dv [B, Tk, Hkv, D].
     """
     b, tq, h, d = q.shape
     hkv = k.shape[2]
-    p = jnp.exp(_scores(q, k) - lse[..., None])
+    logits = _capped(_scores(q, k), softcap)
+    p = jnp.exp(logits - lse[..., None])
     if keep is not None:
         p = p * keep
     dog = do.reshape(b, tq, hkv, h // hkv, d)
     qg = q.reshape(b, tq, hkv, h // hkv, d)
     dv = jnp.einsum("bkgqt,bqkgd->btkd", p.astype(do.dtype), dog, preferred_element_type=jnp.float32)
     dp = jnp.einsum("bqkgd,btkd->bkgqt", dog, v, preferred_element_type=jnp.float32)
-    ds = (p * (dp - delta[..., None]) / math.sqrt(d)).astype(q.dtype)
+    ds = p * (dp - delta[..., None])
+    if softcap is not None:
+        ds = ds * (1.0 - jnp.square(logits / softcap))
+    ds = (ds / math.sqrt(d)).astype(q.dtype)
     dq = jnp.einsum("bkgqt,btkd->bqkgd", ds, k, preferred_element_type=jnp.float32).reshape(b, tq, h, d)
     dk = jnp.einsum("bkgqt,bqkgd->btkd", ds, qg, preferred_element_type=jnp.float32)
     return dq, dk, dv
@@ -379,15 +416,15 @@ def _row_unchunk(x: Array) -> Array:
     return jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], x.shape[0] * x.shape[4])
 
 
-def _flash_forward(q: Array, k: Array, v: Array, causal: Causal | None,
-                   keys: Array | None = None) -> tuple[Array, Array, Array]:
+def _flash_forward(q: Array, k: Array, v: Array, causal: Causal | None, keys: Array | None = None,
+                   softcap: float | None = None) -> tuple[Array, Array, Array]:
     """`_block` over chunks (online softmax across key chunks), so the transient is one chunk pair's probabilities;
     with `causal` (the global positions of q's and k's rows) chunk pairs it masks entirely are skipped (above the
-    diagonal, or beyond a window). keys: None or the key mask [B, Tk] (bool) of k's rows."""
+    diagonal, or beyond a window). keys: None or the key mask [B, Tk] (bool) of k's rows; softcap: `_capped`."""
     tq, tk = q.shape[1], k.shape[1]
     cq, ck = _chunk(tq), _chunk(tk)
     if cq == tq and ck == tk:
-        return _unless_masked(causal, lambda: _block(q, k, v, _keep(_causal_keep(q, causal), keys)),
+        return _unless_masked(causal, lambda: _block(q, k, v, _keep(_causal_keep(q, causal), keys), softcap),
                               lambda: _nothing(q, k))
     rows, cols = _position_chunks(causal, cq, ck)
 
@@ -395,7 +432,7 @@ def _flash_forward(q: Array, k: Array, v: Array, causal: Causal | None,
         qc, qpos = args
 
         def block(kc: Array, vc: Array, kpos: Array | None, mc: Array | None) -> tuple[Array, Array, Array]:
-            return _block(qc, kc, vc, _keep(_causal_keep(qc, _at(causal, qpos, kpos)), mc))
+            return _block(qc, kc, vc, _keep(_causal_keep(qc, _at(causal, qpos, kpos)), mc), softcap)
 
         # start from key chunk 0 (never skipped) rather than zeros: constants would be hoisted (`_causal_keep`)
         init = block(k[:, :ck], v[:, :ck], None if cols is None else cols[0], None if keys is None else keys[:, :ck])
@@ -432,14 +469,14 @@ def _position_chunks(causal: Causal | None, cq: int, ck: int) -> tuple[Array | N
 
 
 def _flash_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Array, causal: Causal | None,
-                 keys: Array | None = None) -> tuple[Array, Array, Array]:
+                 keys: Array | None = None, softcap: float | None = None) -> tuple[Array, Array, Array]:
     """`_block_grads` over chunks: per key chunk, a loop over query chunks accumulates its dK/dV and emits dq
-    contributions; chunk pairs `causal` masks entirely are skipped. keys: as in `_flash_forward`."""
+    contributions; chunk pairs `causal` masks entirely are skipped. keys, softcap: as in `_flash_forward`."""
     tq, tk = q.shape[1], k.shape[1]
     cq, ck = _chunk(tq), _chunk(tk)
     if cq == tq and ck == tk:
         return _unless_masked(
-            causal, lambda: _block_grads(q, k, v, do, lse, delta, _keep(_causal_keep(q, causal), keys)),
+            causal, lambda: _block_grads(q, k, v, do, lse, delta, _keep(_causal_keep(q, causal), keys), softcap),
             lambda: tuple(jnp.zeros_like(x, jnp.float32) for x in (q, k, v)))
     qpos, kpos = _position_chunks(causal, cq, ck)
     rows = (_chunks(q, cq), _chunks(do, cq), _row_chunks(lse, cq), _row_chunks(delta, cq), qpos)
@@ -452,7 +489,7 @@ def _flash_grads(q: Array, k: Array, v: Array, do: Array, lse: Array, delta: Arr
             mask = _at(causal, qp, kp)
 
             def compute(acc):
-                gq, gk, gv = _block_grads(qc, kc, vc, doc, lc, dc, _keep(_causal_keep(qc, mask), mc))
+                gq, gk, gv = _block_grads(qc, kc, vc, doc, lc, dc, _keep(_causal_keep(qc, mask), mc), softcap)
                 return (acc[0] + gk, acc[1] + gv), gq
 
             if mask is None:
@@ -541,7 +578,7 @@ def _ring(n: int) -> list[tuple[int, int]]:
 
 
 def _ring_forward(q: Array, k: Array, v: Array, n: int, causal: bool, window: int | None,
-                  keys: Array | None) -> tuple[Array, Array]:
+                  keys: Array | None, softcap: float | None = None) -> tuple[Array, Array]:
     """Output o [B, T, H, D] (q.dtype) and log-sum-exp [B, Hkv, G, T] (float32) of the local (zigzag) queries.
     keys: None or the whole key mask [B, S] (contiguous order), indexed by each visiting block's source. A window
     masks the visiting blocks by their global positions; blocks wholly beyond it are skipped (`_unless_masked`)."""
@@ -549,20 +586,20 @@ def _ring_forward(q: Array, k: Array, v: Array, n: int, causal: bool, window: in
     c = q.shape[1] // 2
     mine = _zigzag_positions(me, n, c)
     diagonal = Causal(mine, mine, window) if causal else None
-    acc = _flash_forward(q, k, v, diagonal, _key_block(keys, me, n, causal))  # the diagonal step
+    acc = _flash_forward(q, k, v, diagonal, _key_block(keys, me, n, causal), softcap)  # the diagonal step
 
     def visit(kv: tuple[Array, Array], src: Array) -> tuple[Array, Array, Array]:
         mask = _key_block(keys, src, n, causal)
         if not causal:
-            return _flash_forward(q, *kv, None, mask)
+            return _flash_forward(q, *kv, None, mask, softcap)
         theirs = _zigzag_positions(src, n, c)
 
         def earlier(k, v):  # src < i: both query chunks see K/V chunk src only
             return _flash_forward(q, k[:, :c], v[:, :c], _window(mine, theirs[:c], window),
-                                  None if mask is None else mask[:, :c])
+                                  None if mask is None else mask[:, :c], softcap)
 
         def later(k, v):  # src > i: query chunk 2n-1-i sees both K/V chunks; chunk i sees none
-            o, m, l = _flash_forward(q[:, c:], k, v, _window(mine[c:], theirs, window), mask)
+            o, m, l = _flash_forward(q[:, c:], k, v, _window(mine[c:], theirs, window), mask, softcap)
             pad = [(0, 0)] * 3 + [(c, 0)]
             return (jnp.pad(o, [(0, 0), (c, 0), (0, 0), (0, 0)]), jnp.pad(m, pad, constant_values=_NEG),
                     jnp.pad(l, pad))
@@ -592,7 +629,7 @@ def _delta(do: Array, o: Array, lse: Array) -> Array:
 
 
 def _ring_backward(q: Array, k: Array, v: Array, o: Array, lse: Array, keys: Array | None, do: Array, n: int,
-                   causal: bool, window: int | None) -> tuple[Array, Array, Array]:
+                   causal: bool, window: int | None, softcap: float | None = None) -> tuple[Array, Array, Array]:
     """dq, dk, dv of the local blocks: K/V travel the ring again with their float32 dK/dV accumulators; each step
     recomputes its probability block from q, k and lse; after n-1 steps one more rotation brings dK/dV home. The
     blocks are masked and skipped as in `_ring_forward`."""
@@ -601,23 +638,23 @@ def _ring_backward(q: Array, k: Array, v: Array, o: Array, lse: Array, keys: Arr
     delta = _delta(do, o, lse)
     mine = _zigzag_positions(me, n, c)
     diagonal = Causal(mine, mine, window) if causal else None
-    dq, dk, dv = _flash_grads(q, k, v, do, lse, delta, diagonal, _key_block(keys, me, n, causal))
+    dq, dk, dv = _flash_grads(q, k, v, do, lse, delta, diagonal, _key_block(keys, me, n, causal), softcap)
 
     def visit(kv: tuple[Array, Array], src: Array) -> tuple[Array, Array, Array]:
         mask = _key_block(keys, src, n, causal)
         if not causal:
-            return _flash_grads(q, *kv, do, lse, delta, None, mask)
+            return _flash_grads(q, *kv, do, lse, delta, None, mask, softcap)
         theirs = _zigzag_positions(src, n, c)
 
         def earlier(k, v):  # src < i: both query chunks, K/V chunk src only
             dq, dk, dv = _flash_grads(q, k[:, :c], v[:, :c], do, lse, delta, _window(mine, theirs[:c], window),
-                                      None if mask is None else mask[:, :c])
+                                      None if mask is None else mask[:, :c], softcap)
             pad = [(0, 0), (0, c), (0, 0), (0, 0)]
             return dq, jnp.pad(dk, pad), jnp.pad(dv, pad)
 
         def later(k, v):  # src > i: query chunk 2n-1-i, both K/V chunks
             dq, dk, dv = _flash_grads(q[:, c:], k, v, do[:, c:], lse[..., c:], delta[..., c:],
-                                      _window(mine[c:], theirs, window), mask)
+                                      _window(mine[c:], theirs, window), mask, softcap)
             return jnp.pad(dq, [(0, 0), (c, 0), (0, 0), (0, 0)]), dk, dv
 
         return jax.lax.cond(src < me, earlier, later, *kv)
@@ -682,22 +719,23 @@ def _seen_keys(keys: Array, first_row: Array | int, t: int, window: int | None) 
     return upto - before
 
 
-def _local_flash(causal: bool, window: int | None = None) -> Any:
-    """Chunked attention of local q [B, T, H, D] over k, v [B, T, Hkv, D] (and a key mask [B, T] or None) as a
-    `jax.custom_vjp` (Ulysses' per-device attention over the whole sequence): it keeps q, k, v, the output and the
-    float32 log-sum-exp, not the [B, H, T, T] probabilities, and recomputes them chunk by chunk in the backward.
-    The rows are the whole sequence, positions 0..T-1, so the causal `window` applies as it is."""
+def _local_flash(causal: bool, window: int | None = None, softcap: float | None = None) -> Any:
+    """Chunked attention of local q [B, Tq, H, D] over k, v [B, T, Hkv, D] (and a key mask [B, T] or None) as a
+    `jax.custom_vjp` (Ulysses' per-device attention over the whole sequence, and cross-attention's local queries
+    over whole K/V, `_whole_kv`): it keeps q, k, v, the output and the float32 log-sum-exp, not the [B, H, Tq, T]
+    probabilities, and recomputes them chunk by chunk in the backward. With `causal` the rows are the whole
+    sequence, positions 0..T-1, so the causal `window` applies as it is."""
 
     def mask(t: int) -> Causal | None:
         return Causal(jnp.arange(t), jnp.arange(t), window) if causal else None
 
     def forward(q: Array, k: Array, v: Array, keys: Array | None) -> tuple[Array, tuple]:
-        o, lse = _normalise(*_flash_forward(q, k, v, mask(q.shape[1]), keys), q.dtype)
+        o, lse = _normalise(*_flash_forward(q, k, v, mask(q.shape[1]), keys, softcap), q.dtype)
         return o, (q, k, v, o, lse, keys)
 
     def backward(res: tuple, do: Array) -> tuple[Array, Array, Array, None]:
         q, k, v, o, lse, keys = res
-        dq, dk, dv = _flash_grads(q, k, v, do, lse, _delta(do, o, lse), mask(q.shape[1]), keys)
+        dq, dk, dv = _flash_grads(q, k, v, do, lse, _delta(do, o, lse), mask(q.shape[1]), keys, softcap)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
     @jax.custom_vjp
@@ -708,7 +746,7 @@ def _local_flash(causal: bool, window: int | None = None) -> Any:
     return attend
 
 
-def _ring_vjp(n: int, causal: bool, window: int | None = None) -> Any:
+def _ring_vjp(n: int, causal: bool, window: int | None = None, softcap: float | None = None) -> Any:
     """Ring attention of per-device (sequence-sharded contiguous) blocks, for a shard_map manual over `seq`, as a
     `jax.custom_vjp`: the forward keeps only the local (zigzag when causal) q, k, v, output and float32
     log-sum-exp blocks (and the whole key mask, when there is one), the backward runs the ring again
@@ -719,12 +757,12 @@ def _ring_vjp(n: int, causal: bool, window: int | None = None) -> Any:
         me = jax.lax.axis_index("seq")
         if causal:
             q, k, v = (_to_zigzag(x, n, me) for x in (q, k, v))
-        o, lse = _ring_forward(q, k, v, n, causal, window, keys)
+        o, lse = _ring_forward(q, k, v, n, causal, window, keys, softcap)
         return (_from_zigzag(o, n, me) if causal else o), (q, k, v, o, lse, keys)
 
     def backward(res: tuple, do: Array) -> tuple[Array, Array, Array, None]:
         me = jax.lax.axis_index("seq")
-        grads = _ring_backward(*res, _to_zigzag(do, n, me) if causal else do, n, causal, window)
+        grads = _ring_backward(*res, _to_zigzag(do, n, me) if causal else do, n, causal, window, softcap)
         return (*(tuple(_from_zigzag(g, n, me) for g in grads) if causal else grads), None)
 
     @jax.custom_vjp
@@ -735,11 +773,11 @@ def _ring_vjp(n: int, causal: bool, window: int | None = None) -> Any:
     return attend
 
 
-def _ring_body(n: int, causal: bool, window: int | None = None) -> Any:
+def _ring_body(n: int, causal: bool, window: int | None = None, softcap: float | None = None) -> Any:
     """The ring's per-device body, with an optional key mask block [B, S/n]: `_ring_vjp` on the whole key mask,
     then rows with no key to attend filled as dense attention fills them (`_fill_empty_rows`; the values' mean
     costs an all-reduce of [B, Hkv, D] over `seq`, forward and backward)."""
-    attend = _ring_vjp(n, causal, window)
+    attend = _ring_vjp(n, causal, window, softcap)
 
     def body(q: Array, k: Array, v: Array, keys: Array | None = None) -> Array:
         whole = _gather_keys(keys)
@@ -760,7 +798,7 @@ def _run_seq(body: Any, mesh: Any, q: Array, k: Array, v: Array, key_mask: Array
 
 
 def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None,
-                   window: int | None = None) -> Array:
+                   window: int | None = None, softcap: float | None = None) -> Array:
     """Ring attention: K/V blocks travel around the `seq` axis (ppermute), online softmax in float32.
 
     Causal attention is load balanced with the zigzag layout: the sequence is cut into 2n chunks and device i works
@@ -785,22 +823,70 @@ def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mas
 
     A causal `window` (`ops.attention`) masks each block pair by its global query and key positions
     (`causal_mask`); K/V still travel the whole ring (the same exchanges as plain causal), but block products, and
-    chunk pairs within them, that the window leaves nothing of are skipped.
+    chunk pairs within them, that the window leaves nothing of are skipped. A `softcap` caps each block of logits
+    before its mask and softmax (`_capped`: elementwise, so exact blockwise), forward and backward.
+
+    Cross-attention (k, v [B, T, Hkv, D] of another length than q, not causal) rotates the K/V blocks of T/n keys
+    past the local S/n queries as it does self-attention's; when seq does not divide T its K/V stay whole and each
+    device attends its own queries over them (`_whole_kv`), when it does not divide S the attention runs dense
+    (`_unsplit_cross`).
     """
     from autoshard import ops  # imported here: ops imports this module to register it
 
-    check_window(window, causal)
+    check_attention(q, k, causal=causal, window=window, softcap=softcap)
     mesh = ops.current().mesh
     n = axis_size(mesh, "seq")
     if n == 1:
-        return ops.dense_attention(q, k, v, causal=causal, key_mask=key_mask, window=window)
+        return ops.dense_attention(q, k, v, causal=causal, key_mask=key_mask, window=window, softcap=softcap)
+    cross = _unsplit_cross(mesh, n, q, k, v, key_mask, softcap)
+    if cross is not None:
+        return cross
     s = q.shape[1] * (n if is_manual("seq") else 1)  # the global length
     parts = 2 * n if causal else n
     if s % parts:
         raise PlanError(f"{'causal ' if causal else ''}ring attention needs the sequence length ({s}) divisible by "
                         f"{parts} (= {'2 x ' if causal else ''}seq={n}): change the seq degree or the sequence length")
-    return _run_seq(_ring_body(n, causal, window), mesh, q, k, v, key_mask)
+    return _run_seq(_ring_body(n, causal, window, softcap), mesh, q, k, v, key_mask)
 
 
-__all__ = ["Causal", "all_to_all", "axis_size", "causal_mask", "check_window", "free_axes", "ring_attention",
-           "ring_bytes", "shard_map_mesh", "ulysses_attention", "ulysses_bytes"]
+def _unsplit_cross(mesh: Any, n: int, q: Array, k: Array, v: Array, key_mask: Array | None,
+                   softcap: float | None) -> Array | None:
+    """Cross-attention (keys of another length than the queries) that the ring and Ulysses cannot split: keys seq
+    does not divide stay whole (`_whole_kv`); queries it does not divide (a few learned latents attending over the
+    sequence) run dense, laid out by XLA, with a warning. None for attention they split. Inside a shard_map already
+    manual over `seq` (the pipeline executor) q and K/V are local blocks and go round the ring as they are."""
+    from autoshard import ops  # imported here: ops imports this module to register it
+
+    if is_manual("seq") or q.shape[1] == k.shape[1]:
+        return None
+    if q.shape[1] % n:
+        warnings.warn(f"cross-attention of {q.shape[1]} queries over {k.shape[1]} keys stays dense (not split over "
+                      f"seq): seq={n} does not divide the queries", stacklevel=3)
+        return ops.dense_attention(q, k, v, causal=False, key_mask=key_mask, softcap=softcap)
+    if k.shape[1] % n:
+        return _whole_kv(mesh, q, k, v, key_mask, softcap)
+    return None
+
+
+def _whole_kv(mesh: Any, q: Array, k: Array, v: Array, key_mask: Array | None, softcap: float | None) -> Array:
+    """Cross-attention of sequence-sharded queries [B, S, H, D] over whole k, v [B, T, Hkv, D] (and key mask
+    [B, T]): each device attends its S/n queries over all T keys with no exchange in the forward; the K/V gradients
+    of the devices' queries are summed over `seq` (the transpose of making them device-varying: an all-reduce of
+    dK and dV)."""
+    attend = _local_flash(False, None, softcap)
+
+    def body(q: Array, k: Array, v: Array, keys: Array | None = None) -> Array:
+        k, v = (jax.lax.pcast(x, "seq", to="varying") for x in (k, v))
+        o = attend(q, k, v, keys)
+        if keys is None:
+            return o
+        return _fill_empty_rows(o, jnp.mean(v.astype(jnp.float32), axis=1), keys, False, 0)
+
+    whole = P()
+    args = (q, k, v) if key_mask is None else (q, k, v, key_mask.astype(bool))
+    specs = (P(None, "seq"), whole, whole, whole)[:len(args)]
+    return manual_over("seq", body, specs, P(None, "seq"), mesh, *args)
+
+
+__all__ = ["Causal", "all_to_all", "axis_size", "causal_mask", "check_attention", "check_window", "free_axes",
+           "ring_attention", "ring_bytes", "shard_map_mesh", "ulysses_attention", "ulysses_bytes"]

@@ -17,6 +17,11 @@ varying over batch and key positions only (a padding mask, `_dynamic_select`, `_
 masked query rows what the dense softmax over a finite fill gives them: the mean of the values). Other masks from the
 inputs (varying over heads, or over query and key positions in one value) stay dense.
 
+A tanh of the scaled scores before any mask or bias (gemma-2's soft cap, cap * tanh(scores / cap)) is folded into
+`lin` as well (`_Sym.cap`) and becomes the match's `softcap`. Queries and keys may come from sequences of different
+lengths (cross-attention: `Match.kv_len`), unmasked or with a key mask; a causal or other constant mask between
+them stays dense.
+
 The module is read-only over jaxprs (it imports neither `autoshard` nor the model) and sees through calls
 (`jit`, `custom_jvp_call`, `remat`, ...) inside a match; `find` also looks inside the bodies of inlined calls,
 `scan` loops and `remat`, where the rewrite can reach (`Level`).
@@ -222,6 +227,9 @@ class _Sym:
     query mask (batch and query axes only)."""
     mixed_fill: bool = False
     """Whether masked scores are set to more than one fill value (a fully masked row is then not uniform)."""
+    cap: float | None = None
+    """A soft cap (gemma-2): the scale inside its tanh, `lin` = where(keep, scale * tanh(cap * S) + bias, fill)
+    (`scale` is then the cap's own multiplier)."""
 
 
 @dataclasses.dataclass
@@ -389,6 +397,8 @@ def _lin_const(region: _Region, scope: Scope, eqn: Any, ins: list[_Sym | None]) 
     if name == "exp":
         region.tokens += 1
         return dataclasses.replace(sym, kind="exp", token=region.tokens)
+    if name == "tanh":
+        return _soft_cap(sym)
     if len(ins) != 2:
         raise _NoMatch(f"{name} of the scores")
     other = eqn.invars[1] if ins[0] is sym else eqn.invars[0]
@@ -408,6 +418,14 @@ def _lin_const(region: _Region, scope: Scope, eqn: Any, ins: list[_Sym | None]) 
         m = _to_scores(region, sym.dims, value.astype(np.float64)) * (1 if name == "add" else -1)
         return dataclasses.replace(sym, bias=m if sym.bias is None else sym.bias + m)
     raise _NoMatch(f"{name} of the scores")
+
+
+def _soft_cap(sym: _Sym) -> _Sym:
+    """tanh of the scaled scores, the soft cap of gemma-2 (cap * tanh(scores / cap)): elementwise, so ring and
+    Ulysses cap each block. Only of scores not yet masked, biased or capped (tanh of a mask's fill is no mask)."""
+    if sym.cap is not None or sym.keep is not None or sym.bias is not None or sym.masks:
+        return dataclasses.replace(sym, problems=sym.problems + ("a tanh of masked, biased or capped scores",))
+    return dataclasses.replace(sym, cap=sym.scale, scale=1.0)
 
 
 def _select(region: _Region, scope: Scope, eqn: Any, ins: list[_Sym | None]) -> _Sym:
@@ -595,7 +613,7 @@ class Match:
     k: Operand
     v: Operand
     scale: float
-    """The logits are scale * q.k (canonical q and k)."""
+    """The logits are scale * q.k (canonical q and k), before the soft cap when there is one."""
     mask: str
     """"none", "causal", or what else it is ("sliding window of 4", "arbitrary", ...)."""
     problems: tuple[str, ...]
@@ -614,6 +632,9 @@ class Match:
     window: int | None = None
     """With a causal sliding-window `mask`, its width w (query i sees keys i-w < j <= i): `ops.attention`'s
     `window`."""
+    softcap: float | None = None
+    """A soft cap (gemma-2): the logits are softcap * tanh(scale * q.k / softcap) before the mask and softmax,
+    `ops.attention`'s `softcap`."""
 
     @property
     def supported(self) -> bool:
@@ -635,6 +656,11 @@ class Match:
     @property
     def seq_len(self) -> int:
         return self.q.shape[1]
+
+    @property
+    def kv_len(self) -> int:
+        """The key length: seq_len for self-attention, the other sequence's for cross-attention."""
+        return self.k.shape[1]
 
     @property
     def head_dim(self) -> int:
@@ -679,17 +705,29 @@ def _qk_roles(a: Any, key: int) -> _QK:
         kpos, qbase = rfree[key - nb - len(lfree)], nb
     else:
         raise _NoMatch("softmax over a batch axis")
-    t = k.aval.shape[kpos]
     if any(k.aval.shape[i] != 1 for i in kfree if i != kpos):
         raise _NoMatch("k has more than one free axis")
-    seq = [i for i in qfree if q.aval.shape[i] == t]
-    if not seq:
-        raise _NoMatch("query and key lengths differ")
+    seq = _q_seq_axis(q, qfree, k.aval.shape[kpos])
     pairs = sorted(((qb[i], kb[i], i) for i in range(nb)), key=lambda x: x[1])
     qscore = {ax: qbase + n for n, ax in enumerate(qfree)}
-    return _QK(q, k, pairs[0] if pairs else None, tuple(pairs[1:]), (seq[0], qscore[seq[0]]),
-               tuple((i, qscore[i]) for i in qfree if i != seq[0]), kpos,
+    return _QK(q, k, pairs[0] if pairs else None, tuple(pairs[1:]), (seq, qscore[seq]),
+               tuple((i, qscore[i]) for i in qfree if i != seq), kpos,
                tuple(i for i in kfree if i != kpos), qc[0], kc[0])
+
+
+def _q_seq_axis(q: Any, qfree: list[int], t: int) -> int:
+    """Which free axis of q is the query positions: the one as long as the keys (self-attention), else
+    (cross-attention: keys of another sequence) q's first free axis longer than 1, positions coming before the
+    query heads of a kv head in the layouts models write ([B, S, Hkv, G, D]). Either way q's other free axes are
+    query heads, and picking one of them instead would still give every query row its own softmax (the rewrite
+    runs cross-attention unmasked over its queries), only split otherwise over `seq`."""
+    same = [i for i in qfree if q.aval.shape[i] == t]
+    big = [i for i in qfree if q.aval.shape[i] != 1]
+    if same or big:
+        return (same or big)[0]
+    if not qfree:
+        raise _NoMatch("q has no positions axis")
+    return qfree[0]
 
 
 def _size(var: Any, axis: int | None) -> int:
@@ -795,14 +833,17 @@ def _finish(region: _Region, b_index: int, b: Any, states: dict[Any, _Sym]) -> M
     scores = tuple(a.outvars[0].aval.shape)
     mask, window, problems = _mask_kind(prob, roles.q_seq[1], region.key, scores)
     problems = (*prob.problems, *problems)
+    if mask != "none" and q.shape[1] != k.shape[1]:
+        problems += ("a causal or constant mask between queries and keys of different lengths",)
     key_mask, query_mask, why = _mask_operands(prob, roles, region.key)
     problems += why
     if v.shape[3] != q.shape[3]:
         problems += ("values of another head size than queries and keys",)
     covered = frozenset({region.start, b_index, *region.covered})
     problems += _leaks(region.scope, covered, b_index)
-    return Match((region.start, b_index), covered, q, k, v, prob.scale, mask, tuple(dict.fromkeys(problems)),
-                 b.outvars[0], out_shape, out_perm, key_mask, query_mask, window)
+    scale, softcap = (prob.scale, None) if prob.cap is None else (prob.cap * prob.scale, prob.scale)
+    return Match((region.start, b_index), covered, q, k, v, scale, mask, tuple(dict.fromkeys(problems)),
+                 b.outvars[0], out_shape, out_perm, key_mask, query_mask, window, softcap)
 
 
 def _mask_operands(prob: _Sym, roles: _QK, key: int) -> tuple[Operand | None, Operand | None, tuple[str, ...]]:

@@ -106,12 +106,64 @@ class PaddedQueriesLM(nnx.Module):
         return optax.softmax_cross_entropy_with_integer_labels(self.embed.attend(x), batch["targets"]).mean(), {}
 
 
+CONTEXT, MEMORY, CAP = 8, 5, 0.05
+"""The encoder-decoder's context length (split over seq with the batch), its learned memory slots (5: seq=2 does
+not divide them, so they stay whole) and its attention soft cap (as small as this tiny model's largest scores:
+the cap bends them)."""
+
+
+def soft_capped(q, k, v, cap=CAP):
+    """Causal attention with gemma-2's soft cap, written as gemma's flax code writes it (q scaled first, tanh
+    between the scores and the mask, a very negative finite fill)."""
+    s = q.shape[1]
+    logits = jnp.einsum("bshd,bthd->bhst", q * q.shape[-1] ** -0.5, k)
+    logits = jnp.tanh(logits / cap) * cap
+    logits = jnp.where(jnp.tril(jnp.ones((s, s), bool)), logits, -2.3819763e38)
+    return jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(logits, axis=-1), v)
+
+
+class EncDecLM(nnx.Module):
+    """A decoder block over `inputs` [B, 16]: soft-capped causal self-attention (`soft_capped`), cross-attention
+    (`nnx.MultiHeadAttention(x, y)`) to an encoded `context` [B, 8] padded with 0 (flax's make_attention_mask of
+    the inputs and the context), and cross-attention to 5 learned memory slots (whole on every device)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+        self.encode = nnx.Linear(D, D, rngs=rngs)
+        self.qkv = nnx.Linear(D, 3 * D, use_bias=False, rngs=rngs)
+        self.out = nnx.Linear(D, D, use_bias=False, rngs=rngs)
+        self.cross = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs)
+        self.memory = nnx.Param(jax.random.normal(rngs.params(), (MEMORY, D)))
+        self.recall = nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=rngs)
+
+    def loss(self, batch):
+        x = self.embed(batch["inputs"])
+        b, s, _ = x.shape
+        q, k, v = jnp.split(self.qkv(x).reshape(b, s, 3 * HEADS, -1), 3, axis=2)
+        x = x + self.out(soft_capped(q, k, v).reshape(b, s, -1))
+        y = nnx.gelu(self.encode(self.embed(batch["context"])))
+        mask = nnx.make_attention_mask(batch["inputs"] != 0, batch["context"] != 0)
+        x = x + self.cross(x, y, mask=mask, deterministic=True)
+        x = x + self.recall(x, jnp.broadcast_to(self.memory[...], (b, MEMORY, D)), deterministic=True)
+        return optax.softmax_cross_entropy_with_integer_labels(self.embed.attend(x), batch["targets"]).mean(), {}
+
+
+def encdec_batch() -> dict[str, np.ndarray]:
+    """`padded_batch` and a context of 8 tokens per row, 1-4 trailing ones padded with 0."""
+    batch = padded_batch()
+    context = np.random.default_rng(31).integers(1, VOCAB, size=(BATCH_ROWS, CONTEXT)).astype(np.int32)
+    context[np.arange(CONTEXT)[None, :] >= CONTEXT - 1 - np.arange(BATCH_ROWS)[:, None] % 4] = 0
+    return {**batch, "context": context}
+
+
+BATCH_ROWS = len(token_batch(29)["inputs"])
+ENCDEC = ZooModel("encdec", encdec_batch, lambda: optax.sgd(0.1), factory=lambda: EncDecLM(nnx.Rngs(0)))
 PADDED = {style: ZooModel(f"padded_{style}", padded_batch, lambda: optax.sgd(0.1),
                           factory=lambda style=style: PaddedLM(nnx.Rngs(0), style)) for style in ("einsum", "jaxnn")}
 PADDED["flax"] = ZooModel("padded_flax", padded_batch, lambda: optax.sgd(0.1),
                           factory=lambda: PaddedQueriesLM(nnx.Rngs(0)))
 ALL = {**{k: MODELS[k] for k in ("encoder", "gqa", "linen_lm")}, "jaxnn": JAXNN,
-       **{m.name: m for m in PADDED.values()}}
+       **{m.name: m for m in PADDED.values()}, "encdec": ENCDEC}
 
 
 def _found(model: ZooModel) -> list[attention_match.Match]:
@@ -144,6 +196,65 @@ def test_the_recogniser_finds_the_attention(name, want):
     for m in found:
         assert (m.heads, m.kv_heads, m.seq_len, m.head_dim) == (heads, kv, 16, D // HEADS)
         assert m.scale == pytest.approx(1 / np.sqrt(D // HEADS), rel=1e-6)
+
+
+def test_soft_caps_and_cross_attention_are_recognised():
+    """encdec: the soft cap (tanh between the scale and the mask; its cap and the scale before it folded), the
+    cross-attention to the context (16 queries over 8 keys, flax's query and key masks) and to the memory (5 keys).
+    jax.nn's grouped-query cross-attention too. Capping masked scores, or a causal mask between sequences of
+    different lengths, is found and stays dense, saying why."""
+    capped, context, memory = _found(ENCDEC)
+    assert (capped.mask, capped.supported, capped.kv_len) == ("causal", True, 16)
+    assert capped.softcap == pytest.approx(CAP, rel=1e-6) and capped.scale == pytest.approx(1.0, rel=1e-6)
+    assert (context.mask, context.supported, context.seq_len, context.kv_len, context.softcap) == ("none", True, 16,
+                                                                                                 CONTEXT, None)
+    assert context.key_mask.shape == (BATCH_ROWS, CONTEXT) and context.query_mask.shape == (BATCH_ROWS, 16)
+    assert (memory.supported, memory.kv_len, memory.key_mask, memory.query_mask) == (True, MEMORY, None, None)
+    assert memory.scale == pytest.approx(1 / np.sqrt(D // HEADS), rel=1e-6)
+
+    x, y = jnp.ones((2, 16, HEADS, 8)), jnp.ones((2, 6, KV_HEADS, 8))
+    (m,) = [m for _, m in attention_match.find(jax.make_jaxpr(jax.nn.dot_product_attention)(x, y, y))]
+    assert (m.supported, m.heads, m.kv_heads, m.seq_len, m.kv_len) == (True, HEADS, KV_HEADS, 16, 6)
+
+    def cap_after_mask(q, k, v):
+        scores = jnp.where(jnp.tril(jnp.ones((16, 16), bool)), jnp.einsum("bshd,bthd->bhst", q, k), -1e9)
+        return jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(jnp.tanh(scores / CAP) * CAP, axis=-1), v)
+
+    (m,) = [m for _, m in attention_match.find(jax.make_jaxpr(cap_after_mask)(x, x, x))]
+    assert not m.supported and "a tanh of masked, biased or capped scores" in m.problems
+    (m,) = [m for _, m in attention_match.find(jax.make_jaxpr(
+        lambda q, k: jax.nn.dot_product_attention(q, k, k, is_causal=True))(x, y))]
+    assert m.problems == ("a causal or constant mask between queries and keys of different lengths",)
+
+
+def test_soft_capped_and_cross_attention_rewrite_equals_the_original():
+    """Soft-capped causal self-attention, then jax.nn's grouped-query cross-attention over padded keys of another
+    sequence, rewritten (ops.attention with softcap; non-causal with a key mask over the other sequence's keys):
+    the original's value and gradients on one device. Capped masked scores run as written, with a warning."""
+    def fn(x, y, lengths):
+        h = soft_capped(x, x, x) + x
+        return jnp.sum(jnp.sin(jax.nn.dot_product_attention(h, y, y, key_value_seq_lengths=lengths)))
+
+    x = jax.random.normal(jax.random.key(0), (2, 16, HEADS, 8))
+    y = jax.random.normal(jax.random.key(1), (2, 6, KV_HEADS, 8))
+    lengths = jnp.array([4, 6])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rewrite = AttentionRewrite(fn, "capped")
+        got = jax.jit(jax.value_and_grad(rewrite, argnums=(0, 1)))(x, y, lengths)
+    assert not caught, [str(w.message) for w in caught]
+    assert [(m.softcap is not None, m.kv_len) for _, m in rewrite.level(x, y, lengths)] == [(True, 16), (False, 6)]
+    want = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(x, y, lengths)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+    def cap_after_mask(x):
+        scores = jnp.where(jnp.tril(jnp.ones((8, 8), bool)), jnp.einsum("bshd,bthd->bhst", x, x), -1e9)
+        return jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(jnp.tanh(scores / CAP) * CAP, axis=-1), x)
+
+    x = jax.random.normal(jax.random.key(0), (1, 8, 2, 4))
+    with pytest.warns(UserWarning, match="capped stay dense.*a tanh of masked, biased or capped scores"):
+        np.testing.assert_array_equal(AttentionRewrite(cap_after_mask, "capped")(x), cap_after_mask(x))
 
 
 def test_the_rewritten_function_equals_the_original_on_one_device():
@@ -252,13 +363,16 @@ def references() -> dict[str, tuple]:
 
 
 CASES = [("encoder", "ring"), ("gqa", "ring"), ("linen_lm", "ring"), ("padded_einsum", "ring"),
-         ("padded_jaxnn", "ulysses"), ("padded_flax", "ring"), ("padded_flax", "ulysses")]
+         ("padded_jaxnn", "ulysses"), ("padded_flax", "ring"), ("padded_flax", "ulysses"), ("encdec", "ring"),
+         ("encdec", "ulysses")]
 """Each model under one method: non-causal (encoder), grouped-query with a sliding-window layer (gqa: the window,
 4, is one zigzag chunk of the ring), Linen and jax.nn attention (its padded model), key masks from the batch (causal
 with the ring, non-causal with Ulysses) and flax's query-and-key padding mask (both: each fills the padded query
-rows with the mean of the values its own way, the ring over its rotating blocks). Both methods ran every
-model when this was written, all equal to one device, and tests/test_sequence.py checks both methods with key masks
-and windows against the dense form. The pairs keep the suite's time."""
+rows with the mean of the values its own way, the ring over its rotating blocks), and a soft-capped causal attention
+with cross-attention to a context split over seq and to learned memory slots seq does not divide (encdec: capped
+ring or Ulysses, the context's K/V round the ring or through the exchange, the memory's whole on each device). Both
+methods ran every model when this was written, all equal to one device, and tests/test_sequence.py checks both methods
+with key masks, windows, soft caps and cross-attention against the dense form. The pairs keep the suite's time."""
 
 
 @pytest.mark.parametrize("name, method", CASES)

@@ -29,9 +29,9 @@ def _qkv(heads, kv_heads, batch=B):
             jax.random.normal(kv, (batch, S, kv_heads, D)))
 
 
-def _out_and_grads(causal, key_mask=None, window=None):
+def _out_and_grads(causal, key_mask=None, window=None, softcap=None):
     def loss(q, k, v):
-        o = ops.attention(q, k, v, causal=causal, key_mask=key_mask, window=window)
+        o = ops.attention(q, k, v, causal=causal, key_mask=key_mask, window=window, softcap=softcap)
         return jnp.sum(jnp.sin(o)), o
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -170,6 +170,69 @@ def test_the_window_rule_and_bad_windows():
                           (dict(window=2.5), "positive integer")]:
         with pytest.raises(ValueError, match=match) as e:
             jax.eval_shape(lambda q, k, v: ops.attention(q, k, v, **kwargs), q, k, v)
+        assert "\n" not in str(e.value)
+
+
+CAPPED = [  # method, key length T (16: self-attention, causal), soft cap, key mask, data
+    ("ring", 16, 1.5, True, 1),                                # soft-capped causal self-attention, in chunks of 2
+    ("ring", 8, None, True, 1), ("ulysses", 8, 1.0, True, 1),  # cross-attention, K/V split over seq too
+    ("ring", 5, 2.0, True, 2), ("ulysses", 7, None, False, 1),  # cross-attention, seq does not divide T: K/V whole
+]
+
+
+@pytest.mark.parametrize("method,t,softcap,masked,data", CAPPED,
+                         ids=[f"{c[0]}-T{c[1]}{f'-cap{c[2]}' if c[2] else ''}{'-keymask' if c[3] else ''}"
+                              f"{'-data2' if c[4] > 1 else ''}" for c in CAPPED])
+def test_softcap_and_cross_attention_match_dense(monkeypatch, method, t, softcap, masked, data):
+    """Soft-capped logits (gemma-2: cap * tanh(logits / cap) before the mask, capped block by block, in chunks of
+    2 for the causal ring: `RING_CHUNK`) and cross-attention (keys and values of another length T, not causal):
+    values and gradients equal dense attention's at seq=2, rows with no key to attend included. K/V of a length
+    seq divides go round the ring or through Ulysses' exchange; otherwise they stay whole and each device attends
+    its own queries (`_whole_kv`), with data=2 beside it for the ring."""
+    if t == S:
+        monkeypatch.setattr(sequence, "RING_CHUNK", 2)
+    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
+    q = 2 * jax.random.normal(kq, (B * data, S, 4, D))  # large enough logits for the cap to bend them
+    k, v = 2 * jax.random.normal(kk, (B * data, t, 2, D)), jax.random.normal(kv, (B * data, t, 2, D))
+    keep = jnp.asarray(np.arange(t)[None, :] < np.array([[t - 2], [0], [t], [1]])[:B * data]) if masked else None
+    causal = t == S
+    (_, want), want_grads = _out_and_grads(causal, keep, softcap=softcap)(q, k, v)
+    mesh = _mesh(data=data, seq=2) if data > 1 else _mesh(seq=2)
+    batch = "data" if data > 1 else None
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    kv_spec = P(batch, "seq") if t % 2 == 0 else P(batch)
+    args = [put(q, P(batch, "seq")), put(k, kv_spec), put(v, kv_spec)]
+    with ops.context(ops.OpsContext(mesh=mesh, attention=method)):
+        (_, got), got_grads = _out_and_grads(causal, None if keep is None else put(keep, kv_spec),
+                                             softcap=softcap)(*args)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    for g, w, name in zip(got_grads, want_grads, "qkv"):
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+    if softcap is not None:  # the cap bends these logits: capped attention is not plain attention
+        assert not np.allclose(want, _out_and_grads(causal, keep)(q, k, v)[0][1], atol=1e-3)
+
+
+def test_cross_attention_of_queries_seq_does_not_divide_stays_dense():
+    """A few queries (5 learned latents) over a sequence split over seq: the ring cannot split them, so the op runs
+    dense (XLA lays it out), with a warning, and equals dense attention."""
+    q, k, v = _qkv(4, 2)
+    mesh = _mesh(seq=2)
+    kv = [jax.device_put(x, NamedSharding(mesh, P(None, "seq"))) for x in (k, v)]
+    with ops.context(ops.OpsContext(mesh=mesh, attention="ring")):
+        with pytest.warns(UserWarning, match="cross-attention of 5 queries over 16 keys stays dense"):
+            got = jax.jit(lambda q, k, v: ops.attention(q, k, v, causal=False))(q[:, :5], *kv)
+    np.testing.assert_allclose(got, ops.dense_attention(q[:, :5], k, v, causal=False), atol=1e-6, rtol=1e-6)
+
+
+def test_bad_softcaps_and_causal_cross_attention():
+    """A soft cap that is not a positive number, causal attention over keys of another length: one line."""
+    q, k, v = _qkv(4, 2)
+    for kv, kwargs, match in [(S, dict(softcap=0.0), "softcap must be a positive number"),
+                              (S, dict(softcap=True), "softcap must be a positive number"),
+                              (8, dict(causal=True), "cross-attention .* takes causal=False")]:
+        with pytest.raises(ValueError, match=match) as e:
+            jax.eval_shape(lambda q, k, v: ops.attention(q, k, v, **kwargs), q, k[:, :kv], v[:, :kv])
         assert "\n" not in str(e.value)
 
 
