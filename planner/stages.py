@@ -219,8 +219,8 @@ def unkept_bytes(problem: Problem) -> float:
     never under what the slot holds; at tensor = 1 exact). Negative where the closure keeps more than the rule
     (then added as split over the batch alone); 0 where the graph has no traced scan (a folded Python loop)."""
     g = problem.g
-    if g.jaxpr is None or g.stack != "scan" or g.layers < 2:
-        return 0.0
+    if g.jaxpr is None or g.stack != "scan" or g.layers < 2 or not problem.attention_residuals:
+        return 0.0  # (a sequence method's attention keeps its own residuals, not the traced dense one's)
 
     def unkept() -> float:
         rule = sum(local_nbytes(g.values[v], 1) * n for v, n in problem.saved().items() if n >= g.layers)
@@ -531,20 +531,30 @@ def _working_set(costs: MeshCosts, longest: int, first: bool, last: bool, microb
     """One microbatch's working set beyond the schedule's buffers on a pipe device whose longest stage has
     `longest` layers (`first` / `last`: it holds the embedding / the head; `lmax`: the longest stage of all).
 
-    Counted from the compiled buffers of gpt-tiny pipelines (docs/cost-model.md): the backward of one layer makes
-    as many bytes as that layer's residuals (their cotangents), and the head's or the embedding's as theirs. With
+    Counted from the compiled buffers of gpt-tiny pipelines (docs/cost-model.md): the backward of one layer
+    (`_layer_backward`), and the head's or the embedding's residuals. With
     the stash, a backward tick also reads a copy of its residual slot and a forward tick makes its residuals before
     it writes them (two slot-sized sets: every tick is one program, `lmax` layers). Without it, a backward tick
     recomputes its stage's residuals first; under remat "full" those are the layer inputs, and the one layer
     recomputed at a time holds its residuals (with the head's, `residuals["head"]`) and the backward working set
     of the intra-op program (`WORKING_SET`)."""
-    M, layer = microbatches, costs.residuals.get("layer", 0.0)
+    M, layer, lmax = microbatches, costs.residuals.get("layer", 0.0), longest if lmax is None else lmax
     ends = (costs.residuals.get("embed", 0.0) if first else 0.0) + (costs.residuals.get("head", 0.0) if last else 0.0)
     if stashes(remat):
-        return 2 * stash_bytes(costs, longest if lmax is None else lmax, M) + (layer + ends) / M
+        return 2 * stash_bytes(costs, lmax, M) + (_layer_backward(costs, lmax) + ends) / M
     if remat == "full":
         return (longest * layer + ends + WORKING_SET * costs.working.get("layer", 0.0)) / M
-    return (longest * layer + layer + ends) / M
+    return (longest * layer + _layer_backward(costs, lmax) + ends) / M
+
+
+def _layer_backward(costs: MeshCosts, lmax: int) -> float:
+    """The working set of one layer's backward in a stage program of `lmax` layers, over the per-replica batch: as
+    in a layer scan, that layer's residuals once more; with one layer a stage XLA drops the loop and the backward
+    is straight-line code, whose working set is `WORKING_SET` x the layer's matmul outputs (as without a pipeline,
+    `Problem.value_memory_items`; gpt-tiny at pipe=4 with 4 layers: the layer's residuals over-counted it 1.6x)."""
+    if lmax > 1:
+        return costs.residuals.get("layer", 0.0)
+    return WORKING_SET * costs.working.get("layer", 0.0)
 
 
 def layout_memory_floor(costs: MeshCosts, kind: str, virtual: int, microbatches: int, remat: str = "none") -> float:

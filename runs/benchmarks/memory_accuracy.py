@@ -2,7 +2,8 @@
 
 The backward working-set factor (`planner.calibration.WORKING_SET`) was fitted on the cases of tests/test_predictions.py
 (batch 16 x 64). These cases differ from them: sequence 128, wider and deeper models, GQA, full remat, an MoE under
-pure data parallelism, pipelines (gpt-tiny variants at pipe 2 and 4), bfloat16 models (XLA:CPU moves their activations
+pure data parallelism, pipelines (gpt-tiny variants at pipe 2 and 4, a weight-heavy one, one with ring attention over seq=2, one under
+full remat), bfloat16 models (XLA:CPU moves their activations
 as float32: `ClusterSpec.collective_dtypes`). Each plan is a rule plan (`autoshard.api.rule_plan`) with the remat given, predicted by
 `autoshard.api.predict` and compiled by `parallelize(...).compile(batch)`, read back with `autoshard.analysis`.
 
@@ -51,6 +52,11 @@ CASES = [
     ("gpt-tiny:layers=4,dtype=bfloat16", "pipe=2,data=4", "none"),
     ("gpt-tiny:layers=4,dtype=bfloat16", "data=4,tensor=2", "none"),
     ("gpt-tiny:dtype=bfloat16", "data=2,fsdp=4", "full"),
+    # pipelines of a weight-heavy model (weights and optimizer state 3/4 of the memory) and with ring attention
+    ("gpt-tiny:layers=4,hidden=256,heads=8,mlp=1024", "pipe=2,fsdp=4", "none"),
+    ("gpt-tiny:layers=4,hidden=256,heads=8,mlp=1024", "pipe=4,data=2", "none"),
+    ("gpt-tiny:layers=4", "pipe=2,seq=2,data=2", "none"),
+    ("gpt-tiny:layers=4", "pipe=2,data=4", "full"),
 ]
 
 
@@ -62,7 +68,7 @@ def main() -> None:
     rows, start = [], time.perf_counter()
     for model, layout, remat in CASES:
         abstract = models.abstract(model)
-        plan = rule_plan(abstract, layout)
+        plan = rule_plan(abstract, layout, **({"sequence": {"method": "ring"}} if "seq=" in layout else {}))
         plan.remat = remat
         plan.predicted = predict(plan, abstract, shapes, "cpu:8")
         trainer = parallelize(models.factory(model), make_optimizer(), plan)
