@@ -60,12 +60,10 @@ class Verification:
 
 
 def compare_compiled(plan: Any, predicted: Mapping[str, Any], compiled: Mapping[str, Any]) -> dict[str, Any]:
-    """`explain.compare` with the figures a plan of this kind can be judged on (not a pipeline's branch ops), a
-    pipeline's memory at `explain.PIPELINE_MEMORY_TOLERANCE`."""
+    """`explain.compare` with the figures a plan of this kind can be judged on (not a pipeline's branch ops)."""
     if plan.pipeline is None:
         return explain.compare(predicted, compiled)
-    return explain.compare(predicted, compiled, not_judged=PIPELINE_BRANCH_KEYS,
-                           memory_tolerance=explain.PIPELINE_MEMORY_TOLERANCE)
+    return explain.compare(predicted, compiled, not_judged=PIPELINE_BRANCH_KEYS)
 
 
 def verify(trainer: Any, example_batch: Any, *, cluster: Any = None,

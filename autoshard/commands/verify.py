@@ -26,7 +26,7 @@ def add_verify(sub) -> None:
                        description="Rebuild the model named in the plan's provenance, compile one train step laid out "
                                    "by the plan on the local (emulated) devices, and compare the planner's predicted "
                                    "per-device memory and communication bytes with the compiled program's. Judged: "
-                                   "memory within 15%%, total communication and every axes/collective key with at "
+                                   "memory within 10%%, total communication and every axes/collective key with at "
                                    "least 5%% of the total within 10%%. Exit status 0 on PASS, 1 on FAIL.")
     p.add_argument("plan", metavar="PLAN", help="a plan JSON file")
     p.add_argument("--model", default=None, help="override the model of the plan's provenance")
