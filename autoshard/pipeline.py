@@ -184,7 +184,9 @@ class Pipeline:
         self.manual = ("pipe",) + self.reduce_axes
         """Manual axes of the executor: size-1 axes stay automatic (nested shard_maps of the ops need that)."""
         self.graphdef, self.param_template, _ = nnx.split(abstract, nnx.Param, ...)
-        self.blocks_graphdef, self.blocks_template = nnx.split(getattr(abstract, LAYERS), nnx.Param)
+        self.blocks_graphdef, self.blocks_template, self.blocks_rest = nnx.split(getattr(abstract, LAYERS),
+                                                                                 nnx.Param, ...)
+        """The blocks' weights and their other state (RNG streams stacked per layer: `stream_state`)."""
 
     def call_block(self, block: nnx.Module, x: jax.Array) -> tuple[jax.Array, Any]:
         """(y, aux) of one layer: the model's own way of calling a block where it has one (`call_block`, as
@@ -222,8 +224,9 @@ class Pipeline:
 
     # -- the step -----------------------------------------------------------------------------------------------
     def loss_and_grads(self, params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array],
-                       ops_context: ops.OpsContext) -> tuple[jax.Array, dict[str, jax.Array], nnx.State]:
-        """(loss, metrics, grads) of the staged parameters over the global batch."""
+                       ops_context: ops.OpsContext) -> tuple[jax.Array, dict[str, jax.Array], nnx.State, nnx.State]:
+        """(loss, metrics, grads, rest after the step) of the staged parameters over the global batch: the model's
+        RNG streams one draw further (`_advance_streams`)."""
         flat = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(params)}
         layer_paths = sorted(p for p in flat if is_layer_param(p))
         other_paths = sorted(p for p in flat if not is_layer_param(p))
@@ -249,7 +252,7 @@ class Pipeline:
             loss, metrics = self._moe_loss(loss, metrics, moe, *moe_out)
         grads_flat = {**dict(zip(layer_paths, g_layers)), **dict(zip(other_paths, g_other))}
         grads = _rebuild(params, grads_flat)
-        return loss, metrics, grads
+        return loss, metrics, grads, _advance_streams(rest)
 
     def _own_axes(self, path: str) -> tuple:
         """The executor's in_spec of a parameter: its staged spec reduced to the axes it splits manually (`pipe`
@@ -393,6 +396,12 @@ class _DeviceProgram:
         self.carried = self.local_specs.get("layer_input")
         self.coef = None
         """MoE: the balancing loss's coefficient of each layer's router probability sums [V, Lmax, E] (`_sweep`)."""
+        self.layer_rest = rest[LAYERS] if LAYERS in rest else None
+        """The blocks' RNG streams, stacked [L] (`layer_streams`)."""
+        self.layer_at = jnp.asarray(np.maximum(pipeline.layout.index, 0))[self.me]          # [V, Lmax]
+        batch_axes = pipeline.batch_axes
+        self.first_mb = jax.lax.axis_index(batch_axes) * self.M if batch_axes else 0
+        """The global index of this device's first microbatch (its batch shard's), for the dropout keys."""
 
     def run(self) -> tuple[list[jax.Array], list[jax.Array], list[jax.Array], tuple]:
         """(layer gradients, other gradients, loss and metric sums, the MoE sweep's staged outputs) of this
@@ -430,36 +439,53 @@ class _DeviceProgram:
         self.n_kept = len(self.stash.shapes) if self.stash is not None else 0
 
     # -- the model's parts on this device's weights -------------------------------------------------------------
-    def model_of(self, other_vals: dict[str, jax.Array]) -> nnx.Module:
-        """The whole model on this device's non-layer weights (its layer weights are never called)."""
+    def model_of(self, other_vals: dict[str, jax.Array], i: jax.Array | int = 0) -> nnx.Module:
+        """The whole model on this device's non-layer weights (its layer weights are never called), its RNG
+        streams those of microbatch i (`stream_state`)."""
         p = self.pipeline
-        return nnx.merge(p.graphdef, _rebuild(p.param_template, {**self.layers, **other_vals}), self.rest, copy=True)
+        rest = stream_state(self.rest, lambda a: a, (self.first_mb + i,), skip=LAYERS)
+        return nnx.merge(p.graphdef, _rebuild(p.param_template, {**self.layers, **other_vals}), rest, copy=True)
 
-    def layer_fn(self, x: jax.Array, layer_vals: list[jax.Array]) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    def layer_streams(self, where: jax.Array) -> nnx.State:
+        """The RNG streams of one layer for one microbatch: `where` = [model layer, global microbatch]."""
+        layer, g = where[0], where[1]
+        return stream_state(self.layer_rest, lambda a: a[layer], (g, layer))
+
+    def where(self, c: jax.Array, j: jax.Array) -> jax.Array:
+        """[model layer, global microbatch] of layer j of work unit c (`unit`): what a layer's dropout keys derive
+        from, so that a backward that recomputes its forward draws the same masks."""
+        return jnp.stack([self.layer_at[self.chunk(c), j], self.first_mb + self.microbatch(c)])
+
+    def layer_fn(self, x: jax.Array, layer_vals: list[jax.Array], where: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """One layer on its weights: (y, its MoE statistics as float32 or None)."""
         prefix = len(LAYERS) + 1
         values = {p[prefix:]: v for p, v in zip(self.layer_paths, layer_vals)}
-        block = nnx.merge(self.pipeline.blocks_graphdef, _rebuild(self.pipeline.blocks_template, values))
+        streams = (self.pipeline.blocks_rest,) if self.layer_rest is None else (self.layer_streams(where),)
+        block = nnx.merge(self.pipeline.blocks_graphdef, _rebuild(self.pipeline.blocks_template, values), *streams)
         y, aux = self.pipeline.call_block(block, ops.boundary(x, "layer_input"))
         if self.moe is None:
             return y, None
         stats = {"load": aux.load, "prob_sum": aux.prob_sum, "dropped": aux.dropped}
         return y, {k: _vary_all(v.astype(jnp.float32), self.vary) for k, v in stats.items()}
 
-    def skip_layer(self, x: jax.Array, _) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    def skip_layer(self, x: jax.Array, *_) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         """A padding layer: x unchanged, zero statistics."""
         if self.moe is None:
             return x, None
         z = lambda *s: jax.lax.pcast(jnp.zeros(s, jnp.float32), self.vary, to="varying")  # noqa: E731
         return x, {"load": z(self.e), "prob_sum": z(self.e), "dropped": z()}
 
-    def run_chunk(self, chunk_vals: list[jax.Array], n: jax.Array, x: jax.Array):
-        """The chunk's layers over x: (y, per-layer MoE statistics [Lmax, ...] or None)."""
+    def run_chunk(self, chunk_vals: list[jax.Array], c: jax.Array, x: jax.Array):
+        """The layers of work unit c's chunk over x: (y, per-layer MoE statistics [Lmax, ...] or None)."""
+        n = self.counts[self.chunk(c)]
+
         def scan_body(x, xs):
             j, layer_vals = xs
+            where = () if self.layer_rest is None else (self.where(c, j),)  # a model without streams: as before
             if self.pipeline.layout.even:
-                return self.step_layer(x, layer_vals)
-            return jax.lax.cond(j < n, self.step_layer, self.skip_layer, x, layer_vals)
+                return self.step_layer(x, layer_vals, *where)
+            return jax.lax.cond(j < n, self.step_layer, self.skip_layer, x, layer_vals, *where)
         lmax = chunk_vals[0].shape[0]
         return jax.lax.scan(scan_body, x, (jnp.arange(lmax), chunk_vals))
 
@@ -467,25 +493,39 @@ class _DeviceProgram:
         """(the chunk's output, its layers' statistics): with MoE layers the output is (y, router probability sums
         [Lmax, E]); their cotangent is the balancing loss's coefficient (`cotangent`), so the forward does not need
         it (GPipe's forwards run before it is known)."""
-        y, st = self.run_chunk(w, self.counts[c], h)
+        y, st = self.run_chunk(w, c, h)
         return ((y, st["prob_sum"]) if self.moe else y), st
 
     def embed(self, i: jax.Array) -> jax.Array:
-        return self.model_of(dict(zip(self.other_paths, self.other_list))).embed_inputs(self.mb(i))
+        return self.model_of(dict(zip(self.other_paths, self.other_list)), i).embed_inputs(self.mb(i))
 
     # -- indexing, zeros and transfers --------------------------------------------------------------------------
+    def unit(self, chunk: jax.Array, i: jax.Array) -> jax.Array:
+        """The work unit (chunk, microbatch i) as the one integer the tick ops pass as `c`: a stage's function
+        takes it whole, so that its dropout keys (`where`) are a function of its arguments, which the stash's
+        backward makes again from them (`_Stash.again`)."""
+        return chunk + self.V * i
+
+    def chunk(self, c: jax.Array) -> jax.Array:
+        return c % self.V
+
+    def microbatch(self, c: jax.Array) -> jax.Array:
+        return c // self.V
+
     def chunk_of(self, c) -> list[jax.Array]:
         if self.V == 1:
             return [self.layers[p][0] for p in self.layer_paths]
-        return [jax.lax.dynamic_index_in_dim(self.layers[p], c, 0, keepdims=False) for p in self.layer_paths]
+        return [jax.lax.dynamic_index_in_dim(self.layers[p], self.chunk(c), 0, keepdims=False)
+                for p in self.layer_paths]
 
     def index(self, a: jax.Array, c) -> jax.Array:
-        return a[0] if self.V == 1 else jax.lax.dynamic_index_in_dim(a, c, 0, keepdims=False)
+        return a[0] if self.V == 1 else jax.lax.dynamic_index_in_dim(a, self.chunk(c), 0, keepdims=False)
 
     def add_chunk(self, acc: list[jax.Array], c, g: list[jax.Array]) -> list[jax.Array]:
         if self.V == 1:
             return [a + gi[None] for a, gi in zip(acc, g)]
-        return [jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, c, 0, False) + gi, c, 0)
+        k = self.chunk(c)
+        return [jax.lax.dynamic_update_index_in_dim(a, jax.lax.dynamic_index_in_dim(a, k, 0, False) + gi, k, 0)
                 for a, gi in zip(acc, g)]
 
     def mb(self, i) -> dict[str, jax.Array]:
@@ -527,7 +567,7 @@ class _DeviceProgram:
     def forward(self, c: jax.Array, h: jax.Array):
         """The chunk's output, statistics and the residuals to keep (none without stash)."""
         if self.stash is None:
-            y, st = self.run_chunk(self.chunk_of(c), self.counts[c], h)
+            y, st = self.run_chunk(self.chunk_of(c), c, h)
             return y, st, []
         out, st, kept = self.stash.forward(self.stage_fn, self.chunk_of(c), c, h, self.vary)
         return (out[0] if self.moe else out), st, kept
@@ -596,7 +636,7 @@ class _DeviceProgram:
         if self.sweep_keeps:
             y, st, kept = self.forward(c, h)
             return y, self.add_stats(acc, c, st), kept
-        y, st = self.run_chunk(self.chunk_of(c), self.counts[c], h)
+        y, st = self.run_chunk(self.chunk_of(c), c, h)
         return y, self.add_stats(acc, c, st), kept
 
     def pre_fwd_first(self, c, i, h, acc, kept):
@@ -608,7 +648,7 @@ class _DeviceProgram:
         if self.sweep_keeps:
             y, st, kept = self.forward(c, h)
             return y, self.add_stats(acc, c, st), kept
-        y, st = self.run_chunk(self.chunk_of(c), self.counts[c], h)
+        y, st = self.run_chunk(self.chunk_of(c), c, h)
         return self.zero_x, self.add_stats(acc, c, st), kept
 
     def _sweep_branches(self) -> list[Callable]:
@@ -626,8 +666,9 @@ class _DeviceProgram:
         code, read = row["code"][me], row["in_slot"][me]
         h = acts[jnp.maximum(read, 0)]
         slot, kept = self.kept_slot(bufs, row)
-        out, acc, kept = jax.lax.switch(code, self._sweep_branches(), (row["chunk"][me], row["microbatch"][me], h,
-                                                                       acc, kept))
+        i = row["microbatch"][me]
+        out, acc, kept = jax.lax.switch(code, self._sweep_branches(), (self.unit(row["chunk"][me], i), i, h, acc,
+                                                                       kept))
         bufs = self.write_back(bufs, slot, kept)
         if self.sweep_keeps:
             acts = _receive(acts, jnp.where(code == PRE_LAST, read, -1), out)
@@ -659,7 +700,7 @@ class _DeviceProgram:
         batch_i, moe, one = self.mb(i), self.moe, self.one
 
         def head(o, y):
-            loss, metrics = self.model_of(dict(zip(self.other_paths, o))).head_loss(y, batch_i)
+            loss, metrics = self.model_of(dict(zip(self.other_paths, o)), i).head_loss(y, batch_i)
             return loss * self.scale, (loss, metrics)
 
         def f(w, o, h):
@@ -683,7 +724,7 @@ class _DeviceProgram:
         batch_i = self.mb(i)
 
         def embed_o(o):
-            return self.model_of(dict(zip(self.other_paths, o))).embed_inputs(batch_i)
+            return self.model_of(dict(zip(self.other_paths, o)), i).embed_inputs(batch_i)
         x, vjp = jax.vjp(embed_o, self.other_list)  # the stage input again: a lookup, no matmul
         dw, dh, kept = self.backward(c, x, g, kept)
         (do,) = vjp(dh)
@@ -708,7 +749,8 @@ class _DeviceProgram:
         """One tick: this device's op, then activations sent to the next device and cotangents to the previous."""
         acts, cots, bufs, acc = carry
         me = self.me
-        code, c, i = row["code"][me], row["chunk"][me], row["microbatch"][me]
+        code, i = row["code"][me], row["microbatch"][me]
+        c = self.unit(row["chunk"][me], i)
         h = acts[jnp.maximum(row["in_slot"][me], 0)]
         g = cots[jnp.maximum(row["cot_slot"][me], 0)]
         slot, kept = self.kept_slot(bufs, row)
@@ -853,6 +895,39 @@ def _vary_all(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 def _axes_of(spec: tuple) -> set[str]:
     return {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+
+
+def stream_state(state: nnx.State, at: Callable[[jax.Array], jax.Array], salt: tuple[jax.Array, ...],
+                 skip: str | None = None) -> nnx.State:
+    """`state` with each RNG stream (an RngKey and the RngCount beside it) replaced by one of its own for one
+    microbatch (and layer): key fold_in(fold_in(key, count), *salt), count 0, `at` picking a layer's slice of a
+    stacked stream. Its first draw is then a function of the step's draw (what one device would draw), the
+    global microbatch and the layer: never the same mask twice, the same one when a backward recomputes its
+    forward. Streams under `skip` (the blocks', in the whole model) are left as they are."""
+    flat = nnx.to_flat_state(state)
+    counts = {p[:-1]: v.get_value() for p, v in flat if isinstance(v, nnx.RngCount)}
+
+    def fresh(path: tuple, v: Any) -> Any:
+        if skip is not None and path and path[0] == skip:
+            return v
+        if isinstance(v, nnx.RngKey):
+            key = at(v.get_value())
+            if path[:-1] in counts:
+                key = jax.random.fold_in(key, at(counts[path[:-1]]))
+            for s in salt:
+                key = jax.random.fold_in(key, s)
+            return v.replace(key)
+        if isinstance(v, nnx.RngCount):
+            return v.replace(jnp.zeros_like(at(v.get_value())))
+        return v.replace(at(v.get_value()))
+    return nnx.map_state(fresh, state)
+
+
+def _advance_streams(rest: nnx.State) -> nnx.State:
+    """`rest` with each RNG stream's count one further: a step draws once per stream, as the model called on one
+    device does (a Dropout draws once per call), so the next step's masks differ and a resumed run continues the
+    stream."""
+    return nnx.map_state(lambda path, v: v.replace(v.get_value() + 1) if isinstance(v, nnx.RngCount) else v, rest)
 
 
 def _rebuild(template: nnx.State, values: dict[str, jax.Array]) -> nnx.State:

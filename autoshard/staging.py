@@ -15,7 +15,9 @@ changing its code:
 
 The cut is checked before anything compiles: the user's loss and prologue -> blocks -> epilogue must run the same
 primitives (after dead code is dropped), so a loop that does more than call its blocks (or uses a block's output
-twice) is refused with one line, as are blocks that hold state other than weights or take array inputs besides x.
+twice) is refused with one line, as are models that hold state other than weights and RNG streams (batch
+statistics) and blocks that take array inputs besides x. RNG streams (dropout) are stacked with the blocks' weights;
+the pipeline gives each microbatch and layer a key of its own (`pipeline.stream_state`).
 The trainer keeps `Staged`'s layout; `Staged.to_user`, `user_tables` and `staged_tables` convert to and from the
 user's own structure and paths, which are what `Trainer.model()` returns and checkpoints store.
 
@@ -267,21 +269,18 @@ class Staged(nnx.Module):
     def __init__(self, model: nnx.Module, loss_fn: Callable | None = None):
         stack = find_stack(model) if _block_lists(model) == (None, None) else None  # no list: a scanned stack?
         path, blocks = (stack[0], None) if stack is not None else find_blocks(model)
-        non_weights = [path_str(p) for p, _ in nnx.to_flat_state(nnx.split(model, nnx.Param, ...)[2])]
-        if non_weights:
-            raise PlanError(f"{type(model).__name__} holds state other than weights ({non_weights[0]}: RNG streams, "
-                            f"batch statistics): a pipeline carries only weights between its stages and "
-                            f"microbatches; use pipe=1")
+        _check_state(model)
         self.list_path = path
         self.loss_fn = loss_fn or (lambda m, b: m.loss(b))
         outer = nnx.merge(*nnx.split(model))  # a copy: the user's model keeps its blocks
         if stack is not None:
             self.scanned, self.layers = True, stack[2]
-            self.blocks = nnx.merge(*nnx.split(stack[1], nnx.Param))  # stacked already: a copy
+            self.blocks = nnx.merge(*nnx.split(stack[1]))  # stacked already: a copy (RNG streams too)
+            _check_stacked_streams(self.blocks, self.layers, self._where(model))
             _set(outer, path, _ScanStand(self.layers, self._where(model)))
         else:
             self.layers = len(blocks)
-            states = [nnx.state(b, nnx.Param) for b in blocks]
+            states = [nnx.state(b) for b in blocks]  # weights and RNG streams, stacked alike
             self.blocks = nnx.merge(nnx.graphdef(blocks[0]), jax.tree.map(_stack, *states))
             _set(outer, path, nnx.List([_Stand() for _ in blocks]))
         self.outer = outer
@@ -346,12 +345,12 @@ class Staged(nnx.Module):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         shapes = jax.tree.map(_shape, batch)
 
-        def original(p, b):
-            out = self.loss_fn(nnx.merge(graphdef, p, rest, copy=True), b)
+        def original(p, r, b):  # r: the RNG streams, traced (their values may be shapes only)
+            out = self.loss_fn(nnx.merge(graphdef, p, r, copy=True), b)
             return out[0] if isinstance(out, tuple) else out
 
-        def cut(p, b):
-            m = nnx.merge(graphdef, p, rest, copy=True)
+        def cut(p, r, b):
+            m = nnx.merge(graphdef, p, r, copy=True)
             if self.scanned:
                 stack = nnx.split(_get(m, self.list_path))
                 _set(m, self.list_path, _ScanStand(self.layers, self._where(model)))
@@ -367,7 +366,7 @@ class Staged(nnx.Module):
             return self._epilogue(m, x, b)[0]
 
         name = self._where(model) if self.scanned else type(model).__name__
-        _same_program(cut, original, name, params, shapes, scanned=self.scanned)
+        _same_program(cut, original, name, params, jax.tree.map(_shape, rest), shapes, scanned=self.scanned)
 
     def to_user(self, user: nnx.Module) -> nnx.Module:
         """The user's model (`user`: its structure, e.g. abstract) holding this model's weights and state."""
@@ -387,6 +386,27 @@ class Staged(nnx.Module):
 
         fill = lambda state: nnx.map_state(lambda p, v: v.replace(value(path_str(p))), state)  # noqa: E731
         return nnx.merge(graphdef, fill(params), fill(rest))
+
+
+def _check_state(model: nnx.Module) -> None:
+    """A one-line error when the model holds state besides weights and RNG streams (batch statistics, counters):
+    the pipeline gives each microbatch and layer its own dropout key (`pipeline.stream_state`), but carries no
+    other state between its stages and microbatches."""
+    other = [path_str(p) for p, v in nnx.to_flat_state(nnx.split(model, nnx.Param, ...)[2])
+             if not isinstance(v, nnx.RngState)]
+    if other:
+        raise PlanError(f"{type(model).__name__} holds state other than weights and RNG streams ({other[0]}: batch "
+                        f"statistics): a pipeline carries only weights and dropout keys between its stages and "
+                        f"microbatches; use pipe=1")
+
+
+def _check_stacked_streams(blocks: nnx.Module, layers: int, where: str) -> None:
+    """A one-line error unless the RNG streams of a scanned stack are stacked like its weights (one per layer, as
+    `nnx.split_rngs` makes them): the pipeline hands each layer its own slice."""
+    for p, v in nnx.to_flat_state(nnx.state(blocks, nnx.RngState)):
+        if np.shape(v.get_value())[:1] != (layers,):
+            raise PlanError(f"{where} holds an RNG stream shared by its layers ({path_str(p)}): a pipeline gives each "
+                            f"layer its own; split it over the layers (nnx.split_rngs) or use pipe=1")
 
 
 def _one_activation(y: Any, x: jax.Array) -> jax.Array:

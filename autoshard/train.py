@@ -254,7 +254,7 @@ class Trainer:
     def _value_and_grad(self, params, rest, batch):
         """((loss, (metrics, rest)), grads) of the stored parameters, pipelined when the plan says so."""
         if self.pipeline is not None:
-            loss, metrics, grads = self.pipeline.loss_and_grads(params, rest, batch, self.ops_context)
+            loss, metrics, grads, rest = self.pipeline.loss_and_grads(params, rest, batch, self.ops_context)
             return (loss, (metrics, rest)), grads
         return jax.value_and_grad(self._loss, has_aux=True)(params, rest, batch)
 

@@ -199,14 +199,3 @@ def test_the_free_search_pipelines_a_python_loop_when_it_pays():
                           mesh={"pipe": 1})
     assert plan.predicted["step_seconds"] < flat.predicted["step_seconds"]
 
-
-def test_a_model_with_state_besides_weights_is_refused():
-    """Dropout's RNG counters would repeat across microbatches and steps inside a pipeline: refused, not wrong."""
-    class Dropped(_Loop):
-        def __init__(self, rngs: nnx.Rngs):
-            super().__init__("plain", rngs)
-            self.drop = nnx.Dropout(0.1, rngs=rngs)
-
-    with pytest.raises(PlanError, match="holds state other than weights"):
-        autoshard.plan(lambda: Dropped(nnx.Rngs(0)), {"x": np.ones((8, 8), np.float32)}, cluster="cpu:8",
-                       mesh={"pipe": 2}, schedule="gpipe")
