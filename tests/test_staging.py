@@ -17,7 +17,7 @@ from flax import linen as nn, nnx
 import autoshard
 from autoshard import staging, state
 from planner.errors import PlanError
-from zoo import MODELS
+from zoo import MODELS, WideBlock
 
 STEPS = 3
 CASES = {"gpipe": {"pipe": 2, "data": 4}, "1f1b": {"pipe": 2, "data": 2, "tensor": 2}}
@@ -169,22 +169,13 @@ class _Wide(nnx.Module):
 
     def __init__(self, rngs: nnx.Rngs, d: int = 8192, layers: int = 32):
         self.inp = nnx.Linear(d, d, rngs=rngs)
-        self.blocks = nnx.List([_WideBlock(d, rngs) for _ in range(layers)])
+        self.blocks = nnx.List([WideBlock(d, rngs) for _ in range(layers)])
 
     def loss(self, batch):
         x = self.inp(batch["x"])
         for block in self.blocks:
             x = block(x)
         return jnp.mean((x - batch["y"]) ** 2), {}
-
-
-class _WideBlock(nnx.Module):
-    def __init__(self, d: int, rngs: nnx.Rngs):
-        self.up = nnx.Linear(d, 4 * d, rngs=rngs)
-        self.down = nnx.Linear(4 * d, d, rngs=rngs)
-
-    def __call__(self, x):
-        return x + self.down(jax.nn.gelu(self.up(x)))
 
 
 def test_the_free_search_pipelines_a_python_loop_when_it_pays():

@@ -15,6 +15,7 @@ from flax import nnx
 import autoshard
 from autoshard import state
 from planner.errors import PlanError
+from zoo import WideBlock
 
 STEPS = 3
 DIM, LAYERS = 8, 4
@@ -151,15 +152,6 @@ def test_a_scan_a_pipeline_cannot_cut_is_one_line(how, message):
     assert "\n" not in str(info.value)
 
 
-class _WideBlock(nnx.Module):
-    def __init__(self, d: int, rngs: nnx.Rngs):
-        self.up = nnx.Linear(d, 4 * d, rngs=rngs)
-        self.down = nnx.Linear(4 * d, d, rngs=rngs)
-
-    def __call__(self, x):
-        return x + self.down(jax.nn.gelu(self.up(x)))
-
-
 class _Wide(nnx.Module):
     """A deep scanned stack of wide MLP blocks (planned on shapes only: 8.6B parameters)."""
 
@@ -169,7 +161,7 @@ class _Wide(nnx.Module):
         @nnx.split_rngs(splits=layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(rngs):
-            return _WideBlock(d, rngs)
+            return WideBlock(d, rngs)
 
         self.blocks = make(rngs)
 

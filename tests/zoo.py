@@ -349,3 +349,15 @@ def n_params(model: ZooModel) -> int:
     if model.factory is not None:
         return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(nnx.eval_shape(model.factory), nnx.Param)))
     return sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(nn.unbox(model.variables()["params"])))
+
+
+class WideBlock(nnx.Module):
+    """A wide MLP residual block (d -> 4d -> d): the repeated block of the shape-only models that the free search
+    pipelines across nodes (tests/test_staging.py, tests/test_staging_scan.py)."""
+
+    def __init__(self, d: int, rngs: nnx.Rngs):
+        self.up = nnx.Linear(d, 4 * d, rngs=rngs)
+        self.down = nnx.Linear(4 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(jax.nn.gelu(self.up(x)))
