@@ -183,15 +183,17 @@ def op_shapes(graph: Any) -> OpShapes:
                 sizes.setdefault(name, size)
             if name == "experts":
                 expert_params.add(path)
-    seq_len = next((graph.values[i].shape[1] for i in graph.inputs
-                    if graph.values[i].batch_dim == 0 and len(graph.values[i].shape) >= 2), 0)
     scoped = [op for op in graph.ops if "autoshard.attention" in op.scope]
     attn = [op for op in scoped if op.primitive == "dot_general"]
     moe = [op for op in graph.ops if op.primitive == "dot_general" and "autoshard.moe" in op.scope
            and any(i is not None and graph.values[i].param in expert_params for i in op.inputs)]
     seen = _attention_sizes(graph, scoped)
     heads = sizes.get("heads") or seen.get("heads", 0)
-    out = dict(seq_len=seq_len or seen.get("seq_len", 0), heads=heads,
+    # the queries' length is what seq splits: a batch's first leaf may be another sequence (a cross-attention's
+    # context); without an attention op, the first token-shaped leaf of the batch
+    seq_len = seen.get("seq_len") or next((graph.values[i].shape[1] for i in graph.inputs
+                                           if graph.values[i].batch_dim == 0 and len(graph.values[i].shape) >= 2), 0)
+    out = dict(seq_len=seq_len, heads=heads,
                kv_heads=sizes.get("kv_heads") or (seen.get("kv_heads", heads) if "heads" not in sizes else heads),
                head_dim=sizes.get("head_dim") or seen.get("head_dim", 0), expert_params=frozenset(expert_params))
     if attn:  # each attention is two products (q.k, probs.v), each run `count` times per step

@@ -227,6 +227,14 @@ def test_soft_caps_and_cross_attention_are_recognised():
     assert m.problems == ("a causal or constant mask between queries and keys of different lengths",)
 
 
+def test_seq_divides_the_queries_not_the_first_batch_leaf():
+    """The encoder-decoder's batch sorts its context (8 tokens) before its inputs (16): the sequence length seq
+    must divide for causal ring attention is the queries' (2 x 8 = 16), read off the attention op, not the first
+    token-shaped leaf's (which refused seq=8 before)."""
+    plan = ENCDEC.plan(ENCDEC.batch(), cluster="cpu:8", mesh={"seq": 8}, sequence="ring")
+    assert plan.mesh["seq"] == 8
+
+
 def test_soft_capped_and_cross_attention_rewrite_equals_the_original():
     """Soft-capped causal self-attention, then jax.nn's grouped-query cross-attention over padded keys of another
     sequence, rewritten (ops.attention with softcap; non-causal with a key mask over the other sequence's keys):
