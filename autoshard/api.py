@@ -138,7 +138,7 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
             return graph, None, e
 
     graph, best, error = search(pipelined, fixed.get("seq", 1) > 1)
-    for axis in _restaged_axes(rng, graph, fixed, pipelined, best, cluster, restaged):
+    for axis in _restaged_axes(graph, fixed, pipelined, best, cluster, restaged):
         try:
             _, alternative, _ = search(axis == "pipe", axis == "seq")
         except AutoshardError:  # the model cannot be restaged for this axis: the plan without it stands
@@ -151,10 +151,10 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
     return best
 
 
-def _restaged_axes(rng: Any, graph: Graph, fixed: dict[str, int], pipelined: bool, best: Plan | None,
-                   cluster: ClusterSpec, restaged: bool = False) -> list[str]:
+def _restaged_axes(graph: Graph, fixed: dict[str, int], pipelined: bool, best: Plan | None, cluster: ClusterSpec,
+                   restaged: bool = False) -> list[str]:
     """Axes a user's model gets only through a restaged program (`autoshard.staging` for pipe: blocks in a Python
-    loop, NNX or Linen, without a dropout key, or an NNX model's scanned stack (`restaged`: its own program's
+    loop, NNX or Linen, or an NNX model's scanned stack (`restaged`: its own program's
     pipelines would not run); `autoshard.attention_rewrite` for seq: attention written by hand),
     worth a second search when memory calls for them (no plan fits, or the best one recomputes its layers) or the
     cluster spans several nodes. An axis the mesh fixes is not searched again, nor one the traced program already
@@ -162,7 +162,7 @@ def _restaged_axes(rng: Any, graph: Graph, fixed: dict[str, int], pipelined: boo
     if best is not None and best.remat == "none" and cluster.num_nodes <= 1:
         return []
     out = []
-    if "pipe" not in fixed and not pipelined and rng is None and (
+    if "pipe" not in fixed and not pipelined and (
             graph.stack == "loop" or restaged and graph.stack == "scan"):
         out.append("pipe")
     if "seq" not in fixed and not op_shapes(graph).has_attention:

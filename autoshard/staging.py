@@ -32,7 +32,9 @@ the stand-in passing it through.
 
 `LinenStaged` does the same for a plain loss function over Linen variables whose model runs numbered blocks
 (`layers_0`, `layers_1`, ...): Linen's method interception plays the stand-ins' part, and `Trainer.variables()`
-gives the variables back in the user's structure, boxes included.
+gives the variables back in the user's structure, boxes included. Its dropout key (`rng=`) becomes two NNX RNG
+streams, one for the code around the blocks and one stacked per block, so the pipeline derives each microbatch's
+and layer's key as it does an NNX model's (`pipeline.stream_state`).
 """
 
 from __future__ import annotations
@@ -448,9 +450,14 @@ def _scanned_loss(staged: Any, batch: Any) -> tuple[jax.Array, dict[str, jax.Arr
     return staged.head_loss(x, batch)
 
 
-def _same_program(cut: Callable, original: Callable, name: str, *args: Any, scanned: bool = False) -> None:
-    """A one-line error unless `cut` (prologue -> blocks -> epilogue) runs the primitives `original` runs."""
+def _same_program(cut: Callable, original: Callable, name: str, *args: Any, scanned: bool = False,
+                  keys: bool = False) -> None:
+    """A one-line error unless `cut` (prologue -> blocks -> epilogue) runs the primitives `original` runs (`keys`:
+    beside those deriving RNG keys, which a pipeline derives its own way; the draws themselves still count)."""
     mine, theirs = _primitives(cut, *args), _primitives(original, *args)
+    if keys:
+        mine, theirs = (collections.Counter({p: n for p, n in c.items() if p not in _KEY_PRIMITIVES})
+                        for c in (mine, theirs))
     if mine != theirs:
         diff = sorted((theirs - mine) + (mine - theirs))
         extra = next((p for p in diff if p != "scan"), diff[0])
@@ -460,6 +467,10 @@ def _same_program(cut: Callable, original: Callable, name: str, *args: Any, scan
                             f"that scan over the stacked blocks; move the rest into the block, or use pipe=1")
         raise PlanError(f"the loop over {name}'s blocks does more than call them in turn (e.g. {extra}): a "
                         f"pipeline can cut only `for block in blocks: x = block(x)`; use pipe=1")
+
+
+_KEY_PRIMITIVES = {"random_fold_in", "random_split", "random_wrap", "random_unwrap", "random_seed", "threefry2x32"}
+"""What derives RNG keys (as opposed to `random_bits`, a draw)."""
 
 
 def _primitives(fn: Callable, *args: Any) -> collections.Counter:
@@ -550,14 +561,18 @@ class LinenStaged(nnx.Module):
     (`layers_0`, `layers_1`, ... in a Python loop), cut around them as `Staged` cuts an NNX model: Linen's method
     interception stops the loss at the first block (prologue) or has every block return the last block's output
     (epilogue), and a block runs alone as its own module applied to its slice of the stacked weights. Only a
-    `params` collection and no dropout key: state collections and RNG streams are not carried between stages."""
+    `params` collection: other state collections are not carried between stages. A dropout key `rng` is held as
+    RNG streams (`dropout` for the code around the blocks, `blocks[BLOCK_RNG]` stacked per block), which the
+    pipeline gives each microbatch and layer a key of its own from (`pipeline.stream_state`): the loss then runs
+    with its microbatch's key (prologue and epilogue the same one, as the loss is one call), a block with its
+    layer's (`rngs=` of its apply, under the stream names the loss gave the model)."""
 
     def __init__(self, loss_fn: Callable, variables: Any, rng: Any = None):
         from autoshard.functional import FunctionModel
 
-        if rng is not None:
-            raise PlanError("a pipelined loss function takes no dropout key (it is not carried between stages): "
-                            "drop rng= or use pipe=1")
+        if rng is not None and not _takes_rng(loss_fn):
+            raise PlanError("a pipelined loss function takes no dropout key unless it takes a third argument, "
+                            "loss_fn(variables, batch, rng): add it or drop rng=")
         function = FunctionModel(loss_fn, variables)
         params, state = function.split()
         if not function.linen or state:
@@ -573,19 +588,37 @@ class LinenStaged(nnx.Module):
         self.token = next(_tokens)
         self.outer = _to_nnx({k: v for k, v in params.items() if k not in names})
         self.blocks = _to_nnx(jax.tree.map(_stack, *[params[n] for n in names]))
+        self.keyed = rng is not None
+        if self.keyed:
+            if BLOCK_RNG in self.blocks:
+                raise PlanError(f"the blocks have a submodule named {BLOCK_RNG}, the name a pipeline keeps their "
+                                f"dropout keys under: rename it, or drop rng= or use pipe=1")
+            key, self.raw_key = _typed_key(rng)
+            self.dropout = nnx.RngStream(jax.random.fold_in(key, 0), tag="dropout")
+            self.blocks[BLOCK_RNG] = nnx.RngStream(jax.random.split(jax.random.fold_in(key, 1), self.layers),
+                                                   tag="dropout")
 
     def block_path(self, i: int) -> str:
         return f"{self.prefix}{i}"
 
     def embed_inputs(self, batch: Any) -> jax.Array:
-        return self._prologue(_plain(self.outer), batch)
+        return self._prologue(_plain(self.outer), batch, self._key(self))
 
     def head_loss(self, x: jax.Array, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        return self._epilogue(_plain(self.outer), x, batch)
+        return self._epilogue(_plain(self.outer), x, batch, self._key(self))
 
     def call_block(self, block: Any, x: jax.Array) -> jax.Array:
-        module, args, kwargs = _static[self.token]
-        return module.apply({"params": _plain(block)}, x, *args, **kwargs)
+        module, args, kwargs, streams = _static[self.token]
+        return module.apply({"params": _plain(block)}, x, *args, rngs=_rngs(streams, self._key(block)), **kwargs)
+
+    def _key(self, owner: Any) -> jax.Array | None:
+        """The stream's draw (`dropout` of the model, or a block's): fold_in(key, count), the stream left as it is,
+        so that the prologue and epilogue of one microbatch share their key as parts of one call of the loss."""
+        if not self.keyed:
+            return None
+        stream = owner[BLOCK_RNG] if isinstance(owner, nnx.Dict) else owner.dropout
+        key = jax.random.fold_in(stream.key.get_value(), stream.count.get_value())
+        return jax.random.key_data(key) if self.raw_key else key
 
     def loss(self, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
         return _scanned_loss(self, batch)
@@ -605,23 +638,28 @@ class LinenStaged(nnx.Module):
                 return mode.x
             if path == first:
                 rest, named = _plain_arguments(args[1:], kwargs)
-                _static[self.token] = (context.module.clone(parent=None), rest, dict(named))
+                streams = tuple(sorted(getattr(scope, "rngs", None) or ())) if self.keyed else ()
+                _static[self.token] = (context.module.clone(parent=None), rest, dict(named), streams)
                 raise _Reached(args[0])
             return next_fun(*args, **kwargs)
         return nn.intercept_methods(interceptor)
 
-    def _prologue(self, outer: dict, batch: Any) -> jax.Array:
+    def _call(self, params: dict, batch: Any, key: jax.Array | None) -> Any:
+        return self.loss_fn({"params": params}, batch) if key is None else self.loss_fn({"params": params}, batch, key)
+
+    def _prologue(self, outer: dict, batch: Any, key: jax.Array | None = None) -> jax.Array:
         mode = _Mode("prologue")
         with self._intercept(mode):
             try:
-                self.loss_fn({"params": outer}, batch)
+                self._call(outer, batch, key)
             except _Reached as reached:
                 return reached.x
         raise PlanError("the loss never called its blocks: there is nothing to pipeline")
 
-    def _epilogue(self, outer: dict, x: jax.Array, batch: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def _epilogue(self, outer: dict, x: jax.Array, batch: Any, key: jax.Array | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
         with self._intercept(_Mode("epilogue", x)):
-            out = self.loss_fn({"params": outer}, batch)
+            out = self._call(outer, batch, key)
         loss, aux = out if isinstance(out, tuple) else (out, {})
         return loss, {k: v for k, v in dict(aux or {}).items()}
 
@@ -633,27 +671,70 @@ class LinenStaged(nnx.Module):
         shapes = jax.tree.map(_shape, batch)
         names = [self.block_path(i) for i in range(self.layers)]
 
+        key = None  # (dropout: the cut derives its keys otherwise than the loss, and draws as many masks)
+        if self.keyed:
+            key = jax.random.key_data(jax.random.key(0)) if self.raw_key else jax.random.key(0)
+
         def original(p, b):
-            out = self.loss_fn({"params": p}, b)
+            out = self._call(p, b, key)
             return out[0] if isinstance(out, tuple) else out
 
         def cut(p, b):
             outer = {k: v for k, v in p.items() if k not in names}
-            x = self._prologue(outer, b)
-            for name in names:
-                module, args, kwargs = _static[self.token]
-                x = module.apply({"params": p[name]}, x, *args, **kwargs)
-            return self._epilogue(outer, x, b)[0]
+            x = self._prologue(outer, b, key)
+            for i, name in enumerate(names):
+                module, args, kwargs, streams = _static[self.token]
+                rngs = _rngs(streams, None if key is None else jax.random.fold_in(key, i))
+                x = module.apply({"params": p[name]}, x, *args, rngs=rngs, **kwargs)
+            return self._epilogue(outer, x, b, key)[0]
 
-        _same_program(cut, original, "the loss function", params, shapes)
+        _same_program(cut, original, "the loss function", params, shapes, keys=self.keyed)
 
     def user_params(self) -> dict[str, Any]:
         """The weights in the loss function's own `params` structure (stacked blocks split per block)."""
         out = dict(_plain(self.outer))
-        stacked = _plain(self.blocks)
+        stacked = _plain(self.blocks)  # (less the blocks' dropout stream)
         for i in range(self.layers):
             out[self.block_path(i)] = jax.tree.map(lambda a, i=i: a[i], stacked)
         return out
+
+
+BLOCK_RNG = "dropout_rng"
+"""Entry of `LinenStaged.blocks` holding the blocks' dropout stream (stacked per block beside their weights)."""
+
+
+def _takes_rng(loss_fn: Callable) -> bool:
+    """Whether `loss_fn` takes a third positional argument (the dropout key); True when its signature is unknown."""
+    import inspect
+
+    try:
+        params = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    kinds = [p.kind for p in params]
+    return inspect.Parameter.VAR_POSITIONAL in kinds or sum(
+        k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds) >= 3
+
+
+def _typed_key(rng: Any) -> tuple[jax.Array, bool]:
+    """(the dropout key as a typed key, whether the user's was raw key data, which the loss is then given); a
+    shapes-only key (planning) stands in as key 0 of its implementation."""
+    if isinstance(rng, jax.ShapeDtypeStruct):
+        typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+        return (jax.random.key(0, impl=jax.random.key_impl(rng)) if typed else jax.random.key(0)), not typed
+    rng = jnp.asarray(rng)
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng, False
+    return jax.random.wrap_key_data(rng), True
+
+
+def _rngs(streams: tuple[str, ...], key: jax.Array | None) -> dict[str, jax.Array]:
+    """A block's `rngs=`: its key under the one stream name the loss gave the model, or folded per name."""
+    if key is None or not streams:
+        return {}
+    if len(streams) == 1:
+        return {streams[0]: key}
+    return {name: jax.random.fold_in(key, i) for i, name in enumerate(streams)}
 
 
 def _numbered_blocks(params: dict) -> tuple[str, list[str]] | None:
@@ -686,10 +767,10 @@ def _to_nnx(tree: Any) -> Any:
 
 
 def _plain(node: Any) -> Any:
-    """The nested dict of arrays an `_to_nnx` tree holds."""
+    """The nested dict of arrays an `_to_nnx` tree holds (a dropout stream beside them left out)."""
     if isinstance(node, nnx.Variable):
         return node.get_value()
-    return {k: _plain(v) for k, v in node.items()}
+    return {k: _plain(v) for k, v in node.items() if not isinstance(v, nnx.RngStream)}
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------------
