@@ -6,7 +6,8 @@ integer program (`planner.ilp`) prices seq and expert as extra token splitting (
 sequence, `expert` the batch) and this module adds what the dense graph cannot show:
 
 - the exchanges of the op (Ulysses all-to-alls, ring collective-permutes, MoE dispatch/combine), from the byte
-  formulas below, which the runtime's tests check against compiled programs;
+  formulas below, which the runtime's tests check against compiled programs; each attention by its own shapes
+  (a cross-attention's K/V over its keys' length T, or whole with dK/dV all-reduced over seq: `whole_kv_bytes`);
 - the attention's memory: ring attention and Ulysses' local attention have custom (flash-style, recomputing)
   backwards that keep per layer only q, k, v, output and log-sum-exp blocks, O(S/n) per device, instead of what
   the traced dense attention would save (the integer program leaves those out, `dense_residuals`), plus a
@@ -37,8 +38,8 @@ def dense_residuals(method: str | None) -> bool:
     return method not in SEQUENCE_METHODS
 
 
-def ring_memory(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4
-                ) -> tuple[float, float]:
+def ring_memory(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4,
+                kv_seq: int | None = None) -> tuple[float, float]:
     """(residuals per layer, transient) bytes per device of ring attention with the runtime's custom backward.
 
     batch and heads are what one device holds, seq the global length, n the seq degree. Residuals: the local
@@ -47,35 +48,43 @@ def ring_memory(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, 
     cotangent and the logits' cotangent), the travelling K/V and float32 dK/dV accumulators twice (sent and
     received) and the float32 dq accumulator. Checked against compiled train steps (gpt-tiny:heads=2, seq=4 on
     CPU): batch 2 x 1024 predicted 18.1 MB in all vs 17.2 MB compiled; 2 x 4096 with chunk 256 57.8 vs 55.0 MB.
+    kv_seq: the keys' length T of a cross-attention (default seq): the K/V blocks are T/n long.
     """
     tokens = seq // n
+    keys = (seq if kv_seq is None else kv_seq) // n
     chunk = min(RING_CHUNK, tokens)
-    residuals = batch * tokens * head_dim * itemsize * (2 * heads + 2 * kv_heads) + batch * heads * tokens * 4
-    kv = 2 * batch * tokens * kv_heads * head_dim
-    transient = 4 * batch * heads * chunk * chunk * 4 + 2 * kv * (itemsize + 4) + batch * tokens * heads * head_dim * 4
+    residuals = (batch * head_dim * itemsize * (2 * heads * tokens + 2 * kv_heads * keys)
+                 + batch * heads * tokens * 4)
+    kv = 2 * batch * keys * kv_heads * head_dim
+    transient = (4 * batch * heads * chunk * min(RING_CHUNK, keys) * 4 + 2 * kv * (itemsize + 4)
+                 + batch * tokens * heads * head_dim * 4)
     return float(residuals), float(transient)
 
 
 # -- bytes sent per device per step (convention of `autoshard.analysis`) ---------------------------------------------
 def ulysses_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4,
-                  backward: bool = True) -> float:
+                  backward: bool = True, kv_seq: int | None = None) -> float:
     """Bytes one device sends per step in Ulysses all-to-alls (convention of `autoshard.analysis`).
 
     batch and heads are what one device holds (global batch / data*fsdp shards, heads / tensor shards); seq is the
     global sequence length and n the seq degree. Forward: four all-to-alls (q, k, v in; output back), each of a
     [batch, seq/n, heads_x, head_dim] operand of which (n-1)/n leaves the device. The backward pass runs their
     transposes (dq, dk, dv, d_out), the same sizes again. Remat of the attention would add the forward part once
-    more.
+    more. kv_seq: the keys' length T of a cross-attention (default seq): k and v go through the exchange as
+    [batch, T/n, kv_heads, head_dim] blocks, q and the output as [batch, seq/n, heads, head_dim].
     """
     if n <= 1:
         return 0.0
     block = batch * (seq // n) * head_dim * itemsize
-    fwd = (n - 1) / n * block * (2 * heads + 2 * kv_heads)
+    if kv_seq is None or kv_seq == seq:
+        fwd = (n - 1) / n * block * (2 * heads + 2 * kv_heads)
+    else:
+        fwd = (n - 1) / n * (block * 2 * heads + batch * (kv_seq // n) * head_dim * itemsize * 2 * kv_heads)
     return fwd * (2 if backward else 1)
 
 
 def ring_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4,
-               causal: bool = True, backward: bool = True) -> float:
+               causal: bool = True, backward: bool = True, kv_seq: int | None = None) -> float:
     """Bytes one device sends per step in ring attention's collective-permutes (convention of `autoshard.analysis`:
     a collective-permute counts its operand bytes once per execution).
 
@@ -89,12 +98,15 @@ def ring_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n
     forward's sizes. At n = 2 both one-step loops are unrolled and XLA merges the backward's single K/V rotation
     with the forward's (measured on the compiled program), so the backward sends no K/V. Remat of the attention
     would add the forward part once more. A causal sliding window (`ops.attention(window=...)`) sends the same: K/V
-    travel the whole ring, only block products the window leaves nothing of are skipped.
+    travel the whole ring, only block products the window leaves nothing of are skipped. kv_seq: the keys' length T
+    of a cross-attention (default seq, never causal): the travelling K/V blocks are batch * T/n * head_dim.
     """
     if n <= 1:
         return 0.0
-    block = batch * (seq // n) * head_dim
-    relayout = (2 * heads + 2 * kv_heads) * block * itemsize * (0.5 if n == 2 else 1.0) if causal else 0.0
+    qblock = batch * (seq // n) * head_dim
+    block = batch * ((seq if kv_seq is None else kv_seq) // n) * head_dim  # one K/V block of one head
+    relayout = ((2 * heads * qblock + 2 * kv_heads * block) * itemsize * (0.5 if n == 2 else 1.0) if causal
+                else 0.0)
     fwd = (n - 1) * 2 * kv_heads * block * itemsize + relayout
     if not backward:
         return fwd
@@ -102,16 +114,42 @@ def ring_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n
     return fwd + kv_again + n * 2 * kv_heads * block * 4 + relayout
 
 
-def ulysses_memory(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4
-                   ) -> tuple[float, float]:
+def ulysses_memory(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4,
+                   kv_seq: int | None = None) -> tuple[float, float]:
     """(residuals per layer, transient) bytes per device of Ulysses' chunked local attention (same arguments as
     `ring_memory`): the head-sharded q, k, v and output [batch, seq, heads/n, head_dim] and the float32
     log-sum-exp, the same bytes as the ring's; transient: four float32 [batch, heads/n, chunk, chunk] blocks and the
-    float32 dq accumulator (no travelling K/V)."""
-    residuals, _ = ring_memory(batch, seq, heads, kv_heads, head_dim, n, itemsize=itemsize)
+    float32 dq accumulator (no travelling K/V); kv_seq: a cross-attention's key length T (chunks of T's keys)."""
+    residuals, _ = ring_memory(batch, seq, heads, kv_heads, head_dim, n, itemsize=itemsize, kv_seq=kv_seq)
     local = max(1, heads // n)
     chunk = min(RING_CHUNK, seq)
-    return residuals, float(4 * batch * local * chunk * chunk * 4 + batch * seq * local * head_dim * 4)
+    keys = min(RING_CHUNK, seq if kv_seq is None else kv_seq)
+    return residuals, float(4 * batch * local * chunk * keys * 4 + batch * seq * local * head_dim * 4)
+
+
+def whole_kv_bytes(batch: int, kv_seq: int, kv_heads: int, head_dim: int, n: int, *, itemsize: int = 4) -> float:
+    """Bytes one device sends per step for a cross-attention whose keys' length T (kv_seq) seq does not divide
+    (`autoshard.sequence._whole_kv`): K/V stay whole on every device, so the forward exchanges nothing; the
+    backward sums the devices' dK and dV [batch, T, kv_heads, head_dim] over `seq` (the transpose of making them
+    device-varying, `lax.pcast`: an all-reduce each), 2 (n-1)/n of each operand (`autoshard.analysis`'s ring
+    convention). batch and kv_heads are what one device holds."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) / n * 2 * batch * kv_seq * kv_heads * head_dim * itemsize
+
+
+def whole_kv_memory(batch: int, seq: int, kv_seq: int, heads: int, kv_heads: int, head_dim: int, n: int, *,
+                    itemsize: int = 4) -> tuple[float, float]:
+    """(residuals per layer, transient) bytes per device of `whole_kv_bytes`' cross-attention: the local queries'
+    q and output blocks [batch, seq/n, heads, head_dim], the whole k and v [batch, T, kv_heads, head_dim], the
+    float32 log-sum-exp of the local queries; transient: four float32 [batch, heads, chunk, T-chunk] blocks and the
+    float32 dq accumulator (`_local_flash`'s backward, as Ulysses')."""
+    tokens = seq // n
+    residuals = (batch * head_dim * itemsize * (2 * heads * tokens + 2 * kv_heads * kv_seq)
+                 + batch * heads * tokens * 4)
+    transient = (4 * batch * heads * min(RING_CHUNK, tokens) * min(RING_CHUNK, kv_seq) * 4
+                 + batch * tokens * heads * head_dim * 4)
+    return float(residuals), float(transient)
 
 
 def moe_all_to_all_bytes(experts: int, batch: int, capacity: int, hidden: int, n: int, *, itemsize: int = 4,
@@ -134,6 +172,23 @@ def moe_all_to_all_bytes(experts: int, batch: int, capacity: int, hidden: int, n
 
 # -- what the traced graph says about attention and MoE ---------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
+class Attention:
+    """One kind of `ops.attention` in a traced graph, by its own shapes (global: q [B, S, H, D], k/v [B, T, Hkv, D])
+    and how often it runs per step (`layers`: the ops' count, summed over the attentions of these shapes)."""
+
+    seq_len: int
+    """S, the queries' length (what seq splits)."""
+    kv_len: int
+    """T, the keys' length: S for self-attention, another sequence's for cross-attention."""
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    dtype: str
+    layers: int
+
+
+@dataclasses.dataclass(frozen=True)
 class OpShapes:
     """Sizes of a traced model's attention and MoE ops (zeros when it has none)."""
 
@@ -153,6 +208,9 @@ class OpShapes:
     moe_layers: int = 0
     expert_params: frozenset[str] = frozenset()
     """Parameters with a leading-ish `experts` axis (split over `expert`)."""
+    attentions: tuple[Attention, ...] = ()
+    """Every `ops.attention` of the graph by its own shapes (`_attentions`), which `extras` prices one by one; the
+    fields above are the first attention's (what seq must divide, the methods it admits)."""
 
     @property
     def itemsize(self) -> int:
@@ -164,6 +222,14 @@ class OpShapes:
     @property
     def has_attention(self) -> bool:
         return self.attention_layers > 0 and self.heads > 0
+
+    def attention_kinds(self) -> tuple[Attention, ...]:
+        """`attentions`, or (a graph whose attention ops' shapes were not read) one self-attention of the fields'
+        shapes run `attention_layers` times."""
+        if self.attentions:
+            return self.attentions
+        return (Attention(self.seq_len, self.seq_len, self.heads, self.kv_heads, self.head_dim, self.causal,
+                          self.dtype, self.attention_layers),)
 
     @property
     def is_moe(self) -> bool:
@@ -199,7 +265,8 @@ def op_shapes(graph: Any) -> OpShapes:
     if attn:  # each attention is two products (q.k, probs.v), each run `count` times per step
         dtype = graph.values[attn[0].inputs[0]].dtype
         out.update(attention_layers=max(1, round(sum(op.count for op in attn) / 2)), dtype=str(dtype),
-                   causal=any("autoshard.attention/causal" in op.scope for op in attn))
+                   causal=any("autoshard.attention/causal" in op.scope for op in attn),
+                   attentions=_attentions(graph, scoped))
     if moe and sizes.get("experts"):
         h = graph.values[next(i for i in moe[0].inputs if graph.values[i].param is None)]
         if len(h.shape) == 4:  # [E, B, C, D]
@@ -216,6 +283,30 @@ def _attention_sizes(graph: Any, scoped: list[Any]) -> dict[str, int]:
             if len(src) == 4 and len(dst) == 5:
                 return {"seq_len": src[1], "heads": src[2], "kv_heads": dst[2], "head_dim": src[3]}
     return {}
+
+
+def _attentions(graph: Any, scoped: list[Any]) -> tuple[Attention, ...]:
+    """Every `ops.attention` in the graph by its own shapes: each `ops.dense_attention` starts with its grouping
+    of q ([B, S, H, D] -> [B, S, Hkv, H/Hkv, D]) and then multiplies it with k [B, T, Hkv, D] (its first
+    dot_general: T, how often it runs, causal or not from its scope). Attentions of equal shapes are one entry,
+    their counts summed. Empty where no grouping is found."""
+    kinds: dict[tuple, int] = {}
+    grouped = None
+    for op in scoped:
+        if op.primitive == "reshape" and op.inputs and op.inputs[0] is not None:
+            src, dst = graph.values[op.inputs[0]].shape, graph.values[op.outputs[0]].shape
+            if len(src) == 4 and len(dst) == 5:
+                grouped = (src, dst)
+        elif op.primitive == "dot_general" and grouped is not None:
+            keys = [graph.values[i] for i in op.inputs if i is not None and len(graph.values[i].shape) == 4]
+            qg = [graph.values[i] for i in op.inputs if i is not None and len(graph.values[i].shape) == 5]
+            if not keys or not qg:
+                continue
+            (src, dst), grouped = grouped, None
+            key = (src[1], keys[0].shape[1], src[2], dst[2], src[3], "autoshard.attention/causal" in op.scope,
+                   str(qg[0].dtype))
+            kinds[key] = kinds.get(key, 0) + op.count
+    return tuple(Attention(*key, layers=max(1, count)) for key, count in kinds.items())
 
 
 # -- which degrees are valid ------------------------------------------------------------------------------------------
@@ -300,41 +391,56 @@ def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | Non
     Ulysses exchange a native all-to-all.
     """
     from planner.collectives import axis_collective_time
+    from planner.trace import itemsize as itemsize_of
 
     out = Extras()
     local_batch = batch // math.prod(mesh[a] for a in ("data", "fsdp", "expert"))
     s, e, t = mesh["seq"], mesh["expert"], mesh["tensor"]
     if s > 1 and shapes.has_attention and method is not None:
-        h, hkv = _local_heads(shapes.heads, t), _local_heads(shapes.kv_heads, t)
-        args = (local_batch, shapes.seq_len, h, hkv, shapes.head_dim, s)
         cpu_pipe = mesh["pipe"] > 1 and cluster.name.startswith("cpu")
         alone = _alone(mesh, "seq")
-        wire = cluster.wire_itemsize(shapes.dtype)
-        if method == "ring":
-            nbytes = ring_bytes(*args, itemsize=wire, causal=shapes.causal)
-            kind = "collective-permute"
-            if cpu_pipe:
-                kind, nbytes = "all-to-all", nbytes * (s - 1)
-            # per layer: n-1 K/V rotations forward, n backward (K/V with dK/dV, then dK/dV home), the relayouts
-            calls = 2 * s - 1 + (4 if shapes.causal else 0)
-            saved, transient = ring_memory(*args, itemsize=shapes.itemsize)
-            layers = 1 if remat == "full" else shapes.attention_layers
-            out.memory["ring attention residuals"] = saved * layers
-            out.memory["ring attention transient"] = transient
-        else:
-            nbytes = ulysses_bytes(*args, itemsize=wire)
-            kind = "all-to-all" if alone or cpu_pipe else "collective-permute"
-            calls = 8 if kind == "all-to-all" else 8 * (s - 1)
-            saved, transient = ulysses_memory(*args, itemsize=shapes.itemsize)
-            layers = 1 if remat == "full" else shapes.attention_layers
-            out.memory["ulysses attention residuals"] = saved * layers
-            out.memory["ulysses attention transient"] = transient
-        total = nbytes * shapes.attention_layers
-        out.comm_bytes[f"seq/{kind}"] = total
-        per_call = total / (calls * shapes.attention_layers)
-        operand = per_call if kind == "collective-permute" else per_call * s / (s - 1)
-        out.seconds["sequence comm"] = (calls * shapes.attention_layers
-                                        * axis_collective_time(kind, operand, mesh, ("seq",), cluster))
+        comm: dict[str, float] = {}
+        seconds, residuals, transient = 0.0, [], 0.0
+        for a in shapes.attention_kinds():
+            if a.seq_len % s:  # queries seq does not divide: dense, laid out by XLA (`_unsplit_cross`)
+                continue
+            h, hkv = _local_heads(a.heads, t), _local_heads(a.kv_heads, t)
+            wire, item = cluster.wire_itemsize(a.dtype), itemsize_of(a.dtype)
+            if a.kv_len != a.seq_len and a.kv_len % s:  # whole K/V on every device, dK/dV summed over seq
+                kind, calls = "all-reduce", 2  # dK and dV
+                nbytes = whole_kv_bytes(local_batch, a.kv_len, hkv, a.head_dim, s, itemsize=wire)
+                operand = nbytes / calls * s / (2 * (s - 1))
+                saved, working = whole_kv_memory(local_batch, a.seq_len, a.kv_len, h, hkv, a.head_dim, s,
+                                                 itemsize=item)
+            else:
+                args = (local_batch, a.seq_len, h, hkv, a.head_dim, s)
+                kv = None if a.kv_len == a.seq_len else a.kv_len
+                if method == "ring":
+                    nbytes = ring_bytes(*args, itemsize=wire, causal=a.causal, kv_seq=kv)
+                    kind = "collective-permute"
+                    if cpu_pipe:
+                        kind, nbytes = "all-to-all", nbytes * (s - 1)
+                    # per layer: n-1 K/V rotations forward, n backward (K/V with dK/dV, then dK/dV home), relayouts
+                    calls = 2 * s - 1 + (4 if a.causal else 0)
+                    saved, working = ring_memory(*args, itemsize=item, kv_seq=kv)
+                else:
+                    nbytes = ulysses_bytes(*args, itemsize=wire, kv_seq=kv)
+                    kind = "all-to-all" if alone or cpu_pipe else "collective-permute"
+                    calls = 8 if kind == "all-to-all" else 8 * (s - 1)
+                    saved, working = ulysses_memory(*args, itemsize=item, kv_seq=kv)
+                per_call = nbytes / calls
+                operand = per_call if kind == "collective-permute" else per_call * s / (s - 1)
+            comm[f"seq/{kind}"] = comm.get(f"seq/{kind}", 0.0) + nbytes * a.layers
+            seconds += calls * a.layers * axis_collective_time(kind, operand, mesh, ("seq",), cluster)
+            residuals.append((saved, a.layers))
+            transient = max(transient, working)
+        name = "ring" if method == "ring" else "ulysses"
+        # full remat keeps one layer's attention at a time: the largest
+        out.memory[f"{name} attention residuals"] = (max((r for r, _ in residuals), default=0.0) if remat == "full"
+                                                     else sum(r * n for r, n in residuals))
+        out.memory[f"{name} attention transient"] = transient
+        out.comm_bytes.update(comm)
+        out.seconds["sequence comm"] = seconds
     if e > 1 and shapes.is_moe:
         alone = _alone(mesh, "expert")
         kind = "all-to-all" if alone else "collective-permute"
@@ -363,6 +469,7 @@ def apply(sol: Any, ext: Extras) -> Any:
                                memory_bytes=sol.memory_bytes + sum(ext.memory.values()))
 
 
-__all__ = ["Extras", "OpShapes", "SEQUENCE_METHODS", "apply", "check_fixed", "expert_ok", "extras",
+__all__ = ["Attention", "Extras", "OpShapes", "SEQUENCE_METHODS", "apply", "check_fixed", "expert_ok", "extras",
            "moe_all_to_all_bytes", "op_shapes", "RING_CHUNK", "dense_residuals",
-           "ring_bytes", "ring_memory", "sequence_methods", "ulysses_bytes", "ulysses_memory"]
+           "ring_bytes", "ring_memory", "sequence_methods", "ulysses_bytes", "ulysses_memory", "whole_kv_bytes",
+           "whole_kv_memory"]
