@@ -74,9 +74,8 @@ def stacked_params(graph: Graph) -> set[str]:
     """Parameters read per layer inside the stack (a slice of them enters the scan): ZeRO-3 gathers them in the
     forward and again in the backward loop, and a pipeline splits them over its stages. Shared, read-only."""
     def find() -> set[str]:
-        sliced = {v.param for v in graph.values.values() if v.param is not None and v.producer is None
-                  and v.id != graph.param_values[v.param]}
-        return {path for path in graph.param_values if path in sliced}
+        return {v.param for v in graph.values.values() if v.param is not None and v.producer is None
+                and v.id != graph.param_values[v.param]}
     return _shared(graph, ("stacked",), find)
 
 
@@ -187,7 +186,6 @@ class Problem:
         self.op_strats = op_strats
         followers = {op.index: k for op in self.g.ops if (k := self._follower_operand(op, self._live)) is not None}
         return op_strats, tuple(unplanned), followers
-
 
     def _live_values(self) -> set[int]:
         """Values that depend on a parameter or on the batch."""

@@ -239,7 +239,7 @@ class OpShapes:
 def op_shapes(graph: Any) -> OpShapes:
     """Read attention heads / sequence length and MoE experts / capacity off a traced graph (`planner.trace`):
     parameters' logical axis names give head and expert counts (where they carry none, the attention ops' own q
-    and k shapes do: `_attention_sizes`), the ops under the `autoshard.attention` / `autoshard.moe` scopes give how
+    and k shapes do: `_attentions`), the ops under the `autoshard.attention` / `autoshard.moe` scopes give how
     often they run, whether the attention is causal and the MoE buffer [experts, batch, capacity, hidden]."""
     sizes: dict[str, int] = {}
     expert_params = set()
@@ -253,36 +253,26 @@ def op_shapes(graph: Any) -> OpShapes:
     attn = [op for op in scoped if op.primitive == "dot_general"]
     moe = [op for op in graph.ops if op.primitive == "dot_general" and "autoshard.moe" in op.scope
            and any(i is not None and graph.values[i].param in expert_params for i in op.inputs)]
-    seen = _attention_sizes(graph, scoped)
-    heads = sizes.get("heads") or seen.get("heads", 0)
+    found = _attentions(graph, scoped)
+    seen = found[0] if found else Attention(0, 0, 0, 0, 0, False, "float32", 0)
+    heads = sizes.get("heads") or seen.heads
     # the queries' length is what seq splits: a batch's first leaf may be another sequence (a cross-attention's
     # context); without an attention op, the first token-shaped leaf of the batch
-    seq_len = seen.get("seq_len") or next((graph.values[i].shape[1] for i in graph.inputs
-                                           if graph.values[i].batch_dim == 0 and len(graph.values[i].shape) >= 2), 0)
+    seq_len = seen.seq_len or next((graph.values[i].shape[1] for i in graph.inputs
+                                    if graph.values[i].batch_dim == 0 and len(graph.values[i].shape) >= 2), 0)
     out = dict(seq_len=seq_len, heads=heads,
-               kv_heads=sizes.get("kv_heads") or (seen.get("kv_heads", heads) if "heads" not in sizes else heads),
-               head_dim=sizes.get("head_dim") or seen.get("head_dim", 0), expert_params=frozenset(expert_params))
+               kv_heads=sizes.get("kv_heads") or ((seen.kv_heads or heads) if "heads" not in sizes else heads),
+               head_dim=sizes.get("head_dim") or seen.head_dim, expert_params=frozenset(expert_params))
     if attn:  # each attention is two products (q.k, probs.v), each run `count` times per step
         dtype = graph.values[attn[0].inputs[0]].dtype
         out.update(attention_layers=max(1, round(sum(op.count for op in attn) / 2)), dtype=str(dtype),
                    causal=any("autoshard.attention/causal" in op.scope for op in attn),
-                   attentions=_attentions(graph, scoped))
+                   attentions=found)
     if moe and sizes.get("experts"):
         h = graph.values[next(i for i in moe[0].inputs if graph.values[i].param is None)]
         if len(h.shape) == 4:  # [E, B, C, D]
             out.update(experts=sizes["experts"], capacity=h.shape[2], hidden=h.shape[3], moe_layers=moe[0].count)
     return OpShapes(**out)
-
-
-def _attention_sizes(graph: Any, scoped: list[Any]) -> dict[str, int]:
-    """Heads, kv heads, head size and length of the first `ops.attention` in the graph, from its grouping of q
-    ([B, S, H, D] -> [B, S, Hkv, H/Hkv, D], `ops.dense_attention`'s first op); empty when there is none."""
-    for op in scoped:
-        if op.primitive == "reshape" and op.inputs and op.inputs[0] is not None:
-            src, dst = graph.values[op.inputs[0]].shape, graph.values[op.outputs[0]].shape
-            if len(src) == 4 and len(dst) == 5:
-                return {"seq_len": src[1], "heads": src[2], "kv_heads": dst[2], "head_dim": src[3]}
-    return {}
 
 
 def _attentions(graph: Any, scoped: list[Any]) -> tuple[Attention, ...]:

@@ -21,9 +21,9 @@ As the executor (`autoshard.pipeline`) runs a stage:
   the rest (`zb_ticks`); B saves each weight op's output cotangent for its W (a grad slot, `grad_bytes`), and a
   microbatch's residuals are held from its forward to its W;
 - memory: the schedule's stage-input and cotangent buffers, and with the stash each in-flight microbatch's
-  residuals of the longest stage (`stash_bytes`: what JAX's linearization saves per layer, `Problem.saved`,
-  counted, not fitted: a loop carry XLA cannot fuse into; what the slot holds, less, is reported: `unkept_bytes`),
-  zb's grad slots, plus one microbatch's backward working set (`_working_set`);
+  residuals of the longest stage (`stash_bytes`: what the vjp closure keeps per layer, `Problem.saved` less
+  `unkept_bytes`), zb's grad slots, the gradient buffers (`GRADIENT_BUFFERS`) and one microbatch's working set
+  (`_working_set`), all counted from the compiled buffers, none fitted;
 - a tick ends with up to two point-to-point sends of one microbatch's stage input (activation forward, cotangent
   backward) over the link between neighbouring pipe devices (pipe is the outermost mesh axis), each paying the
   link's latency (`transfer_seconds`), where some device has one to send (`planner.schedule.Schedule.sends`);
@@ -101,12 +101,9 @@ class MeshCosts:
     op_terms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     """Region -> one row per priced op: (executions, compute s over the batch, compute s per call, memory s over the
     batch, memory s per call); its roofline at M = 1 is the ops' share of `work` (`microbatch_seconds`)."""
-    linearized: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Bytes JAX's linearization saves by region (`Problem.saved`: before XLA fuses any away): what a stashing
-    pipeline's residual slot is priced at, a loop carry XLA cannot fuse into (`stash_bytes`)."""
     kept_layer: float = 0.0
-    """Bytes per device of one layer's residuals the vjp closure keeps, what a residual slot holds: `linearized`'s
-    layer less `unkept_bytes` (`stash_bytes`). Exact against the compiled slots (GPipe - 1F1B: +0.01%)."""
+    """Bytes per device of one layer's residuals the vjp closure keeps, what a residual slot holds: one layer's of
+    `Problem.saved` (what JAX's linearization saves, before XLA fuses any away) less `unkept_bytes` (`stash_bytes`). Exact against the compiled slots (GPipe - 1F1B: +0.01%)."""
     call_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     """Region -> seconds of the in-stage collectives that every call pays whatever its size (latency, overhead, and
     whole conversions of values without a batch dimension); `layer`: one layer."""
@@ -116,7 +113,7 @@ class MeshCosts:
     (`weight_seconds`)."""
     interface: float = 0.0
     """Bytes per device, over the per-replica batch, of what one layer's zb B saves for its W: the output cotangent
-    of each weight op (`weight_ops`), counted from the traced graph like `linearized` (`grad_bytes`), each whole
+    of each weight op (`weight_ops`), counted from the traced graph like `kept_layer` (`grad_bytes`), each whole
     over tensor as the executor's grad slots hold them (`autoshard.pipeline._Split.buffers`). Measured on gpt-tiny
     with 8 layers, 8 microbatches: the executor's interface is exactly this count on pipe=2 x data=2 x tensor=2 and
     on pipe=4 x data=2, and the compiled zb step's memory exceeds 1F1B's by 1.08x and 0.94x one grad slot."""
@@ -184,9 +181,9 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
         else:
             other_bytes += nb
             other_f += nb if f_ok else 0.0
-    residuals, linearized = (_by_region(problem, sol, region, kept) for kept in (problem.residuals(), problem.saved()))
+    residuals = _by_region(problem, sol, region, problem.residuals())
     working = _by_region(problem, sol, region, {v: g.ops[g.values[v].producer].count for v in problem.working_set()})
-    kept = linearized.get("layer", 0.0)  # what the vjp closure keeps, not all the rule counts (`unkept_bytes`)
+    kept = _by_region(problem, sol, region, problem.saved()).get("layer", 0.0)  # what the vjp closure keeps, not all the rule counts (`unkept_bytes`)
     if kept:
         extra = unkept_bytes(problem)
         kept = max(kept - extra / (problem.b * problem.t), 0.0) if extra >= 0 else kept - extra / problem.b
@@ -202,7 +199,7 @@ def mesh_costs(problem: Problem, sol: Solution) -> MeshCosts:
                      layer_f / layer_bytes if layer_bytes else 0.0, other_f / other_bytes if other_bytes else 0.0,
                      dict(residuals), carry_bytes,
                      carry_bytes * problem.cluster.wire_itemsize(carry.dtype) / itemsize(carry.dtype), sol,
-                     layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0, linearized=linearized,
+                     layer_expert_share=layer_e / layer_bytes if layer_bytes else 0.0,
                      optimizer_copies=optimizer_copies(g), op_terms=terms, call_seconds=dict(call_seconds),
                      weight_terms=weight_terms, interface=interface.get("layer", 0.0), kept_layer=kept,
                      working=working)
@@ -281,14 +278,13 @@ def with_extras(costs: MeshCosts, extras: Any, layers: int, moe: bool) -> MeshCo
     layer_bytes = tensor_bytes.setdefault("layer", {})
     for key, nb in extras.comm_bytes.items():
         layer_bytes[key] = layer_bytes.get(key, 0.0) + nb * per
-    residuals, linearized, kept_layer = dict(costs.residuals), dict(costs.linearized), costs.kept_layer
+    residuals, kept_layer = dict(costs.residuals), costs.kept_layer
     for key, nb in extras.memory.items():
         region = "layer" if key.endswith("residuals") else "head"
-        for kept in (residuals, linearized):
-            kept[region] = kept.get(region, 0.0) + (nb * per if region == "layer" else nb)
+        residuals[region] = residuals.get(region, 0.0) + (nb * per if region == "layer" else nb)
         kept_layer += nb * per if region == "layer" else 0.0
     return dataclasses.replace(costs, work=work, tensor_bytes=tensor_bytes, residuals=residuals,
-                               linearized=linearized, kept_layer=kept_layer, sweep=moe)
+                               kept_layer=kept_layer, sweep=moe)
 
 
 def _fsdp_choice(problem: Problem, path: str, c: ParamChoice) -> ParamChoice | None:
@@ -499,11 +495,10 @@ def stage_memory(costs: MeshCosts, counts: list[int], sched: Schedule, remat: st
     return out
 
 
-def stash_bytes(costs: MeshCosts, lmax: int, microbatches: int, kept: bool = True) -> float:
+def stash_bytes(costs: MeshCosts, lmax: int, microbatches: int) -> float:
     """One residual slot of a stashing pipeline: a microbatch's residuals of a stage padded to `lmax` layers, as
-    the vjp closure keeps them (`MeshCosts.kept_layer`, what the executor's slot holds) or, not `kept`, as the
-    rule counts them (`MeshCosts.linearized`)."""
-    return lmax * (costs.kept_layer if kept else costs.linearized.get("layer", 0.0)) / microbatches
+    the vjp closure keeps them (`MeshCosts.kept_layer`, what the executor's slot holds)."""
+    return lmax * costs.kept_layer / microbatches
 
 
 def grad_bytes(costs: MeshCosts, lmax: int, microbatches: int) -> float:
@@ -757,7 +752,7 @@ def _memory_breakdown(costs: MeshCosts, counts: list[int], sched: Schedule, memo
     """The worst device's memory by component (the stashed residuals with the pipeline buffers)."""
     worst = int(np.argmax(memory))
     buffers = buffer_bytes(costs, max(counts), sched)
-    no_acts = stage_memory(dataclasses.replace(costs, residuals={}, linearized={}, interface=0.0, carry_bytes=0.0,
+    no_acts = stage_memory(dataclasses.replace(costs, residuals={}, interface=0.0, carry_bytes=0.0,
                                                kept_layer=0.0, working={}), counts, sched, remat)[worst]
     return {"parameters and optimizer state": no_acts, "pipeline buffers": buffers,
             "activations": memory[worst] - no_acts - buffers}
