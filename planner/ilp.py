@@ -22,7 +22,7 @@ from typing import Any
 from ortools.sat.python import cp_model
 
 from planner.calibration import WORKING_SET
-from planner.cluster import ClusterSpec
+from planner.cluster import ClusterSpec, dtype_name
 from planner.collectives import axis_collective_time, bytes_sent
 from planner.plan import AXES
 from planner.layouts import ELEMENTWISE, PARTIAL, SOURCES, Layout, Strategy, conversion, has_rule, local_nbytes, strategies
@@ -166,6 +166,7 @@ class Problem:
         for path, choice in (fixed_params or {}).items():  # a given plan: its layouts, whatever the rules allow
             self.param_choices[path] = [choice]
         self._stacked = stacked_params(graph)
+        self._use_dtypes = shared(("use dtypes",), self._count_use_dtypes)
 
     def _batch_split_matters(self) -> bool:
         """Whether a value's batch dimension is a model dimension (not a token one) somewhere: only then does the
@@ -223,6 +224,16 @@ class Problem:
         kinds = {self.g.ops[c].primitive == "gather" and pos == 0 for v in self.values.values() if v.param == path
                  for c, pos in v.consumers if not all(self.values[o].param == path for o in self.g.ops[c].outputs)}
         return 2 if kinds == {True, False} else 1
+
+    def _count_use_dtypes(self) -> dict[str, Counter]:
+        """Parameter -> how many of its uses (`_count_uses`) compute with it in each dtype (through its casts)."""
+        out: dict[str, Counter] = {path: Counter() for path in self.g.param_values}
+        for v in self.values.values():
+            if v.param is not None:
+                out.setdefault(v.param, Counter())[dtype_name(v.dtype)] += len({
+                    c for c, _ in v.consumers if not all(self.values[o].param == v.param
+                                                         for o in self.g.ops[c].outputs)})
+        return out
 
     def _lookup_tables(self) -> dict[str, tuple[list[int], set[int]]]:
         """Parameters used only as the table of gathers -> the gathers' outputs, and the indexed dimensions."""
@@ -495,8 +506,11 @@ class Problem:
         """(collective, axes, operand bytes, executions) that keep a parameter's gradient and shards in step.
 
         ZeRO-3 as XLA compiles it: a stacked layer weight is gathered in the forward and again in the backward
-        loop, a weight outside the stack once (per use: a tied embedding twice); a table only looked up (an embedding) and split along a looked-up
-        row's length is never gathered: the lookups move to its owners with an all-to-all each way instead.
+        loop, a weight outside the stack once (per use: a tied embedding twice). A table only looked up (an
+        embedding) and split along a looked-up row's length is either gathered like any weight or, where that is
+        cheaper, left in place while the lookups move to its owners (`_exchanges_lookups`).
+        A weight computed with in a dtype the backend widens (bfloat16 on XLA:CPU) has its gradient all-reduced
+        whole over fsdp and sliced afterwards (`_reduced_whole`).
         """
         nbytes = self.fsdp_whole_bytes(path, c)
         # seq splits tokens in a dimension of its own: XLA reduces gradients over it in all-reduces of their own,
@@ -514,20 +528,47 @@ class Problem:
         rep = tuple(a for a in rep if self.mesh.get(a, 1) > 1)
         f = self.mesh["fsdp"]
         out = []
-        if path in self._lookups and c.fsdp_dim not in self._lookups[path][1]:
-            # (as measured: with data > 1 XLA reduces the shard's gradient over both batch axes)
+        if self._exchanges_lookups(path, c, nbytes, tie=not rep):
             for vid in self._lookups[path][0]:
                 out.append(("all-to-all", ("fsdp",), local_nbytes(self.values[vid], self.b), 2))
-            if rep:
-                out.append(("all-reduce", tuple(sorted(rep + ("fsdp",), key=AXES.index)), nbytes / f, 1))
+            if rep:  # (as compiled: over data alone; beside tensor, over data x fsdp)
+                axes = tuple(sorted(rep + ("fsdp",), key=AXES.index)) if self.t > 1 else rep
+                out.append(("all-reduce", axes, nbytes / f, 1))
             return out + seq
         uses = self._uses[path]  # XLA gathers a weight for each use, and reduces each use's gradient
         gathers = uses * 2 if path in self._stacked else uses + self._kernel_regathers[path]
-        out += [("all-gather", ("fsdp",), nbytes / f, gathers),
-                ("reduce-scatter", ("fsdp",), nbytes, uses)]
+        whole = min(uses, self._reduced_whole(path))
+        out += [("all-gather", ("fsdp",), nbytes / f, gathers), ("reduce-scatter", ("fsdp",), nbytes, uses - whole),
+                ("all-reduce", ("fsdp",), nbytes, whole)]
+        out = [x for x in out if x[3] > 0]
         if rep:
             out.append(("all-reduce", rep, nbytes / f, self._reductions[path]))
         return out + seq
+
+    def _exchanges_lookups(self, path: str, c: ParamChoice, nbytes: float, tie: bool) -> bool:
+        """Whether XLA exchanges a ZeRO-3 table's lookups (an all-to-all each way) instead of gathering the table:
+        when the table is only looked up, split along a row's length, and each lookup on a device is smaller than
+        the whole table (the cheaper of the two, as XLA's partitioner weighs them); at equal size, when fsdp is
+        the only batch axis (`tie`). Compiled: gpt-tiny at sequence 64 (lookups half the table) exchanges them at
+        data=2,fsdp=4 and fsdp=8, at sequence 256 (twice the table) gathers the table at both, at sequence 128
+        (equal) exchanges at fsdp=8 and gathers at data=2,fsdp=4; the zoo encoder (a quarter) exchanges. Beside
+        tensor the lookups are exchanged (the zoo encoder at data=2,fsdp=2,tensor=2, lookups the table's size)."""
+        if path not in self._lookups or c.fsdp_dim in self._lookups[path][1]:
+            return False
+        if self.t > 1:
+            return True
+        sizes = [local_nbytes(self.values[vid], self.b) for vid in self._lookups[path][0]]
+        return all(size < nbytes or (tie and size == nbytes) for size in sizes)
+
+    def _reduced_whole(self, path: str) -> int:
+        """How many of a weight's uses have their gradient reduced over fsdp as a whole all-reduce rather than a
+        reduce-scatter: those computing with the weight cast to a dtype the backend widens (`collective_dtypes`).
+        On XLA:CPU that gradient is computed in float32 and cast back; XLA all-reduces it whole and takes the
+        shard only after the cast (after the backward loop for a stacked weight), which it does not fuse into a
+        reduce-scatter (compiled: gpt-tiny:dtype=bfloat16's layer weights and head at fsdp=8, data=4,fsdp=2,
+        data=2,fsdp=4; a table's lookups, cast after the lookup, keep the reduce-scatter, and so do float32
+        models)."""
+        return sum(n for dtype, n in self._use_dtypes[path].items() if dtype in self.cluster.collective_dtypes)
 
     def batch_reductions(self) -> list[tuple[tuple[str, ...], int, int]]:
         """(axes, value, executions) of the all-reduces over the batch axes that reductions across the batch need
@@ -673,12 +714,22 @@ class Problem:
                 seen.add(v)
                 val = self.values[v]
                 op = self.g.ops[val.producer] if val.producer is not None else None
-                if op is None or (scan_saves and op.in_layer) or op.primitive not in FUSED or op.primitive in EXPENSIVE:
+                if op is None or (scan_saves and op.in_layer) or self._stores_output(op):
                     if v in self._live and val.param is None and val.shape and v not in self.g.inputs:
                         stored[v] = max(stored.get(v, 0), n)
                     continue
                 stack += [i for i in op.inputs if i is not None and i in self._live]
         return stored
+
+    def _stores_output(self, op: Op) -> bool:
+        """Whether XLA stores this op's output for the backward rather than recompute it there from its inputs:
+        anything but cheap elementwise work, and a cast to a narrower dtype (float32 -> bfloat16: recomputing it
+        would keep the wider value; gpt-tiny:dtype=bfloat16's softmax under full remat keeps the bfloat16
+        probabilities, not the float32 quotient)."""
+        if op.primitive not in FUSED or op.primitive in EXPENSIVE:
+            return True
+        return (op.primitive == "convert_element_type" and op.inputs[0] is not None
+                and itemsize(self.values[op.outputs[0]].dtype) < itemsize(self.values[op.inputs[0]].dtype))
 
     def working_set(self) -> list[int]:
         """Matmul outputs of one layer (of the whole graph when there is no layer stack): what the backward's
@@ -1266,7 +1317,7 @@ class LoopProblem(Problem):
             if crossing is not None:
                 stack += ([(crossing[1], 1)] if n & 1 else []) + ([(crossing[0], n >> 1)] if n >> 1 else [])
                 continue
-            if op is None or op.primitive not in FUSED or op.primitive in EXPENSIVE:
+            if op is None or self._stores_output(op):
                 if vid in self._live and val.param is None and val.shape and vid not in self.g.inputs:
                     stored[vid] = bin(blocks[vid]).count("1") if inside else max(stored.get(vid, 0), n)
                 continue

@@ -4,7 +4,7 @@ The backward working-set factor (`planner.calibration.WORKING_SET`) was fitted o
 (batch 16 x 64). These cases differ from them: sequence 128, wider and deeper models, GQA, full remat, an MoE under
 pure data parallelism, pipelines (gpt-tiny variants at pipe 2 and 4, a weight-heavy one, one with ring attention over seq=2, one under
 full remat), bfloat16 models (XLA:CPU moves their activations
-as float32: `ClusterSpec.collective_dtypes`). Each plan is a rule plan (`autoshard.api.rule_plan`) with the remat given, predicted by
+as float32: `ClusterSpec.collective_dtypes`), bfloat16 models under fsdp. Each plan is a rule plan (`autoshard.api.rule_plan`) with the remat given, predicted by
 `autoshard.api.predict` and compiled by `parallelize(...).compile(batch)`, read back with `autoshard.analysis`.
 
 Reproduce (from the repository root; about 2 minutes on 2 CPU cores):
@@ -57,6 +57,13 @@ CASES = [
     ("gpt-tiny:layers=4,hidden=256,heads=8,mlp=1024", "pipe=4,data=2", "none"),
     ("gpt-tiny:layers=4", "pipe=2,seq=2,data=2", "none"),
     ("gpt-tiny:layers=4", "pipe=2,data=4", "full"),
+    # bfloat16 under fsdp (XLA:CPU all-reduces the gradient of a weight cast to bfloat16 whole: `Problem._reduced_whole`,
+    # read off data=2,fsdp=4 above; these were not used to write it), and a looked-up table beside data
+    ("gpt-tiny:dtype=bfloat16,layers=4,hidden=128,mlp=512", "fsdp=8", "full"),
+    ("gpt-tiny:dtype=bfloat16,layers=3", "data=4,fsdp=2", "none"),
+    ("gpt-tiny:dtype=bfloat16,activation=swiglu,kv_heads=2,tie_embeddings=true", "fsdp=4,tensor=2", "none"),
+    ("moe-tiny:dtype=bfloat16", "data=2,fsdp=4", "none"),
+    ("gpt-tiny:layers=3", "data=4,fsdp=2", "none"),
 ]
 
 
