@@ -21,6 +21,7 @@ modules re-export them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -301,19 +302,42 @@ def _attentions(graph: Any, scoped: list[Any]) -> tuple[Attention, ...]:
 
 # -- which degrees are valid ------------------------------------------------------------------------------------------
 def sequence_methods(shapes: OpShapes, n: int, tensor: int) -> list[str]:
-    """Sequence methods the runtime can run at seq degree n (with `tensor` splitting heads): ring needs the length
-    divisible by 2n (causal: zigzag) or n, Ulysses heads and kv_heads divisible by tensor x n (each tensor shard splits
-    its own heads; otherwise XLA all-gathers heads around the exchange) and the length by n."""
+    """Sequence methods the runtime can run at seq degree n (with `tensor` splitting heads) for every attention of
+    the model (`OpShapes.attention_kinds`): ring needs each queries' length divisible by 2n (causal: zigzag) or n,
+    Ulysses each attention's heads and kv_heads divisible by tensor x n (each tensor shard splits its own heads;
+    otherwise XLA all-gathers heads around the exchange) and its queries' length by n. A keys' length seq does not
+    divide is no bar: that attention reads whole K/V."""
     if n == 1:
         return [None]
     if not shapes.has_attention:
         return []
+    kinds = shapes.attention_kinds()
     out = []
-    if shapes.seq_len % n == 0 and shapes.heads % (tensor * n) == 0 and shapes.kv_heads % (tensor * n) == 0:
+    if all(_ulysses_fault(a, n, tensor) is None for a in kinds):
         out.append("ulysses")
-    if shapes.seq_len % (2 * n if shapes.causal else n) == 0:
+    if all(_ring_fault(a, n) is None for a in kinds):
         out.append("ring")
     return out
+
+
+def _ring_fault(a: Attention, n: int) -> str | None:
+    """Why ring attention cannot run attention `a` at seq degree n (one line), or None."""
+    if a.seq_len % (2 * n if a.causal else n) == 0:
+        return None
+    if a.causal:
+        return (f"causal ring attention needs the sequence length ({a.seq_len}) divisible by 2 x seq = {2 * n}: "
+                f"change the seq degree or use sequence ulysses")
+    return f"ring attention needs the sequence length ({a.seq_len}) divisible by seq={n}: change the seq degree"
+
+
+def _ulysses_fault(a: Attention, n: int, tensor: int) -> str | None:
+    """Why Ulysses cannot run attention `a` at seq degree n beside `tensor` (one line), or None."""
+    if a.seq_len % n:
+        return f"ulysses needs the sequence length ({a.seq_len}) divisible by seq={n}: change the seq degree"
+    if a.heads % (tensor * n) or a.kv_heads % (tensor * n):
+        return (f"ulysses needs heads ({a.heads}) and kv heads ({a.kv_heads}) of the attention divisible by "
+                f"tensor x seq = {tensor * n}: use sequence ring or a smaller seq degree")
+    return None
 
 
 def expert_ok(shapes: OpShapes, n: int) -> bool:
@@ -332,12 +356,11 @@ def check_fixed(shapes: OpShapes, fixed: dict[str, int], method: str | None, bat
     if s > 1 and shapes.seq_len % s:
         raise PlanError(f"seq={s} does not divide the sequence length {shapes.seq_len}: choose a seq degree that "
                         f"divides it")
-    if s > 1 and method == "ring" and shapes.causal and shapes.seq_len % (2 * s):
-        raise PlanError(f"causal ring attention needs the sequence length ({shapes.seq_len}) divisible by 2 x seq = "
-                        f"{2 * s}: change the seq degree or use sequence ulysses")
-    if s > 1 and method == "ulysses" and (shapes.heads % (t * s) or shapes.kv_heads % (t * s)):
-        raise PlanError(f"ulysses needs heads ({shapes.heads}) and kv heads ({shapes.kv_heads}) of the attention "
-                        f"divisible by tensor x seq = {t * s}: use sequence ring or a smaller seq degree")
+    if s > 1 and method in SEQUENCE_METHODS:
+        fault = _ring_fault if method == "ring" else functools.partial(_ulysses_fault, tensor=t)
+        faults = [f for f in (fault(a, s) for a in shapes.attention_kinds()) if f is not None]
+        if faults:
+            raise PlanError(faults[0])
     if e > 1 and not shapes.is_moe:
         raise PlanError(f"expert={e} but the model has no mixture-of-experts layer: drop expert from the mesh")
     if e > 1 and shapes.experts % e:

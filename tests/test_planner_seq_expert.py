@@ -5,6 +5,8 @@ to replicate pull it to expert > 1; pipe stays 1 with either unless the mesh fix
 exchange bytes and total communication match the compiled program within 10%, memory within 15%.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -106,6 +108,26 @@ def test_ulysses_with_indivisible_heads_is_a_one_line_error():
     with pytest.raises(AutoshardError, match="cannot run MoE layers with seq > 1") as e:
         planned("moe-tiny", 16, 64, mesh={"seq": 2, "pipe": 2})
     assert "\n" not in str(e.value)
+
+
+def test_every_attention_decides_which_sequence_methods_run():
+    """A model whose second attention cannot run a method (an encoder's 4 heads, a decoder's 2; a causal one of
+    length 6) admits only what both can run, and a fixed method one attention cannot run is refused naming it."""
+    from planner import seq_expert
+    from planner.seq_expert import Attention, OpShapes
+
+    enc = Attention(8, 8, 4, 4, 8, False, "float32", 2)
+    dec = Attention(6, 6, 2, 2, 8, True, "float32", 2)
+    first_only = OpShapes(seq_len=8, heads=4, kv_heads=4, head_dim=8, attention_layers=4, causal=False,
+                          attentions=(enc,))
+    both = dataclasses.replace(first_only, attentions=(enc, dec))
+    assert seq_expert.sequence_methods(first_only, 2, 2) == ["ulysses", "ring"]
+    assert seq_expert.sequence_methods(both, 2, 1) == ["ulysses"]  # ring: the decoder's 6 is not 2 x 2 blocks
+    assert seq_expert.sequence_methods(both, 2, 2) == []  # ulysses: the decoder's 2 heads over tensor x seq = 4
+    with pytest.raises(AutoshardError, match=r"heads \(2\) and kv heads \(2\).*tensor x seq = 4"):
+        seq_expert.check_fixed(both, {"seq": 2, "tensor": 2}, "ulysses", 8)
+    with pytest.raises(AutoshardError, match=r"sequence length \(6\) divisible by 2 x seq = 4"):
+        seq_expert.check_fixed(both, {"seq": 2}, "ring", 8)
 
 
 def test_a_fixed_pipeline_with_seq_plans_both_sections():
