@@ -719,6 +719,16 @@ def _seen_keys(keys: Array, first_row: Array | int, t: int, window: int | None) 
     return upto - before
 
 
+def _after_cotangent(res: tuple, do: Array) -> tuple:
+    """The residuals, made to wait for the output's cotangent. Without it XLA may recompute every layer's
+    probability blocks from the residuals as soon as the forward ends (in straight-line code, and for a ring step
+    outside a loop) and hold them all at once (the zoo encoder at data=4,seq=2: 1.2 MB more than with the wait,
+    more than its dense plan), and at seq=2 it merges the backward's K/V rotation with the forward's, keeping each
+    layer's received K/V until its backward. A backward now holds one layer's blocks and sends K/V again, in
+    every model as in a layer scan, as `planner.seq_expert` prices."""
+    return jax.lax.optimization_barrier((res, do))[0]
+
+
 def _local_flash(causal: bool, window: int | None = None, softcap: float | None = None) -> Any:
     """Chunked attention of local q [B, Tq, H, D] over k, v [B, T, Hkv, D] (and a key mask [B, T] or None) as a
     `jax.custom_vjp` (Ulysses' per-device attention over the whole sequence, and cross-attention's local queries
@@ -734,7 +744,7 @@ def _local_flash(causal: bool, window: int | None = None, softcap: float | None 
         return o, (q, k, v, o, lse, keys)
 
     def backward(res: tuple, do: Array) -> tuple[Array, Array, Array, None]:
-        q, k, v, o, lse, keys = res
+        q, k, v, o, lse, keys = _after_cotangent(res, do)
         dq, dk, dv = _flash_grads(q, k, v, do, lse, _delta(do, o, lse), mask(q.shape[1]), keys, softcap)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
@@ -762,6 +772,7 @@ def _ring_vjp(n: int, causal: bool, window: int | None = None, softcap: float | 
 
     def backward(res: tuple, do: Array) -> tuple[Array, Array, Array, None]:
         me = jax.lax.axis_index("seq")
+        res = _after_cotangent(res, do)
         grads = _ring_backward(*res, _to_zigzag(do, n, me) if causal else do, n, causal, window, softcap)
         return (*(tuple(_from_zigzag(g, n, me) for g in grads) if causal else grads), None)
 

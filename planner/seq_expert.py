@@ -96,8 +96,8 @@ def ring_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n
     sit at home). Backward (the runtime's flash-style custom_vjp): the ring runs again, n-1 rotations of K and V
     travelling with their dK/dV accumulators, which are float32 (4 bytes whatever `itemsize`) and take one more
     rotation to come home (n of them); causal adds the relayouts' transposes (dq, dk, dv in, d_out back), the
-    forward's sizes. At n = 2 both one-step loops are unrolled and XLA merges the backward's single K/V rotation
-    with the forward's (measured on the compiled program), so the backward sends no K/V. Remat of the attention
+    forward's sizes (K/V are sent again at n = 2 too: the backward waits for its cotangent, so XLA cannot merge
+    its rotation with the forward's, `autoshard.sequence._after_cotangent`). Remat of the attention
     would add the forward part once more. A causal sliding window (`ops.attention(window=...)`) sends the same: K/V
     travel the whole ring, only block products the window leaves nothing of are skipped. kv_seq: the keys' length T
     of a cross-attention (default seq, never causal): the travelling K/V blocks are batch * T/n * head_dim.
@@ -111,7 +111,7 @@ def ring_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, n
     fwd = (n - 1) * 2 * kv_heads * block * itemsize + relayout
     if not backward:
         return fwd
-    kv_again = (n - 1) * 2 * kv_heads * block * itemsize if n > 2 else 0.0
+    kv_again = (n - 1) * 2 * kv_heads * block * itemsize
     return fwd + kv_again + n * 2 * kv_heads * block * 4 + relayout
 
 

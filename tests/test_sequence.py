@@ -275,7 +275,7 @@ def test_bytes_formulas_closed_form():
     # ring: forward n-1 K/V rotations; backward n-1 K/V rotations and n float32 dK/dV rotations; causal adds the
     # zigzag relayouts (q, k, v, out; their transposes in the backward)
     assert sequence.ring_bytes(2, 16, 8, 4, 8, 4, causal=False) == (2 * 3 * 2 * 4 + 4 * 2 * 4) * block
-    assert sequence.ring_bytes(2, 16, 8, 4, 8, 2, causal=False) == (2 * 4 + 2 * 2 * 4) * 2 * block  # n=2: merged
+    assert sequence.ring_bytes(2, 16, 8, 4, 8, 2, causal=False) == (2 * 2 * 4 + 2 * 2 * 4) * 2 * block  # n=2 too
     assert sequence.ring_bytes(2, 16, 8, 4, 8, 4) == (2 * 3 * 2 * 4 + 4 * 2 * 4 + 2 * (2 * 8 + 2 * 4)) * block
     assert sequence.ring_bytes(2, 16, 8, 4, 8, 4, backward=False) == (3 * 2 * 4 + 2 * 8 + 2 * 4) * block
     # bfloat16 halves everything but the float32 dK/dV accumulators

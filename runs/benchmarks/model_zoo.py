@@ -159,7 +159,10 @@ def write_markdown(results: list[dict], meta: dict) -> str:
               "plan's prediction by 1-6%; the working set of straight-line code is still `WORKING_SET` (1.3) x one "
               "block's matmul outputs. Refitted on its fit set's MLP cases (1.75) it would take the attention models' "
               "seq plans to -6.6% / -5.5% but the CNN's tensor and fsdp plans to +12.9% / +12.2%: not applied. "
-              "`encoder` / seq is -10.4% (it was -9.9%): its ring attention's memory beside the blocks.",
+              "`encoder` / seq was -10.4%: XLA recomputed both blocks' ring probabilities as soon as the forward "
+              "ended and held them together; the ring's backward now waits for its cotangent "
+              "(`autoshard.sequence._after_cotangent`), which lowered every seq plan's compiled memory by 2-3% "
+              "(encoder 328.5 -> 317.5 KiB, -7.3%).",
               "- `cnn` / tensor: `tensor/all-gather` 576 B over the prediction (within the 1 KiB slack), three choices "
               "of XLA's partitioner "
               "around ops the planner leaves replicated or splits where they lie: it gathers the head's kernel "
