@@ -118,9 +118,9 @@ def plan(model: nnx.Module | Callable, example_batch: Any, *, params: Any = None
     cluster = load_cluster(cluster) if cluster is not None and not isinstance(cluster, ClusterSpec) else cluster
     cluster = cluster or local_cluster()
     pipelined = fixed.get("pipe", 1) > 1 or any(x is not None for x in (schedule, microbatches, virtual))
-    # an NNX model pipelines only restaged (`autoshard.staging`) unless it is a StagedModel: its own program's
-    # pipelines (a scanned stack's, under its own parameter names) would not run
-    restaged = params is None and bool(protocols.missing(_abstract(model), protocols.StagedModel))
+    # a loss function over variables, and an NNX model unless it is a StagedModel, pipeline only restaged
+    # (`autoshard.staging`): their own program's pipelines (a scanned stack's, under its own names) would not run
+    restaged = params is not None or bool(protocols.missing(_abstract(model), protocols.StagedModel))
 
     def search(pipelined: bool, attention: bool) -> tuple[Graph, Plan | None, AutoshardError | None]:
         graph, dtype = _trace(model, example_batch, loss_fn, params, rng, optimizer, attention=attention,

@@ -32,9 +32,10 @@ the stand-in passing it through.
 
 `LinenStaged` does the same for a plain loss function over Linen variables whose model runs numbered blocks
 (`layers_0`, `layers_1`, ...): Linen's method interception plays the stand-ins' part, and `Trainer.variables()`
-gives the variables back in the user's structure, boxes included. Its dropout key (`rng=`) becomes two NNX RNG
-streams, one for the code around the blocks and one stacked per block, so the pipeline derives each microbatch's
-and layer's key as it does an NNX model's (`pipeline.stream_state`).
+gives the variables back in the user's structure, boxes included; or whose blocks are an `nn.scan` stack, whose
+stacked weights are used as they are (the scan cut where its lifted call starts). Its dropout key (`rng=`) becomes
+two NNX RNG streams, one for the code around the blocks and one stacked per block, so the pipeline derives each
+microbatch's and layer's key as it does an NNX model's (`pipeline.stream_state`).
 """
 
 from __future__ import annotations
@@ -244,15 +245,21 @@ def find_stack(model: nnx.Module) -> tuple[tuple[Any, ...], nnx.Module, int] | N
     for path, node in nnx.iter_graph(model):
         if not path or not isinstance(node, nnx.Module):
             continue
-        shapes = [np.shape(x) for x in jax.tree.leaves(nnx.state(node, nnx.Param))]
-        if not shapes or min(map(len, shapes)) < 1 or max(map(len, shapes)) < 2:
-            continue
-        if len({s[0] for s in shapes}) != 1 or shapes[0][0] < 2:
-            continue
-        key = (len(shapes), sum(int(np.prod(s)) for s in shapes), -len(path))
-        if rank is None or key > rank:
-            best, rank = (tuple(path), node, int(shapes[0][0])), key
+        key = _stack_rank([np.shape(x) for x in jax.tree.leaves(nnx.state(node, nnx.Param))], len(path))
+        if key is not None and (rank is None or key > rank):
+            best, rank = (tuple(path), node, int(key[-1])), key
     return best
+
+
+def _stack_rank(shapes: list[tuple], depth: int) -> tuple | None:
+    """How likely weights of these shapes, `depth` deep in the model, are a scanned block stack: None unless they
+    all share a leading axis of two or more and one has another axis besides; else (count, size, -depth, layers),
+    larger for the stack to pick (the most weights, then the largest, then the outermost)."""
+    if not shapes or min(map(len, shapes)) < 1 or max(map(len, shapes)) < 2:
+        return None
+    if len({s[0] for s in shapes}) != 1 or shapes[0][0] < 2:
+        return None
+    return len(shapes), sum(int(np.prod(s)) for s in shapes), -depth, shapes[0][0]
 
 
 def _signature(block: nnx.Module) -> tuple:
@@ -469,7 +476,8 @@ def _same_program(cut: Callable, original: Callable, name: str, *args: Any, scan
                         f"pipeline can cut only `for block in blocks: x = block(x)`; use pipe=1")
 
 
-_KEY_PRIMITIVES = {"random_fold_in", "random_split", "random_wrap", "random_unwrap", "random_seed", "threefry2x32"}
+_KEY_PRIMITIVES = {"random_fold_in", "random_split", "random_wrap", "random_unwrap", "random_seed", "random_clone",
+                   "threefry2x32"}
 """What derives RNG keys (as opposed to `random_bits`, a draw)."""
 
 
@@ -560,12 +568,22 @@ class LinenStaged(nnx.Module):
     """A plain loss function over Linen variables (`autoshard.functional`) whose model runs numbered blocks
     (`layers_0`, `layers_1`, ... in a Python loop), cut around them as `Staged` cuts an NNX model: Linen's method
     interception stops the loss at the first block (prologue) or has every block return the last block's output
-    (epilogue), and a block runs alone as its own module applied to its slice of the stacked weights. Only a
+    (epilogue), and a block runs alone as its own module applied to its slice of the stacked weights.
+
+    Or whose blocks are an `nn.scan` stack (`x, _ = nn.scan(Block, variable_axes={"params": 0}, ...)(x, None)`,
+    weights with a leading layers axis: `scanned`): the stacked weights are `blocks` as they are, under the user's
+    paths (`list_path`). Linen does not intercept a transformed module's own call, so the scan is cut where the
+    lifted call gathers its scopes (`_scan_cut`): the prologue stops there with the carry it was given; the
+    epilogue scans from the last block's output, each block passing its carry through. One block is the scanned
+    class's block applied to one layer's slice, its `(carry, None)` unpacked. Only a
     `params` collection: other state collections are not carried between stages. A dropout key `rng` is held as
     RNG streams (`dropout` for the code around the blocks, `blocks[BLOCK_RNG]` stacked per block), which the
     pipeline gives each microbatch and layer a key of its own from (`pipeline.stream_state`): the loss then runs
     with its microbatch's key (prologue and epilogue the same one, as the loss is one call), a block with its
     layer's (`rngs=` of its apply, under the stream names the loss gave the model)."""
+
+    scanned: bool = False
+    """Whether the blocks are an `nn.scan` stack (weights stacked by the user) rather than numbered modules."""
 
     def __init__(self, loss_fn: Callable, variables: Any, rng: Any = None):
         from autoshard.functional import FunctionModel
@@ -579,15 +597,22 @@ class LinenStaged(nnx.Module):
             raise PlanError("a pipelined loss function takes Linen variables with a params collection only: state "
                             "collections (batch statistics) are not carried between stages; use pipe=1")
         found = _numbered_blocks(params)
-        if found is None:
+        stack = _stacked_params(params) if found is None else None
+        if found is None and stack is None:
             raise PlanError("the loss function's parameters have no numbered blocks (layers_0, layers_1, ... with the "
-                            "same weight shapes) to split into pipeline stages")
-        self.prefix, names = found
-        self.layers = len(names)
+                            "same weight shapes) nor an nn.scan stack of blocks (weights with a leading layers axis) "
+                            "to split into pipeline stages")
         self.loss_fn = loss_fn
         self.token = next(_tokens)
-        self.outer = _to_nnx({k: v for k, v in params.items() if k not in names})
-        self.blocks = _to_nnx(jax.tree.map(_stack, *[params[n] for n in names]))
+        if stack is not None:
+            self.scanned, self.list_path, self.layers = True, stack[0], stack[1]
+            outer, stacked = _split_at(params, self.list_path)
+            self.outer, self.blocks = _to_nnx(outer), _to_nnx(stacked)
+        else:
+            self.prefix, names = found
+            self.layers = len(names)
+            self.outer = _to_nnx({k: v for k, v in params.items() if k not in names})
+            self.blocks = _to_nnx(jax.tree.map(_stack, *[params[n] for n in names]))
         self.keyed = rng is not None
         if self.keyed:
             if BLOCK_RNG in self.blocks:
@@ -599,7 +624,12 @@ class LinenStaged(nnx.Module):
                                                    tag="dropout")
 
     def block_path(self, i: int) -> str:
-        return f"{self.prefix}{i}"
+        """The user's name of block i: `layers_3`, or of a scanned stack `blocks/3` (its layer 3)."""
+        return "/".join([*self.list_path, str(i)]) if self.scanned else f"{self.prefix}{i}"
+
+    def _where(self) -> str:
+        """The scanned stack's path, for messages."""
+        return "/".join(self.list_path)
 
     def embed_inputs(self, batch: Any) -> jax.Array:
         return self._prologue(_plain(self.outer), batch, self._key(self))
@@ -608,8 +638,15 @@ class LinenStaged(nnx.Module):
         return self._epilogue(_plain(self.outer), x, batch, self._key(self))
 
     def call_block(self, block: Any, x: jax.Array) -> jax.Array:
-        module, args, kwargs, streams = _static[self.token]
-        return module.apply({"params": _plain(block)}, x, *args, rngs=_rngs(streams, self._key(block)), **kwargs)
+        return self._apply_block(_plain(block), x, self._key(block))
+
+    def _apply_block(self, params: dict, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        """One block's module (as the prologue recorded it) applied to its weights: x, or a scanned block's carry."""
+        module, args, kwargs, streams, inner = _static[self.token]
+        for name in inner:  # (a stack found around the scanned module: its weights one level in)
+            params = params[name]
+        out = module.apply({"params": params}, x, *args, rngs=_rngs(streams, key), **kwargs)
+        return _scan_carry(out, self._where()) if self.scanned else out
 
     def _key(self, owner: Any) -> jax.Array | None:
         """The stream's draw (`dropout` of the model, or a block's): fold_in(key, count), the stream left as it is,
@@ -624,6 +661,8 @@ class LinenStaged(nnx.Module):
         return _scanned_loss(self, batch)
 
     def _intercept(self, mode: _Mode) -> Any:
+        if self.scanned:
+            return self._scan_cut(mode)
         from flax import linen as nn
 
         first = (self.block_path(0),)
@@ -639,21 +678,90 @@ class LinenStaged(nnx.Module):
             if path == first:
                 rest, named = _plain_arguments(args[1:], kwargs)
                 streams = tuple(sorted(getattr(scope, "rngs", None) or ())) if self.keyed else ()
-                _static[self.token] = (context.module.clone(parent=None), rest, dict(named), streams)
+                _static[self.token] = (context.module.clone(parent=None), rest, dict(named), streams, ())
                 raise _Reached(args[0])
             return next_fun(*args, **kwargs)
         return nn.intercept_methods(interceptor)
+
+    @contextlib.contextmanager
+    def _scan_cut(self, mode: _Mode) -> Iterator[None]:
+        """While the loss runs: the lifted call of the module at `list_path`, or of an nn.scan module below it
+        (`flax.linen.transforms.get_module_scopes`, which it calls with the scan's arguments before scanning),
+        stops the prologue with its carry, or has the epilogue scan from the last block's output, each block (the
+        scanned class's own call, intercepted) passing its carry through."""
+        from flax import linen as nn
+        from flax.linen import transforms
+
+        original, lifted = transforms.get_module_scopes, []
+
+        def scopes(module, args=None, kwargs=None):
+            path = _scope_path(module)
+            if path is None or path[:len(self.list_path)] != self.list_path or (
+                    path != self.list_path and _scan_options(type(module)) is None):
+                return original(module, args, kwargs)
+            self._record_scan(module, path[len(self.list_path):], tuple(args or ()), dict(kwargs or {}))
+            if mode.kind == "prologue":
+                raise _Reached(args[0])
+            lifted.append(path)
+            return original(module, (mode.x, *args[1:]), kwargs)
+
+        def through(next_fun, args, kwargs, context):
+            if (context.method_name != "__call__" or not lifted or _scope_path(context.module) != lifted[0]
+                    or _scan_options(type(context.module)) is not None):
+                return next_fun(*args, **kwargs)
+            return args[0], None
+
+        transforms.get_module_scopes = scopes
+        try:
+            with nn.intercept_methods(through):
+                yield
+        finally:
+            transforms.get_module_scopes = original
+
+    def _record_scan(self, module: Any, inner: tuple[str, ...], args: tuple, kwargs: dict) -> None:
+        """One line for a scan a pipeline cannot cut; else the block module and its other arguments recorded (as
+        the numbered blocks' first block records them) for `call_block`."""
+        options = _scan_options(type(module))
+        where = self._where()
+        if options is None or options.get("reverse") or _params_axis(options) != 0:
+            raise PlanError(f"{where} is not run as nn.scan of its block class (variable_axes={{'params': 0}}, "
+                            f"forwards): a pipeline cuts only that scan, whose body is the block's call alone; scan "
+                            f"the block class itself, or use pipe=1")
+        if not args or not hasattr(args[0], "shape"):
+            raise PlanError(f"the scan over {where} carries {len(jax.tree.leaves(args[:1]))} arrays in a "
+                            f"{type(args[0] if args else None).__name__}: a pipeline passes one activation between "
+                            f"stages; carry x alone, or use pipe=1")
+        if any(hasattr(a, "shape") for a in jax.tree.leaves((args[1:], kwargs))):
+            raise PlanError(f"the scan over {where} takes array inputs besides its carry (in_axes): a pipeline "
+                            f"passes one activation between stages; compute them inside the block (or scan over "
+                            f"(x, None)), or use pipe=1")
+        streams = tuple(sorted(getattr(module.scope, "rngs", None) or ())) if self.keyed else ()
+        shared = [s for s in streams if not _splits(options.get("split_rngs", {}), s)]
+        if shared:
+            raise PlanError(f"the scan over {where} gives its layers one {shared[0]} key: a pipeline gives each "
+                            f"layer its own; pass split_rngs={{'{shared[0]}': True}} to nn.scan, or drop rng=")
+        rest, named = _plain_arguments(args[1:], kwargs)
+        block = options["module_class"](parent=None, **{f.name: getattr(module, f.name) for f in
+                                                      dataclasses.fields(module) if f.init and f.name != "parent"})
+        _static[self.token] = (block, rest, dict(named), streams, inner)
 
     def _call(self, params: dict, batch: Any, key: jax.Array | None) -> Any:
         return self.loss_fn({"params": params}, batch) if key is None else self.loss_fn({"params": params}, batch, key)
 
     def _prologue(self, outer: dict, batch: Any, key: jax.Array | None = None) -> jax.Array:
+        from flax import errors
+
         mode = _Mode("prologue")
         with self._intercept(mode):
             try:
                 self._call(outer, batch, key)
             except _Reached as reached:
                 return reached.x
+            except (errors.ScopeParamNotFoundError, errors.ScopeCollectionNotFound):
+                if not self.scanned:  # (a stack's weights are not in `outer`: the loss used them otherwise)
+                    raise
+        if self.scanned:
+            raise _not_scanned(self._where())
         raise PlanError("the loss never called its blocks: there is nothing to pipeline")
 
     def _epilogue(self, outer: dict, x: jax.Array, batch: Any, key: jax.Array | None = None
@@ -679,21 +787,34 @@ class LinenStaged(nnx.Module):
             out = self._call(p, b, key)
             return out[0] if isinstance(out, tuple) else out
 
+        def scanned(p, b):
+            outer, stacked = _split_at(p, self.list_path)
+            x = self._prologue(outer, b, key)
+            keys = None if key is None else jax.random.split(key, self.layers)
+            x, _ = jax.lax.scan(lambda x, s: (_one_activation(self._apply_block(s[0], x, s[1]), x), None), x,
+                                (stacked, keys))
+            return self._epilogue(outer, x, b, key)[0]
+
         def cut(p, b):
             outer = {k: v for k, v in p.items() if k not in names}
             x = self._prologue(outer, b, key)
             for i, name in enumerate(names):
-                module, args, kwargs, streams = _static[self.token]
+                module, args, kwargs, streams, _ = _static[self.token]
                 rngs = _rngs(streams, None if key is None else jax.random.fold_in(key, i))
                 x = module.apply({"params": p[name]}, x, *args, rngs=rngs, **kwargs)
             return self._epilogue(outer, x, b, key)[0]
 
-        _same_program(cut, original, "the loss function", params, shapes, keys=self.keyed)
+        if self.scanned:
+            _same_program(scanned, original, self._where(), params, shapes, scanned=True, keys=self.keyed)
+        else:
+            _same_program(cut, original, "the loss function", params, shapes, keys=self.keyed)
 
     def user_params(self) -> dict[str, Any]:
         """The weights in the loss function's own `params` structure (stacked blocks split per block)."""
         out = dict(_plain(self.outer))
         stacked = _plain(self.blocks)  # (less the blocks' dropout stream)
+        if self.scanned:
+            return _put_at(out, self.list_path, stacked)
         for i in range(self.layers):
             out[self.block_path(i)] = jax.tree.map(lambda a, i=i: a[i], stacked)
         return out
@@ -757,6 +878,92 @@ def _numbered_blocks(params: dict) -> tuple[str, list[str]] | None:
         if best is None or size > best[0]:
             best = (size, prefix, [by_index[i] for i in range(n)])
     return None if best is None else (best[1], best[2])
+
+
+def _stacked_params(params: dict) -> tuple[tuple[str, ...], int] | None:
+    """(path, layers) of the sub-dict of `params` most like an nn.scan block stack (`_stack_rank`), or None. That
+    the loss runs it as nn.scan is checked when the loss runs (`LinenStaged._scan_cut`)."""
+    best, rank = None, None
+    for path, node in _dicts(params):
+        key = _stack_rank([np.shape(x) for x in jax.tree.leaves(node)], len(path))
+        if key is not None and (rank is None or key > rank):
+            best, rank = (path, int(key[-1])), key
+    return best
+
+
+def _dicts(tree: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict]]:
+    """(path, sub-dict) of every dict below `tree` (not `tree` itself)."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield path + (k,), v
+            yield from _dicts(v, path + (k,))
+
+
+def _split_at(tree: dict, path: tuple[str, ...]) -> tuple[dict, Any]:
+    """(`tree` less the entry at `path`, that entry); `tree` is not changed."""
+    head, rest = path[0], path[1:]
+    if not rest:
+        return {k: v for k, v in tree.items() if k != head}, tree[head]
+    inner, entry = _split_at(tree[head], rest)
+    return {**tree, head: inner}, entry
+
+
+def _put_at(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+    """The inverse of `_split_at`: `tree` with `value` at `path`."""
+    head, rest = path[0], path[1:]
+    return {**tree, head: _put_at(tree.get(head, {}), rest, value) if rest else value}
+
+
+def _scan_options(cls: type) -> dict[str, Any] | None:
+    """The options of an `nn.scan`-made module class (its `nn.scan` keywords and `module_class`, the block class it
+    scans), read from its lifted `__call__`; None for any other class."""
+    from flax.core import lift
+
+    fn = cls.__dict__.get("__call__")
+    cells = dict(zip(getattr(getattr(fn, "__code__", None), "co_freevars", ()), getattr(fn, "__closure__", None) or ()))
+    try:
+        values = {name: cell.cell_contents for name, cell in cells.items()}
+    except ValueError:  # (an empty cell)
+        return None
+    if values.get("transform") is not lift.scan or not isinstance(values.get("trafo_kwargs"), dict):
+        return None
+    return {**values["trafo_kwargs"], "module_class": values["module_class"]}
+
+
+def _params_axis(options: dict[str, Any]) -> Any:
+    """The axis an nn.scan stacks its `params` on (None if it does not)."""
+    from flax.core.scope import in_filter
+
+    return next((axis for f, axis in dict(options.get("variable_axes", {})).items() if in_filter(f, "params")), None)
+
+
+def _splits(split_rngs: Any, stream: str) -> bool:
+    """Whether an nn.scan's `split_rngs` gives each layer its own key of `stream`."""
+    from flax.core.scope import in_filter
+
+    return any(split and in_filter(f, stream) for f, split in dict(split_rngs).items())
+
+
+def _scope_path(module: Any) -> tuple[str, ...] | None:
+    """A bound Linen module's path (None unbound)."""
+    scope = getattr(module, "scope", None)
+    return None if scope is None else tuple(scope.path)
+
+
+def _not_scanned(where: str) -> PlanError:
+    """The one line for weights stacked like an nn.scan's that the loss does not run as one."""
+    return PlanError(f"the loss runs {where} (weights with a leading layers axis) otherwise than as nn.scan of a "
+                     f"block class: a pipeline splits numbered blocks (layers_0, layers_1, ...) or "
+                     f"`x, _ = nn.scan(Block, variable_axes={{'params': 0}}, ...)(name=...)(x, None)`; use pipe=1")
+
+
+def _scan_carry(out: Any, where: str) -> Any:
+    """The carry of a scanned block's `(carry, ys)`; a one-line error when the block has per-layer outputs (ys),
+    which a pipeline does not carry between stages."""
+    if not isinstance(out, tuple) or len(out) != 2 or jax.tree.leaves(out[1]):
+        raise PlanError(f"the blocks of the scan over {where} return more than (carry, None): a pipeline passes "
+                        f"one activation between stages; return (x, None), or use pipe=1")
+    return out[0]
 
 
 def _to_nnx(tree: Any) -> Any:
