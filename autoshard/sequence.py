@@ -804,8 +804,24 @@ def _ring_body(n: int, causal: bool, window: int | None = None, softcap: float |
 def _run_seq(body: Any, mesh: Any, q: Array, k: Array, v: Array, key_mask: Array | None) -> Array:
     """`body` manual over `seq` on sequence-sharded q, k, v (and key mask [B, S], when there is one)."""
     spec = P(None, "seq")
+    q, k, v = (_as_priced(mesh, x, seq=True) for x in (q, k, v))
     args = (q, k, v) if key_mask is None else (q, k, v, key_mask.astype(bool))
-    return manual_over("seq", body, (spec,) * len(args), spec, mesh, *args)
+    return _as_priced(mesh, manual_over("seq", body, (spec,) * len(args), spec, mesh, *args), seq=True)
+
+
+def _as_priced(mesh: Any, x: Array, *, seq: bool) -> Array:
+    """q, k, v or the output [B, S, H, D] of a sequence method constrained to the layout `planner.seq_expert`
+    prices: the batch over the batch axes, the sequence over `seq` (`seq`: else whole), the heads over `tensor`
+    where it divides them. The region manual over `seq` leaves the other axes to XLA, which otherwise may gather the
+    heads before it (a user's attention under seq=2 x tensor=2: the ring sent every head, 2x the priced bytes).
+    Inside another shard_map (the pipeline executor's) the layout is its own: left as it is."""
+    am = jax.sharding.get_abstract_mesh()
+    if (not am.empty and am.manual_axes) or not isinstance(mesh, jax.sharding.Mesh):
+        return x
+    batch = tuple(a for a in ("data", "fsdp", "expert") if axis_size(mesh, a) > 1)
+    t = axis_size(mesh, "tensor")
+    spec = P(batch or None, "seq" if seq else None, "tensor" if t > 1 and x.shape[2] % t == 0 else None)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = True, key_mask: Array | None = None,
@@ -894,9 +910,10 @@ def _whole_kv(mesh: Any, q: Array, k: Array, v: Array, key_mask: Array | None, s
         return _fill_empty_rows(o, jnp.mean(v.astype(jnp.float32), axis=1), keys, False, 0)
 
     whole = P()
+    q, k, v = _as_priced(mesh, q, seq=True), _as_priced(mesh, k, seq=False), _as_priced(mesh, v, seq=False)
     args = (q, k, v) if key_mask is None else (q, k, v, key_mask.astype(bool))
     specs = (P(None, "seq"), whole, whole, whole)[:len(args)]
-    return manual_over("seq", body, specs, P(None, "seq"), mesh, *args)
+    return _as_priced(mesh, manual_over("seq", body, specs, P(None, "seq"), mesh, *args), seq=True)
 
 
 __all__ = ["Causal", "all_to_all", "axis_size", "causal_mask", "check_attention", "check_window", "free_axes",

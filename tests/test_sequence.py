@@ -50,6 +50,7 @@ CASES = [  # method, mesh, heads, kv_heads, causal, spec of q/k/v
     ("ring", dict(seq=4), 4, 2, False, P(None, "seq")),
     ("ring", dict(data=2, seq=4), 4, 4, True, P("data", "seq")),
     ("ring", dict(seq=2, tensor=2), 4, 2, True, P(None, "seq", "tensor")),  # heads split over tensor
+    ("ring", dict(seq=2, tensor=2), 4, 2, True, P(None, "seq")),  # heads whole on entry: split as priced
 ]
 
 
