@@ -541,6 +541,11 @@ class Problem:
         out += [("all-gather", ("fsdp",), nbytes / f, gathers), ("reduce-scatter", ("fsdp",), nbytes, uses - whole),
                 ("all-reduce", ("fsdp",), nbytes, whole)]
         out = [x for x in out if x[3] > 0]
+        if rep and seq and path not in self._lookups:  # (as compiled: the shard's gradient over data and seq at once)
+            return out + [("all-reduce", tuple(sorted(rep + ("seq",), key=AXES.index)), nbytes / f,
+                           self._reductions[path])]
+        if rep and seq:  # a gathered table's: over data, then over seq twice (as compiled)
+            seq = [(kind, axes, b, 2 * n) for kind, axes, b, n in seq]
         if rep:
             out.append(("all-reduce", rep, nbytes / f, self._reductions[path]))
         return out + seq
@@ -557,7 +562,8 @@ class Problem:
             return False
         if self.t > 1:
             return True
-        sizes = [local_nbytes(self.values[vid], self.b) for vid in self._lookups[path][0]]
+        # (weighed over the batch axes' split alone: under seq, gpt-tiny's lookups half the table were gathered)
+        sizes = [local_nbytes(self.values[vid], self.batch_shards) for vid in self._lookups[path][0]]
         return all(size < nbytes or (tie and size == nbytes) for size in sizes)
 
     def _reduced_whole(self, path: str) -> int:

@@ -58,6 +58,7 @@ def test_short_dense_case_keeps_seq_and_expert_at_one():
 
 
 CASES = [("gpt-tiny", "data=2,seq=4", "ring", "seq/collective-permute"),
+         ("gpt-tiny", "data=2,fsdp=2,seq=2", "ring", "data+seq/all-reduce"),  # ZeRO-3 shards over data x seq
          ("gpt-tiny:heads=8", "seq=8", "ulysses", "seq/all-to-all"),
          ("moe-tiny", "data=2,expert=4", None, "expert/collective-permute")]
 
