@@ -53,10 +53,13 @@ def test_pipeline_with_moe_layers(schedule, token_batch, built_moe, moe_referenc
     split into B and W, the cotangent of the probability sums included) from a forward-only statistics sweep
     before the table (as under 1F1B and interleaved), under GPipe from the forward phase itself, which keeps the
     residuals for the backward ticks (no sweep and no recompute: the unpipelined step's FLOPs over the 8 devices,
-    where the sweep made it 1.34x)."""
+    where the sweep made it 1.34x). The planner's prediction of the plan's point-to-point sends and gradient sums
+    (expert weights over data, the rest over data x expert) is the compiled program's, within 1%."""
     abstract = models.abstract("moe-tiny")
     plan = rule_plan(abstract, "pipe=2,data=2,expert=2",
                      pipeline=pipeline_spec(abstract, 2, schedule=schedule, microbatches=2))
+    shapes = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in token_batch.items()}
+    predicted = predict(plan, abstract, shapes, "cpu:8")
     trainer = parallelize(built_moe, make_optimizer(lr=LR), plan, devices=jax.devices()[:plan.num_devices])
     runs = [trainer.step_with_grads(token_batch) for _ in range(3)]
     reference, flops = moe_reference
@@ -69,9 +72,17 @@ def test_pipeline_with_moe_layers(schedule, token_batch, built_moe, moe_referenc
     for path, g in grads.items():
         scale = np.max(np.abs(ref_grads[path])) + 1e-12
         assert np.max(np.abs(g - ref_grads[path])) <= 1e-5 * scale, path
+    stats = analyze(trainer.compile(token_batch, grads=True), trainer.mesh)
     if schedule == "gpipe":  # no sweep: the compiled step does less than the sweep's 1.34x
-        work = sum(analyze(trainer.compile(token_batch, grads=True), trainer.mesh)["flops_by_device"]) / flops
+        work = sum(stats["flops_by_device"]) / flops
         assert work <= 1.01, work
+    assert ("statistics sweep" in predicted["time_breakdown"]) == (schedule == "zb")
+    # (pipe/all-reduce: this program returns the gradients whole over pipe, which the train step does not)
+    judged = [k for k, v in stats["comm_bytes"].items() if v > 1000 and k != "pipe/all-reduce" and (
+        k.startswith("pipe") or k.endswith("all-reduce"))]
+    assert {"pipe/collective-permute", "data/all-reduce", "data+expert/all-reduce"} <= set(judged), judged
+    for k in judged:
+        assert predicted["comm_bytes"].get(k, 0.0) == pytest.approx(stats["comm_bytes"][k], rel=0.01), k
 
 
 MICRO = 8  # 1F1B holds 2 stage inputs per device where GPipe holds all 8

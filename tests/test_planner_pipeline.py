@@ -10,8 +10,6 @@ import pytest
 
 import models
 from autoshard import api, cli
-from autoshard.analysis import analyze
-from autoshard.train import make_optimizer, parallelize
 from planner import stages
 from planner.cluster import load_cluster
 from planner.plan import PipelineSpec
@@ -119,25 +117,14 @@ def test_predict_reproduces_the_search_for_a_pipeline_plan(planned_pair):
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "zb"])
-def test_moe_pipeline_predictions_match_the_compiled(token_batch, schedule):
+def test_moe_pipeline_plans_a_statistics_sweep_only_where_the_schedule_needs_it(schedule):
     """moe-tiny on pipe=2 x expert=2 (fixed; the search picks the rest): under GPipe no separate statistics sweep
-    (the forward phase is the sweep: one send a tick there, the backward ticks' sends after), under zb the sweep
-    and then the table's sends; the gradient sums split expert weights (over data) from the rest (over data x
-    expert), as compiled."""
+    (the forward phase is the sweep), under zb the sweep before the table. The predictions of such plans against
+    the compiled program: tests/test_pipeline_compiled.py's MoE pipelines."""
     plan = api.plan(models.abstract("moe-tiny"), shapes(16, 64), cluster=CPU8, mesh={"pipe": 2, "expert": 2},
                     schedule=schedule, microbatches=4)
     assert plan.pipeline is not None and plan.experts == {"degree": 2}
     assert ("statistics sweep" in plan.predicted["time_breakdown"]) == (schedule == "zb")
-    trainer = parallelize(models.create("moe-tiny"), make_optimizer(), plan)  # built: no initialiser to compile
-    stats = analyze(trainer.compile(token_batch), trainer.mesh)
-    judged = [k for k in stats["comm_bytes"] if k.split("/")[0].startswith("pipe") or k.endswith("all-reduce")
-              and not k.startswith(("tensor", "expert/"))]
-    assert "pipe/collective-permute" in judged and "data/all-reduce" in judged
-    for k in judged:
-        if stats["comm_bytes"][k] > 1000:
-            assert plan.predicted["comm_bytes"].get(k, 0.0) == pytest.approx(stats["comm_bytes"][k], rel=0.01), k
-
-
 
 
 @pytest.mark.parametrize("args, words", [
