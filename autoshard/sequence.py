@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from planner.errors import PlanError
+from planner.plan import BATCH_AXES
 from planner.seq_expert import RING_CHUNK, ring_bytes, ulysses_bytes  # noqa: F401 (re-exported)
 
 Array = jax.Array
@@ -722,7 +723,7 @@ def _seen_keys(keys: Array, first_row: Array | int, t: int, window: int | None) 
 def _after_cotangent(res: tuple, do: Array) -> tuple:
     """The residuals, made to wait for the output's cotangent. Without it XLA may recompute every layer's
     probability blocks from the residuals as soon as the forward ends (in straight-line code, and for a ring step
-    outside a loop) and hold them all at once (the zoo encoder at data=4,seq=2: 1.2 MB more than with the wait,
+    outside a loop) and hold them all at once (the zoo encoder at data=4,seq=2: 1.2 MiB more than with the wait,
     more than its dense plan), and at seq=2 it merges the backward's K/V rotation with the forward's, keeping each
     layer's received K/V until its backward. A backward now holds one layer's blocks and sends K/V again, in
     every model as in a layer scan, as `planner.seq_expert` prices."""
@@ -818,7 +819,7 @@ def _as_priced(mesh: Any, x: Array, *, seq: bool) -> Array:
     am = jax.sharding.get_abstract_mesh()
     if (not am.empty and am.manual_axes) or not isinstance(mesh, jax.sharding.Mesh):
         return x
-    batch = tuple(a for a in ("data", "fsdp", "expert") if axis_size(mesh, a) > 1)
+    batch = tuple(a for a in BATCH_AXES if axis_size(mesh, a) > 1)  # in the batch's own order (`emit.batch_spec`)
     t = axis_size(mesh, "tensor")
     spec = P(batch or None, "seq" if seq else None, "tensor" if t > 1 and x.shape[2] % t == 0 else None)
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
