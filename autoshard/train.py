@@ -197,7 +197,8 @@ class Trainer:
         specs = self._activation_specs.get(_batch_key(batch))
         if not specs:
             return self._plain_loss(params, rest, batch)
-        closed, shapes = jax.make_jaxpr(self._plain_loss, return_shape=True)(params, rest, batch)
+        # (a lambda: under seq the attention rewrite traces `_plain_loss` itself inside this trace)
+        closed, shapes = jax.make_jaxpr(lambda *a: self._plain_loss(*a), return_shape=True)(params, rest, batch)
 
         def constrained(key, values, position):
             want = specs.get(key, {})
@@ -212,9 +213,11 @@ class Trainer:
 
     def _specs_for(self, batch: Any) -> dict:
         """The activation constraints for batches like `batch` (none where the runtime leaves layouts to XLA:
-        pipelines, sequence and expert parallelism, a scanned layer stack that places its own boundary)."""
+        pipelines, expert parallelism, a scanned layer stack that places its own boundary). Under seq, read off the
+        program with its attention dense, as the planner priced it: the ring's or Ulysses' equations have no keys
+        (`planner.jax_internals.equation_keys`), so those around them keep theirs."""
         mesh = self.plan.mesh
-        if self.pipeline is not None or mesh["seq"] > 1 or mesh["expert"] > 1 or self.plan.num_devices == 1:
+        if self.pipeline is not None or mesh["expert"] > 1 or self.plan.num_devices == 1:
             return {}
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), self.params)
         rest = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), self.rest)
@@ -224,7 +227,8 @@ class Trainer:
         dims = {"rest": jax.tree.map(lambda _: -1, rest), "batch": jax.tree.map(lambda _: 0, data)}
         with warnings.catch_warnings():  # (what the planner would warn of, it said when it planned)
             warnings.simplefilter("ignore")
-            graph = trace(lambda p, inputs: self._plain_loss(p, inputs["rest"], inputs["batch"]), params,
+            dense = dataclasses.replace(self.ops_context, attention="dense")
+            graph = trace(lambda p, inputs: self._plain_loss(p, inputs["rest"], inputs["batch"], dense), params,
                           {"rest": rest, "batch": data}, paths, table, dims)
         if graph.stack == "scan":
             return {}
@@ -234,11 +238,12 @@ class Trainer:
             warnings.warn(f"activations left to XLA's layout: {e}", stacklevel=2)
             return {}
 
-    def _plain_loss(self, params, rest, batch):
-        """Loss, metrics and the model's non-parameter state after the call (RNG counters, statistics). With seq > 1,
-        attention the model writes itself runs as `ops.attention` (`autoshard.attention_rewrite`), so as the plan's
-        ring or Ulysses attention; the rewrite traces this method again, which then runs as written."""
-        with ops.context(self.ops_context):
+    def _plain_loss(self, params, rest, batch, context: ops.OpsContext | None = None):
+        """Loss, metrics and the model's non-parameter state after the call (RNG counters, statistics), run under
+        `context` (default: the plan's). With seq > 1, attention the model writes itself runs as `ops.attention`
+        (`autoshard.attention_rewrite`), so as the plan's ring or Ulysses attention; the rewrite traces this method
+        again, which then runs as written, in its caller's context."""
+        with ops.context(context or (ops.current() if attention_rewrite.active() else self.ops_context)):
             if self.plan.mesh["seq"] > 1 and not attention_rewrite.active():
                 if self._attention is None:  # one instance: it warns once about attention it leaves dense
                     self._attention = attention_rewrite.AttentionRewrite.of_model(self._plain_loss, self.abstract)

@@ -114,7 +114,8 @@ class Solution:
 class Problem:
     def __init__(self, graph: Graph, mesh: dict[str, int], cluster: ClusterSpec, *, remat: str = "none",
                  compute_dtype: str = "float32", fixed_params: dict[str, ParamChoice] | None = None,
-                 fixed_layouts: dict[int, Layout] | None = None, objective: str = "time",
+                 fixed_layouts: dict[int, Layout] | None = None,
+                 fixed_uses: dict[tuple[int, int], Layout] | None = None, objective: str = "time",
                  attention_residuals: bool = True, tensor_weights: bool = False):
         self.g, self.mesh, self.cluster, self.remat, self.dtype = graph, mesh, cluster, remat, compute_dtype
         self._comm_costs: dict[tuple, float] = {}
@@ -122,7 +123,7 @@ class Problem:
         """"time" (plan for speed), "bytes" (predict what XLA's partitioner does with a given plan: it follows the
         given shardings and moves as few bytes as it can, whatever the links) or "memory" (the least memory)."""
         self.fixed_layouts = dict(fixed_layouts or {})
-        """Values whose layout is given (a plan's activation constraints)."""
+        """Values whose layout is given (a plan's activation constraints, a sequence method's output)."""
         self.attention_residuals = attention_residuals
         """False when the runtime's attention keeps its own residuals (ring attention's custom backward saves only
         q, k, v, out and the log-sum-exp, priced by `planner.seq_expert`): nothing the traced dense attention's ops
@@ -167,6 +168,19 @@ class Problem:
             self.param_choices[path] = [choice]
         self._stacked = stacked_params(graph)
         self._use_dtypes = shared(("use dtypes",), self._count_use_dtypes)
+        self._fix(fixed_uses or {})
+
+    def _fix(self, uses: dict[tuple[int, int], Layout]) -> None:
+        """Keep only the strategies of an op that read an operand in the layout `uses` gives (op, operand) (the
+        runtime converts it first: a sequence method's q, k, v), where one does. A layout `fixed_layouts` gives a
+        value that no strategy produces (heads over tensor where a reshape merges them from a dimension tensor
+        does not divide) is left free: the prediction can only approximate that program."""
+        strats = dict(self.op_strats)  # (the table is shared with other meshes of the same tensor degree)
+        for (index, pos), lay in uses.items():
+            kept = [st for st in strats[index] if st.ins[pos] == lay]
+            strats[index] = kept or strats[index]
+        self.op_strats = strats
+        self.fixed_layouts = {v: lay for v, lay in self.fixed_layouts.items() if lay in self.value_layout_options(v)}
 
     def _batch_split_matters(self) -> bool:
         """Whether a value's batch dimension is a model dimension (not a token one) somewhere: only then does the

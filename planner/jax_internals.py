@@ -342,31 +342,49 @@ def stacked_residual_bytes(closed: Any, n_params: int, stacked: int) -> int:
     return total
 
 
+UNNUMBERED_SCOPES = ("autoshard.attention",)
+"""Scopes whose equations the runtime replaces by others (`ops.attention` traced dense for the planner, run as ring
+or Ulysses attention): they get no key (`equation_keys`), so every equation around them keeps the key it has in the
+program that runs."""
+
+
+def equation_keys(eqns: Any, path: tuple[int, ...] | None) -> list[tuple[int, ...] | None]:
+    """The key of each equation at one level of a jaxpr whose equations at enclosing levels have keys `path` (None:
+    none): the path plus its index among the level's equations outside `UNNUMBERED_SCOPES`, or None for one inside
+    (and, through `path`, for everything in its body). `planner.trace.Op.eqns` and `eval_jaxpr_hooked` number
+    equations this way."""
+    keys: list[tuple[int, ...] | None] = []
+    stacks = NameStacks()
+    i = 0
+    for eqn in eqns:
+        if path is None or any(s in stacks(eqn) for s in UNNUMBERED_SCOPES):
+            keys.append(None)
+            continue
+        keys.append((*path, i))
+        i += 1
+    return keys
+
+
 def eval_jaxpr_hooked(body: Body, args: list[Any], hook: Callable[[tuple[int, ...], Any, list[Any]], list[Any]],
                       path: tuple[int, ...] = (), before: Callable | None = None) -> list[Any]:
     """Run an open jaxpr on `args` as `jax.core.eval_jaxpr` does, the bodies of `INLINE_CALLS` inlined, passing
-    every equation's outputs through `hook(path, eqn, outputs)` (and, given `before`, its operands through
-    `before(path, eqn, operands)`); `path` is the equation's index at each level of inlined calls
-    (`planner.trace.Op.eqns` names equations the same way)."""
-    from jax._src import source_info_util
-
+    every numbered equation's outputs through `hook(key, eqn, outputs)` (and, given `before`, its operands through
+    `before(key, eqn, operands)`); `key` is `equation_keys`' (`planner.trace.Op.eqns` names equations the same
+    way). Equations without a key run as they are."""
     env: dict[Any, Any] = {}
     read = lambda v: v.val if is_literal(v) else env[v]  # noqa: E731
     for v, x in zip([*body.jaxpr.constvars, *body.jaxpr.invars], [*body.consts, *args]):
         env[v] = x
-    for i, eqn in enumerate(body.jaxpr.eqns):
-        key, ins = (*path, i), [read(v) for v in eqn.invars]
-        inner = call_body(eqn) if eqn.primitive.name in INLINE_CALLS else None
-        if inner is not None:
-            outs = eval_jaxpr_hooked(inner, ins[len(ins) - len(inner.jaxpr.invars):], hook, key, before)
+    for key, eqn in zip(equation_keys(body.jaxpr.eqns, path), body.jaxpr.eqns):
+        ins = [read(v) for v in eqn.invars]
+        if key is None:
+            outs = _bind_eqn(eqn, ins)
+        elif (inner := call_body(eqn) if eqn.primitive.name in INLINE_CALLS else None) is not None:
+            outs = hook(key, eqn, eval_jaxpr_hooked(inner, ins[len(ins) - len(inner.jaxpr.invars):], hook, key,
+                                                    before))
         else:
-            ins = before(key, eqn, ins) if before is not None else ins
-            name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
-            with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
-                out = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
-            outs = list(out) if eqn.primitive.multiple_results else [out]
-        for v, x in zip(eqn.outvars, hook(key, eqn, outs)):
-            env[v] = x
+            outs = hook(key, eqn, _bind_eqn(eqn, before(key, eqn, ins) if before is not None else ins))
+        env.update(zip(eqn.outvars, outs))
     return [read(v) for v in body.jaxpr.outvars]
 
 

@@ -197,6 +197,13 @@ def carry_layouts(graph: Graph) -> dict[int, None]:
     return {} if graph.stack == "loop" else {cin: None for _, cin in graph.carries}
 
 
+def runtime_layouts(graph: Graph, mesh: dict[str, int]) -> dict[str, dict]:
+    """What the runtime lays out on a mesh whatever the solution, as `new_problem` keywords: the layer inputs
+    (`carry_layouts`) and, under seq, the attention's q, k, v and output (`seq_expert.attention_layouts`)."""
+    outputs, uses = seq_expert.attention_layouts(graph, mesh)
+    return dict(fixed_layouts={**carry_layouts(graph), **outputs}, fixed_uses=uses)
+
+
 def real_params(graph: Graph, params: dict[str, list[SpecEntry]]) -> dict[str, list[SpecEntry]]:
     """Specs under the model's real parameter names: a folded loop's virtual stacked parameter gives every block's
     parameter its spec without the leading layer dimension (every Plan built from a graph goes through here)."""
@@ -317,7 +324,7 @@ class _MeshProblems:
     def __init__(self, graph: Graph, mesh: dict[str, int], cluster: ClusterSpec, compute_dtype: str,
                  pinned: dict[str, ParamChoice] | None, unplanned: set[str]) -> None:
         self.args = (graph, mesh, cluster)
-        self.kw = dict(compute_dtype=compute_dtype, fixed_params=pinned, fixed_layouts=carry_layouts(graph))
+        self.kw = dict(compute_dtype=compute_dtype, fixed_params=pinned, **runtime_layouts(graph, mesh))
         self.unplanned = unplanned
         self.made: dict[tuple, Problem] = {}
 
@@ -638,7 +645,7 @@ def smallest_memory(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict[
         for r in remat_options(graph):
             for dense in sorted({seq_expert.dense_residuals(x) for x in methods}):
                 pr = new_problem(graph, m, cluster, remat=r, objective="memory",
-                                 fixed_layouts=carry_layouts(graph), attention_residuals=dense)
+                                 attention_residuals=dense, **runtime_layouts(graph, m))
                 extra = min(sum(seq_expert.extras(shapes, m, batch, x, cluster, r).memory.values())
                             for x in methods if seq_expert.dense_residuals(x) == dense)
                 if exceeds(pr.memory_floor() + extra, least):
@@ -690,7 +697,7 @@ def _pipeline_problem(graph: Graph, cluster: ClusterSpec, m: dict[str, int], pin
     if key not in cache:
         shape = {**m, "data": m["data"] * m["fsdp"], "fsdp": 1}
         cache[key] = [new_problem(graph, shape, cluster, remat="none", compute_dtype=compute_dtype,
-                                  fixed_params=pinned, fixed_layouts=carry_layouts(graph),
+                                  fixed_params=pinned, **runtime_layouts(graph, shape),
                                   attention_residuals=attention_residuals)]
     return cache[key][0]
 
@@ -1004,8 +1011,8 @@ def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype:
 
 def activation_specs(plan: Plan, graph: Graph) -> dict[tuple[int, ...], dict[int, list[SpecEntry]]]:
     """The layout `predict` gives each activation the runtime can constrain, so the compiled program is the one
-    predicted: jaxpr equation (`Op.eqns`) -> output position -> spec (the batch dimension over the batch axes, the
-    tensor split where the solution puts one). Parameters and their casts keep their own specs (a constraint
+    predicted: jaxpr equation (`Op.eqns`) -> output position -> spec (the batch dimension over the batch axes, a
+    sequence over seq, the tensor split where the solution puts one). Parameters and their casts keep their own specs (a constraint
     there would gather a ZeRO-3 weight's gradient whole), partial sums and integer values are left to XLA.
 
     Where an op reads an operand in another layout than the value has (a conversion the prediction prices), the
@@ -1014,6 +1021,7 @@ def activation_specs(plan: Plan, graph: Graph) -> dict[tuple[int, ...], dict[int
     graph, problem, sol, _ = _plan_solution(plan, graph, f"cpu:{plan.num_devices}")  # byte-optimal: any cluster
     used = [a for a in BATCH_AXES if plan.mesh[a] > 1]
     batch: SpecEntry = None if not used else used[0] if len(used) == 1 else used
+    seq = plan.mesh["seq"]
 
     def spec_of(vid: int, layout: Layout) -> list[SpecEntry] | None:
         v = graph.values[vid]
@@ -1022,6 +1030,9 @@ def activation_specs(plan: Plan, graph: Graph) -> dict[tuple[int, ...], dict[int
         spec: list[SpecEntry] = [None] * len(v.shape)
         if v.batch_dim is not None:
             spec[v.batch_dim] = batch
+            tokens = [d for d in v.token_dims if d != v.batch_dim]  # a sequence: split over seq, as priced
+            if seq > 1 and tokens and v.shape[tokens[0]] % seq == 0:
+                spec[tokens[0]] = "seq"
         if isinstance(layout, int) and spec[layout] is None:
             spec[layout] = "tensor"
         return spec
@@ -1049,7 +1060,7 @@ def _plan_solution(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute
     if graph.stack == "loop" and plan.mesh["pipe"] > 1:
         raise AutoshardError(LOOP_PIPELINE)
     graph = graph_for(graph, plan.params, plan.remat)
-    fixed = {}
+    fixed, uses = seq_expert.attention_layouts(graph, plan.mesh)
     spec = plan.activations.get("layer_input")
     if spec is not None and graph.carries and graph.stack != "loop":  # the plan constrains the layer boundary:
         # so does the prediction
@@ -1058,12 +1069,13 @@ def _plan_solution(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute
     method = (plan.sequence or {}).get("method", "ring") if plan.mesh["seq"] > 1 else None
     dense = seq_expert.dense_residuals(method)
     problem = new_problem(graph, plan.mesh, cluster, remat=plan.remat, compute_dtype=compute_dtype,
-                      fixed_params=choices_from_plan(plan, graph), fixed_layouts=fixed, objective="bytes",
-                      attention_residuals=dense)
+                      fixed_params=choices_from_plan(plan, graph), fixed_layouts=fixed, fixed_uses=uses,
+                      objective="bytes", attention_residuals=dense)
     sol = problem.solve(None)
     if sol is not None:  # report times from the cluster model, for the layouts the partitioner would choose
         timed = new_problem(graph, plan.mesh, cluster, remat=plan.remat, compute_dtype=compute_dtype,
-                        fixed_params=choices_from_plan(plan, graph), fixed_layouts=fixed, attention_residuals=dense)
+                        fixed_params=choices_from_plan(plan, graph), fixed_layouts=fixed, fixed_uses=uses,
+                        attention_residuals=dense)
         sol = timed.evaluate(sol.ops, sol.params)
     if sol is None:
         raise AutoshardError("the plan's parameter layouts admit no consistent strategy: check its specs")

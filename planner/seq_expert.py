@@ -276,6 +276,35 @@ def op_shapes(graph: Any) -> OpShapes:
     return OpShapes(**out)
 
 
+def attention_layouts(graph: Any, mesh: dict[str, int]) -> tuple[dict[int, int | None], dict[tuple[int, int], int | None]]:
+    """How the runtime lays out each `ops.attention`'s q, k, v and output [B, S, H, D] around its sequence method
+    (`autoshard.sequence._as_priced`; `ring_bytes` / `ulysses_bytes` price that layout): the heads over tensor
+    where it divides them, else whole. Returns (output value -> layout, (op, operand) -> the layout the attention's
+    op reads q, k or v in): the inputs are converted on entry, from whatever layout their producers give them.
+    Empty without seq x tensor, or inside a pipeline (whose stages leave the layout to XLA)."""
+    t = mesh.get("tensor", 1)
+    if mesh.get("seq", 1) == 1 or t == 1 or mesh.get("pipe", 1) > 1:
+        return {}, {}
+
+    def layout(vid: int) -> tuple[bool, int | None]:
+        v = graph.values[vid]
+        wanted = len(v.shape) == 4 and v.param is None and v.dtype.startswith(("float", "bfloat"))
+        return wanted, (2 if wanted and v.shape[2] % t == 0 else None)
+
+    scoped = {op.index for op in graph.ops if "autoshard.attention" in op.scope}
+    outputs: dict[int, int | None] = {}
+    uses: dict[tuple[int, int], int | None] = {}
+    for i in sorted(scoped):
+        op = graph.ops[i]
+        for pos, vid in enumerate(op.inputs):
+            if vid is not None and graph.values[vid].producer not in scoped and (lay := layout(vid))[0]:
+                uses[(i, pos)] = lay[1]
+        for vid in op.outputs:
+            if any(c not in scoped for c, _ in graph.values[vid].consumers) and (lay := layout(vid))[0]:
+                outputs[vid] = lay[1]
+    return outputs, uses
+
+
 def _attentions(graph: Any, scoped: list[Any]) -> tuple[Attention, ...]:
     """Every `ops.attention` in the graph by its own shapes: each `ops.dense_attention` starts with its grouping
     of q ([B, S, H, D] -> [B, S, Hkv, H/Hkv, D]) and then multiplies it with k [B, T, Hkv, D] (its first

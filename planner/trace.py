@@ -88,8 +88,8 @@ class Op:
     flops: float
     eqns: tuple[tuple[int, ...], ...] = ()
     """The jaxpr equations this op is, each by its index at every level of inlined calls (`jax_internals.
-    eval_jaxpr_hooked` names them the same way): one, or one per block of a folded loop; none inside a body the
-    runtime runs whole (a scan, a remat, a custom derivative)."""
+    equation_keys`; `eval_jaxpr_hooked` names them the same way): one, or one per block of a folded loop; none
+    inside a body the runtime runs whole (a scan, a remat, a custom derivative) or an `ops.attention` it replaces."""
 
 
 @dataclasses.dataclass
@@ -186,10 +186,9 @@ class _Tracer:
     def walk(self, jaxpr, env: dict, count: int, in_layer: bool, path: tuple[int, ...] | None = ()) -> None:
         """Flatten `jaxpr`'s equations into ops; `path` names them as the runtime does (None: it cannot)."""
         literal = jint.Literal
-        for i, eqn in enumerate(jaxpr.eqns):
+        for key, eqn in zip(jint.equation_keys(jaxpr.eqns, path), jaxpr.eqns):
             ins = [None if isinstance(v, literal) else env[v] for v in eqn.invars]
             name = eqn.primitive.name
-            key = None if path is None else (*path, i)
             body = jint.call_body(eqn) if name in jint.CALLS else None
             if body is not None:
                 sub = body.jaxpr
