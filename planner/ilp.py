@@ -316,10 +316,14 @@ class Problem:
         if self.tensor_weights and len(t_opts) > 1 and self._contracted(path):
             t_opts = t_opts[1:]
         f = self.mesh["fsdp"]
+        # measured: a matmul weight that could be split over tensor but is left whole beside it has its ZeRO-3
+        # shard moved through the tensor axis (collective-permutes, its gradient all-reduced over fsdp), not
+        # gathered as priced (the zoo's GQA decoder at fsdp=2,seq=2,tensor=2: communication -24.8%): no ZeRO-3 then
+        whole_over_tensor = self.t > 1 and len(t_opts) > 1 and self._contracted(path)
         out = []
         for lay in t_opts:
             out.append(ParamChoice(lay, None))
-            if f > 1:
+            if f > 1 and not (lay is None and whole_over_tensor):
                 free = sorted((d for d in dims if d != lay and info.shape[d] % f == 0 and not (
                     # measured: with tensor > 1, XLA re-lays a table sharded along its looked-up rows (permutes
                     # and all-reduces); along a row's length it exchanges the lookups (all-to-all), as priced
@@ -328,6 +332,11 @@ class Problem:
                 if free:
                     out.append(ParamChoice(lay, free[0]))
         return out
+
+    def whole_weights(self, params: dict[str, ParamChoice]) -> list[str]:
+        """The matmul weights a solution leaves whole over tensor though they could be split over it."""
+        return [path for path, c in params.items() if self.t > 1 and c.layout is None and self._contracted(path)
+                and any(o.layout is not None for o in self.param_options(path))]
 
     def _contracted(self, path: str) -> bool:
         """Whether a contraction (matmul, convolution) reads the parameter, through casts and transposes of it."""

@@ -403,9 +403,11 @@ class _Search:
         """A mesh without pipe, seq or expert (never pruned: a mesh set aside as idle would be counted then)."""
         problems = self.problems(m)
         best = _solve_mesh(problems, self.remats, self.budget)
-        if best is not None and idle_tensor(best, m) and "tensor" in self.fixed:
+        if best is not None and "tensor" in self.fixed and (idle_tensor(best, m) or m["fsdp"] > 1 and problems.get(
+                best.solver["remat"]).whole_weights(best.params)):
             # the user asked for tensor parallelism: every matmul weight split over it (the solver picks how),
-            # rather than an idle axis that XLA would put to work its own way
+            # rather than an idle axis that XLA would put to work its own way; beside fsdp, rather than weights
+            # left whole over it, which then are not ZeRO-3 sharded (`Problem.param_options`)
             best = _solve_mesh(problems, self.remats, self.budget, tensor_weights=True) or best
         return Candidate(m, best, idle=best is not None and idle_tensor(best, m))
 
@@ -1012,8 +1014,9 @@ def predict(plan: Plan, graph: Graph, cluster: ClusterSpec | str, compute_dtype:
 def activation_specs(plan: Plan, graph: Graph) -> dict[tuple[int, ...], dict[int, list[SpecEntry]]]:
     """The layout `predict` gives each activation the runtime can constrain, so the compiled program is the one
     predicted: jaxpr equation (`Op.eqns`) -> output position -> spec (the batch dimension over the batch axes, a
-    sequence over seq, the tensor split where the solution puts one). Parameters and their casts keep their own specs (a constraint
-    there would gather a ZeRO-3 weight's gradient whole), partial sums and integer values are left to XLA.
+    sequence over seq, the tensor split where the solution puts one). Parameters and their casts keep their own
+    specs (a constraint there would gather a ZeRO-3 weight's gradient whole), partial sums and integer values are
+    left to XLA.
 
     Where an op reads an operand in another layout than the value has (a conversion the prediction prices), the
     operand is constrained too, under key `-1 - position`: XLA otherwise may run the op in the value's layout and

@@ -276,7 +276,8 @@ def op_shapes(graph: Any) -> OpShapes:
     return OpShapes(**out)
 
 
-def attention_layouts(graph: Any, mesh: dict[str, int]) -> tuple[dict[int, int | None], dict[tuple[int, int], int | None]]:
+def attention_layouts(graph: Any, mesh: dict[str, int]
+                      ) -> tuple[dict[int, int | None], dict[tuple[int, int], int | None]]:
     """How the runtime lays out each `ops.attention`'s q, k, v and output [B, S, H, D] around its sequence method
     (`autoshard.sequence._as_priced`; `ring_bytes` / `ulysses_bytes` price that layout): the heads over tensor
     where it divides them, else whole. Returns (output value -> layout, (op, operand) -> the layout the attention's

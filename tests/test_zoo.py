@@ -181,3 +181,15 @@ def test_seq_beside_tensor_is_laid_out_as_priced(zoo, name):
     bad = [(r.name, r.predicted, r.compiled) for r in rows.values() if r.tolerance is not None and not r.ok]
     assert not bad, bad
     assert rows["tensor/all-gather"].compiled == rows["tensor/all-gather"].predicted, rows["tensor/all-gather"]
+
+
+def test_no_weight_is_zero3_sharded_but_whole_beside_tensor():
+    """A matmul weight the plan leaves whole over tensor is not ZeRO-3 sharded beside it: XLA moves such a shard
+    through the tensor axis (collective-permutes, its gradient all-reduced over fsdp) where the plan prices a
+    gather and a reduce-scatter. The GQA decoder at fsdp=2,seq=2,tensor=2 was planned with its query, output and
+    MLP kernels and its embedding so: 64 KiB of fsdp+seq+tensor/collective-permute unpriced, communication -24.8%
+    (`runs/benchmarks/model_zoo.md`)."""
+    model = MODELS["gqa"]
+    plan = model.plan(model.batch(), cluster="cpu:8", mesh={"fsdp": 2, "seq": 2, "tensor": 2})
+    matrices = {p: spec for p, spec in plan.params.items() if len(spec) >= 2}
+    assert matrices and not [p for p, spec in matrices.items() if "fsdp" in spec and "tensor" not in spec], matrices
