@@ -183,11 +183,14 @@ def write_markdown(results: list[dict], meta: dict) -> str:
               "attention's q, k, v head-split as the ring runs them (`planner.seq_expert.attention_layouts`). "
               "Before, encoder / linen_lm / gqa at data=2,seq=2,tensor=2 failed (data and seq all-reduces +20..+27%, "
               "a tensor all-gather unpriced); now every communication key is within 0.5%. `gqa` / seq_tensor is "
-              "-10.5% on memory, as its tensor plan is -9.0% (not a seq rule). `gqa` / seq_fsdp_tensor: XLA moves "
-              "each ZeRO-3 weight used split over tensor along its fsdp dimension with a collective-permute of its "
-              "shard (`fsdp+seq+tensor/collective-permute`, then an fsdp all-reduce of the gradient) where the plan "
-              "prices an all-gather and a reduce-scatter: no rule yet. encoder and linen_lm leave fsdp unused there "
-              "(their fsdp=2 shards nothing), so they compile as their seq_tensor plans.",
+              "-10.5% on memory, as its tensor plan is -9.0% (not a seq rule).",
+              "- seq_fsdp_tensor (2026-12-01): `gqa` was planned with its query, output and MLP kernels and its "
+              "embedding ZeRO-3 sharded but whole over tensor; XLA moved each shard through the tensor axis "
+              "(`fsdp+seq+tensor/collective-permute` 64 KiB, gradients all-reduced over fsdp) where gathers were "
+              "priced: communication -24.8%. Such a weight is no longer ZeRO-3 sharded (`Problem.param_options`); "
+              "the three models now leave fsdp=2 sharding nothing there and compile as their seq_tensor plans. The "
+              "same rule moved `gqa`'s free plan to data=2,fsdp=2,tensor=2 with its tied embedding over tensor "
+              "(it was data=2,fsdp=4).",
               "- Known misses of the plans `tests/test_zoo.py` judges (free, tensor, fsdp, tight) are listed there "
               "(`KNOWN_OFF`, empty now); a listed figure that comes within tolerance fails that test until it is "
               "taken off the list.", ""]
