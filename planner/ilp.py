@@ -168,9 +168,9 @@ class Problem:
             self.param_choices[path] = [choice]
         self._stacked = stacked_params(graph)
         self._use_dtypes = shared(("use dtypes",), self._count_use_dtypes)
-        self._fix(fixed_uses or {})
+        self._read_as_given(fixed_uses or {})
 
-    def _fix(self, uses: dict[tuple[int, int], Layout]) -> None:
+    def _read_as_given(self, uses: dict[tuple[int, int], Layout]) -> None:
         """Keep only the strategies of an op that read an operand in the layout `uses` gives (op, operand) (the
         runtime converts it first: a sequence method's q, k, v), where one does. A layout `fixed_layouts` gives a
         value that no strategy produces (heads over tensor where a reshape merges them from a dimension tensor

@@ -26,6 +26,7 @@ import math
 from typing import Any
 
 from planner.errors import PlanError
+from planner.trace import dtype_kind
 
 SEQUENCE_METHODS = ("ulysses", "ring")
 
@@ -289,7 +290,7 @@ def attention_layouts(graph: Any, mesh: dict[str, int]
 
     def layout(vid: int) -> tuple[bool, int | None]:
         v = graph.values[vid]
-        wanted = len(v.shape) == 4 and v.param is None and v.dtype.startswith(("float", "bfloat"))
+        wanted = len(v.shape) == 4 and v.param is None and dtype_kind(v.dtype) == "float"
         return wanted, (2 if wanted and v.shape[2] % t == 0 else None)
 
     scoped = {op.index for op in graph.ops if "autoshard.attention" in op.scope}
