@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from planner.errors import PlanError
 from planner.plan import BATCH_AXES
-from planner.seq_expert import RING_CHUNK, ring_bytes, ulysses_bytes  # noqa: F401 (re-exported)
+from planner.seq_expert import RING_CHUNK, ring_bytes, splits_heads, ulysses_bytes  # noqa: F401 (re-exported)
 
 Array = jax.Array
 
@@ -820,8 +820,8 @@ def _as_priced(mesh: Any, x: Array, *, seq: bool) -> Array:
     if (not am.empty and am.manual_axes) or not isinstance(mesh, jax.sharding.Mesh):
         return x
     batch = tuple(a for a in BATCH_AXES if axis_size(mesh, a) > 1)  # in the batch's own order (`emit.batch_spec`)
-    t = axis_size(mesh, "tensor")
-    spec = P(batch or None, "seq" if seq else None, "tensor" if t > 1 and x.shape[2] % t == 0 else None)
+    heads = "tensor" if splits_heads(x.shape[2], axis_size(mesh, "tensor")) else None
+    spec = P(batch or None, "seq" if seq else None, heads)
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
 

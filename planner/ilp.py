@@ -157,6 +157,7 @@ class Problem:
                                                 if self.g.ops[c].primitive == "gather" and pos == 0})
         """Parameters looked up by a gather (embeddings): with another use, a tied one (`moves_weight`)."""
         self.param_choices = {path: self.param_options(path) for path in graph.param_values}
+        self._use_edges = shared(("use edges",), self._find_use_edges)
         self._uses = shared(("uses",), lambda: {path: self._count_uses(path) for path in graph.param_values})
         self._kernel_regathers = shared(("kernel regathers",), lambda: {
             path: self._reversed_kernel_uses(path) for path in graph.param_values})
@@ -167,7 +168,6 @@ class Problem:
         for path, choice in (fixed_params or {}).items():  # a given plan: its layouts, whatever the rules allow
             self.param_choices[path] = [choice]
         self._stacked = stacked_params(graph)
-        self._use_dtypes = shared(("use dtypes",), self._count_use_dtypes)
         self._read_as_given(fixed_uses or {})
 
     def _read_as_given(self, uses: dict[tuple[int, int], Layout]) -> None:
@@ -211,11 +211,20 @@ class Problem:
                 live.update(op.outputs)
         return live
 
+    def _find_use_edges(self) -> dict[str, list[tuple[int, int, int]]]:
+        """Parameter -> (view, op, operand) of each use that computes with it: an op reading the parameter or a
+        cast or transpose of it (a view), other than the ops that make those views."""
+        out: dict[str, list[tuple[int, int, int]]] = {path: [] for path in self.g.param_values}
+        for v in self.values.values():
+            if v.param is not None:
+                out.setdefault(v.param, []).extend(
+                    (v.id, c, pos) for c, pos in v.consumers
+                    if not all(self.values[o].param == v.param for o in self.g.ops[c].outputs))
+        return out
+
     def _count_uses(self, path: str) -> int:
         """Ops that compute with a parameter, looking through casts and transposes of it."""
-        ops = {c for v in self.values.values() if v.param == path for c, _ in v.consumers
-               if not all(self.values[o].param == path for o in self.g.ops[c].outputs)}
-        return max(1, len(ops))
+        return max(1, len({c for _, c, _ in self._use_edges.get(path, [])}))
 
     def _reversed_kernel_uses(self, path: str) -> int:
         """Convolutions whose input gradient a parameter's kernel computes: that gradient convolves with the kernel
@@ -235,19 +244,8 @@ class Problem:
         """How many all-reduces over the batch axes a parameter's gradient takes: two for a table both looked up
         and computed with (a tied embedding: XLA reduces the lookups' scatter-added gradient apart from the dense
         use's, then adds them), else one (dense uses' gradients are summed first)."""
-        kinds = {self.g.ops[c].primitive == "gather" and pos == 0 for v in self.values.values() if v.param == path
-                 for c, pos in v.consumers if not all(self.values[o].param == path for o in self.g.ops[c].outputs)}
+        kinds = {self.g.ops[c].primitive == "gather" and pos == 0 for _, c, pos in self._use_edges.get(path, [])}
         return 2 if kinds == {True, False} else 1
-
-    def _count_use_dtypes(self) -> dict[str, Counter]:
-        """Parameter -> how many of its uses (`_count_uses`) compute with it in each dtype (through its casts)."""
-        out: dict[str, Counter] = {path: Counter() for path in self.g.param_values}
-        for v in self.values.values():
-            if v.param is not None:
-                out.setdefault(v.param, Counter())[dtype_name(v.dtype)] += len({
-                    c for c, _ in v.consumers if not all(self.values[o].param == v.param
-                                                         for o in self.g.ops[c].outputs)})
-        return out
 
     def _lookup_tables(self) -> dict[str, tuple[list[int], set[int]]]:
         """Parameters used only as the table of gathers -> the gathers' outputs, and the indexed dimensions."""
@@ -335,8 +333,8 @@ class Problem:
 
     def whole_weights(self, params: dict[str, ParamChoice]) -> list[str]:
         """The matmul weights a solution leaves whole over tensor though they could be split over it."""
-        return [path for path, c in params.items() if self.t > 1 and c.layout is None and self._contracted(path)
-                and any(o.layout is not None for o in self.param_options(path))]
+        return [path for path, c in params.items() if c.layout is None and self._contracted(path)
+                and any(o.layout is not None for o in self.param_choices[path])]
 
     def _contracted(self, path: str) -> bool:
         """Whether a contraction (matmul, convolution) reads the parameter, through casts and transposes of it."""
@@ -597,7 +595,8 @@ class Problem:
         reduce-scatter (compiled: gpt-tiny:dtype=bfloat16's layer weights and head at fsdp=8, data=4,fsdp=2,
         data=2,fsdp=4; a table's lookups, cast after the lookup, keep the reduce-scatter, and so do float32
         models)."""
-        return sum(n for dtype, n in self._use_dtypes[path].items() if dtype in self.cluster.collective_dtypes)
+        views = {(vid, c) for vid, c, _ in self._use_edges.get(path, [])}
+        return sum(1 for vid, _ in views if dtype_name(self.values[vid].dtype) in self.cluster.collective_dtypes)
 
     def batch_reductions(self) -> list[tuple[tuple[str, ...], int, int]]:
         """(axes, value, executions) of the all-reduces over the batch axes that reductions across the batch need

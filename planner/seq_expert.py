@@ -291,7 +291,7 @@ def attention_layouts(graph: Any, mesh: dict[str, int]
     def layout(vid: int) -> tuple[bool, int | None]:
         v = graph.values[vid]
         wanted = len(v.shape) == 4 and v.param is None and dtype_kind(v.dtype) == "float"
-        return wanted, (2 if wanted and v.shape[2] % t == 0 else None)
+        return wanted, (2 if wanted and splits_heads(v.shape[2], t) else None)
 
     scoped = {op.index for op in graph.ops if "autoshard.attention" in op.scope}
     outputs: dict[int, int | None] = {}
@@ -420,8 +420,14 @@ def _alone(mesh: dict[str, int], axis: str) -> bool:
     return all(n == 1 for a, n in mesh.items() if a != axis)
 
 
+def splits_heads(heads: int, tensor: int) -> bool:
+    """Whether the runtime splits an attention's heads (or kv heads) over `tensor`: where it divides them; else
+    they stay whole on every tensor shard (`autoshard.sequence._as_priced`, `attention_layouts`)."""
+    return tensor > 1 and heads % tensor == 0
+
+
 def _local_heads(heads: int, tensor: int) -> int:
-    return heads // tensor if tensor > 1 and heads % tensor == 0 else heads
+    return heads // tensor if splits_heads(heads, tensor) else heads
 
 
 def extras(shapes: OpShapes, mesh: dict[str, int], batch: int, method: str | None, cluster: Any,
@@ -513,7 +519,8 @@ def apply(sol: Any, ext: Extras) -> Any:
                                memory_bytes=sol.memory_bytes + sum(ext.memory.values()))
 
 
-__all__ = ["Attention", "Extras", "OpShapes", "SEQUENCE_METHODS", "apply", "check_fixed", "expert_ok", "extras",
+__all__ = ["Attention", "Extras", "OpShapes", "SEQUENCE_METHODS", "apply", "attention_layouts", "check_fixed",
+           "expert_ok", "extras", "splits_heads",
            "moe_all_to_all_bytes", "op_shapes", "RING_CHUNK", "dense_residuals",
            "ring_bytes", "ring_memory", "sequence_methods", "ulysses_bytes", "ulysses_memory", "whole_kv_bytes",
            "whole_kv_memory"]
