@@ -330,40 +330,8 @@ def ilp(routing, ep: int, nodes: int = 1, *, balance: float | None = DEFAULT_BAL
         tight = int(np.count_nonzero(r.affinity)) * ep <= TIGHT_LIMIT
 
     m = cp_model.CpModel()
-    x = [[[m.NewBoolVar(f"x{l}_{e}_{k}") for k in range(ep)] for e in range(E)] for l in range(L)]
-    for l in range(L):
-        for e in range(E):
-            m.AddExactlyOne(x[l][e])
-        for k in range(ep):
-            m.Add(sum(x[l][e][k] for e in range(E)) == per)
-    # load: M[l] >= each rank's load, within balance x mean
-    caps, lows, max_loads = [], [], []
-    for l in range(L):
-        w = [int(v) for v in r.loads[l]]
-        total = sum(w)
-        cap = total if balance is None else math.floor(balance * total / ep + 1e-9)
-        lo = -(-total // ep)
-        caps.append(cap)
-        lows.append(lo)
-        if max(w) > cap:
-            raise PlanError(f"no placement keeps layer {l}'s max rank load within {balance:g} x mean: its heaviest "
-                            f"expert alone has {max(w) / (total / ep):.2f} x the mean rank load; raise the balance "
-                            f"factor")
-        if cap < lo:
-            raise PlanError(f"no placement keeps layer {l}'s max rank load within {balance:g} x mean ({total} "
-                            f"assignments on {ep} ranks): raise the balance factor")
-        M = m.NewIntVar(lo, cap, f"M{l}")
-        used = [e for e in range(E) if w[e]]
-        for k in range(ep):
-            m.Add(cp_model.LinearExpr.WeightedSum([x[l][e][k] for e in used], [w[e] for e in used]) <= M)
-        max_loads.append(M)
-    # node membership
-    if 1 < nodes < ep:
-        z = [[[m.NewBoolVar(f"z{l}_{e}_{g}") for g in range(nodes)] for e in range(E)] for l in range(L)]
-        for l in range(L):
-            for e in range(E):
-                for g in range(nodes):
-                    m.Add(z[l][e][g] == sum(x[l][e][k] for k in range(g * group, (g + 1) * group)))
+    x, z = _placement_vars(m, r, ep, nodes)
+    caps, lows, max_loads = _load_bounds(m, x, r, ep, balance)
     # traffic: co-location indicators for expert pairs with hops (a node per rank: same node = same rank)
     same_node = nw if nodes > 1 else 0  # nodes == 1: every hop stays on the node
     gains = []
@@ -385,20 +353,7 @@ def ilp(routing, ep: int, nodes: int = 1, *, balance: float | None = DEFAULT_BAL
     hint_objective = objective(start, r, ep, nodes, load_weight=load_weight, node_weight=node_weight)
     start = _sweep(start, r, ep, nodes, lw, nw, caps, lows, sweep * time_limit, workers, seed) if sweep else start
     start = _canonical(start, ep, group)
-    for l in range(L):
-        for e in range(E):
-            for k in range(ep):
-                m.AddHint(x[l][e][k], int(start[l, e] == k))
-            if 1 < nodes < ep:
-                for g in range(nodes):
-                    m.AddHint(z[l][e][g], int(start[l, e] // group == g))
-        m.AddHint(max_loads[l], min(caps[l], max(lows[l], int(rank_loads(start[l:l + 1], r.loads[l:l + 1],
-                                                                            ep).max()))))
-    for l, size, ys in indicators:  # a complete hint: CP-SAT starts from the greedy placement's objective
-        a, b = start[l] // size, start[l + 1] // size
-        for (e, f, g), y in ys.items():
-            m.AddHint(y, int(a[e] == b[f] and (not tight or a[e] == g)))
-
+    _hint(m, x, z, max_loads, indicators, start, r, ep, nodes, caps, lows, tight)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.1 * time_limit, time_limit - (time.perf_counter() - t0))
     solver.parameters.num_workers = int(workers)
@@ -422,6 +377,74 @@ def ilp(routing, ep: int, nodes: int = 1, *, balance: float | None = DEFAULT_BAL
                             "constraints": len(m.Proto().constraints), "hint_objective": hint_objective,
                             "sweep_objective": objective(start, r, ep, nodes, load_weight=load_weight,
                                                          node_weight=node_weight)})
+
+
+def _placement_vars(m, r: Routing, ep: int, nodes: int) -> tuple[list, list | None]:
+    """x[l][e][k]: expert e of layer l on rank k (one rank per expert, E / ep experts per rank); with
+    1 < nodes < ep, z[l][e][g]: on node g (the sum of that node's x), else None."""
+    L, E, group, per = r.layers, r.experts, ep // nodes, r.experts // ep
+    x = [[[m.NewBoolVar(f"x{l}_{e}_{k}") for k in range(ep)] for e in range(E)] for l in range(L)]
+    for l in range(L):
+        for e in range(E):
+            m.AddExactlyOne(x[l][e])
+        for k in range(ep):
+            m.Add(sum(x[l][e][k] for e in range(E)) == per)
+    if not 1 < nodes < ep:
+        return x, None
+    z = [[[m.NewBoolVar(f"z{l}_{e}_{g}") for g in range(nodes)] for e in range(E)] for l in range(L)]
+    for l in range(L):
+        for e in range(E):
+            for g in range(nodes):
+                m.Add(z[l][e][g] == sum(x[l][e][k] for k in range(g * group, (g + 1) * group)))
+    return x, z
+
+
+def _load_bounds(m, x, r: Routing, ep: int, balance: float | None) -> tuple[list[int], list[int], list]:
+    """Per layer, an integer M[l] >= every rank's load, between the even split and `balance` x the mean rank load:
+    (the caps, the lower bounds, the M variables). A layer no placement can balance is a PlanError."""
+    from ortools.sat.python import cp_model
+
+    caps, lows, max_loads = [], [], []
+    for l in range(r.layers):
+        w = [int(v) for v in r.loads[l]]
+        total = sum(w)
+        cap = total if balance is None else math.floor(balance * total / ep + 1e-9)
+        lo = -(-total // ep)
+        caps.append(cap)
+        lows.append(lo)
+        if max(w) > cap:
+            raise PlanError(f"no placement keeps layer {l}'s max rank load within {balance:g} x mean: its heaviest "
+                            f"expert alone has {max(w) / (total / ep):.2f} x the mean rank load; raise the balance "
+                            f"factor")
+        if cap < lo:
+            raise PlanError(f"no placement keeps layer {l}'s max rank load within {balance:g} x mean ({total} "
+                            f"assignments on {ep} ranks): raise the balance factor")
+        M = m.NewIntVar(lo, cap, f"M{l}")
+        used = [e for e in range(r.experts) if w[e]]
+        for k in range(ep):
+            m.Add(cp_model.LinearExpr.WeightedSum([x[l][e][k] for e in used], [w[e] for e in used]) <= M)
+        max_loads.append(M)
+    return caps, lows, max_loads
+
+
+def _hint(m, x, z, max_loads: list, indicators: list, start: np.ndarray, r: Routing, ep: int, nodes: int,
+          caps: list[int], lows: list[int], tight: bool) -> None:
+    """`start` as a complete solution hint (placement, node membership, max loads and every co-location
+    indicator), so CP-SAT begins at its objective and only improves on it."""
+    group = ep // nodes
+    for l in range(r.layers):
+        for e in range(r.experts):
+            for k in range(ep):
+                m.AddHint(x[l][e][k], int(start[l, e] == k))
+            if z is not None:
+                for g in range(nodes):
+                    m.AddHint(z[l][e][g], int(start[l, e] // group == g))
+        load = int(rank_loads(start[l:l + 1], r.loads[l:l + 1], ep).max())
+        m.AddHint(max_loads[l], min(caps[l], max(lows[l], load)))
+    for l, size, ys in indicators:
+        a, b = start[l] // size, start[l + 1] // size
+        for (e, f, g), y in ys.items():
+            m.AddHint(y, int(a[e] == b[f] and (not tight or a[e] == g)))
 
 
 def _layer_gain(p: np.ndarray, r: Routing, l: int, ep: int, nodes: int, nw: int, forward: bool = False) -> np.ndarray:
