@@ -241,11 +241,24 @@ class Problem:
                    if self.g.ops[c].primitive == "dot_general" and self.g.ops[c].inputs[1 - pos] in self.needs_grad)
 
     def _gradient_reductions(self, path: str) -> int:
-        """How many all-reduces over the batch axes a parameter's gradient takes: two for a table both looked up
-        and computed with (a tied embedding: XLA reduces the lookups' scatter-added gradient apart from the dense
-        use's, then adds them), else one (dense uses' gradients are summed first)."""
-        kinds = {self.g.ops[c].primitive == "gather" and pos == 0 for _, c, pos in self._use_edges.get(path, [])}
-        return 2 if kinds == {True, False} else 1
+        """How many all-reduces over the batch axes a parameter's gradient takes: for a table both looked up and
+        computed with (a tied embedding), one per lookup and one for the dense uses (XLA reduces each lookup's
+        scatter-added gradient apart and adds them after: the zoo's GQA decoder, one lookup, two; the
+        encoder-decoder of tests/test_attention_rewrite.py, inputs and context looked up, three), else one (dense
+        uses' gradients are summed first)."""
+        lookups = {c for _, c, pos in self._use_edges.get(path, []) if self.g.ops[c].primitive == "gather"
+                   and pos == 0}
+        dense = {c for _, c, _ in self._use_edges.get(path, [])} - lookups
+        return len(lookups) + 1 if lookups and dense else 1
+
+    def _reads_tokens(self, path: str) -> bool:
+        """Whether a use of the parameter computes over the sequence (an output with token dimensions): only then
+        is its gradient a partial sum over seq. Keys and values projected from learned memory slots broadcast over
+        the batch are whole over seq; their gradients come from dK and dV, already all-reduced over seq
+        (`seq_expert.whole_kv_bytes`), and XLA reduces them no further (the encoder-decoder of
+        tests/test_attention_rewrite.py at data=4,seq=2)."""
+        uses = {c for _, c, _ in self._use_edges.get(path, [])}
+        return any(self.values[o].token_dims for c in uses for o in self.g.ops[c].outputs)
 
     def _lookup_tables(self) -> dict[str, tuple[list[int], set[int]]]:
         """Parameters used only as the table of gathers -> the gathers' outputs, and the indexed dimensions."""
@@ -535,9 +548,10 @@ class Problem:
         """
         nbytes = self.fsdp_whole_bytes(path, c)
         # seq splits tokens in a dimension of its own: XLA reduces gradients over it in all-reduces of their own,
-        # as many as over the batch axes (a tied embedding's two: measured on the zoo's GQA decoder under seq=2)
+        # as many as over the batch axes (a tied embedding's two: measured on the zoo's GQA decoder under seq=2),
+        # for a weight that computes with the sequence (`_reads_tokens`)
         seq = [("all-reduce", ("seq",), nbytes / (self.mesh["fsdp"] if c.fsdp_dim is not None else 1),
-                self._reductions[path])] if self.mesh.get("seq", 1) > 1 else []
+                self._reductions[path])] if self.mesh.get("seq", 1) > 1 and self._reads_tokens(path) else []
         # expert doubles as data parallelism outside the experts: one batch dimension with data (and fsdp)
         rep = ("data", "expert") if path not in self.expert_params else ("data",)
         batch_axes = tuple(a for a in ("data", "fsdp", "expert") if self.mesh.get(a, 1) > 1
