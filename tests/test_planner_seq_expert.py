@@ -2,18 +2,20 @@
 
 Tiny models on 8 emulated devices: long sequences under a small budget pull the search to seq > 1, experts too big
 to replicate pull it to expert > 1; pipe stays 1 with either unless the mesh fixes it; for a ring, a Ulysses and an expert plan the predicted
-exchange bytes and total communication match the compiled program within 10%, memory within 15%.
+exchange bytes and total communication match the compiled program within 10%, memory within verify's 10%.
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import models
 from autoshard import cli
 from autoshard.analysis import analyze
+from autoshard.explain import MEMORY_TOLERANCE
 from autoshard.train import make_optimizer, parallelize
 from planner.errors import AutoshardError
 from planner.search import plan_graph, predict, trace_model
@@ -57,15 +59,20 @@ def test_short_dense_case_keeps_seq_and_expert_at_one():
     assert plan.mesh["seq"] == 1 and plan.mesh["expert"] == 1 and plan.sequence is None
 
 
-CASES = [("gpt-tiny", "data=2,seq=4", "ring", "seq/collective-permute"),
-         ("gpt-tiny:heads=8", "seq=8", "ulysses", "seq/all-to-all"),
-         ("moe-tiny", "data=2,expert=4", None, "expert/collective-permute")]
+CASES = [("gpt-tiny", "data=4,seq=2", "ring", "seq/collective-permute", 128),
+         ("gpt-tiny:heads=8", "seq=8", "ulysses", "seq/all-to-all", 64),
+         ("moe-tiny", "data=2,expert=4", None, "expert/collective-permute", 64)]
+"""(model, mesh, sequence method, exchange key, sequence length): the ring's at 128 tokens, where its transient
+counted beside the layer scan's backward working set over-predicted memory by 17%."""
 
 
-@pytest.mark.parametrize("model, mesh, method, key", CASES)
-def test_predicted_exchange_and_total_match_compiled(model, mesh, method, key, token_batch):
+@pytest.mark.parametrize("model, mesh, method, key, seq", CASES)
+def test_predicted_exchange_and_total_match_compiled(model, mesh, method, key, seq, token_batch):
     fixed = {a: int(n) for a, n in (x.split("=") for x in mesh.split(","))}
-    _, plan = planned(model, 16, 64, mesh=fixed, sequence=method)
+    _, plan = planned(model, 16, seq, mesh=fixed, sequence=method)
+    if seq != token_batch["inputs"].shape[1]:
+        tokens = np.random.default_rng(0).integers(0, 256, size=(16, seq + 1)).astype(np.int32)
+        token_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     assert plan.mesh["pipe"] == 1 and (plan.sequence or {}).get("method") == method
     trainer = parallelize(models.create(model), make_optimizer(), plan)  # built: no initialiser to compile
     stats = analyze(trainer.compile(token_batch), trainer.mesh)
@@ -74,9 +81,10 @@ def test_predicted_exchange_and_total_match_compiled(model, mesh, method, key, t
     assert key in pred and abs(pred[key] - compiled.get(key, 0.0)) <= TOL * compiled.get(key, 1.0), (pred, compiled)
     total_p, total_c = sum(pred.values()), sum(compiled.values())
     assert abs(total_p - total_c) <= TOL * total_c, (pred, compiled)
-    # memory within the planner issue's 15% (the method's own residuals and transient replace dense attention's)
+    # memory within verify's tolerance (the method's own residuals and transient replace dense attention's; the
+    # ring's transient within the scan's backward working set: -2.2%, counted on top +17%)
     mem_p, mem_c = plan.predicted["memory_bytes_per_device"], stats["memory_bytes_per_device"]
-    assert abs(mem_p - mem_c) <= 0.15 * mem_c, (mem_p, mem_c)
+    assert abs(mem_p - mem_c) <= MEMORY_TOLERANCE * mem_c, (mem_p, mem_c)
 
 
 def test_zero3_shards_beside_data_and_seq_reduce_over_both_at_once(token_batch):
