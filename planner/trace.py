@@ -464,11 +464,12 @@ def _propagate_batch_dims(t: _Tracer, sigs: list[tuple] | None = None) -> None:
 
 
 def _pull_batch_dims(t: _Tracer) -> None:
-    """Backward pass: a value computed from parameters alone whose dimension an op lines up with its output's batch
-    (learned memory slots or a CLS token broadcast over the batch, then projected or concatenated) carries the batch
-    too. It is as many rows as examples, and the runtime splits it with the batch: left whole, XLA computes it on
-    every device and gathers its cotangent over the batch axes in the backward (an encoder-decoder's memory-slot
-    keys and values at data=8: 17.9 KB a step). Consumers come before producers in reverse program order."""
+    """Backward pass: a value computed without the batch (from parameters or constants) whose dimension an op lines
+    up with its output's batch (learned memory slots or a CLS token broadcast over the batch, then projected or
+    concatenated; a mask broadcast over it) carries the batch too. It is as many rows as examples, and the runtime
+    splits it with the batch: left whole, XLA computes it on every device and gathers its cotangent over the batch
+    axes in the backward (an encoder-decoder's memory-slot keys and values at data=8: 17.9 KB a step). Consumers
+    come before producers in reverse program order."""
     from planner.layouts import out_dims
 
     values = t.values
