@@ -24,10 +24,15 @@ def _mesh(**axes):
     return make_mesh(plan, devices=jax.devices()[: plan.num_devices])
 
 
+def _normal(seed, *shapes, scale=1.0):
+    """Standard normal float32 arrays drawn on the host (numpy): no random-number program to compile for each
+    shape (jax.random's threefry compiles in about a second per shape here)."""
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(scale * rng.standard_normal(shape, dtype=np.float32)) for shape in shapes)
+
+
 def _qkv(heads, kv_heads, batch=B):
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    return (jax.random.normal(kq, (batch, S, heads, D)), jax.random.normal(kk, (batch, S, kv_heads, D)),
-            jax.random.normal(kv, (batch, S, kv_heads, D)))
+    return _normal(0, (batch, S, heads, D), (batch, S, kv_heads, D), (batch, S, kv_heads, D))
 
 
 def _out_and_grads(causal, key_mask=None, window=None, softcap=None):
@@ -193,9 +198,8 @@ def test_softcap_and_cross_attention_match_dense(monkeypatch, method, t, softcap
     its own queries (`_whole_kv`), with data=2 beside it for the ring."""
     if t == S:
         monkeypatch.setattr(sequence, "RING_CHUNK", 2)
-    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
-    q = 2 * jax.random.normal(kq, (B * data, S, 4, D))  # large enough logits for the cap to bend them
-    k, v = 2 * jax.random.normal(kk, (B * data, t, 2, D)), jax.random.normal(kv, (B * data, t, 2, D))
+    (q, k), (v,) = _normal(3, (B * data, S, 4, D), (B * data, t, 2, D), scale=2.0), _normal(4, (B * data, t, 2, D))
+    # (q and k doubled: large enough logits for the cap to bend them)
     keep = jnp.asarray(np.arange(t)[None, :] < np.array([[t - 2], [0], [t], [1]])[:B * data]) if masked else None
     causal = t == S
     (_, want), want_grads = _out_and_grads(causal, keep, softcap=softcap)(q, k, v)
@@ -321,7 +325,7 @@ def test_the_cyclic_exchange_transposes_to_itself():
     each chunk into a zero buffer of the whole operand (compiled temporaries 2.77x the operand at seq=4; now 2.0x;
     the zoo's Linen LM under Ulysses at data=2,seq=2,tensor=2 lost 24 KiB a step)."""
     mesh = _mesh(data=2, seq=4)
-    x = jax.random.normal(jax.random.key(0), (4, 64, 8, 16))  # [b, s, h, d] -> [b, s/n, h, d] per device
+    (x,) = _normal(0, (4, 64, 8, 16))  # [b, s, h, d] -> [b, s/n, h, d] per device
 
     def loss(x):
         exchange = functools.partial(sequence.all_to_all, axis="seq", split_axis=2, concat_axis=1, native=False)
