@@ -17,6 +17,7 @@ import autoshard
 from autoshard.attention_rewrite import AttentionRewrite
 from planner import attention_match
 from planner.errors import AutoshardError
+from checks import host_normal
 from zoo import D, HEADS, KV_HEADS, MODELS, VOCAB, ZooModel, token_batch
 
 STEPS = 3
@@ -243,8 +244,7 @@ def test_soft_capped_and_cross_attention_rewrite_equals_the_original():
         h = soft_capped(x, x, x) + x
         return jnp.sum(jnp.sin(jax.nn.dot_product_attention(h, y, y, key_value_seq_lengths=lengths)))
 
-    x = jax.random.normal(jax.random.key(0), (2, 16, HEADS, 8))
-    y = jax.random.normal(jax.random.key(1), (2, 6, KV_HEADS, 8))
+    x, y = host_normal(0, (2, 16, HEADS, 8), (2, 6, KV_HEADS, 8))
     lengths = jnp.array([4, 6])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -260,7 +260,7 @@ def test_soft_capped_and_cross_attention_rewrite_equals_the_original():
         scores = jnp.where(jnp.tril(jnp.ones((8, 8), bool)), jnp.einsum("bshd,bthd->bhst", x, x), -1e9)
         return jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(jnp.tanh(scores / CAP) * CAP, axis=-1), x)
 
-    x = jax.random.normal(jax.random.key(0), (1, 8, 2, 4))
+    (x,) = host_normal(0, (1, 8, 2, 4))
     with pytest.warns(UserWarning, match="capped stay dense.*a tanh of masked, biased or capped scores"):
         np.testing.assert_array_equal(AttentionRewrite(cap_after_mask, "capped")(x), cap_after_mask(x))
 
@@ -306,7 +306,7 @@ def test_key_masks_from_the_inputs_are_recognised():
     flax's mask argument, jax.nn's key_value_seq_lengths; ANDed with a query mask (make_attention_mask(keep, keep))
     too; a mask from the batch that varies over query and key positions in one value stays dense."""
     tokens = jnp.asarray(padded_batch()["inputs"][:2])
-    x = jax.random.normal(jax.random.key(0), (2, 16, D))
+    (x,) = host_normal(0, (2, 16, D))
     graphdef, state = nnx.split(nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=nnx.Rngs(0)))
 
     def flax_mha(state, x, tokens, query_too=False):
@@ -332,7 +332,7 @@ def test_padded_queries_give_the_mean_of_the_values():
     """nnx.MultiHeadAttention with make_attention_mask(keep, keep): the rewrite (ops.attention with the key mask,
     the padded query rows the mean of v) has the original's outputs and gradients, padded rows included."""
     tokens = jnp.asarray(padded_batch()["inputs"][:4])
-    x = jax.random.normal(jax.random.key(1), (4, 16, D))
+    (x,) = host_normal(1, (4, 16, D))
     graphdef, state = nnx.split(nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=nnx.Rngs(0)))
 
     def fn(state, x, tokens):

@@ -25,6 +25,7 @@ from planner import jax_internals as jint
 from planner.layouts import has_rule
 from planner.search import layer_bodies, trace_model
 from planner.trace import matmul_flops, trace
+from checks import host_normal
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.smoke  # every surface is checked on the oldest supported jax too
@@ -373,7 +374,7 @@ def test_stacked_residual_bytes_counts_what_the_vjp_keeps_per_layer():
         h, _ = jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)
         return jnp.sum(h)
 
-    w = jax.random.normal(jax.random.key(0), (L, D, D))
+    (w,) = host_normal(0, (L, D, D))
     closed = jax.make_jaxpr(loss)(w, jnp.zeros((B, D)))
     # run for real: the closure's [L, ...] leaves that change with the batch (jax 0.12 keeps 2 a layer, 0.10 3)
     leaves = [[x for x in jax.tree.leaves(jax.vjp(lambda w: loss(w, jnp.full((B, D), v)), w)[1])

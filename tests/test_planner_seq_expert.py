@@ -19,7 +19,7 @@ from autoshard.explain import MEMORY_TOLERANCE
 from autoshard.train import make_optimizer, parallelize
 from planner.errors import AutoshardError
 from planner.search import plan_graph, predict, trace_model
-from checks import assert_one_line_error
+from checks import assert_one_line_error, host_normal
 
 TOL = 0.10
 
@@ -178,8 +178,7 @@ def test_whole_kv_cross_attention_all_reduces_dk_dv_over_seq():
 
     b, s, t, h, hkv, d, n = 2, 16, 5, 4, 2, 8, 2
     mesh = make_mesh(Plan(mesh={"seq": n}), devices=jax.devices()[:n])
-    q, k, v = (jax.random.normal(jax.random.key(i), shape) for i, shape in
-               enumerate([(b, s, h, d), (b, t, hkv, d), (b, t, hkv, d)]))
+    q, k, v = host_normal(0, (b, s, h, d), (b, t, hkv, d), (b, t, hkv, d))
     args = [jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip((q, k, v), (P(None, "seq"), P(), P()))]
     grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(ops.attention(q, k, v, causal=False))),
                              argnums=(0, 1, 2)))

@@ -15,6 +15,7 @@ from autoshard.emit import make_mesh
 from autoshard.analysis import analyze
 from planner.errors import PlanError
 from planner.plan import Plan
+from checks import host_normal as _normal
 
 B, S, D = 2, 16, 8
 
@@ -22,13 +23,6 @@ B, S, D = 2, 16, 8
 def _mesh(**axes):
     plan = Plan(mesh=axes)
     return make_mesh(plan, devices=jax.devices()[: plan.num_devices])
-
-
-def _normal(seed, *shapes, scale=1.0):
-    """Standard normal float32 arrays drawn on the host (numpy): no random-number program to compile for each
-    shape (jax.random's threefry compiles in about a second per shape here)."""
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(scale * rng.standard_normal(shape, dtype=np.float32)) for shape in shapes)
 
 
 def _qkv(heads, kv_heads, batch=B):
