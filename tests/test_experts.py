@@ -12,6 +12,7 @@ from autoshard.emit import make_mesh
 from autoshard.analysis import analyze
 from planner.errors import PlanError
 from planner.plan import Plan
+from checks import host_normal
 
 B, S, D, F, E, TOP_K = 8, 8, 8, 16, 4, 2
 
@@ -22,10 +23,9 @@ def _mesh(**axes):
 
 
 def _inputs(experts_count=E, batch=B):
-    ks = jax.random.split(jax.random.key(0), 4)
-    return (jax.random.normal(ks[0], (batch, S, D)), jax.random.normal(ks[1], (D, experts_count)),
-            {"w_up": jax.random.normal(ks[2], (experts_count, D, F)) / 3,
-             "w_down": jax.random.normal(ks[3], (experts_count, F, D)) / 4})
+    x, router, w_up, w_down = host_normal(0, (batch, S, D), (D, experts_count), (experts_count, D, F),
+                                          (experts_count, F, D))
+    return x, router, {"w_up": w_up / 3, "w_down": w_down / 4}
 
 
 def expert_fn(w, h):  # h: [E, B, C, D]
