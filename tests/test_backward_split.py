@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from planner import jax_internals as jint  # noqa: E402
 from planner.trace import matmul_flops  # noqa: E402
+from checks import host_normal  # noqa: E402
 
 L, D, F, N = 4, 8, 16, 6  # layers, model width, hidden width, tokens: the dot shapes tell B's from W's
 
@@ -31,10 +32,8 @@ def _stage(w, h, layer=_layer):
 
 
 def _weights(seed=0):
-    k = jax.random.split(jax.random.key(seed), 4)
-    w = {"w1": jax.random.normal(k[0], (L, D, F)) / 3, "w2": jax.random.normal(k[1], (L, F, D)) / 4,
-         "g": 1 + 0.1 * jax.random.normal(k[2], (L, D))}
-    return w, jax.random.normal(k[3], (N, D))
+    w1, w2, g, h = host_normal(seed, (L, D, F), (L, F, D), (L, D), (N, D))
+    return {"w1": w1 / 3, "w2": w2 / 4, "g": 1 + 0.1 * g}, h
 
 
 def _residual_form(w, h, stage=_stage):
