@@ -252,13 +252,26 @@ class Problem:
         return len(lookups) + 1 if lookups and dense else 1
 
     def _reads_tokens(self, path: str) -> bool:
-        """Whether a use of the parameter computes over the sequence (an output with token dimensions): only then
-        is its gradient a partial sum over seq. Keys and values projected from learned memory slots broadcast over
-        the batch are whole over seq; their gradients come from dK and dV, already all-reduced over seq
+        """Whether the parameter computes over the sequence: the first ops that combine it (or what is computed
+        from it alone: a broadcast scale) with the batch have an output with token dimensions. Only then is its
+        gradient a partial sum over seq. Keys and values projected from learned memory slots broadcast over the
+        batch are whole over seq; their gradients come from dK and dV, already all-reduced over seq
         (`seq_expert.whole_kv_bytes`), and XLA reduces them no further (the encoder-decoder of
         tests/test_attention_rewrite.py at data=4,seq=2)."""
-        uses = {c for _, c, _ in self._use_edges.get(path, [])}
-        return any(self.values[o].token_dims for c in uses for o in self.g.ops[c].outputs)
+        todo = [c for _, c, _ in self._use_edges.get(path, [])]
+        seen: set[int] = set()
+        while todo:
+            c = todo.pop()
+            if c in seen:
+                continue
+            seen.add(c)
+            for o in self.g.ops[c].outputs:
+                v = self.values[o]
+                if v.token_dims:
+                    return True
+                if v.batch_dim is None:  # still the parameter's alone: follow it to where it meets the batch
+                    todo += [k for k, _ in v.consumers]
+        return False
 
     def _lookup_tables(self) -> dict[str, tuple[list[int], set[int]]]:
         """Parameters used only as the table of gathers -> the gathers' outputs, and the indexed dimensions."""

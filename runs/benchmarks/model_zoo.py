@@ -172,7 +172,9 @@ def write_markdown(results: list[dict], meta: dict) -> str:
               "of XLA's partitioner "
               "around ops the planner leaves replicated or splits where they lie: it gathers the head's kernel "
               "(320 B sent) to compute its input gradient whole, the dropout's mask and the pooled features "
-              "(32 + 128 B) to apply dropout unsplit, and both BatchNorm layers' batch statistics (96 B).",
+              "(32 + 128 B) to apply dropout unsplit, and both BatchNorm layers' batch statistics (96 B). Its dropout "
+              "bits, drawn whole and gathered over data (48-56 B), are split with the batch since 2026-12-01 "
+              "(`planner.trace._pull_batch_dims`).",
               "- `gqa` / seq: its sliding-window layers run as windowed ring attention (`ops.attention(window=)`, "
               "2026-12-01; they stayed dense before, and XLA gathered around them); its tied embedding's gradient is "
               "reduced over seq twice, as over the batch axes (`seq/all-reduce` was -11%). `gqa` / pipe: its blocks "
