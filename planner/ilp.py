@@ -156,8 +156,8 @@ class Problem:
                                                 for c, pos in v.consumers
                                                 if self.g.ops[c].primitive == "gather" and pos == 0})
         """Parameters looked up by a gather (embeddings): with another use, a tied one (`moves_weight`)."""
-        self.param_choices = {path: self.param_options(path) for path in graph.param_values}
         self._use_edges = shared(("use edges",), self._find_use_edges)
+        self.param_choices = {path: self.param_options(path) for path in graph.param_values}
         self._uses = shared(("uses",), lambda: {path: self._count_uses(path) for path in graph.param_values})
         self._kernel_regathers = shared(("kernel regathers",), lambda: {
             path: self._reversed_kernel_uses(path) for path in graph.param_values})
@@ -165,6 +165,9 @@ class Problem:
             path: self._input_gradient_uses(path) for path in graph.param_values})
         self._reductions = shared(("reductions",), lambda: {
             path: self._gradient_reductions(path) for path in graph.param_values})
+        self._token_params = shared(("token params",), lambda: {
+            path for path in graph.param_values if self._reads_tokens(path)})
+        """Parameters that compute over the sequence (`_reads_tokens`): only their gradients are reduced over seq."""
         for path, choice in (fixed_params or {}).items():  # a given plan: its layouts, whatever the rules allow
             self.param_choices[path] = [choice]
         self._stacked = stacked_params(graph)
@@ -364,8 +367,7 @@ class Problem:
 
     def _contracted(self, path: str) -> bool:
         """Whether a contraction (matmul, convolution) reads the parameter, through casts and transposes of it."""
-        return any(self.g.ops[c].primitive in CONTRACTIONS for v in self.values.values() if v.param == path
-                   for c, _ in v.consumers)
+        return any(self.g.ops[c].primitive in CONTRACTIONS for _, c, _ in self._use_edges.get(path, []))
 
     def value_layout_options(self, vid: int) -> list[Layout]:
         v = self.values[vid]
@@ -562,9 +564,9 @@ class Problem:
         nbytes = self.fsdp_whole_bytes(path, c)
         # seq splits tokens in a dimension of its own: XLA reduces gradients over it in all-reduces of their own,
         # as many as over the batch axes (a tied embedding's two: measured on the zoo's GQA decoder under seq=2),
-        # for a weight that computes with the sequence (`_reads_tokens`)
+        # for a weight that computes with the sequence (`_token_params`)
         seq = [("all-reduce", ("seq",), nbytes / (self.mesh["fsdp"] if c.fsdp_dim is not None else 1),
-                self._reductions[path])] if self.mesh.get("seq", 1) > 1 and self._reads_tokens(path) else []
+                self._reductions[path])] if self.mesh.get("seq", 1) > 1 and path in self._token_params else []
         # expert doubles as data parallelism outside the experts: one batch dimension with data (and fsdp)
         rep = ("data", "expert") if path not in self.expert_params else ("data",)
         batch_axes = tuple(a for a in ("data", "fsdp", "expert") if self.mesh.get(a, 1) > 1
