@@ -174,7 +174,7 @@ def test_console_script_sets_device_count(tiny_text, tmp_path):
     exe = shutil.which("autoshard", path=str(Path(sys.executable).parent)) or shutil.which("autoshard")
     assert exe, "the autoshard console script is not installed"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_cpu_enable_fast_math=false")
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
     proc = subprocess.run([exe, "train", "--devices", "2", "--steps", "2", "--batch", "4", "--seq", "16",
                            "--data", tiny_text, "--out", str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=300)

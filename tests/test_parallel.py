@@ -1,5 +1,5 @@
-"""Every parallel plan computes what one device computes: losses of 3 steps, the third step's gradients, and the
-planned shardings of parameters and optimizer state."""
+"""Every parallel plan computes what one device computes: losses of 3 steps, the first and third steps' gradients,
+and the planned shardings of parameters and optimizer state."""
 
 import jax
 import numpy as np
@@ -25,11 +25,12 @@ def run(model: str, mesh: str, batch, built=None) -> dict:
     source = models.factory(model, seed=0) if built is None else built
     trainer = parallelize(source, make_optimizer(1e-4, steps=10, warmup=1), plan,
                           devices=jax.devices()[: plan.num_devices])
-    losses = []
-    for _ in range(STEPS):  # the gradients of the last step come out of the same compiled program
-        metrics, grads = trainer.step_with_grads(batch)
+    losses, grads = [], []
+    for _ in range(STEPS):  # the gradients come out of the same compiled program as the step
+        metrics, step_grads = trainer.step_with_grads(batch)
         losses.append(metrics["loss"])
-    return dict(plan=plan, trainer=trainer, losses=losses, grads=jax.device_get(grads))
+        grads.append(jax.device_get(step_grads))
+    return dict(plan=plan, trainer=trainer, losses=losses, first_grads=grads[0], grads=grads[-1])
 
 
 MOE = "moe-tiny:capacity_factor=4"
@@ -46,13 +47,18 @@ def reference(token_batch, built):
     return {m: run(m, "data=1", token_batch, built[m]) for m in (MODEL, MOE)}
 
 
-def assert_same_numerics(got: dict, ref: dict) -> None:
+def assert_same_grads(got, want, rtol: float = 1e-5) -> None:
+    """Every gradient within `rtol` of the reference's, and within `rtol` of the largest of its tensor."""
+    flat_got = dict(nnx.to_flat_state(got))
+    for path, w in nnx.to_flat_state(want):
+        g, w = np.asarray(flat_got[path].get_value()), np.asarray(w.get_value())
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * float(np.max(np.abs(w))), err_msg=path_str(path))
+
+
+def assert_same_numerics(got: dict, ref: dict, third_step_rtol: float = 1e-5) -> None:
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5)
-    flat_got = dict(nnx.to_flat_state(got["grads"]))
-    for path, want in nnx.to_flat_state(ref["grads"]):
-        g, w = np.asarray(flat_got[path].get_value()), np.asarray(want.get_value())
-        scale = float(np.max(np.abs(w)))
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * scale, err_msg=path_str(path))
+    assert_same_grads(got["first_grads"], ref["first_grads"])
+    assert_same_grads(got["grads"], ref["grads"], third_step_rtol)
 
 
 def _spec(sharding) -> tuple:
@@ -86,8 +92,14 @@ def test_dense_plan_matches_single_device(mesh, reference, token_batch, built):
 
 
 def test_moe_plan_matches_single_device(reference, token_batch, built):
+    """The first step's gradients (the program alone) and the losses are held to 1e-5, the third step's gradients to
+    1e-4: after two AdamW updates the MoE's carry float32 rounding amplified to about 1e-5 whatever the plan's
+    correctness (measured as the largest |parallel - one device| / (1e-5 |reference| + 1e-5 max|reference|) of the
+    third step's gradients, this data=2,fsdp=2,tensor=2 plan against one device, batches drawn with seeds 0..3:
+    0.29, 1.11, 0.54, 0.94 at XLA:CPU's LLVM -O2 and 1.31, 0.29, 0.42, 0.76 at -O0; the first step's 0.06 at both).
+    A layout error moves them by orders of magnitude more."""
     got = run(MOE, "data=2,fsdp=2,tensor=2", token_batch, built[MOE])
-    assert_same_numerics(got, reference[MOE])
+    assert_same_numerics(got, reference[MOE], third_step_rtol=1e-4)
     assert_planned_shardings(got["trainer"])
 
 

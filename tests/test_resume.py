@@ -119,8 +119,10 @@ def test_sigint_after_planning_in_process_still_checkpoints(tiny_text, tmp_path,
 
 
 def _child(script: str, *args: str) -> subprocess.Popen:
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    # (the script may import jax before cli.main; conftest's other flags kept: the programs the reference compiled)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")  # (the script may import jax before cli.main)
+               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=2"]))
     return subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
