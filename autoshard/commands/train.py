@@ -8,7 +8,7 @@ What this module does beyond parsing: it resolves the run's settings (a resume t
 refuses contradicting ones), validates everything before any work (the checkpoint folder's writability included),
 claims and locks the run and checkpoint folders (and removes them again if the run fails before its first step),
 and reports: `step N loss X` lines on stdout, a progress line on stderr, `metrics.jsonl` and TensorBoard events in
-the run folder. The loop itself is `autoshard.fit.fit`.
+the run folder. The loop itself is `autoshard.loop.fit`.
 """
 
 from __future__ import annotations
@@ -418,85 +418,22 @@ def _train(args: argparse.Namespace, stop, attempt: _Attempt) -> int:
     import jax
 
     import models
-    from autoshard import emit, runs
-    from autoshard.checkpoint import DEFAULT_KEEP, Checkpoints
     from autoshard.loop import Speed, fit, resume_from
-    from autoshard.metrics import MetricsLog, device_cluster, peak_flops, step_work
+    from autoshard.metrics import MetricsLog, peak_flops, step_work
     from autoshard.train import make_optimizer, make_schedule, parallelize
-    from planner.plan import Plan
 
-    if args.model is None:  # a plan file names the model it was made for
-        args.model = (Plan.load(args.plan).provenance.get("model") if args.plan else None) or "gpt-tiny"
-    cfg = models.config_from_name(args.model)
-    data.check_vocab(cfg.vocab)
-    if recorded is not None and args.mesh is None and not args.plan and args.devices is None:
-        args.devices = _recorded_devices(recorded, len(jax.devices()))  # the same plan on as many devices
-    devices = cli.setup_devices(args)
-    cluster = _cluster(args, len(devices))
-    abstract = models.abstract(cfg)
-    if recorded is not None and args.mesh is None and not args.plan:
-        plan, plan_source = _recorded_plan(recorded, args, abstract, len(devices), cluster)
-    else:
-        plan, plan_source = _plan(args, abstract, len(devices), cluster)
-    stop.install()  # the planner's solver (OR-Tools) replaces the SIGINT handler while it searches: take it back
-    if not plan.provenance:  # a rule plan (--mesh): record what `autoshard verify` needs to rebuild the model
-        plan.provenance = {"model": args.model, "batch": args.batch, "seq": args.seq, "source": plan_source}
-    from autoshard import distributed
-
-    if distributed.process_count() > 1:  # every process runs process 0's plan (a time-limited search can differ)
-        plan = Plan.from_dict(json.loads(distributed.broadcast_text(json.dumps(plan.to_dict()))))
-    if plan_source.startswith("planned"):
-        from autoshard import explain
-
-        print(explain.summary(plan), file=sys.stderr)
+    cfg, devices, cluster, abstract, plan, plan_source = _setup_plan(args, recorded, stop)
     example = cli.token_batch(args.batch, args.seq)
+    from autoshard import emit
+
     emit.check_batch(plan, example)
     train_tokens, eval_tokens = (data.holdout(corpus, HOLDOUT, args.seq) if args.eval_every
                                  else (corpus.tokens, None))
     batches = data.TextData(train_tokens, args.batch, args.seq, seed=args.seed)
     evals = None if eval_tokens is None else [
         b for b, _ in zip(data.TextData(eval_tokens, args.batch, args.seq, seed=args.seed), range(EVAL_BATCHES))]
-
-    # the folders: refused in one line before any work when taken, foreign or unwritable; removed on a failed start
-    writer, several = distributed.is_writer(), distributed.process_count() > 1
-    if not writer:  # one of several processes: process 0 claims, locks and writes the run folder; here its path only
-        run = runs.Followed(distributed.broadcast_text(""))
-    elif args.out is not None:
-        run = runs.Folder.claim(args.out, reuse=args.resume)
-    else:
-        run = runs.Folder.fresh(Path("runs", "local", "train-" + time.strftime("%Y%m%d-%H%M%S")))
-    if writer and several:
-        distributed.broadcast_text(str(run.path))
-    attempt.undo.append(run.abandon)
-    attempt.locks.append(run.lock)
-    attempt.run = run.path
-    args.out = str(run.path)
-    ckpt_path = checkpoint_dir(args)
-    ckpt = None
-    if ckpt_path is not None:
-        from autoshard import checkpoint
-
-        before = checkpoint.kind(ckpt_path)  # a user's folder is refused here, before anything is written into it
-        if writer:  # (every process opens the checkpoints, whose saves are collective; process 0 guards them)
-            try:
-                ckpt_path.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise AutoshardError(f"cannot create checkpoint folder {ckpt_path}: {e.strerror or e}") from None
-
-            def undo_checkpoint(path=ckpt_path, before=before):
-                if before == "missing":
-                    import shutil
-
-                    shutil.rmtree(path, ignore_errors=True)
-                elif before == "empty":
-                    (path / checkpoint.META).unlink(missing_ok=True)
-            attempt.undo.append(undo_checkpoint)
-            attempt.locks.append(runs.Lock(ckpt_path, "checkpoint folder").acquire())
-        ckpt = Checkpoints.create(ckpt_path, model=args.model, keep=args.keep or DEFAULT_KEEP,
-                                  async_save=not args.sync_checkpoints)
-        if not args.resume and ckpt.latest() is not None:
-            raise AutoshardError(f"checkpoint folder {ckpt_path} already holds step {ckpt.latest()} of another run: "
-                                 f"pass --resume to continue it, or choose another --checkpoint folder")
+    run = _claim_run_folder(args, attempt)
+    ckpt = _open_checkpoints(args, attempt)
 
     optimizer = make_optimizer(args.lr, args.steps, warmup=args.warmup)
     if args.restore:
@@ -516,17 +453,7 @@ def _train(args: argparse.Namespace, stop, attempt: _Attempt) -> int:
     speed = Speed(flops, peak_flops(trainer, cluster, dtype), predicted)
     log = MetricsLog(run.path, start_step=start) if write else None
     progress = attempt.progress = Progress(args.steps, args.log_every or max(1, args.steps // 20), start=start)
-    where = "no checkpoints" if ckpt is None else (
-        f"checkpoints in {ckpt.directory} (" + (f"every {args.checkpoint_every} steps, " if args.checkpoint_every
-                                                else "") + "at the end and when stopped)")
-    print(f"autoshard train: {cfg.name} ({cfg.param_count():,} params) on {len(devices)} {devices[0].platform} "
-          f"device(s), mesh {plan.mesh_string()} ({plan_source}); {corpus.tokens.size:,} bytes of text; run folder "
-          f"{run.path}; {where}" + (f"; resumed at step {start}" if start else ""), file=sys.stderr)
-    peak_cluster = cluster or device_cluster(devices)
-    if speed.peak_flops and peak_cluster is not None:
-        print(f"MFU against {speed.peak_flops / 1e9:,.0f} GFLOP/s peak ({peak_cluster.label}, {dtype}"
-              + ("; the cpu preset's placeholder figure, so a relative measure" if peak_cluster.name == "cpu" else "")
-              + ")", file=sys.stderr)
+    _announce(args, cfg, devices, plan, plan_source, corpus, run, ckpt, start, speed, cluster, dtype)
 
     meta = {**run_settings(args), "run_dir": str(run.path.absolute()), "settings": run_settings(args),
             "options": {"eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every, "keep": args.keep,
@@ -544,6 +471,122 @@ def _train(args: argparse.Namespace, stop, attempt: _Attempt) -> int:
         if ckpt is not None:
             ckpt.wait()
             ckpt.close()
+    return _report_end(args, result, ckpt, run, stop)
+
+
+def _setup_plan(args: argparse.Namespace, recorded: dict | None, stop):
+    """The model's config, the devices, the cluster preset, the abstract model and the plan this run trains under
+    (searched, from --plan, --mesh's rules, or as a resumed checkpoint recorded it), the same on every process.
+
+    Returns:
+      (cfg, devices, cluster, abstract, plan, plan_source).
+    """
+    import jax
+
+    import models
+    from autoshard import cli, data, distributed
+    from planner.plan import Plan
+
+    if args.model is None:  # a plan file names the model it was made for
+        args.model = (Plan.load(args.plan).provenance.get("model") if args.plan else None) or "gpt-tiny"
+    cfg = models.config_from_name(args.model)
+    data.check_vocab(cfg.vocab)
+    if recorded is not None and args.mesh is None and not args.plan and args.devices is None:
+        args.devices = _recorded_devices(recorded, len(jax.devices()))  # the same plan on as many devices
+    devices = cli.setup_devices(args)
+    cluster = _cluster(args, len(devices))
+    abstract = models.abstract(cfg)
+    if recorded is not None and args.mesh is None and not args.plan:
+        plan, plan_source = _recorded_plan(recorded, args, abstract, len(devices), cluster)
+    else:
+        plan, plan_source = _plan(args, abstract, len(devices), cluster)
+    stop.install()  # the planner's solver (OR-Tools) replaces the SIGINT handler while it searches: take it back
+    if not plan.provenance:  # a rule plan (--mesh): record what `autoshard verify` needs to rebuild the model
+        plan.provenance = {"model": args.model, "batch": args.batch, "seq": args.seq, "source": plan_source}
+    if distributed.process_count() > 1:  # every process runs process 0's plan (a time-limited search can differ)
+        plan = Plan.from_dict(json.loads(distributed.broadcast_text(json.dumps(plan.to_dict()))))
+    if plan_source.startswith("planned"):
+        from autoshard import explain
+
+        print(explain.summary(plan), file=sys.stderr)
+    return cfg, devices, cluster, abstract, plan, plan_source
+
+
+def _claim_run_folder(args: argparse.Namespace, attempt: _Attempt):
+    """The run folder, claimed and locked by process 0 (refused in one line when taken, foreign or unwritable;
+    removed again if the run fails before its first step); other processes learn its path. Sets `args.out`."""
+    from autoshard import distributed, runs
+
+    writer, several = distributed.is_writer(), distributed.process_count() > 1
+    if not writer:  # one of several processes: process 0 claims, locks and writes the run folder; here its path only
+        run = runs.Followed(distributed.broadcast_text(""))
+    elif args.out is not None:
+        run = runs.Folder.claim(args.out, reuse=args.resume)
+    else:
+        run = runs.Folder.fresh(Path("runs", "local", "train-" + time.strftime("%Y%m%d-%H%M%S")))
+    if writer and several:
+        distributed.broadcast_text(str(run.path))
+    attempt.undo.append(run.abandon)
+    attempt.locks.append(run.lock)
+    attempt.run = run.path
+    args.out = str(run.path)
+    return run
+
+
+def _open_checkpoints(args: argparse.Namespace, attempt: _Attempt):
+    """The run's checkpoints (None without --checkpoint): a user's folder refused before anything is written into
+    it, process 0's lock on it, what a failed start undoes, and a folder holding another run refused without
+    --resume. Every process opens them (their saves are collective)."""
+    ckpt_path = checkpoint_dir(args)
+    if ckpt_path is None:
+        return None
+    from autoshard import checkpoint, distributed, runs
+    from autoshard.checkpoint import DEFAULT_KEEP, Checkpoints
+
+    before = checkpoint.kind(ckpt_path)  # a user's folder is refused here, before anything is written into it
+    if distributed.is_writer():
+        try:
+            ckpt_path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AutoshardError(f"cannot create checkpoint folder {ckpt_path}: {e.strerror or e}") from None
+
+        def undo_checkpoint(path=ckpt_path, before=before):
+            if before == "missing":
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+            elif before == "empty":
+                (path / checkpoint.META).unlink(missing_ok=True)
+        attempt.undo.append(undo_checkpoint)
+        attempt.locks.append(runs.Lock(ckpt_path, "checkpoint folder").acquire())
+    ckpt = Checkpoints.create(ckpt_path, model=args.model, keep=args.keep or DEFAULT_KEEP,
+                              async_save=not args.sync_checkpoints)
+    if not args.resume and ckpt.latest() is not None:
+        raise AutoshardError(f"checkpoint folder {ckpt_path} already holds step {ckpt.latest()} of another run: "
+                             f"pass --resume to continue it, or choose another --checkpoint folder")
+    return ckpt
+
+
+def _announce(args, cfg, devices, plan, plan_source: str, corpus, run, ckpt, start: int, speed, cluster,
+              dtype) -> None:
+    """The run's opening lines on stderr: what trains where, from which text, into which folders; the MFU's peak."""
+    from autoshard.metrics import device_cluster
+
+    where = "no checkpoints" if ckpt is None else (
+        f"checkpoints in {ckpt.directory} (" + (f"every {args.checkpoint_every} steps, " if args.checkpoint_every
+                                                else "") + "at the end and when stopped)")
+    print(f"autoshard train: {cfg.name} ({cfg.param_count():,} params) on {len(devices)} {devices[0].platform} "
+          f"device(s), mesh {plan.mesh_string()} ({plan_source}); {corpus.tokens.size:,} bytes of text; run folder "
+          f"{run.path}; {where}" + (f"; resumed at step {start}" if start else ""), file=sys.stderr)
+    peak_cluster = cluster or device_cluster(devices)
+    if speed.peak_flops and peak_cluster is not None:
+        print(f"MFU against {speed.peak_flops / 1e9:,.0f} GFLOP/s peak ({peak_cluster.label}, {dtype}"
+              + ("; the cpu preset's placeholder figure, so a relative measure" if peak_cluster.name == "cpu" else "")
+              + ")", file=sys.stderr)
+
+
+def _report_end(args: argparse.Namespace, result, ckpt, run, stop) -> int:
+    """The closing line (done, or stopped by a signal with the command that continues) and the exit status."""
     saved = (f"checkpoint of step {result.checkpoint} in {ckpt.directory}" if result.checkpoint is not None
              else "no checkpoint")
     if result.stopped:
