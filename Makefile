@@ -14,31 +14,48 @@ STAMP := $(VENV)/.installed
 OLD := .venv-oldest
 OLD_STAMP := $(OLD)/.installed
 
-.PHONY: setup train test test-full test-oldest clean
+.PHONY: setup setup-both train test test-full test-oldest clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Each environment in two steps: its dependencies (read from pyproject.toml, the one list), then the project itself,
+# editable. `make test` installs both environments' dependencies at once (pip is single-threaded; about 40 s each on
+# 2 cores), then the two editable installs one after the other (each writes autoshard.egg-info in this folder).
+deps_of = $(1) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	print(' '.join(p['dependencies'] + p['optional-dependencies']['test']))"
+
+$(VENV)/.deps: pyproject.toml
 	@# an environment left by another Python (an older checkout's 3.11) is rebuilt, not upgraded in place
 	if [ -x $(BIN)/python ] && [ "$$($(BIN)/python -c 'import sys; print(sys.version_info[:2])')" != \
 	     "$$($(PYTHON) -c 'import sys; print(sys.version_info[:2])')" ]; then rm -rf $(VENV); fi
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --upgrade -e '.[test]'
+	$(BIN)/python -m pip install --quiet --upgrade $$($(call deps_of,$(BIN)/python))
+	touch $@
+
+$(STAMP): $(VENV)/.deps
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	$(BIN)/python -c 'import sys, jax; print("autoshard env: Python", sys.version.split()[0], "jax", jax.__version__)'
 	touch $(STAMP)
 
-$(OLD_STAMP): pyproject.toml
+$(OLD)/.deps: pyproject.toml
 	test -d $(OLD) || $(PYTHON_OLDEST) -m venv $(OLD)
 	$(OLD)/bin/python -m pip install --quiet --upgrade pip
-	$(OLD)/bin/python -m pip install --quiet -e '.[test]' $(OLDEST)
+	$(OLD)/bin/python -m pip install --quiet $$($(call deps_of,$(OLD)/bin/python)) $(OLDEST)
+	touch $@
+
+$(OLD_STAMP): $(OLD)/.deps | $(STAMP)
+	$(OLD)/bin/python -m pip install --quiet --no-deps -e .
 	$(OLD)/bin/python -c 'import sys, jax; print("oldest env: Python", sys.version.split()[0], "jax", jax.__version__)'
 	touch $(OLD_STAMP)
 
 train: $(STAMP)
 	$(BIN)/autoshard train $(ARGS)
 
-test: test-full test-oldest
+test: setup-both test-full test-oldest
+
+setup-both:
+	$(MAKE) --no-print-directory -j2 $(STAMP) $(OLD_STAMP)
 
 # Two pytest workers (one per core); a test file stays on one worker, so its compiled fixtures are built once.
 PYTEST_WORKERS ?= -n 2 --dist loadfile
