@@ -504,7 +504,7 @@ def _schedule_axes(ax: Axes, st: ScheduleTimes, xlim: tuple[float, float], unit:
 # -- verify: predicted against compiled ----------------------------------------------------------------------------
 
 def comparison_rows(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
-    """(name, judged figure) of an `explain.compare` result: memory, the communication total, each key."""
+    """(name, judged figure) of a `comparison.compare` result: memory, the communication total, each key."""
     rows = [("memory/device", result["memory"]), ("communication total", result["comm_total"])]
     return rows + list((result.get("comm") or {}).items())
 
@@ -514,7 +514,7 @@ def verify_figure(result: Mapping[str, Any], *, title: str = "") -> Figure:
     as relative error inside each judged figure's tolerance band.
 
     Args:
-      result: an `explain.compare` result (`autoshard verify --json` prints it; `Verification.comparison`).
+      result: a `comparison.compare` result (`autoshard verify --json` prints it; `Verification.comparison`).
       title: a first line for the figure (what was verified).
 
     Returns:

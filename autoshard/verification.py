@@ -2,7 +2,7 @@
 
 Works for any model a Trainer runs (the shipped presets, an NNX model of your own with its `loss_fn`): the planner
 predicts memory and communication for this plan and batch, the train step is compiled for that batch, and
-`explain.compare` judges the two under the tolerances `autoshard verify` uses. Printing the result shows the same
+`comparison.compare` judges the two under the tolerances `autoshard verify` uses. Printing the result shows the same
 table as the CLI command.
 """
 
@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from autoshard import explain
+from autoshard import comparison
 from autoshard.analysis import analyze
 
 PIPELINE_BRANCH_KEYS = ("tensor/", "seq/", "expert/")
@@ -56,14 +56,14 @@ class Verification:
         return [Row(name, r["predicted"], r["compiled"], r["error"], r["tolerance"], r["ok"]) for name, r in named]
 
     def __str__(self) -> str:
-        return explain.format_comparison(self.comparison)
+        return comparison.format_comparison(self.comparison)
 
 
 def compare_compiled(plan: Any, predicted: Mapping[str, Any], compiled: Mapping[str, Any]) -> dict[str, Any]:
-    """`explain.compare` with the figures a plan of this kind can be judged on (not a pipeline's branch ops)."""
+    """`comparison.compare` with the figures a plan of this kind can be judged on (not a pipeline's branch ops)."""
     if plan.pipeline is None:
-        return explain.compare(predicted, compiled)
-    return explain.compare(predicted, compiled, not_judged=PIPELINE_BRANCH_KEYS)
+        return comparison.compare(predicted, compiled)
+    return comparison.compare(predicted, compiled, not_judged=PIPELINE_BRANCH_KEYS)
 
 
 def verify(trainer: Any, example_batch: Any, *, cluster: Any = None,

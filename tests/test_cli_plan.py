@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from autoshard import cli, explain
+from autoshard import cli, comparison, explain
 from planner.plan import Plan
 from planner.search import HEADROOM
 from checks import assert_one_line_error
@@ -167,24 +167,24 @@ def test_compare_judges_big_keys_only():
     pred = {"memory_bytes_per_device": 100.0, "comm_bytes": {"data/all-reduce": 1e5, "tensor/all-gather": 1e3}}
     comp = {"memory_bytes_per_device": 110.0, "comm_bytes": {"data/all-reduce": 1.05e5, "tensor/all-gather": 3e3,
                                                              "fsdp/all-reduce": 400.0}}
-    r = explain.compare(pred, comp)
+    r = comparison.compare(pred, comp)
     assert r["pass"] and r["failures"] == []
     assert r["memory"]["error"] == pytest.approx(-10 / 110) and r["memory"]["ok"]
     assert r["comm_total"]["error"] == pytest.approx(1.01e5 / 1.084e5 - 1)
     assert r["comm"]["data/all-reduce"]["judged"] and not r["comm"]["tensor/all-gather"]["judged"]
     assert r["comm"]["fsdp/all-reduce"]["error"] == -1.0 and r["comm"]["fsdp/all-reduce"]["ok"] is None
-    assert "PASS" in explain.format_comparison(r)
+    assert "PASS" in comparison.format_comparison(r)
 
     comp["comm_bytes"]["tensor/all-reduce"] = 3e4  # a big key the planner missed
     pred["comm_bytes"]["seq/all-to-all"] = 1e4  # a big key the compiler never emitted: its error is undefined
     comp["memory_bytes_per_device"] = 200.0
-    r = explain.compare(pred, comp)
+    r = comparison.compare(pred, comp)
     assert not r["pass"]
     assert set(r["failures"]) == {"memory", "comm_total", "comm:tensor/all-reduce", "comm:seq/all-to-all"}
     assert r["comm"]["tensor/all-reduce"]["error"] == -1.0 and r["comm"]["seq/all-to-all"]["error"] is None
-    text = explain.format_comparison(r)
+    text = comparison.format_comparison(r)
     assert text.splitlines()[-1].startswith("FAIL: 4 of 5 judged") and "undefined" in text
-    assert explain.relative_error(0, 0) == 0.0 and explain.relative_error(5, 0) is None
+    assert comparison.relative_error(0, 0) == 0.0 and comparison.relative_error(5, 0) is None
 
 
 def test_compare_passes_a_key_off_by_less_than_a_kib():
@@ -192,10 +192,10 @@ def test_compare_passes_a_key_off_by_less_than_a_kib():
     tensors; a KiB more is judged by its relative error again."""
     pred = {"memory_bytes_per_device": 1e5, "comm_bytes": {"tensor/all-gather": 4240.0, "data/all-reduce": 9000.0}}
     comp = {"memory_bytes_per_device": 1e5, "comm_bytes": {"tensor/all-gather": 4816.0, "data/all-reduce": 9000.0}}
-    r = explain.compare(pred, comp)
+    r = comparison.compare(pred, comp)
     assert r["pass"] and r["comm"]["tensor/all-gather"]["error"] == pytest.approx(-576 / 4816)
-    pred["comm_bytes"]["tensor/all-gather"] = 4816.0 - explain.COMM_SLACK_BYTES - 1
-    assert explain.compare(pred, comp)["failures"] == ["comm:tensor/all-gather"]
+    pred["comm_bytes"]["tensor/all-gather"] = 4816.0 - comparison.COMM_SLACK_BYTES - 1
+    assert comparison.compare(pred, comp)["failures"] == ["comm:tensor/all-gather"]
 
 
 def test_verify_a_planned_gpt_tiny(tiny_plan, capsys):

@@ -1,7 +1,7 @@
 """Pictures: `explain --plot`, `verify --plot` and `report` (autoshard.figures), checked on the Figure objects.
 
 The plans are made by the planner for fixed meshes on the emulated cluster (no compile); the verification result is
-`explain.compare` of hand-made compiled figures, and the runs are metrics.jsonl files written by hand.
+`comparison.compare` of hand-made compiled figures, and the runs are metrics.jsonl files written by hand.
 """
 
 import json
@@ -11,7 +11,7 @@ import pytest
 from matplotlib.image import imread
 
 import models
-from autoshard import cli, explain, figures
+from autoshard import cli, comparison, explain, figures
 from autoshard.commands import report
 from planner.cluster import load_cluster
 from planner.errors import AutoshardError
@@ -141,18 +141,18 @@ def test_explain_plot_writes_the_picture_for_a_plan_without_a_pipeline(plans, tm
 
 # -- verify --------------------------------------------------------------------------------------------------------
 
-def comparison() -> dict:
-    """`explain.compare` of a made-up prediction and compiled program: memory 25% over, one key 30% under."""
+def a_comparison() -> dict:
+    """`comparison.compare` of a made-up prediction and compiled program: memory 25% over, one key 30% under."""
     predicted = {"memory_bytes_per_device": 5e6, "comm_bytes": {"data/all-reduce": 4e5, "fsdp/all-gather": 5e5,
                                                                 "data+fsdp/all-reduce": 14.0}}
     compiled = {"memory_bytes_per_device": 4e6, "comm_bytes": {"data/all-reduce": 5.7e5, "fsdp/all-gather": 5e5,
                                                                "data+fsdp/all-reduce": 7.0, "fsdp/all-reduce": 88.0}}
-    return explain.compare(predicted, compiled)
+    return comparison.compare(predicted, compiled)
 
 
 @pytest.mark.smoke
 def test_the_verify_figure_shows_each_key_against_its_tolerance(tmp_path):
-    result = comparison()
+    result = a_comparison()
     fig = figures.verify_figure(result, title="p.json: gpt-tiny")
     assert fig.get_suptitle() == "p.json: gpt-tiny\nautoshard verify: FAIL (memory, comm_total, data/all-reduce)"
     bars, errors = axis(fig, "Predicted and compiled bytes"), axis(fig, "Prediction error and tolerance")

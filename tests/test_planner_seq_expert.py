@@ -15,7 +15,7 @@ import pytest
 import models
 from autoshard import cli
 from autoshard.analysis import analyze
-from autoshard.explain import MEMORY_TOLERANCE
+from autoshard.comparison import MEMORY_TOLERANCE
 from autoshard.train import make_optimizer, parallelize
 from planner.errors import AutoshardError
 from planner.search import plan_graph, predict, trace_model

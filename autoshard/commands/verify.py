@@ -95,13 +95,13 @@ def _compile(cfg, plan, devices: list, batch: int, seq: int) -> tuple[dict, floa
 
 
 def _print_text(plan, stats: dict, seconds: float, result: dict) -> None:
-    from autoshard import explain
+    from autoshard import comparison, explain
 
     mem = stats["memory"]
     print(f"compiled in {seconds:.1f} s; memory/device = argument {explain.format_bytes(mem['argument'])} + "
           f"output {explain.format_bytes(mem['output'])}\n  + temp {explain.format_bytes(mem['temp'])} - "
           f"alias {explain.format_bytes(mem['alias'])}")
-    print(explain.format_comparison(result))
+    print(comparison.format_comparison(result))
     if plan.pipeline is not None:
         print("note: pipeline plan: tensor/*, seq/* and expert/* collectives run inside the executor's "
               "lax.switch branches, where the planner does not yet price them kind by kind as XLA compiles "

@@ -138,7 +138,7 @@ def write_markdown(results: list[dict], meta: dict) -> str:
             off += [(r["model"], name, row) for row in p["rows"] if row["tolerance"] is not None and not row["ok"]]
     lines += ["", "## Judged figures outside tolerance", "",
               "Memory tolerance 10% (pipelines too), communication 10% or 1 KiB a step (keys with at least 5% of "
-              "the total, `explain.COMM_SLACK_BYTES`); error = (predicted - compiled) / compiled.", "",
+              "the total, `comparison.COMM_SLACK_BYTES`); error = (predicted - compiled) / compiled.", "",
               "| model | plan | key | predicted | compiled | error |", "|---|---|---|---|---|---|"]
     for model, plan, row in off:
         err = "n/a" if row["error"] is None else f"{row['error']:+.1%}"
