@@ -38,7 +38,6 @@ DEFAULT_DEVICES = 8
 MAX_EMULATED_DEVICES = 1024
 """At most this many emulated CPU devices: jax takes seconds and hundreds of MB per thousand to start them, and a
 hundred thousand hang it (uninterruptibly) before any check could run."""
-_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,8 +170,9 @@ def set_device_flag(n: int) -> None:
 
     Only has an effect if jax's backends have not started yet, and only on the CPU backend.
     """
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"{_DEVICE_FLAG}={n}"])
+    from autoshard.launch import with_device_count
+
+    os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), n)
 
 
 def token_batch(batch: int, seq: int) -> dict[str, Any]:

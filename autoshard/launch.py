@@ -112,11 +112,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_device_count(xla_flags: str, devices: int) -> str:
+    """`xla_flags` (an XLA_FLAGS value) with its emulated CPU device count set to `devices`: any such flag replaced,
+    the others kept in order."""
+    flags = [f for f in xla_flags.split() if not f.startswith(DEVICE_FLAG)]
+    return " ".join(flags + [f"{DEVICE_FLAG}={devices}"])
+
+
 def child_env(base: dict[str, str], index: int, processes: int, devices: int, port: int) -> dict[str, str]:
     """The environment of child `index`: its device count, the coordinator, its place in the run."""
     env = dict(base)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_FLAG)]
-    env["XLA_FLAGS"] = " ".join(flags + [f"{DEVICE_FLAG}={devices}"])
+    env["XLA_FLAGS"] = with_device_count(env.get("XLA_FLAGS", ""), devices)
     env.setdefault("JAX_PLATFORMS", "cpu")
     env[ENV_COORDINATOR] = f"127.0.0.1:{port}"
     env[ENV_NUM_PROCESSES] = str(processes)

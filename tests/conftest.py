@@ -4,9 +4,11 @@ import os
 import shutil
 import tempfile
 
-_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+from autoshard.launch import with_device_count  # (imports no jax)
+
+_FLAGS = os.environ.get("XLA_FLAGS", "").split()
 # XLA:CPU compiles the tests' small programs at LLVM -O0 (unless the caller chose a level): compiling them is most of
-# the suite's time, and -O0 halves LLVM's share of it (the whole suite on 2 cores 589 -> 490 s, `-n 2`).
+# the suite's time (the whole suite on 2 cores, `-n 2`: 589 s at XLA's default level, 490 s at -O0).
 # The level is LLVM's alone: the HLO XLA partitions, schedules and assigns buffers for, which the tests read back
 # (collectives, bytes, memory, FLOPs), is the same program; run times grow (elementwise code unoptimised) but stay
 # small, and values may differ from -O2's in the last bits, the same way in a test's reference and parallel runs
@@ -14,7 +16,7 @@ _FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_
 # (The docs' blocks run in processes of their own with XLA's defaults, as a user runs them.)
 if not any(f.startswith("--xla_backend_optimization_level") for f in _FLAGS):
     _FLAGS.append("--xla_backend_optimization_level=0")
-os.environ["XLA_FLAGS"] = " ".join(_FLAGS + ["--xla_force_host_platform_device_count=8"])
+os.environ["XLA_FLAGS"] = with_device_count(" ".join(_FLAGS), 8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same programs (the tiny models' train steps on the same meshes), in this process and in
 # the subprocesses they start: jax's persistent compilation cache compiles each once per session. The folder is new

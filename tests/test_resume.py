@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from autoshard import checkpoint, cli, data, metrics, runs
+from autoshard.launch import with_device_count
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["--steps", "6", "--batch", "8", "--seq", "32", "--mesh", "data=2", "--devices", "2", "--seed", "3"]
@@ -119,10 +120,9 @@ def test_sigint_after_planning_in_process_still_checkpoints(tiny_text, tmp_path,
 
 
 def _child(script: str, *args: str) -> subprocess.Popen:
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     # (the script may import jax before cli.main; conftest's other flags kept: the programs the reference compiled)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=2"]))
+               XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 2))
     return subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

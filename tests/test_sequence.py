@@ -15,7 +15,7 @@ from autoshard.emit import make_mesh
 from autoshard.analysis import analyze
 from planner.errors import PlanError
 from planner.plan import Plan
-from checks import host_normal as _normal
+from checks import host_normal
 
 B, S, D = 2, 16, 8
 
@@ -26,7 +26,7 @@ def _mesh(**axes):
 
 
 def _qkv(heads, kv_heads, batch=B):
-    return _normal(0, (batch, S, heads, D), (batch, S, kv_heads, D), (batch, S, kv_heads, D))
+    return host_normal(0, (batch, S, heads, D), (batch, S, kv_heads, D), (batch, S, kv_heads, D))
 
 
 def _out_and_grads(causal, key_mask=None, window=None, softcap=None):
@@ -192,8 +192,8 @@ def test_softcap_and_cross_attention_match_dense(monkeypatch, method, t, softcap
     its own queries (`_whole_kv`), with data=2 beside it for the ring."""
     if t == S:
         monkeypatch.setattr(sequence, "RING_CHUNK", 2)
-    (q, k), (v,) = _normal(3, (B * data, S, 4, D), (B * data, t, 2, D), scale=2.0), _normal(4, (B * data, t, 2, D))
-    # (q and k doubled: large enough logits for the cap to bend them)
+    q, k = host_normal(3, (B * data, S, 4, D), (B * data, t, 2, D), scale=2.0)  # logits large enough to cap
+    (v,) = host_normal(4, (B * data, t, 2, D))
     keep = jnp.asarray(np.arange(t)[None, :] < np.array([[t - 2], [0], [t], [1]])[:B * data]) if masked else None
     causal = t == S
     (_, want), want_grads = _out_and_grads(causal, keep, softcap=softcap)(q, k, v)
@@ -319,7 +319,7 @@ def test_the_cyclic_exchange_transposes_to_itself():
     each chunk into a zero buffer of the whole operand (compiled temporaries 2.77x the operand at seq=4; now 2.0x;
     the zoo's Linen LM under Ulysses at data=2,seq=2,tensor=2 lost 24 KiB a step)."""
     mesh = _mesh(data=2, seq=4)
-    (x,) = _normal(0, (4, 64, 8, 16))  # [b, s, h, d] -> [b, s/n, h, d] per device
+    (x,) = host_normal(0, (4, 64, 8, 16))  # [b, s, h, d] -> [b, s/n, h, d] per device
 
     def loss(x):
         exchange = functools.partial(sequence.all_to_all, axis="seq", split_axis=2, concat_axis=1, native=False)

@@ -128,15 +128,14 @@ def _user_params(trainer):
     return jax.tree.map(np.asarray, nn.unbox(trainer.variables())["params"])
 
 
-@pytest.mark.parametrize("schedule, stash", [("1f1b", False)])
-def test_dropout_masks_are_per_microbatch_and_layer_backwards_reuse_them_and_steps_draw_anew(schedule, stash):
+def test_dropout_masks_are_per_microbatch_and_layer_backwards_reuse_them_and_steps_draw_anew():
     """1F1B recomputing its forwards (no stash: the backward must draw the forward's masks again): loss and
     gradients equal the single-device loop with the same per-microbatch and per-layer keys, not the one where microbatches share a
     key; the second step draws new masks (the streams one step on); a second trainer built alike gives the same
     losses; rate 0.5 differs from 0. (GPipe keeping the forward's residuals, the easier case, ran here too and
     passed; it runs for the NNX model in tests/test_staging_rng.py, through the same executor.)"""
     batch = _batch()
-    trainer = _trainer(0.5, schedule, stash)
+    trainer = _trainer(0.5, "1f1b", False)
     start = _user_params(trainer)
     metrics, grads = trainer.step_with_grads(batch)
     want_loss, want_grads = _reference(0.5, start, batch, 0)
@@ -149,7 +148,7 @@ def test_dropout_masks_are_per_microbatch_and_layer_backwards_reuse_them_and_ste
     want2, want_grads2 = _reference(0.5, moved, batch, 1)
     np.testing.assert_allclose(metrics2["loss"], want2, rtol=1e-5)
     _check_grads(grads2, want_grads2)
-    twin = _trainer(0.5, schedule, stash)
+    twin = _trainer(0.5, "1f1b", False)
     assert [twin.step_with_grads(batch)[0]["loss"] for _ in range(2)] == [metrics["loss"], metrics2["loss"]]
     rate0 = float(_loss(0.0)(_variables(), batch, KEY))
     assert abs(metrics["loss"] - rate0) > 1e-3

@@ -2,7 +2,7 @@
 layer) and save the figures `autoshard plan --profile FILE` calibrates the cluster with.
 
     autoshard profile -o prof.json
-    autoshard profile -o prof.json --model gpt-small          # also the layer's achieved FLOP/s
+    autoshard profile -o prof.json --model gpt-tiny           # also the layer's achieved FLOP/s
 """
 
 from __future__ import annotations

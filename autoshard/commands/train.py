@@ -418,14 +418,13 @@ def _train(args: argparse.Namespace, stop, attempt: _Attempt) -> int:
     import jax
 
     import models
+    from autoshard import emit
     from autoshard.loop import Speed, fit, resume_from
     from autoshard.metrics import MetricsLog, peak_flops, step_work
     from autoshard.train import make_optimizer, make_schedule, parallelize
 
     cfg, devices, cluster, abstract, plan, plan_source = _setup_plan(args, recorded, stop)
     example = cli.token_batch(args.batch, args.seq)
-    from autoshard import emit
-
     emit.check_batch(plan, example)
     train_tokens, eval_tokens = (data.holdout(corpus, HOLDOUT, args.seq) if args.eval_every
                                  else (corpus.tokens, None))
