@@ -575,6 +575,8 @@ def candidate_meshes(graph: Graph, cluster: ClusterSpec, batch: int, fixed: dict
                 continue
             rest = {k: v for k, v in fixed.items() if k not in ("seq", "expert")}
             if e > 1 or s > 1:
+                if pipeline and "pipe" not in rest:  # fixed pipeline choices: pipelines only, and these are not
+                    continue
                 pipe = pipe_options(n, graph, rest)[0] if "pipe" in rest else 1
                 if n % (e * s * pipe):
                     continue

@@ -47,6 +47,16 @@ def test_memory_forces_a_pipeline_and_everything_fitting_does_not():
     assert tight.provenance["pipeline_choice"]["best_without_pipeline"]["fits"] is False
 
 
+def test_fixed_pipeline_choices_plan_a_pipeline():
+    """A schedule (or microbatch count) fixed without pipe in the mesh restricts the search to pipelines: gpt-tiny's
+    best plan on 8 CPU devices is otherwise data x seq (the seq meshes, pipe=1, once escaped the restriction)."""
+    batch = shapes(16, 128)
+    assert api.plan(models.abstract("gpt-tiny"), batch).pipeline is None
+    for fixes in ({"schedule": "1f1b"}, {"microbatches": 4}):
+        plan = api.plan(models.abstract("gpt-tiny"), batch, **fixes)
+        assert plan.mesh["pipe"] > 1 and plan.pipeline is not None, (fixes, plan.mesh_string())
+
+
 def test_stage_split_balances_a_heavy_head():
     model = models.abstract("gpt-tiny:layers=8,vocab=8192")
     graph = trace_model(model, shapes(16, 64))
