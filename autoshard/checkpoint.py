@@ -76,19 +76,24 @@ def kind(directory: str | Path) -> str:
     return "checkpoint"
 
 
-def check_target(directory: str | Path, *, resume: bool = False) -> str:
+RESUME_ADVICE = "pass --resume to continue it, or choose another --checkpoint folder"
+
+
+def check_target(directory: str | Path, *, resume: bool = False, after: int = 0,
+                 advice: str = RESUME_ADVICE) -> str:
     """A folder to save into, checked without writing anything: not a file, not a user's folder, not another
-    run's checkpoints (unless `resume`), and creatable and writable. Returns its `kind`."""
+    run's checkpoints (steps past `after`, the step the run starts from; unless `resume`), and creatable and
+    writable. Returns its `kind`. `advice` is the error's remedy (the command line's flags by default)."""
     path = Path(directory).absolute()
     what = kind(path)
     if what == "legacy":
         raise AutoshardError(f"{directory} holds a weights-only checkpoint of an older autoshard: restore it with "
                              f"--restore {directory}, and save into another folder")
     if what == "checkpoint" and not resume:
-        steps = sorted(int(n) for n in os.listdir(path) if n.isdigit())
+        steps = sorted(int(n) for n in os.listdir(path) if n.isdigit() and int(n) > after)
         if steps:
-            raise AutoshardError(f"checkpoint folder {directory} already holds step {steps[-1]} of another run: pass "
-                                 f"--resume to continue it, or choose another --checkpoint folder")
+            raise AutoshardError(f"checkpoint folder {directory} already holds step {steps[-1]} of another run: "
+                                 f"{advice}")
     existing = path
     while not existing.exists():
         existing = existing.parent

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from autoshard import state as train_state
-from autoshard.checkpoint import DEFAULT_KEEP, Checkpoints
+from autoshard.checkpoint import DEFAULT_KEEP, Checkpoints, check_target
 from autoshard.signals import StopSignals
 from planner.errors import AutoshardError
 
@@ -88,6 +88,10 @@ def fit(trainer, data: Data | Iterable, *, steps: int, checkpoint: Checkpoints |
       stop: the signal handlers (default: SIGTERM and SIGINT installed for the loop's duration).
       start_step: the step the trainer's state is at (default: `trainer.steps_done`, or the resumed step).
     """
+    if checkpoint is not None and not resume:  # another run's later steps: refused before any step, not at a save
+        check_target(checkpoint.directory if isinstance(checkpoint, Checkpoints) else checkpoint,
+                     after=trainer.steps_done if start_step is None else int(start_step),
+                     advice="pass resume=True to continue it, or save into another folder")
     ckpt = Checkpoints.create(checkpoint, keep=keep, async_save=async_save,
                               model=(meta or {}).get("model")) if isinstance(checkpoint, (str, Path)) else checkpoint
     owned = isinstance(checkpoint, (str, Path))

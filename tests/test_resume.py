@@ -20,6 +20,7 @@ import pytest
 
 from autoshard import checkpoint, cli, data, metrics, runs
 from autoshard.launch import with_device_count
+from planner.errors import AutoshardError
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["--steps", "6", "--batch", "8", "--seq", "32", "--mesh", "data=2", "--devices", "2", "--seed", "3"]
@@ -242,3 +243,8 @@ def test_fit_in_python_resumes_too(reference, tiny_text, tmp_path):
                        callbacks=[seen.append])
     assert rest.step == 6 and [r["step"] for r in seen] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in seen] == [want[s] for s in range(1, 7)]
+    # a run from step 0 into that folder would overwrite its steps: refused before it trains, not at the first save
+    with pytest.raises(AutoshardError, match=r"already holds step 6 of another run: pass resume=True"):
+        trainer.fit(data.TextData(corpus, 8, 32), steps=8, checkpoint=tmp_path / "ck", start_step=0,
+                    callbacks=[seen.append])
+    assert len(seen) == 6
