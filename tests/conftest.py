@@ -13,7 +13,7 @@ _FLAGS = os.environ.get("XLA_FLAGS", "").split()
 # (collectives, bytes, memory, FLOPs), is the same program; run times grow (elementwise code unoptimised) but stay
 # small, and values may differ from -O2's in the last bits, the same way in a test's reference and parallel runs
 # (no further from each other: tests/test_parallel.py's MoE test measures both levels).
-# (The docs' blocks run in processes of their own with XLA's defaults, as a user runs them.)
+# (The docs' blocks run in processes of their own, setting XLA_FLAGS as written; tests/test_docs.py adds the level.)
 if not any(f.startswith("--xla_backend_optimization_level") for f in _FLAGS):
     _FLAGS.append("--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = with_device_count(" ".join(_FLAGS), 8)

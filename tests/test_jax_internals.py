@@ -352,7 +352,7 @@ def test_xla_cpu_collective_permute_in_a_stage_branch_still_deadlocks():
     try:
         assert proc.stdout.readline().strip() == "running"
         with pytest.raises(subprocess.TimeoutExpired):
-            out, _ = proc.communicate(timeout=6)  # a ppermute of 16 floats takes milliseconds
+            out, _ = proc.communicate(timeout=3)  # a ppermute of 16 floats takes milliseconds
             pytest.fail(f"the collective-permute completed ({out.strip()!r}): drop the all-to-all workaround")
     finally:
         proc.kill()

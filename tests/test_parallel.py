@@ -1,6 +1,8 @@
 """Every parallel plan computes what one device computes: losses of 3 steps, the first and third steps' gradients,
 and the planned shardings of parameters and optimizer state."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -39,12 +41,13 @@ FACTORY_CASE = "data=2,fsdp=2,tensor=2"  # initialised under jit (weights born s
 
 @pytest.fixture(scope="module")
 def built():
-    return {m: models.create(m, seed=0) for m in (MODEL, MOE)}
+    """Each model built once, eagerly, on first use (the smoke subset runs the dense model alone)."""
+    return functools.cache(lambda model: models.create(model, seed=0))
 
 
 @pytest.fixture(scope="module")
 def reference(token_batch, built):
-    return {m: run(m, "data=1", token_batch, built[m]) for m in (MODEL, MOE)}
+    return functools.cache(lambda model: run(model, "data=1", token_batch, built(model)))
 
 
 def assert_same_grads(got, want, rtol: float = 1e-5) -> None:
@@ -86,8 +89,8 @@ def assert_planned_shardings(trainer) -> None:
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_dense_plan_matches_single_device(mesh, reference, token_batch, built):
-    got = run(MODEL, mesh, token_batch, None if mesh == FACTORY_CASE else built[MODEL])
-    assert_same_numerics(got, reference[MODEL])
+    got = run(MODEL, mesh, token_batch, None if mesh == FACTORY_CASE else built(MODEL))
+    assert_same_numerics(got, reference(MODEL))
     assert_planned_shardings(got["trainer"])
 
 
@@ -98,8 +101,8 @@ def test_moe_plan_matches_single_device(reference, token_batch, built):
     third step's gradients, this data=2,fsdp=2,tensor=2 plan against one device, batches drawn with seeds 0..3:
     0.29, 1.11, 0.54, 0.94 at XLA:CPU's LLVM -O2 and 1.31, 0.29, 0.42, 0.76 at -O0; the first step's 0.06 at both).
     A layout error moves them by orders of magnitude more."""
-    got = run(MOE, "data=2,fsdp=2,tensor=2", token_batch, built[MOE])
-    assert_same_numerics(got, reference[MOE], third_step_rtol=1e-4)
+    got = run(MOE, "data=2,fsdp=2,tensor=2", token_batch, built(MOE))
+    assert_same_numerics(got, reference(MOE), third_step_rtol=1e-4)
     assert_planned_shardings(got["trainer"])
 
 
@@ -125,7 +128,7 @@ def test_same_seed_same_weights_whatever_the_mesh():
 
 
 def test_loss_alone_is_the_next_steps_loss_and_updates_nothing(reference, token_batch):
-    trainer = reference[MODEL]["trainer"]  # (trained 3 steps; this test trains it one more, as the last user)
+    trainer = reference(MODEL)["trainer"]  # (trained 3 steps; this test trains it one more, as the last user)
     before = jax.device_get(trainer.params)
     loss = trainer.loss(token_batch)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trainer.params)))
