@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 OLD := .venv-oldest
 OLD_STAMP := $(OLD)/.installed
 
-.PHONY: setup setup-both train test test-full test-oldest clean
+.PHONY: setup setup-both train test test-full test-oldest test-sweep clean
 
 setup: $(STAMP)
 
@@ -70,7 +70,11 @@ setup-both:
 PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 test-full: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) -m "not sweep" --durations=15 $(ARGS)
+
+# The further cases of parametrized checks that `make test` leaves out (tests/conftest.py SWEEP).
+test-sweep: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) -m sweep $(ARGS)
 
 test-oldest: $(OLD_STAMP)
 	$(OLD)/bin/python -m pytest -q $(PYTEST_WORKERS) -m smoke $(ARGS)

@@ -138,8 +138,7 @@ def regression():
     return params, batch
 
 
-@pytest.mark.smoke
-@pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=2,tensor=2"])
+@pytest.mark.parametrize("mesh", ["fsdp=8", pytest.param("data=2,fsdp=2,tensor=2", marks=pytest.mark.smoke)])
 def test_a_hand_written_jax_loss_trains_like_one_device(regression, mesh):
     params, batch = regression
     plan = autoshard.plan(mlp_loss, batch, params=params, cluster="cpu:8", mesh=mesh)
