@@ -72,6 +72,12 @@ SWEEP = {
     "test_sequence.py::test_key_mask_matches_dense[noncausal-ring]": "causal-ring; non-causal ring chunks",
     "test_sequence.py::test_softcap_and_cross_attention_match_dense[ring-T8-keymask]": "ring-T5, ulysses-T8",
     "test_sequence.py::test_chunked_matches_dense[ulysses-seq2-h4kv4-noncausal]": "ulysses-seq2-h4kv2",
+    "test_pipeline.py::test_pipeline_with_sequence_parallelism[pipe=2,seq=2,tensor=2-ulysses-gpipe]":
+        "the ring case (seq manual in the executor); Ulysses in a pipe shard_map: test_sequence's nested case",
+    "test_zoo.py::test_every_plan_trains_like_one_device[encoder-tensor]": "gqa/linen_lm/cnn-tensor; verify below",
+    "test_zoo.py::test_verify_matches_the_compiled_step[encoder-tensor]": "the benchmark verifies every plan",
+    "test_attention_rewrite.py::test_seq_parallel_trains_like_one_device[padded_flax-ulysses]":
+        "padded_flax-ring; Ulysses with key masks: padded_jaxnn-ulysses",
 }
 """Further cases of parametrized checks (file::test[id]: the kept cases that cover the same code), left out of `make
 test` to keep it within 10 minutes on 2 cores and run by `make test-sweep` (runs/benchmarks/test_sweep.md): each

@@ -24,7 +24,7 @@ CASES = [
     ("gpt-tiny", "data=8"),
     ("gpt-tiny", "fsdp=8"),
     ("gpt-tiny", "data=2,tensor=4"),
-    pytest.param("gpt-tiny", "data=2,fsdp=2,tensor=2", marks=pytest.mark.smoke),
+    ("gpt-tiny", "data=2,fsdp=2,tensor=2"),
     ("gpt-tiny", "fsdp=4,tensor=2+remat"),
     ("gpt-tiny:activation=swiglu,kv_heads=2,tie_embeddings=true", "fsdp=4,tensor=2"),
     ("moe-tiny:capacity_factor=2", "data=4,tensor=2"),
