@@ -135,6 +135,20 @@ def _leaf_name(key_path: Any) -> str:
     return f"batch{jax.tree_util.keystr(key_path)}"
 
 
+def batch_error(batch: Any, error: Exception) -> AutoshardError:
+    """The one-line error for a batch the model's loss could not be traced on (a key it lacks, a shape or dtype it
+    does not take): what the batch holds, and what failed."""
+    leaves = ", ".join(f"{_leaf_name(kp)} {getattr(x, 'dtype', type(x).__name__)}{list(np.shape(x))}"
+                       for kp, x in jax.tree_util.tree_flatten_with_path(batch)[0])
+    missing = error.args[0] if isinstance(error, KeyError) and error.args else None
+    if isinstance(batch, dict) and isinstance(missing, str) and missing not in batch:
+        return AutoshardError(f"the model's loss reads batch[{missing!r}], which this batch lacks ({leaves}): give "
+                              f"the batch every key the loss reads")
+    cause = (str(error).strip().splitlines() or [""])[0]
+    return AutoshardError(f"the train step could not be traced on this batch ({leaves}): {type(error).__name__}: "
+                          f"{cause}: give the batch the keys, shapes and dtypes the model's loss reads")
+
+
 def check_batch(plan: Plan, batch: Any) -> int:
     """The global batch size of a batch pytree (`batch_size`), after a one-line `PlanError` if the plan cannot
     split it: a batch the batch shards do not divide, a sequence the seq axis does not divide."""

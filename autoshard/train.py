@@ -83,6 +83,7 @@ class Trainer:
         self.opt_state = jax.jit(optimizer.init, out_shardings=self.opt_shardings)(self.params)
         self.ops_context = emit.ops_context(plan, self.mesh)
         self._by_batch: dict[Any, _Programs] = {}
+        self._traced: set[Any] = set()  # batch signatures a program has been traced on (`_first_trace`)
         self._activation_specs: dict[Any, dict] = {}
         self.steps_done = 0
 
@@ -329,12 +330,29 @@ class Trainer:
 
     def step(self, batch: Any) -> dict[str, Any]:
         """One optimizer step; returns metrics as Python floats (arrays as lists)."""
-        self._check_inputs(batch)
-        programs, placed = self._place(batch)
-        self.params, self.opt_state, self.rest, metrics = programs.step(self.params, self.opt_state, self.rest,
-                                                                        placed)
+
+        def run():
+            self._check_inputs(batch)
+            programs, placed = self._place(batch)
+            return programs.step(self.params, self.opt_state, self.rest, placed)
+
+        self.params, self.opt_state, self.rest, metrics = self._first_trace(batch, run)
         self.steps_done += 1
         return _floats(metrics)
+
+    def _first_trace(self, batch: Any, run: Callable[[], Any]) -> Any:
+        """`run()`. The first run on a batch of new keys, shapes or dtypes traces the model's loss on it: a key the
+        loss lacks or a shape it does not take is then one line naming the batch (`emit.batch_error`), raised
+        before any step runs (no weights donated), not an error from inside jax's tracing."""
+        signature = (jax.tree.structure(batch), tuple((np.shape(x), str(_dtype(x))) for x in jax.tree.leaves(batch)))
+        if signature in self._traced:
+            return run()
+        try:
+            out = run()
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise emit.batch_error(batch, e) from None
+        self._traced.add(signature)
+        return out
 
     def _check_inputs(self, batch: Any) -> None:
         """The model's own check of a host batch (`Decoder.check_batch`: token ids inside the vocabulary), if it
@@ -353,33 +371,48 @@ class Trainer:
 
     def step_with_grads(self, batch: Any) -> tuple[dict[str, Any], nnx.State]:
         """`step`, also returning the gradients it applied (model layout): one compiled program for checks."""
-        programs, placed = self._place(batch)
-        self.params, self.opt_state, self.rest, metrics, grads = programs.step_and_grads(
-            self.params, self.opt_state, self.rest, placed)
+
+        def run():
+            programs, placed = self._place(batch)
+            return programs.step_and_grads(self.params, self.opt_state, self.rest, placed)
+
+        self.params, self.opt_state, self.rest, metrics, grads = self._first_trace(batch, run)
         self.steps_done += 1
         return _floats(metrics), grads
 
     def loss(self, batch: Any) -> float:
         """The loss of `batch` under the plan, updating nothing (no gradients computed, except in a pipeline)."""
-        self._check_inputs(batch)
-        programs, placed = self._place(batch)
-        return float(programs.loss(self.params, self.rest, placed))
+
+        def run():
+            self._check_inputs(batch)
+            programs, placed = self._place(batch)
+            return programs.loss(self.params, self.rest, placed)
+
+        return float(self._first_trace(batch, run))
 
     def loss_and_grads(self, batch: Any) -> tuple[jax.Array, nnx.State]:
         """Loss and gradients (in the model's layout) under the plan, without updating anything (for checks)."""
-        programs, placed = self._place(batch)
-        return programs.grads(self.params, self.rest, placed)
+
+        def run():
+            programs, placed = self._place(batch)
+            return programs.grads(self.params, self.rest, placed)
+
+        return self._first_trace(batch, run)
 
     def compile(self, batch: Any, *, grads: bool = False):
         """The compiled train step for batches shaped like `batch` (for `autoshard.analysis`); `grads`: the
         program `step_with_grads` runs (the same step, its gradients also returned). A program that already ran
         on such batches is not compiled again."""
         emit.check_batch(self.plan, batch)
-        programs = self._programs(batch)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=s),
-                                batch, programs.data)
-        program = programs.step_and_grads if grads else programs.step
-        return program.lower(self.params, self.opt_state, self.rest, abstract).compile()
+
+        def run():
+            programs = self._programs(batch)
+            abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=s),
+                                    batch, programs.data)
+            program = programs.step_and_grads if grads else programs.step
+            return program.lower(self.params, self.opt_state, self.rest, abstract).compile()
+
+        return self._first_trace(batch, run)
 
     def model(self) -> nnx.Module:
         """The model with the current (sharded) parameters."""

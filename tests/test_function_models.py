@@ -129,6 +129,23 @@ def test_plans_record_the_logical_names_explain_shows(free_cnn, cnn_variables):
     assert "mlp over tensor" in rows["Dense_0/kernel"], rows
 
 
+def test_a_batch_the_loss_cannot_read_is_one_line_before_any_step(regression):
+    """A key the loss lacks, a shape it does not take: one line naming the batch, nothing donated or stepped; the
+    trainer then steps on a good batch as if nothing happened."""
+    params, batch = regression
+    plan = autoshard.rule_plan(mlp_loss, "data=2", params=params)
+    trainer = autoshard.parallelize(mlp_loss, optax.sgd(0.1), plan, params=params, devices=jax.devices()[:2])
+    with pytest.raises(AutoshardError, match=r"reads batch\['y'\], which this batch lacks \(batch\['x'\] "
+                                             r"float32\[16, 8\]\): give the batch every key"):
+        trainer.step({"x": batch["x"]})
+    with pytest.raises(AutoshardError, match=r"could not be traced on this batch \(batch\['x'\] float32\[16, 7\], "
+                                             r"batch\['y'\] float32\[16, 4\]\): TypeError: .*dot_general"):
+        trainer.step({"x": batch["x"][:, :7], "y": batch["y"]})
+    assert trainer.steps_done == 0
+    loss = trainer.step(batch)["loss"]
+    np.testing.assert_allclose(loss, mlp_loss(params, batch), rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def regression():
     rng = np.random.default_rng(1)
