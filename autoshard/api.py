@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from autoshard import protocols, staging
+from autoshard import emit, protocols, staging
 from autoshard.emit import batch_size
 from planner.cluster import ClusterSpec, load_cluster
 from planner.errors import AutoshardError, PlanError
@@ -179,6 +179,18 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
     (`autoshard.attention_rewrite`); other plans keep the model's own program, which is what they compile.
     `pipelined` (a plan with a pipeline): an NNX model whose blocks are a Python loop is traced as the
     `autoshard.staging.Staged` model the trainer will pipeline."""
+    try:
+        graph, trained = _trace_graph(model, example_batch, loss_fn, params, rng, attention, pipelined)
+    except emit.TRACE_ERRORS as e:  # a batch the model's loss cannot read: one line naming it
+        raise emit.batch_error(example_batch, e) from None
+    if optimizer is not None:
+        graph.with_optimizer(optimizer_copies(optimizer, trained))
+    return graph, graph.compute_dtype()
+
+
+def _trace_graph(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any, rng: Any, attention: bool,
+                 pipelined: bool) -> tuple[Graph, Any]:
+    """`_trace`'s graph, and the trained weights (shapes) the optimizer state is priced for."""
     rewrite = _attention_rewrite(model) if attention else None
     if params is not None and loss_fn is None and not isinstance(model, nnx.Module) and pipelined:
         staging.check_seq(2 if attention else 1)
@@ -201,9 +213,7 @@ def _trace(model: Any, example_batch: Any, loss_fn: Callable | None, params: Any
             abstract, loss_fn = staged, None
         graph = trace_model(abstract, example_batch, loss_fn, rewrite=rewrite)
         trained = nnx.state(abstract, nnx.Param)
-    if optimizer is not None:
-        graph.with_optimizer(optimizer_copies(optimizer, trained))
-    return graph, graph.compute_dtype()
+    return graph, trained
 
 
 def _linen_staged(loss_fn: Callable, variables: Any, rng: Any, example_batch: Any) -> nnx.Module:

@@ -135,6 +135,10 @@ def _leaf_name(key_path: Any) -> str:
     return f"batch{jax.tree_util.keystr(key_path)}"
 
 
+TRACE_ERRORS = (KeyError, IndexError, TypeError, ValueError)
+"""What tracing a model's loss raises on a batch it cannot read (jax's shape and dtype checks included)."""
+
+
 def batch_error(batch: Any, error: Exception) -> AutoshardError:
     """The one-line error for a batch the model's loss could not be traced on (a key it lacks, a shape or dtype it
     does not take): what the batch holds, and what failed."""

@@ -349,7 +349,7 @@ class Trainer:
             return run()
         try:
             out = run()
-        except (KeyError, IndexError, TypeError, ValueError) as e:
+        except emit.TRACE_ERRORS as e:
             raise emit.batch_error(batch, e) from None
         self._traced.add(signature)
         return out

@@ -130,9 +130,12 @@ def test_plans_record_the_logical_names_explain_shows(free_cnn, cnn_variables):
 
 
 def test_a_batch_the_loss_cannot_read_is_one_line_before_any_step(regression):
-    """A key the loss lacks, a shape it does not take: one line naming the batch, nothing donated or stepped; the
-    trainer then steps on a good batch as if nothing happened."""
+    """A key the loss lacks, a shape it does not take: one line naming the batch (planning, and a trainer's first
+    trace of such a batch: nothing donated or stepped); the trainer then steps on a good batch as if nothing
+    happened."""
     params, batch = regression
+    with pytest.raises(AutoshardError, match=r"reads batch\['y'\], which this batch lacks"):  # planning it too
+        autoshard.plan(mlp_loss, {"x": batch["x"]}, params=params, cluster="cpu:8")
     plan = autoshard.rule_plan(mlp_loss, "data=2", params=params)
     trainer = autoshard.parallelize(mlp_loss, optax.sgd(0.1), plan, params=params, devices=jax.devices()[:2])
     with pytest.raises(AutoshardError, match=r"reads batch\['y'\], which this batch lacks \(batch\['x'\] "
