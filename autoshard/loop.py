@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,10 +45,14 @@ class FitResult:
     metrics: Record
     """The last step's record."""
     stopped: str | None = None
-    """The signal ("SIGTERM", "SIGINT") that stopped the loop early, else None."""
+    """What stopped the loop early: a signal ("SIGTERM", "SIGINT") or `END_OF_DATA`; else None."""
     checkpoint: int | None = None
     """The step of the last checkpoint written, if any."""
     seconds: float = 0.0
+
+
+END_OF_DATA = "end of data"
+"""`FitResult.stopped` when a finite `data` ran out before `steps`."""
 
 
 @dataclasses.dataclass
@@ -72,7 +77,8 @@ def fit(trainer, data: Data | Iterable, *, steps: int, checkpoint: Checkpoints |
 
     Args:
       trainer: from `autoshard.parallelize`.
-      data: an object with `next()` (and `state()` / `restore()` for an exact resume), or any iterator of batches.
+      data: an object with `next()` (and `state()` / `restore()` for an exact resume), or any iterable of batches
+        (one that runs out before `steps` stops the run there, checkpointed, with a warning: `END_OF_DATA`).
       steps: the last step number (a resumed run continues to it).
       checkpoint: a folder (or `Checkpoints`) to save the whole training state into: every `checkpoint_every`
         steps, at the end, and when a signal stops the loop; `keep` steps are kept (None: all).
@@ -134,7 +140,12 @@ def _loop(trainer, data, ckpt, start, steps, every, eval_data, eval_every, callb
             saved = at
 
     for step in range(start + 1, steps + 1):
-        batch = draw()
+        try:
+            batch = draw()
+        except StopIteration:  # a finite iterable shorter than the run: it stops there, saved as a signal's stop is
+            warnings.warn(f"the data ran out after step {step - 1} of {steps}: training stops there", stacklevel=3)
+            save(step - 1)
+            return FitResult(step - 1, record, END_OF_DATA, saved, time.perf_counter() - began)
         if speed is None:
             speed = default_speed(trainer, batch)
         t0 = time.perf_counter()

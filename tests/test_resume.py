@@ -248,3 +248,8 @@ def test_fit_in_python_resumes_too(reference, tiny_text, tmp_path):
         trainer.fit(data.TextData(corpus, 8, 32), steps=8, checkpoint=tmp_path / "ck", start_step=0,
                     callbacks=[seen.append])
     assert len(seen) == 6
+    # a finite iterable shorter than the run: it stops where the data ends, checkpointed there, with a warning
+    batch = data.TextData(corpus, 8, 32, seed=5).next()
+    with pytest.warns(UserWarning, match="the data ran out after step 8 of 10: training stops there"):
+        short = trainer.fit([batch, batch], steps=10, checkpoint=tmp_path / "short")
+    assert (short.step, short.stopped, short.checkpoint) == (8, "end of data", 8)
