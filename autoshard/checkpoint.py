@@ -76,11 +76,8 @@ def kind(directory: str | Path) -> str:
     return "checkpoint"
 
 
-RESUME_ADVICE = "pass --resume to continue it, or choose another --checkpoint folder"
-
-
 def check_target(directory: str | Path, *, resume: bool = False, after: int = 0,
-                 advice: str = RESUME_ADVICE) -> str:
+                 advice: str = "pass --resume to continue it, or choose another --checkpoint folder") -> str:
     """A folder to save into, checked without writing anything: not a file, not a user's folder, not another
     run's checkpoints (steps past `after`, the step the run starts from; unless `resume`), and creatable and
     writable. Returns its `kind`. `advice` is the error's remedy (the command line's flags by default)."""

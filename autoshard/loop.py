@@ -94,9 +94,9 @@ def fit(trainer, data: Data | Iterable, *, steps: int, checkpoint: Checkpoints |
       stop: the signal handlers (default: SIGTERM and SIGINT installed for the loop's duration).
       start_step: the step the trainer's state is at (default: `trainer.steps_done`, or the resumed step).
     """
+    start = trainer.steps_done if start_step is None else int(start_step)
     if checkpoint is not None and not resume:  # another run's later steps: refused before any step, not at a save
-        check_target(checkpoint.directory if isinstance(checkpoint, Checkpoints) else checkpoint,
-                     after=trainer.steps_done if start_step is None else int(start_step),
+        check_target(checkpoint.directory if isinstance(checkpoint, Checkpoints) else checkpoint, after=start,
                      advice="pass resume=True to continue it, or save into another folder")
     ckpt = Checkpoints.create(checkpoint, keep=keep, async_save=async_save,
                               model=(meta or {}).get("model")) if isinstance(checkpoint, (str, Path)) else checkpoint
@@ -105,8 +105,7 @@ def fit(trainer, data: Data | Iterable, *, steps: int, checkpoint: Checkpoints |
         if ckpt is None:
             raise AutoshardError("resume needs a checkpoint folder")
         done = resume_from(ckpt, trainer, data, meta)
-        start_step = done if done is not None else start_step
-    start = trainer.steps_done if start_step is None else int(start_step)
+        start = done if done is not None else start
     if start > steps:
         raise AutoshardError(f"the run is at step {start} already, past steps={steps}")
     own_signals = stop is None

@@ -330,21 +330,28 @@ class Trainer:
 
     def step(self, batch: Any) -> dict[str, Any]:
         """One optimizer step; returns metrics as Python floats (arrays as lists)."""
-
-        def run():
-            self._check_inputs(batch)
-            programs, placed = self._place(batch)
-            return programs.step(self.params, self.opt_state, self.rest, placed)
-
-        self.params, self.opt_state, self.rest, metrics = self._first_trace(batch, run)
+        self.params, self.opt_state, self.rest, metrics = self._run(batch, "step", self.params, self.opt_state,
+                                                                    self.rest, check=True)
         self.steps_done += 1
         return _floats(metrics)
+
+    def _run(self, batch: Any, program: str, *args: Any, check: bool = False) -> Any:
+        """`program` (a `_Programs` field) on `args` and the placed batch, after the model's own check if `check`;
+        a batch its loss cannot read is one line (`_first_trace`)."""
+
+        def run():
+            if check:
+                self._check_inputs(batch)
+            programs, placed = self._place(batch)
+            return getattr(programs, program)(*args, placed)
+
+        return self._first_trace(batch, run)
 
     def _first_trace(self, batch: Any, run: Callable[[], Any]) -> Any:
         """`run()`. The first run on a batch of new keys, shapes or dtypes traces the model's loss on it: a key the
         loss lacks or a shape it does not take is then one line naming the batch (`emit.batch_error`), raised
         before any step runs (no weights donated), not an error from inside jax's tracing."""
-        signature = (jax.tree.structure(batch), tuple((np.shape(x), str(_dtype(x))) for x in jax.tree.leaves(batch)))
+        signature = _batch_signature(batch)
         if signature in self._traced:
             return run()
         try:
@@ -362,7 +369,7 @@ class Trainer:
             check(batch)
 
     def fit(self, data: Any, *, steps: int, **options: Any):
-        """Train until step `steps` on batches from `data` (`data.next()`, or any iterator): the loop
+        """Train until step `steps` on batches from `data` (`data.next()`, or any iterable): the loop
         `autoshard train` runs, with checkpoints, resume, preemption and metrics (see `autoshard.loop.fit` for the
         options). Returns a `FitResult`."""
         from autoshard.loop import fit
@@ -371,33 +378,18 @@ class Trainer:
 
     def step_with_grads(self, batch: Any) -> tuple[dict[str, Any], nnx.State]:
         """`step`, also returning the gradients it applied (model layout): one compiled program for checks."""
-
-        def run():
-            programs, placed = self._place(batch)
-            return programs.step_and_grads(self.params, self.opt_state, self.rest, placed)
-
-        self.params, self.opt_state, self.rest, metrics, grads = self._first_trace(batch, run)
+        self.params, self.opt_state, self.rest, metrics, grads = self._run(batch, "step_and_grads", self.params,
+                                                                           self.opt_state, self.rest)
         self.steps_done += 1
         return _floats(metrics), grads
 
     def loss(self, batch: Any) -> float:
         """The loss of `batch` under the plan, updating nothing (no gradients computed, except in a pipeline)."""
-
-        def run():
-            self._check_inputs(batch)
-            programs, placed = self._place(batch)
-            return programs.loss(self.params, self.rest, placed)
-
-        return float(self._first_trace(batch, run))
+        return float(self._run(batch, "loss", self.params, self.rest, check=True))
 
     def loss_and_grads(self, batch: Any) -> tuple[jax.Array, nnx.State]:
         """Loss and gradients (in the model's layout) under the plan, without updating anything (for checks)."""
-
-        def run():
-            programs, placed = self._place(batch)
-            return programs.grads(self.params, self.rest, placed)
-
-        return self._first_trace(batch, run)
+        return self._run(batch, "grads", self.params, self.rest)
 
     def compile(self, batch: Any, *, grads: bool = False):
         """The compiled train step for batches shaped like `batch` (for `autoshard.analysis`); `grads`: the
@@ -459,6 +451,11 @@ def _layout_json(plan: Plan) -> str:
 def _batch_key(batch: Any) -> tuple:
     """What a step program depends on in a batch: its structure and each leaf's rank."""
     return jax.tree.structure(batch), tuple(len(np.shape(x)) for x in jax.tree.leaves(batch))
+
+
+def _batch_signature(batch: Any) -> tuple:
+    """What makes jax trace a step program anew: the batch's structure and each leaf's shape and dtype."""
+    return jax.tree.structure(batch), tuple((np.shape(x), str(_dtype(x))) for x in jax.tree.leaves(batch))
 
 
 def _dtype(x: Any) -> Any:
