@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from autoshard.liveness import peak_live_set
 from autoshard.hlo import (COLLECTIVES, HloModule, PartitionEval, device_multiplicities, dot_flops, elements,
                            group_axes, mesh_shape, multiplicities, parse_hlo, permute_axes, replica_groups,
                            restore_constants, scatter_pattern, shape_bytes, source_target_pairs)
@@ -121,6 +122,10 @@ def collective_stats(hlo: str | HloModule, mesh: Any, mult: Mapping[str, float] 
                 comm_bytes_raw=dict(comm_raw), collectives=ops, num_partitions=mod.num_partitions)
 
 
+PEAK_TOP = 8
+"""Buffers of the simulated memory peak `analyze` lists (largest first)."""
+
+
 def _intlike(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
 
@@ -132,7 +137,8 @@ def analyze(compiled: Any, mesh: Any) -> dict[str, Any]:
     (`device_multiplicities`), averaged over partitions; `flops_by_device` lists them per partition (a pipeline
     stage runs its own schedule). `branches_exact` is False when some conditional's branch index could not be
     evaluated: its branches then all count, and the FLOPs are an upper bound. `flops_xla` is XLA's own
-    `cost_analysis()` figure, which counts each while body once.
+    `cost_analysis()` figure, which counts each while body once. `memory_peak` says what the temporaries are at
+    their peak, as simulated from the schedule (`autoshard.liveness`): bytes by kind and the largest buffers.
 
     `mesh` (a jax Mesh, or an ordered {axis: size}) names the axes that communication is attributed to; it must be
     the mesh whose `devices.flat` order the program was compiled for.
@@ -144,8 +150,11 @@ def analyze(compiled: Any, mesh: Any) -> dict[str, Any]:
     per_device, exact = device_multiplicities(mod)
     by_device = np.broadcast_to(dot_flops(mod, per_device), (mod.num_partitions,))
     comm = collective_stats(mod, mesh, {c: float(np.mean(m)) for c, m in per_device.items()})
+    peak = peak_live_set(mod)
+    memory_peak = {"temp_bytes": peak.temp_bytes, "at": peak.at, "by_kind": peak.by_kind(),
+                   "top": [[b.nbytes, b.shape, b.op_name] for b in peak.buffers[:PEAK_TOP]]}
     return dict(memory_bytes_per_device=memory["argument"] + memory["output"] + memory["temp"] - memory["alias"],
-                memory=memory, flops_per_device=float(np.mean(by_device)),
+                memory=memory, memory_peak=memory_peak, flops_per_device=float(np.mean(by_device)),
                 flops_by_device=[float(f) for f in by_device], branches_exact=exact,
                 flops_xla=float(ca.get("flops", 0.0)), **comm, mesh=mesh_shape(mesh))
 
@@ -164,6 +173,15 @@ def analyze_jitted(jitted: Any, *args: Any, mesh: Any = None, **kwargs: Any) -> 
 
 # -- report -------------------------------------------------------------------------------------------------------
 
+
+
+def peak_line(stats: Mapping[str, Any]) -> str:
+    """One line on what the compiled step holds at its memory peak (`memory_peak`), by kind of buffer."""
+    peak = stats.get("memory_peak")
+    if not peak:
+        return ""
+    kinds = ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(peak["by_kind"].items(), key=lambda kv: -kv[1]))
+    return f"temporaries at the peak (simulated from the schedule): {format_bytes(peak['temp_bytes'])}: {kinds}"
 
 
 def _flops_line(stats: Mapping[str, Any]) -> str:
@@ -188,6 +206,7 @@ def format_report(stats: Mapping[str, Any], ops: bool = False) -> str:
              f"memory per device: {format_bytes(stats['memory_bytes_per_device'])}  (argument "
              f"{format_bytes(mem['argument'])} + output {format_bytes(mem['output'])} + temp "
              f"{format_bytes(mem['temp'])} - alias {format_bytes(mem['alias'])})",
+             *([peak_line(stats)] if stats.get("memory_peak") else []),
              _flops_line(stats), ""]
     rows = [("axes/collective", "count", "bytes sent/device")]
     for key in sorted(stats["comm_bytes"], key=lambda k: -stats["comm_bytes"][k]):
@@ -214,7 +233,11 @@ def format_report(stats: Mapping[str, Any], ops: bool = False) -> str:
             lines.append(f"  {o['name']:<24} {o['axes'] + '/' + o['collective']:<28} n={o['group_size']:<3} "
                          f"x{o['executions']:g} in={format_bytes(o['operand_bytes'])} sent={format_bytes(o['bytes'])}  "
                          f"{(o['op_name'] or '')[-60:]}")
+        top = (stats.get("memory_peak") or {}).get("top") or []
+        if top:
+            lines += ["", f"largest buffers at the memory peak ({stats['memory_peak']['at']}):"]
+            lines += [f"  {format_bytes(nb):>10}  {shape[:36]:<36} {op_name[-70:]}" for nb, shape, op_name in top]
     return "\n".join(lines)
 
 
-__all__ = ["analyze", "analyze_jitted", "collective_stats", "format_report"]
+__all__ = ["analyze", "analyze_jitted", "collective_stats", "format_report", "peak_line"]

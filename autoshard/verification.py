@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from autoshard import comparison
-from autoshard.analysis import analyze
+from autoshard.analysis import analyze, peak_line
+from autoshard.explain import format_bytes
 
 PIPELINE_BRANCH_KEYS = ("tensor/", "seq/", "expert/")
 """Collectives of the ops inside a pipeline executor's per-stage `lax.switch` branches: `autoshard.analysis` counts
@@ -56,7 +57,12 @@ class Verification:
         return [Row(name, r["predicted"], r["compiled"], r["error"], r["tolerance"], r["ok"]) for name, r in named]
 
     def __str__(self) -> str:
-        return comparison.format_comparison(self.comparison)
+        lines = comparison.format_comparison(self.comparison).splitlines()
+        if self.comparison["memory"]["ok"] is False:  # what each side is made of, above the verdict
+            parts = self.predicted.get("memory_breakdown") or {}
+            lines[-1:-1] = ["memory predicted: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items()),
+                            "compiled " + peak_line(self.compiled)]
+        return "\n".join(lines)
 
 
 def compare_compiled(plan: Any, predicted: Mapping[str, Any], compiled: Mapping[str, Any]) -> dict[str, Any]:

@@ -314,3 +314,14 @@ def test_reduce_scatter_detection_and_loop_counts():
     assert {(o["collective"], o["from_all_reduce"], o["executions"]) for o in ar} == {
         ("reduce-scatter", True, 3.0), ("all-reduce", False, 3.0)}
     assert ar[0]["op_name"] == "jit(f)/transpose(jvp())/while/body/psum"
+
+
+def test_the_memory_peak_simulated_from_the_schedule_is_xlas(dp, mesh3d):
+    """`autoshard.liveness` walks the compiled schedule of a layer scan (its loop state, in-place updates and body
+    peaks) to the temporaries XLA allocated (+2.3% and +5.1% here; a loop state freed at its tuple read -18%), and
+    says what they are."""
+    for case in (dp, mesh3d):
+        peak, temp = case["stats"]["memory_peak"], case["stats"]["memory"]["temp"]
+        assert abs(peak["temp_bytes"] - temp) <= 0.08 * temp, (peak["temp_bytes"], temp)
+        assert sum(peak["by_kind"].values()) == pytest.approx(peak["temp_bytes"])
+        assert peak["by_kind"]["forward values"] > 0 and peak["by_kind"]["backward values"] > 0

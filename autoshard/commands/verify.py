@@ -95,12 +95,14 @@ def _compile(cfg, plan, devices: list, batch: int, seq: int) -> tuple[dict, floa
 
 
 def _print_text(plan, stats: dict, seconds: float, result: dict) -> None:
-    from autoshard import comparison, explain
+    from autoshard import analysis, comparison, explain
 
     mem = stats["memory"]
     print(f"compiled in {seconds:.1f} s; memory/device = argument {explain.format_bytes(mem['argument'])} + "
           f"output {explain.format_bytes(mem['output'])}\n  + temp {explain.format_bytes(mem['temp'])} - "
           f"alias {explain.format_bytes(mem['alias'])}")
+    if stats.get("memory_peak"):
+        print("  " + analysis.peak_line(stats))
     print(comparison.format_comparison(result))
     if plan.pipeline is not None:
         print("note: pipeline plan: tensor/*, seq/* and expert/* collectives run inside the executor's "
