@@ -147,6 +147,13 @@ NOTES = [
     "(-10.5% -> -5.2%) but adds to the encoder-decoder's over-prediction.",
     "- Backward: the held-out single-block models (encdec, padded_queries) have no numbered blocks, so their working "
     "set is every matmul output of the step (`Problem._largest_block`), where XLA holds a few cotangents at a time.",
+    "- A prototype of the three rules (2026-12-02, not committed: forward values written out for a matmul kept; a "
+    "transposed copy of each 3-D kernel that no kept ZeRO-3 gather stands for; the working set of straight-line "
+    "code as the backward of the step's largest matmul, its output's and its non-weight inputs' cotangents, in "
+    "place of 1.3 x a block's matmul outputs) put its parts within a few KiB of the compiled ones and 33 of the 35 "
+    "transformer plans above within 10% (-10.0% to +10.4%; padded_queries / tensor -12.0%, padded_queries / seq "
+    "+10.4%), but the CNN's three plans at -12% to -20%: their peak is in the forward, at the first BatchNorm's "
+    "intermediates, which no rule here models. Kept out until the forward peak is modelled too.",
     "- The fix these point to is one model, not three constants: the backward's liveness simulated over the traced "
     "graph (which residuals are still to be read, which cotangents are live, which gradients are written), the peak "
     "taken over the backward's steps; `autoshard.liveness` gives the compiled side of each part to check it against.",
