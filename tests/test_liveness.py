@@ -2,8 +2,12 @@
 is worked out by hand (the figures against XLA's own temporaries are tests/test_inspect.py's and tests/test_zoo.py's).
 """
 
+import pytest
+
 from autoshard.hlo import parse_hlo
 from autoshard.liveness import peak_live_set
+
+pytestmark = pytest.mark.smoke  # HLO text only: cheap, and the module must work on the oldest supported jax too
 
 # f32[256] is 1 KiB, f32[512] 2 KiB, f32[4,256] 4 KiB.
 STRAIGHT = """HloModule m, is_scheduled=true
