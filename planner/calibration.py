@@ -18,4 +18,4 @@ Fitted on: the compiled cases of tests/test_predictions.py (gpt-tiny variants, m
 when it priced them all; it now prices their MLP and full-remat cases. Held out: runs/benchmarks/memory_accuracy.md's
 full-remat rows (sequence 128, wider and deeper models, bfloat16) and runs/benchmarks/model_zoo.md (the zoo of
 tests/zoo.py: Python-loop and unrolled models, whose working set is one block's and whose kept ZeRO-3 gathers are
-counted apart, `Problem.gathered_memory`)."""
+counted apart, `Problem.kept_weight_memory`)."""

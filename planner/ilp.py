@@ -163,6 +163,10 @@ class Problem:
             path: self._reversed_kernel_uses(path) for path in graph.param_values})
         self._kept_gathers = shared(("kept gathers",), lambda: {
             path: self._input_gradient_uses(path) for path in graph.param_values})
+        self._transposed = shared(("transposed kernels",), lambda: {
+            path for path in graph.param_values if self._transposed_for_input_gradient(path)})
+        """Kernels of three or more dimensions that XLA keeps a transposed copy of for the backward
+        (`_transposed_for_input_gradient`)."""
         self._reductions = shared(("reductions",), lambda: {
             path: self._gradient_reductions(path) for path in graph.param_values})
         self._token_params = shared(("token params",), lambda: {
@@ -242,6 +246,28 @@ class Problem:
         """Matmuls with a parameter whose other operand needs a gradient (its input gradient reads the weight)."""
         return sum(1 for v in self.values.values() if v.param == path for c, pos in v.consumers
                    if self.g.ops[c].primitive == "dot_general" and self.g.ops[c].inputs[1 - pos] in self.needs_grad)
+
+    def _transposed_for_input_gradient(self, path: str) -> bool:
+        """Whether the input gradient of some matmul with this weight reads it transposed: a weight of three or
+        more dimensions (a DenseGeneral or einsum projection, `[d, heads, head_dim]`, `[heads, head_dim, d]`) whose
+        dimensions left free by the forward matmul do not all come before those it contracts. The input gradient
+        contracts the free ones, and XLA lays a >2-D operand out with its contracted dimensions first
+        (DotDecomposer): it copies the weight transposed at the start of the step and keeps the copy until the
+        backward reads it (seen on every such kernel of the zoo's and the held-out attention models; a 2-D kernel
+        is read transposed in place)."""
+        for v in self.values.values():
+            if v.param != path or len(v.shape) < 3:
+                continue
+            for c, pos in v.consumers:
+                op = self.g.ops[c]
+                if op.primitive != "dot_general" or op.inputs[1 - pos] not in self.needs_grad:
+                    continue
+                (lc, rc), (lb, rb) = op.params["dimension_numbers"]
+                contracted, batch = (lc, lb) if pos == 0 else (rc, rb)
+                free = [d for d in range(len(v.shape)) if d not in contracted and d not in batch]
+                if (len(free) > 1 or len(contracted) > 1) and free and contracted and max(free) > min(contracted):
+                    return True
+        return False
 
     def _gradient_reductions(self, path: str) -> int:
         """How many all-reduces over the batch axes a parameter's gradient takes: for a table both looked up and
@@ -672,17 +698,20 @@ class Problem:
         info = self.g.params[path]
         return info.size * itemsize(info.dtype) / (self.t if c.layout is not None else 1) / self.expert_split(path)
 
-    def gathered_memory(self, path: str, c: ParamChoice) -> float:
-        """Bytes of a ZeRO-3 weight's gathered copies that straight-line code keeps from the forward to the
-        backward: each matmul use whose other operand needs a gradient reads the gathered weight again for that
-        input gradient, and XLA keeps the forward's gather rather than gather once more (`param_sync` counts one
-        gather per use). A stacked weight is gathered again in the backward loop, a convolution's kernel gathered
-        again reversed (`_reversed_kernel_uses`), a table only looked up never gathered: none of them is kept."""
-        if c.fsdp_dim is None or self.mesh["fsdp"] == 1 or path in self._stacked or (
-                path in self._lookups and c.fsdp_dim not in self._lookups[path][1]):
+    def kept_weight_memory(self, path: str, c: ParamChoice) -> float:
+        """Bytes of a weight's copies that straight-line code keeps from the forward to the backward, for the input
+        gradients of its matmuls: a ZeRO-3 weight's gathered copy per such use (each matmul use whose other operand
+        needs a gradient reads the gathered weight again, and XLA keeps the forward's gather rather than gather
+        once more; `param_sync` counts one gather per use), else one transposed copy of a kernel read transposed
+        there (`_transposed_for_input_gradient`; a kept gather is already that copy). A stacked weight is gathered
+        and copied again in the backward loop, a convolution's kernel gathered again reversed
+        (`_reversed_kernel_uses`), a table only looked up never gathered: none of them is kept."""
+        if path in self._stacked:
             return 0.0
-        nbytes = self.fsdp_whole_bytes(path, c)
-        return nbytes * self._kept_gathers[path]
+        if c.fsdp_dim is not None and self.mesh["fsdp"] > 1 and not (
+                path in self._lookups and c.fsdp_dim not in self._lookups[path][1]) and self._kept_gathers[path]:
+            return self.fsdp_whole_bytes(path, c) * self._kept_gathers[path]
+        return self.fsdp_whole_bytes(path, c) if path in self._transposed else 0.0
 
     def grad_memory(self, path: str, c: ParamChoice) -> float:
         """The gradient's share of `param_memory` (one copy of the parameter's shard)."""
@@ -913,14 +942,14 @@ class Problem:
             return min(self.value_memory(vid, lay) for lay in self.value_layout_options(vid))
 
         choices = self.param_choices.items()
-        params = sum(min(self.param_memory(p, c) + self.gathered_memory(p, c) for c in ch) for p, ch in choices)
+        params = sum(min(self.param_memory(p, c) + self.kept_weight_memory(p, c) for c in ch) for p, ch in choices)
         items = [(name, copies * least(vid)) for name, vid, copies in self.value_memory_items()]
         acts = sum(nb for name, nb in items if name == "activations")
         fixed = self.batch_memory() + sum(nb for name, nb in items if name != "activations") \
             + self.transient_memory(least)
         if not self.grads_reuse_activations:
             return fixed + params + acts
-        kept = sum(min(self.param_memory(p, c) + self.gathered_memory(p, c) - self.reusable_grad_memory(p, c)
+        kept = sum(min(self.param_memory(p, c) + self.kept_weight_memory(p, c) - self.reusable_grad_memory(p, c)
                        for c in ch)
                    for p, ch in choices)
         return fixed + max(params, kept + acts)
@@ -997,9 +1026,9 @@ class Problem:
                     pay(kind, nb, count)
         mem = {"parameters and optimizer state": sum(self.param_memory(p_, c) for p_, c in params.items()),
                "activations": 0.0, "backward working set": 0.0}
-        gathered = sum(self.gathered_memory(p_, c) for p_, c in params.items())
-        if gathered:
-            mem["gathered weights kept for the backward"] = gathered
+        kept = sum(self.kept_weight_memory(p_, c) for p_, c in params.items())
+        if kept:
+            mem["weight copies kept for the backward"] = kept
         for name, vid, copies in self.value_memory_items():
             mem[name] += copies * self.value_memory(vid, layout(vid))
         copies = self.transient_memory(lambda vid: self.value_memory(vid, layout(vid)))
@@ -1155,7 +1184,7 @@ class _Model:
         gradients written over freed activations, `reused` = min(activations, gradients) comes off."""
         pr = self.pr
         for path, choices in pr.param_choices.items():
-            self.memory += [(pr.param_memory(path, c) + pr.gathered_memory(path, c), lit)
+            self.memory += [(pr.param_memory(path, c) + pr.kept_weight_memory(path, c), lit)
                             for c, lit in zip(choices, self.p[path])]
             self.grads += [(pr.reusable_grad_memory(path, c), lit) for c, lit in zip(choices, self.p[path])]
         for name, vid, copies in pr.value_memory_items():
@@ -1328,8 +1357,9 @@ class LoopProblem(Problem):
     figures as the op-by-op graph, from one block's variables. Where `Problem` models a `lax.scan` stack it is
     overridden: ZeRO-3 gathers each use's weight once (no backward loop gathers it again), the residuals XLA
     stores are those of straight-line code (cheap elementwise results recomputed from what they read, across
-    block boundaries), ZeRO-3 gathers are kept for the backward (`gathered_memory`), and a parameter outside the blocks whose first
-    dimension happens to equal the block count may still be split along it."""
+    block boundaries), ZeRO-3 gathers and transposed kernels are kept for the backward (`kept_weight_memory`), and
+    a parameter outside the blocks whose first dimension happens to equal the block count may still be split along
+    it."""
 
     def __init__(self, graph: Graph, *args, **kw) -> None:
         super().__init__(graph, *args, **kw)

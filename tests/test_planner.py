@@ -117,12 +117,14 @@ def test_ilp_optimum_equals_brute_force(graphs, case, remat, mesh, followers):
 def pressure_budget(graph, mesh: dict[str, int], must_split: list[str]) -> float:
     """A budget at which every parameter in `must_split` has to be at its smallest layout, and activations are free.
 
-    It is the least memory of the parameters (each at its smallest layout) plus the activations all replicated (the
-    most any layout needs) plus the batch. Replicating one of `must_split` costs more than that activation allowance (checked), so
-    no plan that fits leaves one of them whole, while any layout of the activations fits.
+    It is the least memory of the parameters (each at its smallest layout, with the copies the backward keeps of it)
+    plus the activations all replicated (the most any layout needs) plus the batch. Replicating one of `must_split`
+    costs more than that activation allowance (checked), so no plan that fits leaves one of them whole, while any
+    layout of the activations fits.
     """
     problem = Problem(graph, full_mesh(**mesh), CPU8)
-    mems = {path: [problem.param_memory(path, c) for c in ch] for path, ch in problem.param_choices.items()}
+    mems = {path: [problem.param_memory(path, c) + problem.kept_weight_memory(path, c) for c in ch]
+            for path, ch in problem.param_choices.items()}
     acts = sum(n * problem.value_memory(v, None) for v, n in problem.residuals().items())
     for path in must_split:
         assert max(mems[path]) - min(mems[path]) > acts, f"{path} is too small to force a split: grow the case"

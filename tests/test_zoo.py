@@ -175,7 +175,7 @@ def test_a_fixed_tensor_degree_splits_the_weights(zoo, name):
     assert kernels and set(kernels) <= set(over_tensor), (plan.mesh_string(), set(kernels) - set(over_tensor))
 
 
-@pytest.mark.parametrize("name", ["encoder", "linen_lm"])
+@pytest.mark.parametrize("name", ["encoder", "gqa", "linen_lm"])
 def test_seq_beside_tensor_is_laid_out_as_priced(zoo, name):
     """A user's attention under data x seq x tensor: its activations constrained outside the ring (whose equations
     carry no keys, `planner.jax_internals.equation_keys`) and q, k, v met head-split as the ring runs them

@@ -54,7 +54,7 @@ MESHES = {"free": None, "tensor": {"tensor": 2}, "fsdp": {"data": 2, "fsdp": 4},
 FORWARD = ("activations", "ring attention residuals", "ulysses attention residuals")
 BACKWARD = ("backward working set", "ring attention transient", "ulysses attention transient",
             "convolution layout copies")
-COPIES = ("gathered weights kept for the backward",)
+COPIES = ("weight copies kept for the backward", "gathered weights kept for the backward")
 
 
 class LoopLM(zoo.ZooModel):
@@ -132,31 +132,30 @@ def write_markdown(results: dict, meta: dict) -> str:
 
 
 NOTES = [
-    "- The zoo's plans are within verify's 10% but for gqa / seq_tensor; the held-out models are not: the rules for "
-    "straight-line code (residuals XLA stores, `WORKING_SET` x one block's matmul outputs, the gradients written over "
-    "freed activations) were measured on the zoo and do not carry over to them.",
+    "- The zoo's plans are all within verify's 10%; the held-out models' are not: the rules for straight-line code "
+    "(residuals XLA stores, `WORKING_SET` x one block's matmul outputs, the gradients written over freed activations) "
+    "were measured on the zoo and do not carry over to them.",
+    "- Weight copies (counted since 2026-12-02, `Problem.kept_weight_memory`): XLA:CPU keeps a transposed copy of each "
+    "3-D projection kernel (DenseGeneral, einsum weights such as [d, heads, head_dim]) from the start of the step to "
+    "the backward, for the input gradient's matmul; a ZeRO-3 weight's kept gather is that copy. The predicted part "
+    "now matches the compiled argument copies within a few KiB in both groups; it took gqa / seq_tensor from -10.5% to "
+    "-5.2% and the encoder-decoder's and padded-queries LM's seq plans further over (their working set, below).",
     "- Forward: the planner assumes a cheap elementwise value (a norm's scaled output, an activation's output) is "
     "recomputed in the backward from what it was computed from (`Problem._stored`); XLA keeps it where it was "
     "written out for a matmul in the forward. On gqa / seq_tensor that is about 72 KiB (5 norm outputs, 2 MLP "
-    "activations). Counting them alone (tried 2026-12-02) put the zoo's straight-line plans at +2.7% to +15.7% "
-    "(from -10.5% to +3.2%), the working set having been fitted with them missing; with the weight copies below "
-    "too, the Python-loop LM's seq plans went from -20.1% to -5.2%.",
-    "- Weight copies: XLA:CPU keeps a transposed copy of each 3-D projection kernel (DenseGeneral, einsum weights "
-    "such as [d, heads, head_dim]) from the start of the step to the backward, for the input gradient's matmul; a "
-    "ZeRO-3 weight's kept gather is that copy. Not priced; counting it (tried 2026-12-02) fixes gqa / seq_tensor "
-    "(-10.5% -> -5.2%) but adds to the encoder-decoder's over-prediction.",
+    "activations). Counting them (tried 2026-12-02) put the zoo's straight-line plans up to 16% over, the working "
+    "set having been fitted with them missing.",
     "- Backward: the held-out single-block models (encdec, padded_queries) have no numbered blocks, so their working "
     "set is every matmul output of the step (`Problem._largest_block`), where XLA holds a few cotangents at a time.",
-    "- A prototype of the three rules (2026-12-02, not committed: forward values written out for a matmul kept; a "
-    "transposed copy of each 3-D kernel that no kept ZeRO-3 gather stands for; the working set of straight-line "
-    "code as the backward of the step's largest matmul, its output's and its non-weight inputs' cotangents, in "
-    "place of 1.3 x a block's matmul outputs) put its parts within a few KiB of the compiled ones and 33 of the 35 "
-    "transformer plans above within 10% (-10.0% to +10.4%; padded_queries / tensor -12.0%, padded_queries / seq "
-    "+10.4%), but the CNN's three plans at -12% to -20%: their peak is in the forward, at the first BatchNorm's "
-    "intermediates, which no rule here models. Kept out until the forward peak is modelled too.",
-    "- The fix these point to is one model, not three constants: the backward's liveness simulated over the traced "
-    "graph (which residuals are still to be read, which cotangents are live, which gradients are written), the peak "
-    "taken over the backward's steps; `autoshard.liveness` gives the compiled side of each part to check it against.",
+    "- A prototype (2026-12-02, not committed) with the forward rule above and, for the working set of straight-line "
+    "code, the backward of the step's largest matmul (its output's and its non-weight inputs' cotangents) in place of "
+    "1.3 x a block's matmul outputs, put 33 of the 35 transformer plans of both groups within 10% (-10.0% to +10.4%) "
+    "but the CNN's three plans at -12% to -20%: their peak is in the forward, at the first BatchNorm's "
+    "intermediates, which no rule here models.",
+    "- The fix these point to is one model, not more constants: the step's liveness simulated over the traced graph "
+    "(which residuals are still to be read, which cotangents are live, which gradients are written; the forward's "
+    "peak too), the peak taken over its steps; `autoshard.liveness` gives the compiled side of each part to check "
+    "it against.",
 ]
 
 

@@ -153,7 +153,7 @@ def write_markdown(results: list[dict], meta: dict) -> str:
               "- Memory of straight-line code (Python-loop and unrolled models): until 2026-12-01 its working set "
               "was every block's, which stood in for the ZeRO-3 weights XLA keeps gathered for the backward and "
               "over-predicted tensor plans, which gather none (encoder +16.9%, linen_lm +14.2%, gqa +11.0%). Now "
-              "the working set is one block's, the kept gathers are counted (`Problem.gathered_memory`) and the "
+              "the working set is one block's, the kept gathers are counted (`Problem.kept_weight_memory`) and the "
               "gradients of the last block, written before any residual is freed, are not written over freed "
               "activations (`Problem.reusable_grad_memory`): docs/cost-model.md.",
               "- `gqa` / tensor: XLA gathers the tied embedding for `attend` (priced: `Problem.moves_weight`). It "
@@ -184,8 +184,10 @@ def write_markdown(results: list[dict], meta: dict) -> str:
               "equations carry no keys, `planner.jax_internals.equation_keys`), and the planner meets the "
               "attention's q, k, v head-split as the ring runs them (`planner.seq_expert.attention_layouts`). "
               "Before, encoder / linen_lm / gqa at data=2,seq=2,tensor=2 failed (data and seq all-reduces +20..+27%, "
-              "a tensor all-gather unpriced); now every communication key is within 0.5%. `gqa` / seq_tensor is "
-              "-10.5% on memory, as its tensor plan is -9.0% (not a seq rule).",
+              "a tensor all-gather unpriced); now every communication key is within 0.5%. `gqa` / seq_tensor was "
+              "-10.5% on memory until 2026-12-02: XLA keeps a transposed copy of each 3-D attention kernel for the "
+              "backward (20 KiB, found with `autoshard.liveness`), now counted (`Problem.kept_weight_memory`); "
+              "it took the encoder's and linen_lm's plans without ZeRO-3 gathers up by as much, within tolerance.",
               "- seq_fsdp_tensor (2026-12-01): `gqa` was planned with its query, output and MLP kernels and its "
               "embedding ZeRO-3 sharded but whole over tensor; XLA moved each shard through the tensor axis "
               "(`fsdp+seq+tensor/collective-permute` 64 KiB, gradients all-reduced over fsdp) where gathers were "
