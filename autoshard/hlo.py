@@ -68,11 +68,12 @@ class HloModule:
         return next((i for i in instrs if i.root), instrs[-1] if instrs else None)
 
     def parameter(self, comp: str, index: int) -> Instr | None:
-        return next((i for i in self.comps.get(comp, []) if i.opcode == "parameter" and _param_index(i) == index),
+        return next((i for i in self.comps.get(comp, []) if i.opcode == "parameter" and parameter_index(i) == index),
                     None)
 
 
-def _param_index(ins: Instr) -> int:
+def parameter_index(ins: Instr) -> int:
+    """The argument number of a `parameter` instruction (-1 if unreadable)."""
     m = re.match(r"\s*(\d+)", ins.args)
     return int(m.group(1)) if m else -1
 
@@ -138,7 +139,7 @@ def parse_hlo(text: str) -> HloModule:
             mod.by_name[ins.name] = ins
             for o in ins.operands:
                 mod.users.setdefault(o, []).append(ins)
-            for key, child in _called(ins):
+            for key, child in called_computations(ins):
                 mod.callers.setdefault(child, []).append((ins, key))
     return mod
 
@@ -157,7 +158,7 @@ def restore_constants(mod: HloModule, compiled: Any) -> None:
                 mod.by_name[m.group(2)].args = args
 
 
-def _called(ins: Instr) -> list[tuple[str, str]]:
+def called_computations(ins: Instr) -> list[tuple[str, str]]:
     """(how, computation) for every computation `ins` calls."""
     out = [(key, c) for key in _CALL_KEYS for c in re.findall(rf"\b{key}=%?([\w.\-]+)", ins.attrs)]
     for grp in re.findall(r"branch_computations=\{([^}]*)\}", ins.attrs):
@@ -193,7 +194,7 @@ def _call_edges(mod: HloModule) -> dict[str, list[tuple[str, float, Instr, str]]
     for comp, instrs in mod.comps.items():
         for ins in instrs:
             trip = (_trip_count(ins) or 1.0) if ins.opcode == "while" else 1.0
-            for how, child in _called(ins):
+            for how, child in called_computations(ins):
                 if child in mod.comps:
                     runs = trip if how == "body" else trip + 1 if how == "condition" else 1.0
                     edges[comp].append((child, runs, ins, how))
@@ -421,7 +422,7 @@ def _depends_on_partition(mod: HloModule, name: str) -> bool:
         if op in ("partition-id", "replica-id"):
             return True
         if op == "parameter":
-            j = _param_index(ins)
+            j = parameter_index(ins)
             for caller, how in mod.callers.get(ins.comp, []):
                 if how in ("body", "condition"):  # the loop-carried tuple: initial value and the body's next value
                     stack += [(o, idx) for o in caller.operands[:1]]
@@ -437,7 +438,7 @@ def _depends_on_partition(mod: HloModule, name: str) -> bool:
         elif op == "tuple" and idx is not None and idx < len(ins.operands):
             stack.append((ins.operands[idx], None))
         elif op in ("while", "fusion", "call", "conditional"):
-            for how, child in _called(ins):
+            for how, child in called_computations(ins):
                 if how in ("body", "calls", "to_apply", "branch", "true_computation", "false_computation"):
                     r = mod.root(child)
                     if r is not None:
@@ -541,7 +542,7 @@ class PartitionEval:
         if op == "tuple":
             return ev(ins.operands[idx]) if idx is not None and idx < len(ins.operands) else None
         if op in ("fusion", "call"):
-            child = next((c for how, c in _called(ins) if how in ("calls", "to_apply")), None)
+            child = next((c for how, c in called_computations(ins) if how in ("calls", "to_apply")), None)
             r = self.mod.root(child) if child else None
             return ev(r.name, idx) if r is not None else None
         if op == "while":
@@ -584,8 +585,8 @@ class PartitionEval:
             return ev(caller.operands[0], idx)
         if how in _BRANCH_KEYS:
             passed = {caller.operands[1 + k] for k, b in enumerate(_branches(caller)) if b == ins.comp}
-            return ev(passed.pop(), idx) if len(passed) == 1 and _param_index(ins) == 0 else None
-        j = _param_index(ins)
+            return ev(passed.pop(), idx) if len(passed) == 1 and parameter_index(ins) == 0 else None
+        j = parameter_index(ins)
         passes = how == "calls" or (how == "to_apply" and caller.opcode == "call")
         return ev(caller.operands[j], idx) if passes and j < len(caller.operands) else None
 
@@ -670,7 +671,7 @@ _MAX_POINTS = 1 << 22
 
 def _branches(cond: Instr) -> list[str]:
     """A conditional's branch computations by index (a pred index: [true_computation, false_computation])."""
-    return [c for how, c in _called(cond) if how in _BRANCH_KEYS]
+    return [c for how, c in called_computations(cond) if how in _BRANCH_KEYS]
 
 
 def _induction(loop: Instr) -> tuple[int, int, int] | None:
@@ -785,7 +786,7 @@ def _slice_readers(mod: HloModule, ar: Instr, element: int | None) -> list[Instr
             elif u.opcode == "dynamic-slice" and u.operands[0] == name and name not in u.operands[1:]:
                 found.append(u)
             elif u.opcode == "fusion":
-                child = next((c for how, c in _called(u) if how == "calls"), None)
+                child = next((c for how, c in called_computations(u) if how == "calls"), None)
                 for j, o in enumerate(u.operands):
                     if o == name:
                         p = mod.parameter(child, j) if child else None
@@ -839,6 +840,7 @@ def scatter_pattern(mod: HloModule, ev: PartitionEval, ar: Instr, element: int |
     return ratio, scatter, rest
 
 
-__all__ = ["COLLECTIVES", "HloModule", "PartitionEval", "branch_shares", "computation_flops", "device_multiplicities",
-           "dot_flops", "elements", "group_axes", "mesh_shape", "multiplicities", "parse_hlo", "permute_axes",
-           "replica_groups", "restore_constants", "scatter_pattern", "shape_bytes", "source_target_pairs"]
+__all__ = ["COLLECTIVES", "HloModule", "Instr", "PartitionEval", "branch_shares", "called_computations",
+           "computation_flops", "device_multiplicities", "dot_flops", "elements", "group_axes", "mesh_shape",
+           "multiplicities", "parameter_index", "parse_hlo", "permute_axes", "replica_groups", "restore_constants",
+           "scatter_pattern", "shape_bytes", "source_target_pairs"]

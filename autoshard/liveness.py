@@ -22,7 +22,7 @@ import dataclasses
 import re
 from collections import defaultdict
 
-from autoshard.hlo import HloModule, Instr, _called, _param_index, shape_bytes
+from autoshard.hlo import HloModule, Instr, called_computations, parameter_index, shape_bytes
 
 VIEWS = {"bitcast", "get-tuple-element", "tuple", "while", "copy-done", "opt-barrier", "optimization-barrier",
          "add-dependency"}
@@ -104,7 +104,7 @@ def _in_place_source(mod: HloModule, ins: Instr) -> str | None:
     target = mod.by_name.get(root.operands[0])
     if target is None or target.opcode != "parameter":
         return None
-    k = _param_index(target)
+    k = parameter_index(target)
     return ins.operands[k] if 0 <= k < len(ins.operands) else None
 
 
@@ -122,7 +122,7 @@ class _Simulator:
     def _body_peak(self, ins: Instr) -> float:
         if ins.opcode == "fusion":
             return 0.0
-        return max((self.peak(c) for _, c in _called(ins) if c in self.mod.comps), default=0.0)
+        return max((self.peak(c) for _, c in called_computations(ins) if c in self.mod.comps), default=0.0)
 
     def run(self, comp: str) -> PeakLiveSet:
         instrs = self.mod.comps[comp]
