@@ -206,7 +206,7 @@ def format_report(stats: Mapping[str, Any], ops: bool = False) -> str:
              f"memory per device: {format_bytes(stats['memory_bytes_per_device'])}  (argument "
              f"{format_bytes(mem['argument'])} + output {format_bytes(mem['output'])} + temp "
              f"{format_bytes(mem['temp'])} - alias {format_bytes(mem['alias'])})",
-             *([peak_line(stats)] if stats.get("memory_peak") else []),
+             *filter(None, [peak_line(stats)]),
              _flops_line(stats), ""]
     rows = [("axes/collective", "count", "bytes sent/device")]
     for key in sorted(stats["comm_bytes"], key=lambda k: -stats["comm_bytes"][k]):

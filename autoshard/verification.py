@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from autoshard import comparison
-from autoshard.analysis import analyze, peak_line
-from autoshard.explain import format_bytes
+from autoshard.analysis import analyze, format_bytes, peak_line
 
 PIPELINE_BRANCH_KEYS = ("tensor/", "seq/", "expert/")
 """Collectives of the ops inside a pipeline executor's per-stage `lax.switch` branches: `autoshard.analysis` counts

@@ -93,12 +93,12 @@ def test_a_memory_miss_shows_what_each_side_is_made_of():
     from autoshard.verification import Verification
 
     predicted = {"memory_bytes_per_device": 3000.0, "comm_bytes": {},
-                 "memory_breakdown": {"activations": 1000.0, "backward working set": 2000.0}}
+                 "memory_breakdown": {"activations": 1000.0, "backward working set": 2048.0}}
     peak = peak_live_set(parse_hlo(STRAIGHT))
     compiled = {"memory_bytes_per_device": 4096.0, "comm_bytes": {},
                 "memory_peak": {"temp_bytes": peak.temp_bytes, "at": peak.at, "by_kind": peak.by_kind()}}
     lines = str(Verification(compare(predicted, compiled), compiled, predicted)).splitlines()
-    assert lines[-3] == "memory predicted: activations 1000 B, backward working set 2.0 KiB"
+    assert lines[-3] == "memory predicted: activations 1000 B, backward working set 2 KiB"
     assert lines[-2] == ("compiled temporaries at the peak (simulated from the schedule): 4 KiB: forward values "
                          "3 KiB, backward values 1 KiB")
     assert lines[-1].startswith("FAIL")

@@ -101,8 +101,8 @@ def _print_text(plan, stats: dict, seconds: float, result: dict) -> None:
     print(f"compiled in {seconds:.1f} s; memory/device = argument {explain.format_bytes(mem['argument'])} + "
           f"output {explain.format_bytes(mem['output'])}\n  + temp {explain.format_bytes(mem['temp'])} - "
           f"alias {explain.format_bytes(mem['alias'])}")
-    if stats.get("memory_peak"):
-        print("  " + analysis.peak_line(stats))
+    if line := analysis.peak_line(stats):
+        print("  " + line)
     print(comparison.format_comparison(result))
     if plan.pipeline is not None:
         print("note: pipeline plan: tensor/*, seq/* and expert/* collectives run inside the executor's "
