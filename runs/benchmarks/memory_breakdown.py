@@ -138,7 +138,8 @@ NOTES = [
     "- Weight copies (counted since 2026-12-02, `Problem.kept_weight_memory`): XLA:CPU keeps a transposed copy of each "
     "3-D projection kernel (DenseGeneral, einsum weights such as [d, heads, head_dim]) from the start of the step to "
     "the backward, for the input gradient's matmul; a ZeRO-3 weight's kept gather is that copy. The predicted part "
-    "now matches the compiled argument copies within a few KiB in both groups; it took gqa / seq_tensor from -10.5% to "
+    "equals the compiled argument copies on the 18 plans where they are the only copies kept (10 held out, to 0.1 KiB); where a "
+    "ZeRO-3 gather is kept instead the count is up to 8 KiB over. It took gqa / seq_tensor from -10.5% to "
     "-5.2% and the encoder-decoder's and padded-queries LM's seq plans further over (their working set, below).",
     "- Forward: the planner assumes a cheap elementwise value (a norm's scaled output, an activation's output) is "
     "recomputed in the backward from what it was computed from (`Problem._stored`); XLA keeps it where it was "
