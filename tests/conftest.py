@@ -76,6 +76,9 @@ SWEEP = {
         "the ring case (seq manual in the executor); Ulysses in a pipe shard_map: test_sequence's nested case",
     "test_zoo.py::test_every_plan_trains_like_one_device[encoder-tensor]": "gqa/linen_lm/cnn-tensor; verify below",
     "test_zoo.py::test_verify_matches_the_compiled_step[encoder-tensor]": "the benchmark verifies every plan",
+    "test_zoo.py::test_the_memory_peak_simulated_from_the_schedule_is_xlas[encoder-tensor]":
+        "the other 11 zoo plans (it would train and verify the plan swept above)",
+    "test_zoo.py::test_seq_beside_tensor_is_laid_out_as_priced[encoder]": "the gqa and linen_lm cases (same layouts)",
     "test_attention_rewrite.py::test_seq_parallel_trains_like_one_device[padded_flax-ulysses]":
         "padded_flax-ring; Ulysses with key masks: padded_jaxnn-ulysses",
 }
